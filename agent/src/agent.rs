@@ -1,0 +1,555 @@
+//! The running agent: starts every part under one cancellation token and task
+//! tracker, and carries out the operations that change state (a push, a
+//! toggle, a restore, shutdown), keeping the store, the listeners, the state
+//! on disk and the hosts file in step. The HTTP receiver and the tray app both
+//! call into this and nothing else.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Mutex};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::events::{AgentEvent, EventBus};
+use crate::forward::{self, RunningTunnel, TunnelShared};
+use crate::model::{
+    Action, ControlPlaneHealth, HealthResponse, PodSpec, PodView, Redirection, StatusResponse,
+    TunnelState,
+};
+use crate::names::{HostEntry, HostsFile, NamesError};
+use crate::persist::{Identity, PersistError, StateDb, StoredPod};
+use crate::ports::PortPlan;
+use crate::receiver;
+use crate::report::Reporter;
+use crate::store::{PodEntry, PodMap, Store};
+
+/// How long shutdown waits for tasks before giving up on them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Why the agent could not start or carry out an operation.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Persist(#[from] PersistError),
+    #[error("cannot read the receiver's address: {0}")]
+    Listener(std::io::Error),
+    #[error("no pod with id {0:?}")]
+    UnknownPod(String),
+    #[error("cannot build the status reporter: {0}")]
+    Reporter(String),
+}
+
+/// The outcome of a push, by pod id.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub applied: Vec<String>,
+    pub removed: Vec<String>,
+}
+
+/// A handle to the running agent; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: Config,
+    identity: Identity,
+    local_addr: SocketAddr,
+    listen_ip: IpAddr,
+    store: Store,
+    db: StateDb,
+    hosts: HostsFile,
+    ports: PortPlan,
+    reporter: Reporter,
+    control_plane: watch::Receiver<ControlPlaneHealth>,
+    /// Serializes the operations that change state, so each sees the last one's result.
+    ops: Mutex<()>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl Agent {
+    /// Opens the state dir, brings back every tunnel it recorded, and starts
+    /// the receiver on `listener` and the status reporter. Everything stops
+    /// when [`Agent::shutdown`] runs.
+    pub async fn start(config: Config, listener: TcpListener) -> Result<Self, AgentError> {
+        let local_addr = listener.local_addr().map_err(AgentError::Listener)?;
+        let identity = Identity::load_or_create(&config.state_dir, config.agent_id.as_deref())?;
+        let db = StateDb::open(&config.state_dir)?;
+        let hosts = HostsFile::choose(config.hosts_file.clone(), &config.state_dir);
+        if let Some(warning) = hosts.warning() {
+            tracing::warn!("{warning}");
+        }
+        let reserved = [Some(local_addr.port()), config.control_plane_port()];
+        let ports = PortPlan::new(config.port_range, reserved.into_iter().flatten());
+        let events = EventBus::new();
+        let store = Store::new(&config.local_host, events.clone());
+        let (reporter, control_plane) = Reporter::new(
+            &config,
+            identity.agent_id.clone(),
+            store.clone(),
+        )
+        .map_err(|err| AgentError::Reporter(err.to_string()))?;
+
+        let agent = Self {
+            inner: Arc::new(Inner {
+                listen_ip: config.listen_ip(),
+                config,
+                identity,
+                local_addr,
+                store,
+                db,
+                hosts,
+                ports,
+                reporter,
+                control_plane,
+                ops: Mutex::new(()),
+                cancel: CancellationToken::new(),
+                tracker: TaskTracker::new(),
+            }),
+        };
+        agent.restore().await?;
+
+        let inner = &agent.inner;
+        let router = receiver::router(agent.clone());
+        let cancel = inner.cancel.clone();
+        inner.tracker.spawn(async move {
+            let served = axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(cancel.cancelled_owned())
+            .await;
+            if let Err(err) = served {
+                tracing::error!(error = %err, "receiver stopped");
+            }
+        });
+        let reporter = inner.reporter.clone();
+        let cancel = inner.cancel.clone();
+        inner.tracker.spawn(async move { reporter.run(cancel).await });
+
+        tracing::info!(
+            agent_id = %inner.identity.agent_id,
+            "listening on http://{local_addr}",
+        );
+        if inner.config.demo {
+            tracing::warn!("DEMO MODE: pods come from a built-in stand-in control plane");
+        }
+        Ok(agent)
+    }
+
+    pub fn agent_id(&self) -> &str {
+        &self.inner.identity.agent_id
+    }
+
+    /// The bearer token callers present when one is required.
+    pub fn token(&self) -> &str {
+        &self.inner.identity.token
+    }
+
+    /// Whether requests other than `/health` must carry the bearer token.
+    pub fn token_required(&self) -> bool {
+        self.inner.config.binds_beyond_loopback()
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// Where the HTTP API listens.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    pub fn events(&self) -> &EventBus {
+        self.inner.store.events()
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The root token: cancelled when the agent stops.
+    pub fn cancellation(&self) -> &CancellationToken {
+        &self.inner.cancel
+    }
+
+    /// The tracker every agent task runs on (the demo adds its servers here).
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.inner.tracker
+    }
+
+    pub fn status(&self) -> StatusResponse {
+        self.inner.store.status()
+    }
+
+    pub fn pods(&self) -> Vec<PodView> {
+        self.inner.store.pod_views()
+    }
+
+    pub fn pod(&self, id: &str) -> Option<PodView> {
+        self.inner.store.pod_view(id)
+    }
+
+    pub fn health(&self) -> HealthResponse {
+        HealthResponse {
+            status: "healthy".to_owned(),
+            agent_id: self.inner.identity.agent_id.clone(),
+            timestamp: chrono::Utc::now(),
+            pod_count: self.inner.store.len(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            demo: self.inner.config.demo,
+            names: self.inner.hosts.health(),
+            control_plane: self.inner.control_plane.borrow().clone(),
+        }
+    }
+
+    /// Applies a push: upserts for create/update/sync, removals for delete,
+    /// and for sync the removal of every pod not listed and not in `keep`
+    /// (ids of pods rejected from this push, which must not be lost).
+    pub async fn apply(
+        &self,
+        action: Action,
+        pods: Vec<PodSpec>,
+        delete_ids: Vec<String>,
+        keep: BTreeSet<String>,
+    ) -> Result<ApplyOutcome, AgentError> {
+        let _op = self.inner.ops.lock().await;
+        let mut outcome = ApplyOutcome::default();
+        let mut removed_entries = Vec::new();
+        let mut upserted = Vec::new();
+        {
+            let mut map = self.inner.store.write();
+            let doomed: Vec<String> = match action {
+                Action::Delete => delete_ids,
+                Action::Sync => {
+                    let wanted: HashSet<&str> = pods.iter().map(|p| p.id.as_str()).collect();
+                    map.keys()
+                        .filter(|id| !wanted.contains(id.as_str()) && !keep.contains(*id))
+                        .cloned()
+                        .collect()
+                }
+                Action::Create | Action::Update => Vec::new(),
+            };
+            for id in doomed {
+                if let Some(entry) = map.remove(&id) {
+                    removed_entries.push(entry);
+                    outcome.removed.push(id);
+                }
+            }
+            for spec in pods {
+                let id = spec.id.clone();
+                self.upsert(&mut map, spec);
+                upserted.push(id.clone());
+                outcome.applied.push(id);
+            }
+            if !outcome.removed.is_empty() {
+                // Ports freed by removals may let failed tunnels listen now.
+                upserted.extend(self.retry_failed(&mut map));
+            }
+        }
+        for entry in removed_entries {
+            if let Some(listener) = entry.listener {
+                listener.close().await;
+            }
+        }
+        self.save(&upserted, &outcome.removed).await?;
+        self.write_names().await;
+        if !(outcome.applied.is_empty() && outcome.removed.is_empty()) {
+            self.events().publish(AgentEvent::PodsChanged {
+                applied: outcome.applied.clone(),
+                removed: outcome.removed.clone(),
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Turns forwarding for one pod on (listen again, on its own port when
+    /// free) or off (close the port and its connections).
+    pub async fn set_forwarding(&self, id: &str, enabled: bool) -> Result<Redirection, AgentError> {
+        let _op = self.inner.ops.lock().await;
+        let closing = {
+            let mut map = self.inner.store.write();
+            if !map.contains_key(id) {
+                return Err(AgentError::UnknownPod(id.to_owned()));
+            }
+            if enabled {
+                let in_use = ports_in_use(&map, Some(id));
+                if let Some(entry) = map.get_mut(id) {
+                    entry.forwarding = true;
+                    if entry.listener.is_none() {
+                        self.open_listener(entry, &in_use);
+                    }
+                }
+                None
+            } else {
+                map.get_mut(id).and_then(|entry| {
+                    entry.forwarding = false;
+                    entry.failure = None;
+                    entry.listener.take()
+                })
+            }
+        };
+        if let Some(listener) = closing {
+            listener.close().await;
+        }
+        self.save(&[id.to_owned()], &[]).await?;
+        let view = self
+            .inner
+            .store
+            .pod_view(id)
+            .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
+        tracing::info!(pod_id = %id, enabled, state = ?view.tunnel.status, "forwarding toggled");
+        self.events().publish(AgentEvent::TunnelChanged {
+            pod_id: id.to_owned(),
+            state: view.tunnel.status,
+            error: view.tunnel.error.clone(),
+        });
+        Ok(view.tunnel)
+    }
+
+    /// Stops every task, closes every listener, removes our names from the
+    /// hosts file and tells the control plane we stopped. The pods stay on
+    /// disk, so the next start brings the tunnels back.
+    pub async fn shutdown(&self) {
+        let _op = self.inner.ops.lock().await;
+        self.events().publish(AgentEvent::Stopping);
+        let listeners: Vec<RunningTunnel> = self
+            .inner
+            .store
+            .write()
+            .values_mut()
+            .filter_map(|entry| entry.listener.take())
+            .collect();
+        self.inner.cancel.cancel();
+        for listener in listeners {
+            listener.close().await;
+        }
+        self.inner.tracker.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, self.inner.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("some tasks did not stop within {SHUTDOWN_GRACE:?}");
+        }
+        let hosts = self.inner.hosts.clone();
+        match tokio::task::spawn_blocking(move || hosts.clear()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::error!(error = %err, "could not remove pod names"),
+            Err(err) => tracing::error!(error = %err, "could not remove pod names"),
+        }
+        self.inner.reporter.send_final().await;
+        tracing::info!("agent stopped");
+    }
+
+    /// Waits until the agent has been told to stop.
+    pub async fn stopped(&self) {
+        self.inner.cancel.cancelled().await;
+    }
+
+    /// Brings back the pods on disk, each on its remembered port, and
+    /// rewrites the hosts file (dropping a stale block from a crash).
+    async fn restore(&self) -> Result<(), AgentError> {
+        let _op = self.inner.ops.lock().await;
+        let stored = self.inner.db.load().await?;
+        let mut ids = Vec::with_capacity(stored.len());
+        {
+            let mut map = self.inner.store.write();
+            for StoredPod {
+                spec,
+                local_port,
+                forwarding,
+            } in stored
+            {
+                let id = spec.id.clone();
+                let tunnel = TunnelShared::new(
+                    id.clone(),
+                    SocketAddr::new(spec.ip, spec.staging_port()),
+                    self.events().clone(),
+                );
+                map.insert(
+                    id.clone(),
+                    PodEntry {
+                        spec,
+                        forwarding,
+                        local_port,
+                        port_note: None,
+                        failure: None,
+                        tunnel,
+                        listener: None,
+                    },
+                );
+                ids.push(id);
+            }
+            // Every remembered port is claimed before any is bound, so a pod
+            // that must move cannot take another pod's remembered port.
+            for id in &ids {
+                let in_use = ports_in_use(&map, Some(id));
+                if let Some(entry) = map.get_mut(id) {
+                    if entry.forwarding {
+                        self.open_listener(entry, &in_use);
+                    }
+                }
+            }
+        }
+        if !ids.is_empty() {
+            tracing::info!(pods = ids.len(), "restored pods from the state dir");
+        }
+        self.save(&ids, &[]).await?;
+        self.write_names().await;
+        if !ids.is_empty() {
+            self.events().publish(AgentEvent::PodsChanged {
+                applied: ids,
+                removed: Vec::new(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Inserts or updates one pod. An existing tunnel keeps its port and
+    /// listener; a new target applies to new connections.
+    fn upsert(&self, map: &mut PodMap, spec: PodSpec) {
+        let target = SocketAddr::new(spec.ip, spec.staging_port());
+        if let Some(entry) = map.get_mut(&spec.id) {
+            if entry.target() != target {
+                tracing::info!(pod_id = %spec.id, %target, "pod moved; new connections go to its new address");
+                entry.tunnel.set_target(target);
+            }
+            entry.spec = spec;
+            return;
+        }
+        let id = spec.id.clone();
+        let tunnel = TunnelShared::new(id.clone(), target, self.events().clone());
+        let mut entry = PodEntry {
+            spec,
+            forwarding: true,
+            local_port: None,
+            port_note: None,
+            failure: None,
+            tunnel,
+            listener: None,
+        };
+        let in_use = ports_in_use(map, None);
+        self.open_listener(&mut entry, &in_use);
+        map.insert(id, entry);
+    }
+
+    /// Gives failed tunnels another try; returns the ids that changed.
+    fn retry_failed(&self, map: &mut PodMap) -> Vec<String> {
+        let failed: Vec<String> = map
+            .iter()
+            .filter(|(_, e)| e.forwarding && e.listener.is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &failed {
+            let in_use = ports_in_use(map, Some(id));
+            if let Some(entry) = map.get_mut(id) {
+                self.open_listener(entry, &in_use);
+            }
+        }
+        failed
+    }
+
+    /// Binds a port for `entry` (its remembered one first) and starts its
+    /// listener, or records why it could not.
+    fn open_listener(&self, entry: &mut PodEntry, in_use: &HashSet<u16>) {
+        let listen_ip = self.inner.listen_ip;
+        let taken = |port: u16| in_use.contains(&port);
+        let allocation = self.inner.ports.allocate(entry.local_port, &taken, |port| {
+            forward::bind_listener(SocketAddr::new(listen_ip, port))
+        });
+        match allocation {
+            Ok(allocation) => {
+                let note = allocation.note();
+                if let Some(note) = &note {
+                    tracing::warn!(pod_id = %entry.spec.id, "{note}");
+                }
+                match RunningTunnel::spawn(
+                    allocation.listener,
+                    Arc::clone(&entry.tunnel),
+                    &self.inner.tracker,
+                    &self.inner.cancel,
+                ) {
+                    Ok(listener) => {
+                        entry.local_port = Some(allocation.port);
+                        entry.port_note = note;
+                        entry.failure = None;
+                        entry.listener = Some(listener);
+                    }
+                    Err(err) => {
+                        entry.failure = Some(format!("cannot listen on port {}: {err}", allocation.port));
+                    }
+                }
+            }
+            Err(err) => {
+                tracing::warn!(pod_id = %entry.spec.id, error = %err, "tunnel cannot listen");
+                entry.failure = Some(err.to_string());
+            }
+        }
+        if entry.failure.is_some() {
+            self.events().publish(AgentEvent::TunnelChanged {
+                pod_id: entry.spec.id.clone(),
+                state: TunnelState::Failed,
+                error: entry.failure.clone(),
+            });
+        }
+    }
+
+    /// Writes the named pods (and removals) to disk in one transaction.
+    async fn save(&self, ids: &[String], removed: &[String]) -> Result<(), AgentError> {
+        let upserts: Vec<StoredPod> = {
+            let map = self.inner.store.read();
+            ids.iter()
+                .filter_map(|id| map.get(id).map(PodEntry::stored))
+                .collect()
+        };
+        if upserts.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        self.inner.db.save(upserts, removed.to_vec()).await?;
+        Ok(())
+    }
+
+    /// Makes the hosts block list every pod we hold. A failure is logged,
+    /// not fatal: tunnels work by port without names.
+    async fn write_names(&self) {
+        let ip = self.inner.listen_ip;
+        let entries: Vec<HostEntry> = self
+            .inner
+            .store
+            .read()
+            .values()
+            .map(|entry| HostEntry {
+                ip,
+                names: vec![entry.spec.dns_name(), entry.spec.localhost_name()],
+            })
+            .collect();
+        let hosts = self.inner.hosts.clone();
+        let written = tokio::task::spawn_blocking(move || hosts.write(&entries))
+            .await
+            .unwrap_or_else(|err| {
+                Err(NamesError::Write {
+                    path: self.inner.hosts.path().to_owned(),
+                    source: std::io::Error::other(err.to_string()),
+                })
+            });
+        if let Err(err) = written {
+            tracing::error!(error = %err, "could not write pod names");
+        }
+    }
+}
+
+/// The ports our pods hold, except `except`'s own.
+fn ports_in_use(map: &PodMap, except: Option<&str>) -> HashSet<u16> {
+    map.iter()
+        .filter(|(id, _)| Some(id.as_str()) != except)
+        .filter_map(|(_, entry)| entry.local_port)
+        .collect()
+}

@@ -1,0 +1,125 @@
+//! A client of a running agent's HTTP API, for the CLI (`status`, `pods`,
+//! `push`, `forward`): one place that knows the paths and the error shape.
+
+use std::time::Duration;
+
+use reqwest::{StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::model::{ForwardingRequest, HealthResponse, PodList, Redirection, StatusResponse};
+
+/// Why a call to the agent failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid agent URL {url:?}: {message}")]
+    Url { url: String, message: String },
+    #[error("cannot reach the agent at {url}: {message} (is `k3s-local-agent run` running?)")]
+    Unreachable { url: String, message: String },
+    #[error("agent answered {status}: {message}")]
+    Api { status: StatusCode, message: String },
+    #[error("unexpected answer from the agent: {0}")]
+    Decode(String),
+}
+
+/// Talks to one agent.
+#[derive(Debug, Clone)]
+pub struct AgentClient {
+    http: reqwest::Client,
+    base: Url,
+    token: Option<String>,
+}
+
+impl AgentClient {
+    /// A client for the agent at `base_url`, sending `token` when given.
+    pub fn new(base_url: &str, token: Option<String>) -> Result<Self, ClientError> {
+        let url_error = |message: String| ClientError::Url {
+            url: base_url.to_owned(),
+            message,
+        };
+        let base = Url::parse(base_url).map_err(|err| url_error(err.to_string()))?;
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|err| url_error(err.to_string()))?;
+        Ok(Self { http, base, token })
+    }
+
+    fn url(&self, path: &str) -> Result<Url, ClientError> {
+        self.base.join(path).map_err(|err| ClientError::Url {
+            url: self.base.to_string(),
+            message: err.to_string(),
+        })
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<(StatusCode, Value), ClientError> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let response = request.send().await.map_err(|err| ClientError::Unreachable {
+            url: self.base.to_string(),
+            message: err.to_string(),
+        })?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|err| ClientError::Decode(err.to_string()))?;
+        let value = serde_json::from_slice(&body).unwrap_or_else(|_| {
+            Value::String(String::from_utf8_lossy(&body).into_owned())
+        });
+        Ok((status, value))
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let (status, value) = self.send(self.http.get(self.url(path)?)).await?;
+        decode(status, value)
+    }
+
+    pub async fn health(&self) -> Result<HealthResponse, ClientError> {
+        self.get("health").await
+    }
+
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        self.get("api/v1/pods/status").await
+    }
+
+    pub async fn pods(&self) -> Result<PodList, ClientError> {
+        self.get("api/v1/pods").await
+    }
+
+    /// Sends a `PodUpdateRequest` as a control plane would; returns the
+    /// agent's answer whatever its status, so partial rejections can be shown.
+    pub async fn push(&self, request: &Value) -> Result<(StatusCode, Value), ClientError> {
+        self.send(self.http.post(self.url("api/v1/pods")?).json(request))
+            .await
+    }
+
+    pub async fn set_forwarding(&self, pod_id: &str, enabled: bool) -> Result<Redirection, ClientError> {
+        let mut url = self.url("api/v1/pods/")?;
+        url.path_segments_mut()
+            .map_err(|()| ClientError::Url {
+                url: self.base.to_string(),
+                message: "cannot be a base URL".into(),
+            })?
+            .pop_if_empty()
+            .push(pod_id)
+            .push("forwarding");
+        let (status, value) = self
+            .send(self.http.post(url).json(&ForwardingRequest { enabled }))
+            .await?;
+        decode(status, value)
+    }
+}
+
+fn decode<T: DeserializeOwned>(status: StatusCode, value: Value) -> Result<T, ClientError> {
+    if !status.is_success() {
+        let message = value
+            .get("error")
+            .and_then(Value::as_str)
+            .map_or_else(|| value.to_string(), str::to_owned);
+        return Err(ClientError::Api { status, message });
+    }
+    serde_json::from_value(value).map_err(|err| ClientError::Decode(err.to_string()))
+}

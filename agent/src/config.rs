@@ -1,0 +1,357 @@
+//! The agent's settings: defaults from the seed, a TOML file, `K3S_LOCAL_AGENT_*`
+//! environment variables and command-line flags, layered in that order (flags win).
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+/// Default port of the agent's HTTP API (the seed's).
+pub const DEFAULT_AGENT_PORT: u16 = 8082;
+/// Default control plane address (the seed's).
+pub const DEFAULT_CONTROL_PLANE_URL: &str = "http://localhost:8080";
+/// Default interval between status reports.
+pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// Default tunnel port range (the seed's).
+pub const DEFAULT_PORT_RANGE: PortRange = PortRange {
+    start: 8080,
+    end: 9000,
+};
+
+/// Why the settings could not be put together.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid {setting}: {message}")]
+    Invalid {
+        setting: &'static str,
+        message: String,
+    },
+    #[error("no data directory found for the state dir; pass --state-dir")]
+    NoStateDir,
+}
+
+/// An inclusive range of local ports, written `A-B`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    /// How many ports the range holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.end - self.start) + 1
+    }
+
+    /// Always false: a range holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (start, end) = text
+            .split_once('-')
+            .ok_or_else(|| format!("port range {text:?} is not of the form A-B"))?;
+        let parse = |part: &str| {
+            part.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("port {part:?} in range {text:?} is not in 1-65535"))
+        };
+        let (start, end) = (parse(start)?, parse(end)?);
+        if start > end {
+            return Err(format!("port range {text:?} starts after it ends"));
+        }
+        Ok(Self { start, end })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Settings of `run` as flags and environment variables. Every field is
+/// optional so that an unset flag falls through to the file and the defaults.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunOverrides {
+    /// TOML file with any of the settings below (keys as the flags, with '_').
+    #[arg(long, env = "K3S_LOCAL_AGENT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This agent's id; made once and kept in the state dir when not given.
+    #[arg(long, env = "K3S_LOCAL_AGENT_AGENT_ID")]
+    pub agent_id: Option<String>,
+    /// Port of the agent's HTTP API [default: 8082; 0 picks a free one].
+    #[arg(long, env = "K3S_LOCAL_AGENT_AGENT_PORT")]
+    pub agent_port: Option<u16>,
+    /// Address the HTTP API listens on [default: 127.0.0.1]. Beyond loopback
+    /// every request but /health needs the bearer token.
+    #[arg(long, env = "K3S_LOCAL_AGENT_BIND")]
+    pub bind: Option<IpAddr>,
+    /// Where status reports go [default: http://localhost:8080].
+    #[arg(long, env = "K3S_LOCAL_AGENT_CONTROL_PLANE_URL")]
+    pub control_plane_url: Option<String>,
+    /// Seconds between status reports [default: 30].
+    #[arg(long, env = "K3S_LOCAL_AGENT_SYNC_INTERVAL")]
+    pub sync_interval: Option<u64>,
+    /// Local ports handed to tunnels, A-B [default: 8080-9000].
+    #[arg(long, env = "K3S_LOCAL_AGENT_PORT_RANGE")]
+    pub port_range: Option<PortRange>,
+    /// Host the tunnels listen on: localhost or an IP address [default: localhost].
+    #[arg(long, env = "K3S_LOCAL_AGENT_LOCAL_HOST")]
+    pub local_host: Option<String>,
+    /// Hosts file for the pod names [default: /etc/hosts when writable, else <state-dir>/hosts].
+    #[arg(long, env = "K3S_LOCAL_AGENT_HOSTS_FILE")]
+    pub hosts_file: Option<PathBuf>,
+    /// Where the agent keeps its id, token and pods [default: <data dir>/k3s-local-agent].
+    #[arg(long, env = "K3S_LOCAL_AGENT_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Start a built-in stand-in control plane and three demo pods.
+    #[arg(long, env = "K3S_LOCAL_AGENT_DEMO")]
+    pub demo: bool,
+}
+
+/// The same settings as read from a TOML file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSettings {
+    pub agent_id: Option<String>,
+    pub agent_port: Option<u16>,
+    pub bind: Option<IpAddr>,
+    pub control_plane_url: Option<String>,
+    pub sync_interval: Option<u64>,
+    pub port_range: Option<PortRange>,
+    pub local_host: Option<String>,
+    pub hosts_file: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub demo: Option<bool>,
+}
+
+impl FileSettings {
+    /// Reads and parses a TOML settings file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|err| ConfigError::Parse {
+            path: path.to_owned(),
+            message: err.to_string(),
+        })
+    }
+}
+
+/// The resolved settings the agent runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub agent_id: Option<String>,
+    pub agent_port: u16,
+    pub bind: IpAddr,
+    pub control_plane_url: reqwest::Url,
+    pub sync_interval: Duration,
+    pub port_range: PortRange,
+    pub local_host: String,
+    pub hosts_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub demo: bool,
+}
+
+impl Config {
+    /// Layers flags/env over the file (when `--config` names one) over the defaults.
+    pub fn resolve(overrides: &RunOverrides) -> Result<Self, ConfigError> {
+        let file = match &overrides.config {
+            Some(path) => FileSettings::load(path)?,
+            None => FileSettings::default(),
+        };
+        Self::layer(overrides, &file)
+    }
+
+    /// Layers flags/env over already-read file settings over the defaults.
+    pub fn layer(flags: &RunOverrides, file: &FileSettings) -> Result<Self, ConfigError> {
+        let control_plane_url = flags
+            .control_plane_url
+            .clone()
+            .or_else(|| file.control_plane_url.clone())
+            .unwrap_or_else(|| DEFAULT_CONTROL_PLANE_URL.to_owned());
+        let control_plane_url = parse_control_plane_url(&control_plane_url)?;
+
+        let sync_secs = flags
+            .sync_interval
+            .or(file.sync_interval)
+            .unwrap_or(DEFAULT_SYNC_INTERVAL.as_secs());
+        if sync_secs == 0 {
+            return Err(ConfigError::Invalid {
+                setting: "sync_interval",
+                message: "must be at least 1 second".into(),
+            });
+        }
+
+        let local_host = flags
+            .local_host
+            .clone()
+            .or_else(|| file.local_host.clone())
+            .unwrap_or_else(|| "localhost".to_owned());
+        listen_ip_for(&local_host)?;
+
+        let agent_id = flags.agent_id.clone().or_else(|| file.agent_id.clone());
+        if let Some(id) = &agent_id {
+            if id.trim().is_empty() || id.chars().any(char::is_control) {
+                return Err(ConfigError::Invalid {
+                    setting: "agent_id",
+                    message: format!("{id:?} must be non-empty printable text"),
+                });
+            }
+        }
+
+        let state_dir = match flags.state_dir.clone().or_else(|| file.state_dir.clone()) {
+            Some(dir) => dir,
+            None => dirs::data_dir()
+                .ok_or(ConfigError::NoStateDir)?
+                .join("k3s-local-agent"),
+        };
+
+        Ok(Self {
+            agent_id,
+            agent_port: flags
+                .agent_port
+                .or(file.agent_port)
+                .unwrap_or(DEFAULT_AGENT_PORT),
+            bind: flags
+                .bind
+                .or(file.bind)
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            control_plane_url,
+            sync_interval: Duration::from_secs(sync_secs),
+            port_range: flags
+                .port_range
+                .or(file.port_range)
+                .unwrap_or(DEFAULT_PORT_RANGE),
+            local_host,
+            hosts_file: flags.hosts_file.clone().or_else(|| file.hosts_file.clone()),
+            state_dir,
+            demo: flags.demo || file.demo.unwrap_or(false),
+        })
+    }
+
+    /// The address tunnels listen on, from `local_host`.
+    pub fn listen_ip(&self) -> IpAddr {
+        // Validated in `layer`; loopback is the safe fallback.
+        listen_ip_for(&self.local_host).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+    }
+
+    /// The control plane's port, which the allocator must never hand out.
+    pub fn control_plane_port(&self) -> Option<u16> {
+        self.control_plane_url.port_or_known_default()
+    }
+
+    /// True when the HTTP API is reachable from other machines.
+    pub fn binds_beyond_loopback(&self) -> bool {
+        !self.bind.is_loopback()
+    }
+}
+
+fn parse_control_plane_url(text: &str) -> Result<reqwest::Url, ConfigError> {
+    let url = reqwest::Url::parse(text).map_err(|err| ConfigError::Invalid {
+        setting: "control_plane_url",
+        message: format!("{text:?}: {err}"),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(ConfigError::Invalid {
+            setting: "control_plane_url",
+            message: format!("{text:?} must be an http or https URL"),
+        });
+    }
+    Ok(url)
+}
+
+fn listen_ip_for(local_host: &str) -> Result<IpAddr, ConfigError> {
+    match local_host {
+        "localhost" => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+        "ip6-localhost" => Ok(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        other => other.parse().map_err(|_| ConfigError::Invalid {
+            setting: "local_host",
+            message: format!("{other:?} is neither localhost nor an IP address"),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags() -> RunOverrides {
+        RunOverrides {
+            state_dir: Some(PathBuf::from("/tmp/state")),
+            ..RunOverrides::default()
+        }
+    }
+
+    #[test]
+    fn defaults_are_the_seeds() {
+        let config = Config::layer(&flags(), &FileSettings::default()).expect("defaults");
+        assert_eq!(config.agent_port, 8082);
+        assert_eq!(config.control_plane_port(), Some(8080));
+        assert_eq!(config.port_range, PortRange { start: 8080, end: 9000 });
+        assert_eq!(config.port_range.len(), 921);
+        assert_eq!(config.sync_interval, Duration::from_secs(30));
+        assert_eq!(config.listen_ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert!(!config.binds_beyond_loopback());
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let file: FileSettings =
+            toml::from_str("agent_port = 9100\nport_range = \"20000-20010\"\nsync_interval = 5")
+                .expect("toml");
+        let mut overrides = flags();
+        overrides.agent_port = Some(9200);
+        let config = Config::layer(&overrides, &file).expect("layered");
+        assert_eq!(config.agent_port, 9200);
+        assert_eq!(config.port_range, PortRange { start: 20000, end: 20010 });
+        assert_eq!(config.sync_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let err = toml::from_str::<FileSettings>("agent_prot = 1").expect_err("typo");
+        assert!(err.to_string().contains("agent_prot"), "{err}");
+        let err = "9000-8080".parse::<PortRange>().expect_err("reversed");
+        assert!(err.contains("starts after"));
+        let mut overrides = flags();
+        overrides.control_plane_url = Some("ftp://x".into());
+        let err = Config::layer(&overrides, &FileSettings::default()).expect_err("scheme");
+        assert!(err.to_string().contains("control_plane_url"));
+        let mut overrides = flags();
+        overrides.local_host = Some("example.com".into());
+        let err = Config::layer(&overrides, &FileSettings::default()).expect_err("host");
+        assert!(err.to_string().contains("local_host"));
+    }
+}

@@ -1,0 +1,73 @@
+//! What the agent tells its subscribers (the status reporter, the web UI's
+//! event stream, the tray): typed events on a broadcast channel, and a
+//! revision counter on a watch channel for those that only need "something
+//! changed" (coalesced, so a burst of changes wakes them once).
+
+use serde::Serialize;
+use tokio::sync::{broadcast, watch};
+
+use crate::model::TunnelState;
+
+/// How many events a slow subscriber may fall behind before it is told it lagged.
+const EVENT_BUFFER: usize = 1024;
+
+/// One change inside the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentEvent {
+    /// Pods were added, updated or removed by a push or a restore.
+    PodsChanged {
+        applied: Vec<String>,
+        removed: Vec<String>,
+    },
+    /// A tunnel changed state or recorded an error.
+    TunnelChanged {
+        pod_id: String,
+        state: TunnelState,
+        error: Option<String>,
+    },
+    /// The control plane accepted or refused our report.
+    ControlPlane {
+        reachable: bool,
+        error: Option<String>,
+    },
+    /// The agent is shutting down.
+    Stopping,
+}
+
+/// The agent's event fan-out; cheap to clone, every clone publishes to the same subscribers.
+#[derive(Debug, Clone)]
+pub struct EventBus {
+    events: broadcast::Sender<AgentEvent>,
+    revision: watch::Sender<u64>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventBus {
+    pub fn new() -> Self {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (revision, _) = watch::channel(0);
+        Self { events, revision }
+    }
+
+    /// Publishes an event and bumps the revision. Nobody listening is fine.
+    pub fn publish(&self, event: AgentEvent) {
+        let _ = self.events.send(event);
+        self.revision.send_modify(|r| *r += 1);
+    }
+
+    /// Every event from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<AgentEvent> {
+        self.events.subscribe()
+    }
+
+    /// A receiver that wakes once per burst of changes.
+    pub fn watch_revision(&self) -> watch::Receiver<u64> {
+        self.revision.subscribe()
+    }
+}

@@ -1,0 +1,317 @@
+//! Tunnels: one loopback listener per pod, and the pumps that move bytes
+//! between each accepted connection and the pod's `ip:port`.
+//!
+//! A tunnel's target and counters ([`TunnelShared`]) outlive its listener, so
+//! turning forwarding off and on, or changing the pod's address, keeps the
+//! history and never needs the store to rebuild anything.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::events::{AgentEvent, EventBus};
+use crate::model::TunnelState;
+
+/// Pending connections the kernel queues per listener before refusing.
+pub const LISTEN_BACKLOG: i32 = 1024;
+/// How long a connection waits for the pod before giving up.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Bytes read per wake-up; allocated only once a connection carries data.
+const PUMP_BUFFER: usize = 16 * 1024;
+/// Pause after a failed accept (out of file descriptors), so the loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Live counters of one tunnel.
+#[derive(Debug, Default)]
+struct Counters {
+    open: AtomicU64,
+    total: AtomicU64,
+    to_pod: AtomicU64,
+    from_pod: AtomicU64,
+}
+
+/// A snapshot of a tunnel's counters and errors.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TunnelStats {
+    pub open_connections: u64,
+    pub total_connections: u64,
+    pub bytes_to_pod: u64,
+    pub bytes_from_pod: u64,
+    /// The problem right now: set by a failed connection to the pod, cleared by the next good one.
+    pub current_error: Option<String>,
+    /// The most recent error ever seen, with its time.
+    pub last_error: Option<(String, DateTime<Utc>)>,
+}
+
+#[derive(Debug, Default)]
+struct Errors {
+    current: Option<String>,
+    last: Option<(String, DateTime<Utc>)>,
+}
+
+/// What a tunnel's listener and connections share with the store: where to
+/// forward, and what happened.
+#[derive(Debug)]
+pub struct TunnelShared {
+    pod_id: String,
+    target: RwLock<SocketAddr>,
+    counters: Counters,
+    errors: Mutex<Errors>,
+    events: EventBus,
+}
+
+impl TunnelShared {
+    pub fn new(pod_id: String, target: SocketAddr, events: EventBus) -> Arc<Self> {
+        Arc::new(Self {
+            pod_id,
+            target: RwLock::new(target),
+            counters: Counters::default(),
+            errors: Mutex::new(Errors::default()),
+            events,
+        })
+    }
+
+    /// Where new connections go.
+    pub fn target(&self) -> SocketAddr {
+        match self.target.read() {
+            Ok(guard) => *guard,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Points new connections at `target`; open ones keep their pod.
+    pub fn set_target(&self, target: SocketAddr) {
+        match self.target.write() {
+            Ok(mut guard) => *guard = target,
+            Err(poisoned) => *poisoned.into_inner() = target,
+        }
+    }
+
+    pub fn stats(&self) -> TunnelStats {
+        let errors = self.lock_errors();
+        TunnelStats {
+            open_connections: self.counters.open.load(Ordering::Relaxed),
+            total_connections: self.counters.total.load(Ordering::Relaxed),
+            bytes_to_pod: self.counters.to_pod.load(Ordering::Relaxed),
+            bytes_from_pod: self.counters.from_pod.load(Ordering::Relaxed),
+            current_error: errors.current.clone(),
+            last_error: errors.last.clone(),
+        }
+    }
+
+    fn lock_errors(&self) -> std::sync::MutexGuard<'_, Errors> {
+        match self.errors.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Records a failed connection; tells subscribers only when the problem changes,
+    /// so a flood of refused connections is one event, not thousands.
+    fn record_error(&self, message: String) {
+        let changed = {
+            let mut errors = self.lock_errors();
+            errors.last = Some((message.clone(), Utc::now()));
+            let changed = errors.current.as_deref() != Some(message.as_str());
+            errors.current = Some(message.clone());
+            changed
+        };
+        if changed {
+            tracing::warn!(pod_id = %self.pod_id, error = %message, "tunnel connection failed");
+            self.events.publish(AgentEvent::TunnelChanged {
+                pod_id: self.pod_id.clone(),
+                state: TunnelState::Active,
+                error: Some(message),
+            });
+        }
+    }
+
+    /// Clears the current problem after a good connection.
+    fn record_success(&self) {
+        let recovered = self.lock_errors().current.take().is_some();
+        if recovered {
+            tracing::info!(pod_id = %self.pod_id, "tunnel reaches its pod again");
+            self.events.publish(AgentEvent::TunnelChanged {
+                pod_id: self.pod_id.clone(),
+                state: TunnelState::Active,
+                error: None,
+            });
+        }
+    }
+}
+
+/// Binds a listening socket for a tunnel: address reuse (so a toggle can
+/// re-listen at once despite connections in TIME_WAIT) and a deep backlog.
+/// Fails with `AddrInUse` when another process holds the port.
+pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
+/// A tunnel's running listener. Closing it makes the port refuse connections
+/// and ends the connections it carried.
+#[derive(Debug)]
+pub struct RunningTunnel {
+    local_addr: SocketAddr,
+    cancel: CancellationToken,
+    accept_loop: JoinHandle<()>,
+}
+
+impl RunningTunnel {
+    /// Starts accepting on `listener`, forwarding to `shared`'s target. Tasks
+    /// run on `tracker` and stop with `parent`.
+    pub fn spawn(
+        listener: std::net::TcpListener,
+        shared: Arc<TunnelShared>,
+        tracker: &TaskTracker,
+        parent: &CancellationToken,
+    ) -> io::Result<Self> {
+        let local_addr = listener.local_addr()?;
+        let listener = TcpListener::from_std(listener)?;
+        let cancel = parent.child_token();
+        let accept_loop = tracker.spawn(accept_loop(
+            listener,
+            shared,
+            tracker.clone(),
+            cancel.clone(),
+        ));
+        Ok(Self {
+            local_addr,
+            cancel,
+            accept_loop,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Stops listening and waits until the port is released.
+    pub async fn close(self) {
+        self.cancel.cancel();
+        if let Err(err) = self.accept_loop.await {
+            tracing::warn!(error = %err, "tunnel accept loop ended abnormally");
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<TunnelShared>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((client, _peer)) => {
+                let shared = Arc::clone(&shared);
+                let cancel = cancel.clone();
+                tracker.spawn(async move {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {}
+                        _ = serve_connection(client, &shared) => {}
+                    }
+                });
+            }
+            Err(err) => {
+                // Out of file descriptors or similar: the listener itself is
+                // fine, so wait a moment and accept again.
+                shared.record_error(format!("accept failed: {err}"));
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
+            }
+        }
+    }
+    // Dropping the listener here releases the port before `close` returns.
+}
+
+/// Decrements the open-connection count however the connection ends.
+struct OpenGuard<'a>(&'a AtomicU64);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn serve_connection(client: TcpStream, shared: &TunnelShared) {
+    shared.counters.total.fetch_add(1, Ordering::Relaxed);
+    shared.counters.open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(&shared.counters.open);
+
+    let target = shared.target();
+    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(err)) => {
+            shared.record_error(format!("cannot connect to pod at {target}: {err}"));
+            return;
+        }
+        Err(_) => {
+            shared.record_error(format!(
+                "cannot connect to pod at {target}: no answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ));
+            return;
+        }
+    };
+    shared.record_success();
+    let _ = client.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let result = tokio::try_join!(
+        pump(&client, &upstream, &shared.counters.to_pod),
+        pump(&upstream, &client, &shared.counters.from_pod),
+    );
+    if let Err(err) = result {
+        // A reset mid-stream ends this connection only; the tunnel is fine.
+        tracing::debug!(pod_id = %shared.pod_id, error = %err, "connection ended with an error");
+    }
+}
+
+/// Moves bytes one way until `from` closes, then half-closes `to` so the peer
+/// sees the end of the stream. The buffer is allocated only once data flows,
+/// so idle connections cost no buffer memory.
+async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+    let mut buffer = Vec::new();
+    loop {
+        from.readable().await?;
+        if buffer.is_empty() {
+            buffer = vec![0; PUMP_BUFFER];
+        }
+        let read = match from.try_read(&mut buffer) {
+            Ok(0) => break,
+            Ok(read) => read,
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err),
+        };
+        let mut written = 0;
+        while written < read {
+            to.writable().await?;
+            match to.try_write(&buffer[written..read]) {
+                Ok(n) => written += n,
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err),
+            }
+        }
+        counter.fetch_add(read as u64, Ordering::Relaxed);
+    }
+    socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)
+}

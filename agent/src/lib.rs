@@ -1,0 +1,23 @@
+//! K3s Local Agent: receives staging pods from a control plane, gives each a
+//! local tunnel and a `<name>-staging.local` name, and reports back. This
+//! library is the whole agent; the headless CLI and the tray app are thin
+//! faces over [`agent::Agent`].
+
+pub mod agent;
+pub mod auth;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod events;
+pub mod forward;
+pub mod fsio;
+pub mod model;
+pub mod names;
+pub mod persist;
+pub mod ports;
+pub mod receiver;
+pub mod report;
+pub mod store;
+
+pub use agent::{Agent, AgentError, ApplyOutcome};
+pub use config::{Config, RunOverrides};

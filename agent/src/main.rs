@@ -1,0 +1,310 @@
+//! The headless agent's command line: `run` the agent, or talk to a running
+//! one (`status`, `pods`, `push`, `forward`, `token`).
+
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use k3s_local_agent::client::AgentClient;
+use k3s_local_agent::config::{Config, RunOverrides, DEFAULT_AGENT_PORT};
+use k3s_local_agent::demo::Demo;
+use k3s_local_agent::model::{Redirection, TunnelState};
+use k3s_local_agent::persist::Identity;
+use k3s_local_agent::Agent;
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+/// Hard limit on a clean shutdown after Ctrl-C / SIGTERM.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Parser)]
+#[command(name = "k3s-local-agent", version, about = "Reach staging Kubernetes pods from your machine: \
+    receives pods from a control plane, tunnels each to a local port, names it \
+    <name>-staging.local, and reports back.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the agent (Ctrl-C to stop).
+    Run(RunOverrides),
+    /// Show the agent's health and tunnel counts.
+    Status(ClientArgs),
+    /// List the pods the agent holds, with their tunnels.
+    Pods(ClientArgs),
+    /// Send a PodUpdateRequest (JSON file, or - for stdin) as a control plane would.
+    Push {
+        file: PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Turn forwarding for one pod on or off.
+    Forward {
+        pod_id: String,
+        state: OnOff,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the bearer token a remote control plane must send.
+    Token {
+        /// The agent's state dir [default: <data dir>/k3s-local-agent].
+        #[arg(long, env = "K3S_LOCAL_AGENT_STATE_DIR")]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, clap::Args)]
+struct ClientArgs {
+    /// The running agent's address.
+    #[arg(long, env = "K3S_LOCAL_AGENT_URL", default_value_t = format!("http://127.0.0.1:{DEFAULT_AGENT_PORT}"))]
+    agent_url: String,
+    /// Bearer token [default: the one in the state dir, when readable].
+    #[arg(long, env = "K3S_LOCAL_AGENT_TOKEN")]
+    token: Option<String>,
+    /// The agent's state dir, to find the token.
+    #[arg(long, env = "K3S_LOCAL_AGENT_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ClientArgs {
+    fn client(&self) -> Result<AgentClient> {
+        let token = self.token.clone().or_else(|| {
+            let dir = self.state_dir.clone().or_else(default_state_dir)?;
+            Identity::read_token(&dir).ok()
+        });
+        Ok(AgentClient::new(&self.agent_url, token)?)
+    }
+}
+
+fn default_state_dir() -> Option<PathBuf> {
+    Some(dirs::data_dir()?.join("k3s-local-agent"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Run(overrides) => run(overrides).await,
+        Command::Status(args) => status(args).await,
+        Command::Pods(args) => pods(args).await,
+        Command::Push { file, client } => push(file, client).await,
+        Command::Forward {
+            pod_id,
+            state,
+            client,
+        } => forward(pod_id, state, client).await,
+        Command::Token { state_dir } => {
+            let dir = state_dir
+                .or_else(default_state_dir)
+                .context("no data directory; pass --state-dir")?;
+            println!("{}", Identity::read_token(&dir)?);
+            Ok(())
+        }
+    }
+}
+
+async fn run(overrides: RunOverrides) -> Result<()> {
+    let mut config = Config::resolve(&overrides)?;
+    let demo = if config.demo {
+        let demo = Demo::bind().await?;
+        config.control_plane_url = demo.control_plane_url()?.parse()?;
+        // The demo's pods never mix with real ones.
+        config.state_dir = config.state_dir.join("demo");
+        Some(demo)
+    } else {
+        None
+    };
+    let address = SocketAddr::new(config.bind, config.agent_port);
+    let listener = TcpListener::bind(address).await.with_context(|| {
+        format!(
+            "cannot listen on {address}: is another agent running? Choose another port with --agent-port"
+        )
+    })?;
+    let agent = Agent::start(config, listener).await?;
+    if let Some(demo) = demo {
+        let pods = demo.start(&agent).await?;
+        println!("DEMO MODE: {} demo pods, served through tunnels:", pods.len());
+        for view in agent.pods() {
+            println!("  {}", describe_tunnel(&view.tunnel));
+        }
+    }
+
+    wait_for_stop_signal(&agent).await;
+    tracing::info!("stopping");
+    if tokio::time::timeout(SHUTDOWN_LIMIT, agent.shutdown())
+        .await
+        .is_err()
+    {
+        bail!("shutdown took longer than {SHUTDOWN_LIMIT:?}");
+    }
+    Ok(())
+}
+
+async fn wait_for_stop_signal(agent: &Agent) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                    _ = agent.stopped() => {}
+                }
+                return;
+            }
+            Err(err) => tracing::warn!(error = %err, "cannot watch for SIGTERM"),
+        }
+    }
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = agent.stopped() => {}
+    }
+}
+
+fn describe_tunnel(tunnel: &Redirection) -> String {
+    let local = match tunnel.local_port {
+        Some(port) => format!("http://{}:{port}/", tunnel.localhost_name),
+        None => "-".to_owned(),
+    };
+    let state = match tunnel.status {
+        TunnelState::Active => "active",
+        TunnelState::Stopped => "stopped",
+        TunnelState::Failed => "FAILED",
+    };
+    let mut line = format!(
+        "{:<24} {local:<48} -> {}:{}  {state}",
+        tunnel.staging_pod_name, tunnel.staging_pod_ip, tunnel.staging_port
+    );
+    if let Some(error) = &tunnel.error {
+        line.push_str(&format!("  ({error})"));
+    }
+    line
+}
+
+async fn status(args: ClientArgs) -> Result<()> {
+    let client = args.client()?;
+    let health = client.health().await?;
+    let status = client.status().await?;
+    if args.json {
+        let both = serde_json::json!({"health": health, "status": status});
+        println!("{}", serde_json::to_string_pretty(&both)?);
+        return Ok(());
+    }
+    println!(
+        "agent {}{}",
+        health.agent_id,
+        if health.demo { " (DEMO MODE)" } else { "" }
+    );
+    println!(
+        "tunnels: {} total, {} active, {} stopped, {} failed",
+        status.total_redirections,
+        status.active_redirections,
+        status.stopped_redirections,
+        status.failed_redirections
+    );
+    let cp = &health.control_plane;
+    let reach = match cp.reachable {
+        Some(true) => "reachable",
+        Some(false) => "UNREACHABLE",
+        None => "not yet contacted",
+    };
+    println!("control plane {}: {reach}", cp.url);
+    if let Some(at) = cp.last_sync {
+        println!("last sync: {at}");
+    }
+    println!("names: {}", health.names.hosts_file);
+    if let Some(warning) = &health.names.warning {
+        println!("warning: {warning}");
+    }
+    Ok(())
+}
+
+async fn pods(args: ClientArgs) -> Result<()> {
+    let list = args.client()?.pods().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    if list.pods.is_empty() {
+        println!("no pods: push some with `k3s-local-agent push FILE`, or run with --demo");
+    }
+    for view in &list.pods {
+        println!("{:<20} {}", view.pod.id, describe_tunnel(&view.tunnel));
+    }
+    Ok(())
+}
+
+async fn push(file: PathBuf, args: ClientArgs) -> Result<()> {
+    let text = if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        text
+    } else {
+        std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
+    };
+    let mut request: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", file.display()))?;
+    let client = args.client()?;
+    // A file without an agent id is meant for whatever agent we talk to.
+    if let Some(object) = request.as_object_mut() {
+        if !object.contains_key("agent_id") {
+            let health = client.health().await?;
+            object.insert("agent_id".into(), health.agent_id.into());
+        }
+    }
+    let (code, answer) = client.push(&request).await?;
+    println!("{}", serde_json::to_string_pretty(&answer)?);
+    if !code.is_success() {
+        bail!("agent answered {code}");
+    }
+    Ok(())
+}
+
+async fn forward(pod_id: String, state: OnOff, args: ClientArgs) -> Result<()> {
+    let enabled = matches!(state, OnOff::On);
+    let tunnel = args.client()?.set_forwarding(&pod_id, enabled).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&tunnel)?);
+    } else {
+        println!("{}", describe_tunnel(&tunnel));
+    }
+    Ok(())
+}

@@ -1,0 +1,524 @@
+//! Wire types of the agent's HTTP API and of the status report, and the
+//! validation that turns untrusted JSON into a [`PodSpec`] we can act on.
+//!
+//! The shapes follow the seed's contract exactly (DESIGN.md section 2); fields we
+//! add are additive so an old control plane keeps working.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The staging port a pod is forwarded to when the push names none.
+pub const DEFAULT_STAGING_PORT: u16 = 80;
+
+/// The longest pod name whose `<name>-staging` still fits one DNS label (63).
+pub const MAX_POD_NAME_LEN: usize = 63 - "-staging".len();
+
+/// What a control plane asks of a push.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Upsert the listed pods by id.
+    Create,
+    /// Same as create: upsert by id.
+    Update,
+    /// Remove the listed pods by id.
+    Delete,
+    /// The list is the whole desired set: upsert it, remove every pod not in it.
+    Sync,
+}
+
+impl Action {
+    /// Every action name a push may carry, for error messages.
+    pub const NAMES: [&'static str; 4] = ["create", "update", "delete", "sync"];
+
+    /// Parses an action name; `None` for anything not in [`Action::NAMES`].
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "create" => Some(Self::Create),
+            "update" => Some(Self::Update),
+            "delete" => Some(Self::Delete),
+            "sync" => Some(Self::Sync),
+            _ => None,
+        }
+    }
+}
+
+/// One staging pod as the control plane describes it, after validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodSpec {
+    pub id: String,
+    pub name: String,
+    #[serde(default)]
+    pub namespace: String,
+    #[serde(default)]
+    pub image: String,
+    #[serde(default)]
+    pub status: String,
+    pub ip: IpAddr,
+    #[serde(default)]
+    pub node_name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub created_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    pub updated_at: Option<DateTime<Utc>>,
+    /// Every staging port the pod exposes; the first is the one tunnelled.
+    /// Never empty once validated.
+    pub ports: Vec<u16>,
+}
+
+impl PodSpec {
+    /// The staging port the tunnel forwards to.
+    pub fn staging_port(&self) -> u16 {
+        self.ports.first().copied().unwrap_or(DEFAULT_STAGING_PORT)
+    }
+
+    /// `<name>-staging.local`, the name the seed promised.
+    pub fn dns_name(&self) -> String {
+        format!("{}-staging.local", self.name)
+    }
+
+    /// `<name>-staging.localhost`, which browsers resolve with no setup.
+    pub fn localhost_name(&self) -> String {
+        format!("{}-staging.localhost", self.name)
+    }
+}
+
+/// The raw pod as pushed: every field optional so that a missing one becomes a
+/// clear per-pod error instead of failing the whole batch.
+#[derive(Debug, Deserialize)]
+struct RawPod {
+    id: Option<String>,
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    #[serde(default)]
+    image: Option<String>,
+    #[serde(default)]
+    status: Option<String>,
+    ip: Option<String>,
+    #[serde(default)]
+    node_name: Option<String>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    created_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    updated_at: Option<DateTime<Utc>>,
+    #[serde(default)]
+    port: Option<u64>,
+    #[serde(default)]
+    ports: Option<Vec<u64>>,
+}
+
+/// Why one pod of a push was turned away.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PodRejection {
+    /// The pod's id when it had a usable one, so the control plane can match it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// Position of the pod in the pushed list.
+    pub index: usize,
+    /// The offending field, when one field is to blame.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub error: String,
+}
+
+impl PodRejection {
+    fn new(id: Option<&str>, index: usize, field: Option<&str>, error: impl Into<String>) -> Self {
+        Self {
+            id: id.map(str::to_owned),
+            index,
+            field: field.map(str::to_owned),
+            error: error.into(),
+        }
+    }
+}
+
+/// Checks a pod id: it keys our state and appears in URLs and the status JSON.
+pub fn validate_pod_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("pod id must not be empty".into());
+    }
+    if id.len() > 253 {
+        return Err(format!("pod id is {} characters; at most 253", id.len()));
+    }
+    if let Some(bad) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
+    {
+        return Err(format!(
+            "pod id {id:?} contains {bad:?}; allowed: letters, digits, '-', '_', '.', ':'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that a pod name is a DNS-1123 label short enough that
+/// `<name>-staging` is one too, so it is safe in a hosts file and a cluster.
+pub fn validate_pod_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("pod name must not be empty".into());
+    }
+    if name.len() > MAX_POD_NAME_LEN {
+        return Err(format!(
+            "pod name {name:?} is {} characters; at most {MAX_POD_NAME_LEN} so that \
+             \"<name>-staging\" fits one DNS label",
+            name.len()
+        ));
+    }
+    let valid_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let alnum_ends = name
+        .bytes()
+        .next()
+        .zip(name.bytes().last())
+        .is_some_and(|(first, last)| first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric());
+    if !valid_chars || !alnum_ends {
+        return Err(format!(
+            "pod name {name:?} is not a DNS-1123 label: lowercase letters, digits and '-', \
+             starting and ending with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+fn validate_port(value: u64, field: &str) -> Result<u16, String> {
+    match u16::try_from(value) {
+        Ok(port) if port != 0 => Ok(port),
+        _ => Err(format!("{field} {value} is out of range 1-65535")),
+    }
+}
+
+/// Turns one pushed pod (any JSON) into a [`PodSpec`], or says exactly what is
+/// wrong with it.
+pub fn parse_pod(index: usize, value: serde_json::Value) -> Result<PodSpec, PodRejection> {
+    // The id first, leniently, so that every later error can name the pod.
+    let loose_id = value
+        .get("id")
+        .and_then(serde_json::Value::as_str)
+        .map(str::to_owned);
+    let reject = |field: Option<&str>, error: String| {
+        PodRejection::new(loose_id.as_deref(), index, field, error)
+    };
+    if !value.is_object() {
+        return Err(reject(None, "each pod must be a JSON object".into()));
+    }
+    let raw: RawPod = serde_json::from_value(value).map_err(|err| {
+        let field = field_named_in(&err.to_string());
+        reject(field.as_deref(), format!("invalid pod: {err}"))
+    })?;
+
+    let id = raw
+        .id
+        .ok_or_else(|| reject(Some("id"), "missing field `id`".into()))?;
+    validate_pod_id(&id).map_err(|e| reject(Some("id"), e))?;
+    let name = raw
+        .name
+        .ok_or_else(|| reject(Some("name"), "missing field `name`".into()))?;
+    validate_pod_name(&name).map_err(|e| reject(Some("name"), e))?;
+    let ip_text = raw
+        .ip
+        .ok_or_else(|| reject(Some("ip"), "missing field `ip`".into()))?;
+    let ip: IpAddr = ip_text.trim().parse().map_err(|_| {
+        reject(
+            Some("ip"),
+            format!("ip {ip_text:?} is not an IPv4 or IPv6 address"),
+        )
+    })?;
+
+    let mut ports = Vec::new();
+    if let Some(port) = raw.port {
+        ports.push(validate_port(port, "port").map_err(|e| reject(Some("port"), e))?);
+    }
+    for port in raw.ports.unwrap_or_default() {
+        let port = validate_port(port, "ports entry").map_err(|e| reject(Some("ports"), e))?;
+        if !ports.contains(&port) {
+            ports.push(port);
+        }
+    }
+    if ports.is_empty() {
+        ports.push(DEFAULT_STAGING_PORT);
+    }
+
+    Ok(PodSpec {
+        id,
+        name,
+        namespace: raw.namespace.unwrap_or_default(),
+        image: raw.image.unwrap_or_default(),
+        status: raw.status.unwrap_or_default(),
+        ip,
+        node_name: raw.node_name.unwrap_or_default(),
+        labels: raw.labels.unwrap_or_default(),
+        created_at: raw.created_at,
+        updated_at: raw.updated_at,
+        ports,
+    })
+}
+
+/// Picks the field name out of a serde error such as
+/// "invalid type: string \"x\", expected u64" (none) or "... at `port`".
+fn field_named_in(message: &str) -> Option<String> {
+    let start = message.find('`')? + 1;
+    let end = start + message[start..].find('`')?;
+    Some(message[start..end].to_owned())
+}
+
+/// What a pod id alone identifies in a `delete` push.
+pub fn parse_pod_id_only(index: usize, value: &serde_json::Value) -> Result<String, PodRejection> {
+    let Some(id) = value.get("id") else {
+        return Err(PodRejection::new(
+            None,
+            index,
+            Some("id"),
+            "missing field `id`",
+        ));
+    };
+    let Some(id) = id.as_str() else {
+        return Err(PodRejection::new(
+            None,
+            index,
+            Some("id"),
+            "field `id` must be a string",
+        ));
+    };
+    validate_pod_id(id).map_err(|e| PodRejection::new(Some(id), index, Some("id"), e))?;
+    Ok(id.to_owned())
+}
+
+/// State of one pod's tunnel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelState {
+    /// Listening and forwarding.
+    Active,
+    /// Forwarding turned off by the user: the port refuses connections.
+    Stopped,
+    /// Could not listen (no port, bind error); see the error.
+    Failed,
+}
+
+/// One pod's tunnel as the status endpoint and the report show it.
+/// Field names up to `error` are the seed's `PodRedirection`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Redirection {
+    pub staging_pod_id: String,
+    pub staging_pod_name: String,
+    pub staging_pod_ip: IpAddr,
+    pub staging_port: u16,
+    pub local_port: Option<u16>,
+    pub local_host: String,
+    pub dns_name: String,
+    pub localhost_name: String,
+    pub status: TunnelState,
+    pub error: Option<String>,
+    pub forwarding: bool,
+    pub namespace: String,
+    pub pod_status: String,
+    pub open_connections: u64,
+    pub total_connections: u64,
+    pub bytes_to_pod: u64,
+    pub bytes_from_pod: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    /// Notes on how the port was chosen, e.g. which port was held by another process.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_note: Option<String>,
+}
+
+/// `GET /api/v1/pods/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub total_redirections: usize,
+    pub active_redirections: usize,
+    pub failed_redirections: usize,
+    pub stopped_redirections: usize,
+    pub redirections: BTreeMap<String, Redirection>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// One entry of `GET /api/v1/pods`: the pod as pushed, with its tunnel.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodView {
+    pub pod: PodSpec,
+    pub tunnel: Redirection,
+}
+
+/// `GET /api/v1/pods`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodList {
+    pub pods: Vec<PodView>,
+    pub timestamp: DateTime<Utc>,
+}
+
+/// Where names are written and whether the system resolver sees them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NamesHealth {
+    pub hosts_file: String,
+    pub system_wide: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
+}
+
+/// Whether the control plane took our last report.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct ControlPlaneHealth {
+    pub url: String,
+    pub reachable: Option<bool>,
+    pub last_sync: Option<DateTime<Utc>>,
+    pub last_error: Option<String>,
+}
+
+/// `GET /health`: the seed's four fields plus what a user needs to trust it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HealthResponse {
+    pub status: String,
+    pub agent_id: String,
+    pub timestamp: DateTime<Utc>,
+    pub pod_count: usize,
+    pub version: String,
+    pub demo: bool,
+    pub names: NamesHealth,
+    pub control_plane: ControlPlaneHealth,
+}
+
+/// Body of `POST /api/v1/pods/{id}/forwarding`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct ForwardingRequest {
+    pub enabled: bool,
+}
+
+/// Answer to a push: what was applied and what was turned away, by id.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PushResponse {
+    pub status: String,
+    pub action: Action,
+    pub applied: Vec<String>,
+    pub removed: Vec<String>,
+    pub rejected: Vec<RejectedPod>,
+    pub pod_count: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A rejection as it travels back to the control plane (owned, deserializable).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RejectedPod {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    pub index: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub error: String,
+}
+
+impl From<PodRejection> for RejectedPod {
+    fn from(r: PodRejection) -> Self {
+        Self {
+            id: r.id,
+            index: r.index,
+            field: r.field,
+            error: r.error,
+        }
+    }
+}
+
+/// The status report we POST to `{control_plane_url}/api/v1/staging/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub agent_id: String,
+    pub status: String,
+    pub total_pods: usize,
+    pub running_pods: usize,
+    pub failed_pods: usize,
+    pub staging_pods: BTreeMap<String, Redirection>,
+    pub kind_cluster_status: String,
+    pub last_sync: Option<DateTime<Utc>>,
+    pub timestamp: DateTime<Utc>,
+    pub demo: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn seed_pod_parses_with_default_port() {
+        let pod = parse_pod(
+            0,
+            json!({"id":"pod-123","name":"my-app","namespace":"staging","image":"nginx:latest",
+                   "status":"running","ip":"10.0.1.100","node_name":"gke-node-1",
+                   "labels":{"app":"my-app"},"created_at":"2024-01-15T10:30:00Z",
+                   "updated_at":"2024-01-15T10:30:00Z","extra":"ignored"}),
+        )
+        .expect("seed pod is valid");
+        assert_eq!(pod.staging_port(), 80);
+        assert_eq!(pod.dns_name(), "my-app-staging.local");
+        assert_eq!(pod.localhost_name(), "my-app-staging.localhost");
+    }
+
+    #[test]
+    fn missing_fields_are_named() {
+        let err = parse_pod(2, json!({"id":"p","ip":"10.0.0.1"})).expect_err("no name");
+        assert_eq!(err.field.as_deref(), Some("name"));
+        assert_eq!(err.id.as_deref(), Some("p"));
+        assert_eq!(err.index, 2);
+        let err = parse_pod(0, json!({"name":"a","ip":"10.0.0.1"})).expect_err("no id");
+        assert_eq!(err.field.as_deref(), Some("id"));
+        let err = parse_pod(0, json!({"id":"p","name":"a"})).expect_err("no ip");
+        assert_eq!(err.field.as_deref(), Some("ip"));
+    }
+
+    #[test]
+    fn wrong_types_and_values_are_named() {
+        let err = parse_pod(0, json!({"id":"p","name":"a","ip":"10.0.0.1","port":"80"}))
+            .expect_err("port as string");
+        assert!(err.error.contains("invalid"), "{err:?}");
+        for port in [0u64, 65536] {
+            let err = parse_pod(0, json!({"id":"p","name":"a","ip":"10.0.0.1","port":port}))
+                .expect_err("port out of range");
+            assert_eq!(err.field.as_deref(), Some("port"));
+            assert!(err.error.contains("1-65535"));
+        }
+        let err = parse_pod(0, json!({"id":"p","name":"a","ip":"10.0.0.300"})).expect_err("ip");
+        assert_eq!(err.field.as_deref(), Some("ip"));
+    }
+
+    #[test]
+    fn names_must_be_dns_labels() {
+        for bad in [
+            "My-App",
+            "my.app",
+            "my app",
+            "my\napp",
+            "#x",
+            "-a",
+            "a-",
+            "",
+            &"a".repeat(56),
+        ] {
+            assert!(validate_pod_name(bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["a", "my-app", "a1", &"a".repeat(55)] {
+            assert!(validate_pod_name(good).is_ok(), "{good:?} rejected");
+        }
+    }
+
+    #[test]
+    fn ports_list_keeps_order_without_duplicates() {
+        let pod = parse_pod(
+            0,
+            json!({"id":"p","name":"a","ip":"::1","port":8443,"ports":[8443,9090]}),
+        )
+        .expect("valid");
+        assert_eq!(pod.ports, vec![8443, 9090]);
+        assert_eq!(pod.staging_port(), 8443);
+    }
+}

@@ -1,0 +1,321 @@
+//! State on disk, in the state dir: the agent id and bearer token (small files,
+//! made once), and the pods with their ports and forwarding toggles (SQLite,
+//! so every acknowledged push survives a `kill -9` and a restart brings back
+//! every tunnel).
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::fsio;
+use crate::model::PodSpec;
+
+const AGENT_ID_FILE: &str = "agent-id";
+const TOKEN_FILE: &str = "token";
+const DB_FILE: &str = "state.db";
+
+/// Why state could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PersistError {
+    #[error("cannot use state dir {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("cannot read or write {path}: {source}")]
+    File { path: PathBuf, source: io::Error },
+    #[error("{path} is empty or unreadable text; remove it to make a new one")]
+    BadFile { path: PathBuf },
+    #[error("state database {path}: {source}")]
+    Db {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("stored pod {id} is unreadable: {message}")]
+    BadPod { id: String, message: String },
+    #[error("state database task failed: {0}")]
+    Task(String),
+}
+
+/// Who this agent is: made once, then read back on every start.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub agent_id: String,
+    pub token: String,
+}
+
+impl Identity {
+    /// Reads the id and token from `state_dir`, making whichever is missing.
+    /// An id given in the settings wins over (and replaces) the stored one.
+    pub fn load_or_create(state_dir: &Path, configured_id: Option<&str>) -> Result<Self, PersistError> {
+        ensure_dir(state_dir)?;
+        let id_path = state_dir.join(AGENT_ID_FILE);
+        let agent_id = match configured_id {
+            Some(id) => {
+                if read_trimmed(&id_path)?.as_deref() != Some(id) {
+                    write_file(&id_path, id, 0o644)?;
+                }
+                id.to_owned()
+            }
+            None => match read_trimmed(&id_path)? {
+                Some(id) => id,
+                None => {
+                    let id = new_agent_id();
+                    write_file(&id_path, &id, 0o644)?;
+                    id
+                }
+            },
+        };
+        let token_path = state_dir.join(TOKEN_FILE);
+        let token = match read_trimmed(&token_path)? {
+            Some(token) => token,
+            None => {
+                let token = new_token().map_err(|source| PersistError::File {
+                    path: token_path.clone(),
+                    source,
+                })?;
+                write_file(&token_path, &token, 0o600)?;
+                token
+            }
+        };
+        Ok(Self { agent_id, token })
+    }
+
+    /// The token as stored in `state_dir`, for the CLI's `token` command.
+    pub fn read_token(state_dir: &Path) -> Result<String, PersistError> {
+        let path = state_dir.join(TOKEN_FILE);
+        read_trimmed(&path)?.ok_or(PersistError::BadFile { path })
+    }
+}
+
+/// `staging-agent-<hostname>-<unix time>`, the seed's format.
+fn new_agent_id() -> String {
+    let host = hostname::get()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("staging-agent-{host}-{}", chrono::Utc::now().timestamp())
+}
+
+/// 32 random bytes from the OS, hex-encoded.
+fn new_token() -> io::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|err| io::Error::other(err.to_string()))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn ensure_dir(dir: &Path) -> Result<(), PersistError> {
+    fs::create_dir_all(dir).map_err(|source| PersistError::Dir {
+        path: dir.to_owned(),
+        source,
+    })
+}
+
+fn read_trimmed(path: &Path) -> Result<Option<String>, PersistError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text.trim().to_owned()).filter(|t| !t.is_empty())),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(PersistError::File {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), PersistError> {
+    fsio::atomic_replace(path, format!("{text}\n").as_bytes(), mode).map_err(|source| {
+        PersistError::File {
+            path: path.to_owned(),
+            source,
+        }
+    })
+}
+
+/// A pod as kept on disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredPod {
+    pub spec: PodSpec,
+    pub local_port: Option<u16>,
+    pub forwarding: bool,
+}
+
+/// The pods database. Cheap to clone; calls run on the blocking pool.
+#[derive(Debug, Clone)]
+pub struct StateDb {
+    path: PathBuf,
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl StateDb {
+    /// Opens (creating when new) `<state_dir>/state.db`.
+    pub fn open(state_dir: &Path) -> Result<Self, PersistError> {
+        ensure_dir(state_dir)?;
+        let path = state_dir.join(DB_FILE);
+        let db_err = |source| PersistError::Db {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(db_err)?;
+        // WAL with NORMAL sync survives a process crash (kill -9) with every
+        // committed transaction, at a fraction of FULL's fsync cost.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(db_err)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS pods (
+                 id         TEXT PRIMARY KEY,
+                 spec       TEXT NOT NULL,
+                 local_port INTEGER,
+                 forwarding INTEGER NOT NULL DEFAULT 1
+             );",
+        )
+        .map_err(db_err)?;
+        Ok(Self {
+            path,
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `work` on the connection on the blocking pool.
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, PersistError> {
+        let conn = Arc::clone(&self.conn);
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn
+                .lock()
+                .map_err(|_| PersistError::Task("state database lock poisoned".into()))?;
+            work(&mut guard).map_err(|source| PersistError::Db { path, source })
+        })
+        .await
+        .map_err(|err| PersistError::Task(err.to_string()))?
+    }
+
+    /// Every stored pod, in id order.
+    pub async fn load(&self) -> Result<Vec<StoredPod>, PersistError> {
+        let rows = self
+            .with_conn(|conn| {
+                let mut stmt =
+                    conn.prepare("SELECT id, spec, local_port, forwarding FROM pods ORDER BY id")?;
+                let rows = stmt.query_map([], |row| {
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<u16>>(2)?,
+                        row.get::<_, bool>(3)?,
+                    ))
+                })?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            })
+            .await?;
+        rows.into_iter()
+            .map(|(id, spec, local_port, forwarding)| {
+                let spec = serde_json::from_str(&spec).map_err(|err| PersistError::BadPod {
+                    id,
+                    message: err.to_string(),
+                })?;
+                Ok(StoredPod {
+                    spec,
+                    local_port,
+                    forwarding,
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `upserts` and removes `removals` in one transaction.
+    pub async fn save(&self, upserts: Vec<StoredPod>, removals: Vec<String>) -> Result<(), PersistError> {
+        let encoded = upserts
+            .into_iter()
+            .map(|pod| {
+                let spec = serde_json::to_string(&pod.spec).map_err(|err| PersistError::BadPod {
+                    id: pod.spec.id.clone(),
+                    message: err.to_string(),
+                })?;
+                Ok((pod.spec.id, spec, pod.local_port, pod.forwarding))
+            })
+            .collect::<Result<Vec<_>, PersistError>>()?;
+        self.with_conn(move |conn| {
+            let tx = conn.transaction()?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO pods (id, spec, local_port, forwarding) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT(id) DO UPDATE SET spec = excluded.spec,
+                         local_port = excluded.local_port, forwarding = excluded.forwarding",
+                )?;
+                for (id, spec, port, forwarding) in &encoded {
+                    upsert.execute(params![id, spec, port, forwarding])?;
+                }
+                let mut delete = tx.prepare_cached("DELETE FROM pods WHERE id = ?1")?;
+                for id in &removals {
+                    delete.execute(params![id])?;
+                }
+            }
+            tx.commit()
+        })
+        .await
+    }
+
+    /// The stored forwarding toggle of one pod, if it is stored.
+    pub async fn forwarding_of(&self, id: &str) -> Result<Option<bool>, PersistError> {
+        let id = id.to_owned();
+        self.with_conn(move |conn| {
+            conn.query_row("SELECT forwarding FROM pods WHERE id = ?1", [id], |row| {
+                row.get(0)
+            })
+            .optional()
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_pod;
+
+    #[test]
+    fn identity_is_made_once_and_token_is_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Identity::load_or_create(dir.path(), None).expect("create");
+        assert!(first.agent_id.starts_with("staging-agent-"));
+        assert_eq!(first.token.len(), 64);
+        let again = Identity::load_or_create(dir.path(), None).expect("load");
+        assert_eq!(again.agent_id, first.agent_id);
+        assert_eq!(again.token, first.token);
+        assert_eq!(Identity::read_token(dir.path()).expect("token"), first.token);
+        #[cfg(unix)]
+        assert_eq!(fsio::mode_of(&dir.path().join(TOKEN_FILE)), Some(0o600));
+        let named = Identity::load_or_create(dir.path(), Some("agent-x")).expect("named");
+        assert_eq!(named.agent_id, "agent-x");
+    }
+
+    #[tokio::test]
+    async fn pods_round_trip_through_the_database() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = StateDb::open(dir.path()).expect("open");
+        let spec = parse_pod(
+            0,
+            serde_json::json!({"id":"p1","name":"a","ip":"10.0.0.1","port":8080}),
+        )
+        .expect("pod");
+        let stored = StoredPod {
+            spec,
+            local_port: Some(8085),
+            forwarding: false,
+        };
+        db.save(vec![stored.clone()], vec![]).await.expect("save");
+        drop(db);
+        let db = StateDb::open(dir.path()).expect("reopen");
+        assert_eq!(db.load().await.expect("load"), vec![stored]);
+        assert_eq!(db.forwarding_of("p1").await.expect("query"), Some(false));
+        db.save(vec![], vec!["p1".into()]).await.expect("delete");
+        assert!(db.load().await.expect("load").is_empty());
+    }
+}

@@ -1,0 +1,318 @@
+//! The agent's HTTP API (DESIGN.md section 2): the router, request parsing
+//! that names whatever is wrong, and JSON errors for every failure.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{middleware, Json, Router};
+use serde_json::{json, Value};
+use tower_http::timeout::TimeoutLayer;
+
+use crate::agent::{Agent, AgentError};
+use crate::auth;
+use crate::model::{
+    parse_pod, parse_pod_id_only, Action, ForwardingRequest, PodList, PodRejection, PodSpec,
+    PushResponse, RejectedPod,
+};
+
+/// Largest request body accepted (1 MiB).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Longest a request may take before it is answered 408.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A JSON error response: `{"error": "...", ...details}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: serde_json::Map<String, Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        let mut body = serde_json::Map::new();
+        body.insert("error".into(), Value::String(message.into()));
+        Self { status, body }
+    }
+
+    /// Adds a detail field (the bad field, the valid actions, ...).
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.body.insert(key.into(), value.into());
+        self
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(Value::Object(self.body))).into_response()
+    }
+}
+
+impl From<AgentError> for ApiError {
+    fn from(err: AgentError) -> Self {
+        match err {
+            AgentError::UnknownPod(id) => {
+                Self::new(StatusCode::NOT_FOUND, format!("no pod with id {id:?}")).with("id", id)
+            }
+            other => {
+                tracing::error!(error = %other, "request failed");
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
+            }
+        }
+    }
+}
+
+/// Builds the agent's router. State-changing local endpoints are behind
+/// [`auth::local_only`]; everything is behind [`auth::require_token`].
+pub fn router(agent: Agent) -> Router {
+    let local = Router::new()
+        .route("/api/v1/pods/{id}/forwarding", post(set_forwarding))
+        .route_layer(middleware::from_fn(auth::local_only));
+    Router::new()
+        .route("/health", get(health))
+        .route("/api/v1/pods", post(push_pods).get(list_pods))
+        .route("/api/v1/pods/status", get(pod_status))
+        .route("/api/v1/pods/{id}", get(one_pod))
+        .merge(local)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            agent.clone(),
+            auth::require_token,
+        ))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .with_state(agent)
+}
+
+async fn health(State(agent): State<Agent>) -> Response {
+    Json(agent.health()).into_response()
+}
+
+async fn pod_status(State(agent): State<Agent>) -> Response {
+    Json(agent.status()).into_response()
+}
+
+async fn list_pods(State(agent): State<Agent>) -> Response {
+    Json(PodList {
+        pods: agent.pods(),
+        timestamp: chrono::Utc::now(),
+    })
+    .into_response()
+}
+
+async fn one_pod(State(agent): State<Agent>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    agent
+        .pod(&id)
+        .map(|view| Json(view).into_response())
+        .ok_or_else(|| AgentError::UnknownPod(id).into())
+}
+
+async fn set_forwarding(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: ForwardingRequest = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::bad_request(format!(
+            "body must be {{\"enabled\": true|false}}: {err}"
+        ))
+        .with("field", "enabled")
+    })?;
+    let tunnel = agent.set_forwarding(&id, request.enabled).await?;
+    Ok(Json(tunnel).into_response())
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed on {}", uri.path()),
+    )
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than the {MAX_BODY_BYTES}-byte limit"),
+        )
+        .with("limit_bytes", MAX_BODY_BYTES)
+    } else {
+        ApiError::new(rejection.status(), format!("cannot read request body: {rejection}"))
+    }
+}
+
+/// A push, parsed and checked: what to apply and what was turned away.
+#[derive(Debug)]
+pub struct ParsedPush {
+    pub action: Action,
+    pub upserts: Vec<PodSpec>,
+    pub delete_ids: Vec<String>,
+    pub rejected: Vec<PodRejection>,
+}
+
+/// Parses a `PodUpdateRequest`. Errors that spoil the whole request (bad JSON,
+/// wrong agent, unknown action) fail it; a bad pod only rejects that pod.
+pub fn parse_push(body: &[u8], our_agent_id: &str) -> Result<ParsedPush, ApiError> {
+    let value: Value = serde_json::from_slice(body).map_err(|err| {
+        ApiError::bad_request(format!("request body is not valid JSON: {err}"))
+            .with("line", err.line())
+            .with("column", err.column())
+    })?;
+    let Value::Object(mut request) = value else {
+        return Err(ApiError::bad_request(
+            "request body must be a JSON object (a PodUpdateRequest)",
+        ));
+    };
+    match request.get("agent_id") {
+        None => {
+            return Err(ApiError::bad_request("missing field `agent_id`").with("field", "agent_id"))
+        }
+        Some(Value::String(id)) if id == our_agent_id => {}
+        Some(Value::String(_)) => {
+            return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Invalid agent ID"))
+        }
+        Some(_) => {
+            return Err(
+                ApiError::bad_request("field `agent_id` must be a string").with("field", "agent_id")
+            )
+        }
+    }
+    let valid_actions = json!(Action::NAMES);
+    let action = match request.get("action") {
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "missing field `action`; valid actions: {}",
+                Action::NAMES.join(", ")
+            ))
+            .with("field", "action")
+            .with("valid_actions", valid_actions))
+        }
+        Some(Value::String(name)) => Action::parse(name).ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "unknown action {name:?}; valid actions: {}",
+                Action::NAMES.join(", ")
+            ))
+            .with("field", "action")
+            .with("valid_actions", valid_actions.clone())
+        })?,
+        Some(_) => {
+            return Err(ApiError::bad_request("field `action` must be a string")
+                .with("field", "action")
+                .with("valid_actions", valid_actions))
+        }
+    };
+    let pods = match request.remove("pods") {
+        Some(Value::Array(pods)) => pods,
+        Some(Value::Null) | None => {
+            return Err(ApiError::bad_request("missing field `pods` (a list of pods)").with("field", "pods"))
+        }
+        Some(_) => {
+            return Err(ApiError::bad_request("field `pods` must be a list").with("field", "pods"))
+        }
+    };
+
+    let mut parsed = ParsedPush {
+        action,
+        upserts: Vec::new(),
+        delete_ids: Vec::new(),
+        rejected: Vec::new(),
+    };
+    let mut first_seen: BTreeMap<String, usize> = BTreeMap::new();
+    for (index, pod) in pods.into_iter().enumerate() {
+        let result = match action {
+            Action::Delete => parse_pod_id_only(index, &pod).map(Err),
+            _ => parse_pod(index, pod).map(Ok),
+        };
+        let item = match result {
+            Ok(item) => item,
+            Err(rejection) => {
+                parsed.rejected.push(rejection);
+                continue;
+            }
+        };
+        let id = match &item {
+            Ok(spec) => spec.id.clone(),
+            Err(id) => id.clone(),
+        };
+        if let Some(first) = first_seen.get(&id) {
+            parsed.rejected.push(PodRejection {
+                id: Some(id),
+                index,
+                field: Some("id".into()),
+                error: format!("duplicate pod id in this push (first at index {first})"),
+            });
+            continue;
+        }
+        first_seen.insert(id, index);
+        match item {
+            Ok(spec) => parsed.upserts.push(spec),
+            Err(id) => parsed.delete_ids.push(id),
+        }
+    }
+    Ok(parsed)
+}
+
+async fn push_pods(
+    State(agent): State<Agent>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let parsed = parse_push(&body, agent.agent_id())?;
+    // A rejected pod's id must survive a sync: losing it would punish a
+    // typo with a deleted tunnel.
+    let keep: BTreeSet<String> = parsed.rejected.iter().filter_map(|r| r.id.clone()).collect();
+    let total = parsed.upserts.len() + parsed.delete_ids.len() + parsed.rejected.len();
+    let outcome = agent
+        .apply(parsed.action, parsed.upserts, parsed.delete_ids, keep)
+        .await?;
+    for rejection in &parsed.rejected {
+        tracing::warn!(
+            pod_id = rejection.id.as_deref().unwrap_or("?"),
+            index = rejection.index,
+            error = %rejection.error,
+            "pod rejected"
+        );
+    }
+    let rejected: Vec<RejectedPod> = parsed.rejected.into_iter().map(RejectedPod::from).collect();
+    let (code, status, error) = if rejected.is_empty() {
+        (StatusCode::OK, "success", None)
+    } else {
+        let error = match rejected.as_slice() {
+            [one] => format!(
+                "pod {} rejected: {}",
+                one.id.as_deref().map_or_else(|| format!("at index {}", one.index), |id| format!("{id:?}")),
+                one.error
+            ),
+            many => format!("{} of {total} pods rejected", many.len()),
+        };
+        (StatusCode::BAD_REQUEST, "partial", Some(error))
+    };
+    let response = PushResponse {
+        status: status.to_owned(),
+        action: parsed.action,
+        applied: outcome.applied,
+        removed: outcome.removed,
+        rejected,
+        pod_count: agent.store().len(),
+        error,
+    };
+    Ok((code, Json(response)).into_response())
+}

@@ -1,0 +1,232 @@
+//! Status reports to the control plane: `POST {url}/api/v1/staging/status`
+//! every sync interval and soon after any change, with backoff while the
+//! control plane is away, one log line per outage, and never blocking anything
+//! else.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::events::{AgentEvent, EventBus};
+use crate::model::{ControlPlaneHealth, StatusReport, TunnelState};
+use crate::store::Store;
+
+/// Path of the status endpoint on the control plane.
+pub const STATUS_PATH: &str = "api/v1/staging/status";
+/// How long after a change the report goes out (changes in that window share it).
+pub const CHANGE_DEBOUNCE: Duration = Duration::from_millis(250);
+/// First retry delay after a failed report; doubles up to the sync interval.
+const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+/// Per-request limit, so a slow control plane cannot hold a report forever.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// The last report on the way out must not hold up the exit.
+const FINAL_REPORT_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Until the cluster mirror exists, the report says so.
+const CLUSTER_STATUS: &str = "disabled";
+
+/// Why the reporter could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("invalid control plane URL {0}")]
+    Url(String),
+    #[error("HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Sends status reports; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Reporter {
+    inner: Arc<ReporterInner>,
+}
+
+#[derive(Debug)]
+struct ReporterInner {
+    client: reqwest::Client,
+    endpoint: reqwest::Url,
+    agent_id: String,
+    demo: bool,
+    interval: Duration,
+    store: Store,
+    health: watch::Sender<ControlPlaneHealth>,
+}
+
+impl Reporter {
+    /// A reporter for `config`'s control plane, and a receiver of its view of
+    /// the control plane's health (for `/health` and the UI).
+    pub fn new(
+        config: &Config,
+        agent_id: String,
+        store: Store,
+    ) -> Result<(Self, watch::Receiver<ControlPlaneHealth>), ReportError> {
+        let mut base = config.control_plane_url.clone();
+        if !base.path().ends_with('/') {
+            let path = format!("{}/", base.path());
+            base.set_path(&path);
+        }
+        let endpoint = base
+            .join(STATUS_PATH)
+            .map_err(|err| ReportError::Url(format!("{base}: {err}")))?;
+        let client = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .connect_timeout(Duration::from_secs(3))
+            .user_agent(concat!("k3s-local-agent/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        let (health, health_rx) = watch::channel(ControlPlaneHealth {
+            url: config.control_plane_url.to_string(),
+            ..ControlPlaneHealth::default()
+        });
+        Ok((
+            Self {
+                inner: Arc::new(ReporterInner {
+                    client,
+                    endpoint,
+                    agent_id,
+                    demo: config.demo,
+                    interval: config.sync_interval,
+                    store,
+                    health,
+                }),
+            },
+            health_rx,
+        ))
+    }
+
+    fn events(&self) -> &EventBus {
+        self.inner.store.events()
+    }
+
+    /// The report as it would go out now.
+    pub fn build_report(&self, status: &str) -> StatusReport {
+        let staging_pods = self.inner.store.redirections();
+        let count = |state| staging_pods.values().filter(|r| r.status == state).count();
+        StatusReport {
+            agent_id: self.inner.agent_id.clone(),
+            status: status.to_owned(),
+            total_pods: staging_pods.len(),
+            running_pods: count(TunnelState::Active),
+            failed_pods: count(TunnelState::Failed),
+            staging_pods,
+            kind_cluster_status: CLUSTER_STATUS.to_owned(),
+            last_sync: self.inner.health.borrow().last_sync,
+            timestamp: Utc::now(),
+            demo: self.inner.demo,
+        }
+    }
+
+    async fn send(&self, status: &str) -> Result<DateTime<Utc>, String> {
+        let report = self.build_report(status);
+        let response = self
+            .inner
+            .client
+            .post(self.inner.endpoint.clone())
+            .header("X-Agent-ID", &self.inner.agent_id)
+            .json(&report)
+            .send()
+            .await
+            .map_err(|err| describe(&err))?;
+        let code = response.status();
+        if code.is_success() {
+            Ok(report.timestamp)
+        } else {
+            Err(format!("control plane answered {code}"))
+        }
+    }
+
+    /// Reports until `cancel`: at start, every interval, and soon after each change.
+    pub async fn run(&self, cancel: CancellationToken) {
+        let mut changes = self.events().watch_revision();
+        let mut next = Instant::now();
+        let mut backoff = FIRST_BACKOFF;
+        let mut failures: u32 = 0;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    // While the control plane is away, the backoff decides.
+                    if failures == 0 {
+                        next = next.min(Instant::now() + CHANGE_DEBOUNCE);
+                    }
+                    continue;
+                }
+                _ = tokio::time::sleep_until(next) => {}
+            }
+            changes.mark_unchanged();
+            match self.send("running").await {
+                Ok(at) => {
+                    if failures > 0 {
+                        tracing::info!(failed_attempts = failures, "control plane reachable again");
+                    }
+                    let was_reachable = self.inner.health.borrow().reachable;
+                    self.inner.health.send_modify(|h| {
+                        h.reachable = Some(true);
+                        h.last_sync = Some(at);
+                        h.last_error = None;
+                    });
+                    if was_reachable != Some(true) {
+                        self.events().publish(AgentEvent::ControlPlane {
+                            reachable: true,
+                            error: None,
+                        });
+                        // Our own event bumped the revision; it is not news to report.
+                        changes.mark_unchanged();
+                    }
+                    failures = 0;
+                    backoff = FIRST_BACKOFF;
+                    next = Instant::now() + self.inner.interval;
+                }
+                Err(error) => {
+                    if failures == 0 {
+                        tracing::warn!(
+                            endpoint = %self.inner.endpoint,
+                            %error,
+                            "control plane unreachable; retrying with backoff"
+                        );
+                        self.inner.health.send_modify(|h| {
+                            h.reachable = Some(false);
+                            h.last_error = Some(error.clone());
+                        });
+                        self.events().publish(AgentEvent::ControlPlane {
+                            reachable: false,
+                            error: Some(error),
+                        });
+                        changes.mark_unchanged();
+                    } else {
+                        tracing::debug!(%error, attempt = failures + 1, "status report failed again");
+                        self.inner.health.send_modify(|h| h.last_error = Some(error));
+                    }
+                    failures = failures.saturating_add(1);
+                    next = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(self.inner.interval);
+                }
+            }
+        }
+    }
+
+    /// One last report saying we stopped; bounded so the exit is prompt.
+    pub async fn send_final(&self) {
+        match tokio::time::timeout(FINAL_REPORT_TIMEOUT, self.send("stopped")).await {
+            Ok(Ok(_)) => tracing::info!("told the control plane we stopped"),
+            Ok(Err(error)) => tracing::debug!(%error, "final status report not delivered"),
+            Err(_) => tracing::debug!("final status report timed out"),
+        }
+    }
+}
+
+/// A short reason for a failed request, without reqwest's nested noise.
+fn describe(err: &reqwest::Error) -> String {
+    if err.is_timeout() {
+        "request timed out".to_owned()
+    } else if err.is_connect() {
+        "connection refused or unreachable".to_owned()
+    } else {
+        err.to_string()
+    }
+}

@@ -1,0 +1,185 @@
+//! The pod store: the single source of truth for the pods we hold and their
+//! tunnels. Readers take snapshots (status, pod list, reports, names); the
+//! agent's operations are the only writers, and every change they make is
+//! published on the event bus.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use chrono::Utc;
+
+use crate::events::EventBus;
+use crate::forward::{RunningTunnel, TunnelShared};
+use crate::model::{PodSpec, PodView, Redirection, StatusResponse, TunnelState};
+use crate::persist::StoredPod;
+
+/// One pod and everything about its tunnel.
+#[derive(Debug)]
+pub struct PodEntry {
+    pub spec: PodSpec,
+    /// The user's toggle: false means the port refuses connections.
+    pub forwarding: bool,
+    /// The local port this pod owns (kept while forwarding is off).
+    pub local_port: Option<u16>,
+    /// How the port was chosen, when not the first choice.
+    pub port_note: Option<String>,
+    /// Why there is no listener although forwarding is on.
+    pub failure: Option<String>,
+    /// Target and counters, shared with the listener and its connections.
+    pub tunnel: Arc<TunnelShared>,
+    /// The listener, while forwarding.
+    pub listener: Option<RunningTunnel>,
+}
+
+impl PodEntry {
+    pub fn state(&self) -> TunnelState {
+        if self.failure.is_some() {
+            TunnelState::Failed
+        } else if self.listener.is_some() {
+            TunnelState::Active
+        } else {
+            TunnelState::Stopped
+        }
+    }
+
+    /// The pod's staging `ip:port`, where its tunnel forwards.
+    pub fn target(&self) -> SocketAddr {
+        SocketAddr::new(self.spec.ip, self.spec.staging_port())
+    }
+
+    /// What goes to disk for this pod.
+    pub fn stored(&self) -> StoredPod {
+        StoredPod {
+            spec: self.spec.clone(),
+            local_port: self.local_port,
+            forwarding: self.forwarding,
+        }
+    }
+
+    /// The seed's `PodRedirection` view, with live counters.
+    pub fn redirection(&self, local_host: &str) -> Redirection {
+        let stats = self.tunnel.stats();
+        let state = self.state();
+        let error = match state {
+            TunnelState::Failed => self.failure.clone(),
+            _ => stats.current_error.clone(),
+        };
+        let (last_error, last_error_at) = match stats.last_error {
+            Some((message, at)) => (Some(message), Some(at)),
+            None => (self.failure.clone(), None),
+        };
+        Redirection {
+            staging_pod_id: self.spec.id.clone(),
+            staging_pod_name: self.spec.name.clone(),
+            staging_pod_ip: self.spec.ip,
+            staging_port: self.spec.staging_port(),
+            local_port: self.local_port,
+            local_host: local_host.to_owned(),
+            dns_name: self.spec.dns_name(),
+            localhost_name: self.spec.localhost_name(),
+            status: state,
+            error,
+            forwarding: self.forwarding,
+            namespace: self.spec.namespace.clone(),
+            pod_status: self.spec.status.clone(),
+            open_connections: stats.open_connections,
+            total_connections: stats.total_connections,
+            bytes_to_pod: stats.bytes_to_pod,
+            bytes_from_pod: stats.bytes_from_pod,
+            last_error,
+            last_error_at,
+            port_note: self.port_note.clone(),
+        }
+    }
+}
+
+/// The pods we hold, keyed by pod id.
+pub type PodMap = BTreeMap<String, PodEntry>;
+
+/// Shared handle to the pod map.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pods: Arc<RwLock<PodMap>>,
+    local_host: Arc<str>,
+    events: EventBus,
+}
+
+impl Store {
+    pub fn new(local_host: &str, events: EventBus) -> Self {
+        Self {
+            pods: Arc::new(RwLock::new(PodMap::new())),
+            local_host: Arc::from(local_host),
+            events,
+        }
+    }
+
+    pub fn events(&self) -> &EventBus {
+        &self.events
+    }
+
+    /// Read access; never held across an await.
+    pub fn read(&self) -> RwLockReadGuard<'_, PodMap> {
+        match self.pods.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Write access for the agent's operations; never held across an await.
+    pub fn write(&self) -> RwLockWriteGuard<'_, PodMap> {
+        match self.pods.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.read().is_empty()
+    }
+
+    /// Every tunnel, keyed by pod id.
+    pub fn redirections(&self) -> BTreeMap<String, Redirection> {
+        self.read()
+            .iter()
+            .map(|(id, entry)| (id.clone(), entry.redirection(&self.local_host)))
+            .collect()
+    }
+
+    /// `GET /api/v1/pods/status`.
+    pub fn status(&self) -> StatusResponse {
+        let redirections = self.redirections();
+        let count = |state| redirections.values().filter(|r| r.status == state).count();
+        StatusResponse {
+            total_redirections: redirections.len(),
+            active_redirections: count(TunnelState::Active),
+            failed_redirections: count(TunnelState::Failed),
+            stopped_redirections: count(TunnelState::Stopped),
+            redirections,
+            timestamp: Utc::now(),
+        }
+    }
+
+    /// Every pod with its tunnel, in id order.
+    pub fn pod_views(&self) -> Vec<PodView> {
+        self.read()
+            .values()
+            .map(|entry| PodView {
+                pod: entry.spec.clone(),
+                tunnel: entry.redirection(&self.local_host),
+            })
+            .collect()
+    }
+
+    /// One pod with its tunnel.
+    pub fn pod_view(&self, id: &str) -> Option<PodView> {
+        self.read().get(id).map(|entry| PodView {
+            pod: entry.spec.clone(),
+            tunnel: entry.redirection(&self.local_host),
+        })
+    }
+}
