@@ -87,7 +87,18 @@ impl Agent {
         if let Some(warning) = hosts.warning() {
             tracing::warn!("{warning}");
         }
-        let reserved = [Some(local_addr.port()), config.control_plane_port()];
+        // Never hand out the agent's own port, nor the control plane's (the
+        // configured one, and the seed's default, where a control plane on
+        // this machine usually listens).
+        let reserved = [
+            Some(local_addr.port()),
+            Some(config.agent_port),
+            config.control_plane_port(),
+            crate::config::DEFAULT_CONTROL_PLANE_URL
+                .parse::<reqwest::Url>()
+                .ok()
+                .and_then(|url| url.port()),
+        ];
         let ports = PortPlan::new(config.port_range, reserved.into_iter().flatten());
         let events = EventBus::new();
         let store = Store::new(&config.local_host, events.clone());

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 
+use axum::extract::rejection::ExtensionRejection;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -90,11 +91,12 @@ fn is_local_origin(value: &str) -> bool {
 
 /// Middleware for endpoints that change local state: loopback callers only,
 /// with a local `Host`, and a local `Origin` when a browser sends one.
-pub async fn local_only(request: Request, next: Next) -> Response {
-    let peer_is_loopback = request
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .is_some_and(|ConnectInfo(addr)| addr.ip().is_loopback());
+pub async fn local_only(
+    peer: Result<ConnectInfo<SocketAddr>, ExtensionRejection>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let peer_is_loopback = peer.is_ok_and(|ConnectInfo(addr)| addr.ip().is_loopback());
     if !peer_is_loopback {
         return ApiError::new(
             StatusCode::FORBIDDEN,

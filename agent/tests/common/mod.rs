@@ -1,0 +1,330 @@
+//! Shared test fixtures: an agent started as a library on loopback port 0
+//! with its own state dir, hosts file and port range; a control-plane
+//! stand-in that records every report; and upstream servers that play pods.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::post;
+use axum::{Json, Router};
+use k3s_local_agent::config::{Config, FileSettings, PortRange, RunOverrides};
+use k3s_local_agent::Agent;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Lines a hosts file holds before the agent touches it.
+pub const FOREIGN_HOSTS: &str = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n# keep me\n10.9.9.9 db.internal\n";
+
+/// How long any awaited condition may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Waits for `condition` to hold, checking every few milliseconds, and fails
+/// the test with `what` when the deadline passes first.
+pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(10));
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        poll.tick().await;
+    }
+}
+
+/// Awaits `future` or fails the test after the deadline.
+pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, future)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+}
+
+/// A port range of 20 ports unique to one test (`slot` is assigned by hand
+/// per test, so concurrent tests never compete for ports).
+pub fn test_range(slot: u16) -> PortRange {
+    let start = 20_000 + slot * 20;
+    PortRange {
+        start,
+        end: start + 19,
+    }
+}
+
+/// A control-plane stand-in recording every status report it receives.
+#[derive(Debug, Clone)]
+pub struct ControlPlane {
+    pub url: String,
+    reports: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
+    count: watch::Receiver<usize>,
+}
+
+#[derive(Clone)]
+struct Recorder {
+    reports: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
+    count: Arc<watch::Sender<usize>>,
+}
+
+async fn record(State(rec): State<Recorder>, headers: HeaderMap, Json(body): Json<Value>) -> Json<Value> {
+    let len = {
+        let mut reports = rec.reports.lock().expect("reports lock");
+        reports.push((headers, body));
+        reports.len()
+    };
+    rec.count.send_replace(len);
+    Json(json!({"status": "ok"}))
+}
+
+impl ControlPlane {
+    /// Starts on a fresh loopback port.
+    pub async fn start() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind control plane");
+        Self::serve(listener)
+    }
+
+    /// Starts on a given listener (to come up on a port known in advance).
+    pub fn serve(listener: TcpListener) -> Self {
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let reports = Arc::new(Mutex::new(Vec::new()));
+        let (count_tx, count) = watch::channel(0);
+        let app = Router::new()
+            .route("/api/v1/staging/status", post(record))
+            .with_state(Recorder {
+                reports: Arc::clone(&reports),
+                count: Arc::new(count_tx),
+            });
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self { url, reports, count }
+    }
+
+    pub fn reports(&self) -> Vec<(HeaderMap, Value)> {
+        self.reports.lock().expect("reports lock").clone()
+    }
+
+    pub fn len(&self) -> usize {
+        *self.count.borrow()
+    }
+
+    /// Waits for a report (after the first `after`) that satisfies `check`.
+    pub async fn wait_for(&self, after: usize, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let mut count = self.count.clone();
+        within(what, async {
+            loop {
+                if let Some((_, body)) = self.reports().into_iter().skip(after).find(|(_, b)| check(b)) {
+                    return body;
+                }
+                count.changed().await.expect("control plane alive");
+            }
+        })
+        .await
+    }
+}
+
+/// A TCP server that echoes every byte back: a pod for raw tunnel tests.
+pub async fn echo_server() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind echo");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    addr
+}
+
+/// A TCP server that answers every connection with `greeting` and closes:
+/// tells which pod a connection reached.
+pub async fn greeting_server(greeting: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind greeter");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let _ = stream.write_all(greeting.as_bytes()).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+/// Connects to a tunnel and reads everything the pod sends until it closes.
+pub async fn read_all_from(port: u16) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut text = String::new();
+    within("tunnel to answer", stream.read_to_string(&mut text)).await?;
+    Ok(text)
+}
+
+/// Sends `payload` through a tunnel to an echo pod and returns what came back.
+pub async fn echo_through(port: u16, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(payload).await?;
+    stream.shutdown().await?;
+    let mut back = Vec::new();
+    within("echo to come back", stream.read_to_end(&mut back)).await?;
+    Ok(back)
+}
+
+/// Whether a connection to `port` on loopback is refused.
+pub async fn refuses(port: u16) -> bool {
+    matches!(
+        TcpStream::connect(("127.0.0.1", port)).await,
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// Everything one test's agent lives in.
+#[derive(Debug)]
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub hosts: PathBuf,
+    pub range: PortRange,
+    pub control_plane: ControlPlane,
+}
+
+impl Fixture {
+    pub async fn new(slot: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hosts = dir.path().join("hosts");
+        std::fs::write(&hosts, FOREIGN_HOSTS).expect("hosts");
+        Self {
+            dir,
+            hosts,
+            range: test_range(slot),
+            control_plane: ControlPlane::start().await,
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// The settings a test agent runs with; tweak before starting.
+    pub fn config(&self) -> Config {
+        let overrides = RunOverrides {
+            agent_id: Some("test-agent".into()),
+            agent_port: Some(0),
+            control_plane_url: Some(self.control_plane.url.clone()),
+            sync_interval: Some(3600),
+            port_range: Some(self.range),
+            hosts_file: Some(self.hosts.clone()),
+            state_dir: Some(self.state_dir()),
+            ..RunOverrides::default()
+        };
+        Config::layer(&overrides, &FileSettings::default()).expect("test config")
+    }
+
+    pub async fn start(&self) -> TestAgent {
+        self.start_with(self.config()).await
+    }
+
+    pub async fn start_with(&self, config: Config) -> TestAgent {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
+        let agent = Agent::start(config, listener).await.expect("agent starts");
+        TestAgent::new(agent)
+    }
+
+    pub fn hosts_text(&self) -> String {
+        std::fs::read_to_string(&self.hosts).expect("read hosts")
+    }
+}
+
+/// A started agent and an HTTP client pointed at it.
+#[derive(Debug, Clone)]
+pub struct TestAgent {
+    pub agent: Agent,
+    pub base: String,
+    pub http: reqwest::Client,
+}
+
+impl TestAgent {
+    pub fn new(agent: Agent) -> Self {
+        let base = format!("http://{}", agent.local_addr());
+        Self {
+            agent,
+            base,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Pushes `pods` with `action`; returns the status code and JSON answer.
+    pub async fn push(&self, action: &str, pods: Value) -> (u16, Value) {
+        self.push_raw(json!({"agent_id": self.agent.agent_id(), "action": action, "pods": pods}))
+            .await
+    }
+
+    pub async fn push_raw(&self, body: Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url("/api/v1/pods"))
+            .json(&body)
+            .send()
+            .await
+            .expect("push reaches the agent");
+        let code = response.status().as_u16();
+        (code, response.json().await.expect("JSON answer"))
+    }
+
+    pub async fn get(&self, path: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("agent answers")
+            .json()
+            .await
+            .expect("JSON answer")
+    }
+
+    pub async fn set_forwarding(&self, id: &str, enabled: bool) -> (u16, Value) {
+        let response = self
+            .http
+            .post(self.url(&format!("/api/v1/pods/{id}/forwarding")))
+            .json(&json!({"enabled": enabled}))
+            .send()
+            .await
+            .expect("agent answers");
+        let code = response.status().as_u16();
+        (code, response.json().await.expect("JSON answer"))
+    }
+
+    /// The local port of a pod's tunnel, from the status endpoint.
+    pub async fn port_of(&self, id: &str) -> u16 {
+        let status = self.get("/api/v1/pods/status").await;
+        let port = status["redirections"][id]["local_port"]
+            .as_u64()
+            .unwrap_or_else(|| panic!("pod {id} has no port: {status}"));
+        u16::try_from(port).expect("port fits u16")
+    }
+
+    pub async fn redirection(&self, id: &str) -> Value {
+        self.get("/api/v1/pods/status").await["redirections"][id].clone()
+    }
+}
+
+/// A pod pushed as JSON, pointing at `target`.
+pub fn pod(id: &str, name: &str, target: SocketAddr) -> Value {
+    json!({
+        "id": id, "name": name, "namespace": "staging", "image": "nginx:latest",
+        "status": "running", "ip": target.ip().to_string(), "port": target.port(),
+        "node_name": "node-1", "labels": {"app": name},
+        "created_at": "2024-01-15T10:30:00Z", "updated_at": "2024-01-15T10:30:00Z"
+    })
+}
