@@ -234,9 +234,9 @@ impl Agent {
     ) -> Result<ApplyOutcome, AgentError> {
         let _op = self.inner.ops.lock().await;
         let mut outcome = ApplyOutcome::default();
-        let mut removed_entries = Vec::new();
-        let mut upserted = Vec::new();
-        {
+        // Removals first, and their ports released, so that pods in this
+        // same push (or failed ones) can use the freed ports.
+        let closing: Vec<RunningTunnel> = {
             let mut map = self.inner.store.write();
             let doomed: Vec<String> = match action {
                 Action::Delete => delete_ids,
@@ -249,12 +249,21 @@ impl Agent {
                 }
                 Action::Create | Action::Update => Vec::new(),
             };
-            for id in doomed {
-                if let Some(entry) = map.remove(&id) {
-                    removed_entries.push(entry);
+            doomed
+                .into_iter()
+                .filter_map(|id| {
+                    let entry = map.remove(&id)?;
                     outcome.removed.push(id);
-                }
-            }
+                    entry.listener
+                })
+                .collect()
+        };
+        for listener in closing {
+            listener.close().await;
+        }
+        let mut upserted = Vec::new();
+        {
+            let mut map = self.inner.store.write();
             for spec in pods {
                 let id = spec.id.clone();
                 self.upsert(&mut map, spec);
@@ -264,11 +273,6 @@ impl Agent {
             if !outcome.removed.is_empty() {
                 // Ports freed by removals may let failed tunnels listen now.
                 upserted.extend(self.retry_failed(&mut map));
-            }
-        }
-        for entry in removed_entries {
-            if let Some(listener) = entry.listener {
-                listener.close().await;
             }
         }
         self.save(&upserted, &outcome.removed).await?;

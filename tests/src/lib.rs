@@ -1,1 +1,280 @@
-//! placeholder
+//! Harness for black-box tests of the built `k3s-local-agent` binary: start it
+//! as a user would, find its address in its log, stop it with a signal or
+//! `kill -9`, and wait on everything with a deadline.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// How long any awaited condition may take.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// The agent binary: `K3S_LOCAL_AGENT_BIN`, else beside this test's target dir.
+pub fn agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("K3S_LOCAL_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/debug/deps/<test> -> target/debug/k3s-local-agent
+    let exe = std::env::current_exe().expect("test executable path");
+    let debug_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let binary = debug_dir.join("k3s-local-agent");
+    assert!(
+        binary.exists(),
+        "{} is missing: build it first with `cargo build -p k3s-local-agent` \
+         (the test script does)",
+        binary.display()
+    );
+    binary
+}
+
+/// Polls `condition` until it holds or the deadline passes.
+pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + DEADLINE;
+    while !condition() {
+        if Instant::now() > deadline {
+            bail!("timed out after {DEADLINE:?} waiting for {what}");
+        }
+        std::thread::park_timeout(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// A running agent process.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    /// Every line it wrote to stderr (its log).
+    log: Arc<Mutex<Vec<String>>>,
+    /// Every line it wrote to stdout.
+    out: Arc<Mutex<Vec<String>>>,
+    /// `http://127.0.0.1:PORT`, from its "listening on" log line.
+    pub base_url: String,
+}
+
+fn collect(stream: impl std::io::Read + Send + 'static, lines: Arc<Mutex<Vec<String>>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(mut lines) = lines.lock() {
+                lines.push(line);
+            }
+        }
+    });
+}
+
+impl AgentProcess {
+    /// Starts `k3s-local-agent run ARGS` (add `--agent-port 0` for a free
+    /// port) and waits until it listens.
+    pub fn run(args: &[&str]) -> Result<Self> {
+        Self::run_command(Command::new(agent_binary()).arg("run").args(args))
+    }
+
+    /// Starts any command that ends up running the agent (e.g. under `unshare`).
+    pub fn run_command(command: &mut Command) -> Result<Self> {
+        let mut child = command
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("spawning the agent")?;
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let out = Arc::new(Mutex::new(Vec::new()));
+        collect(child.stderr.take().context("stderr")?, Arc::clone(&log));
+        collect(child.stdout.take().context("stdout")?, Arc::clone(&out));
+        let mut process = Self {
+            child,
+            log,
+            out,
+            base_url: String::new(),
+        };
+        let mut found = None;
+        let waited = wait_until("the agent to listen", || {
+            if let Ok(Some(_)) = process.child.try_wait() {
+                return true;
+            }
+            found = process.log_lines().iter().find_map(|line| {
+                let start = line.find("listening on http://")? + "listening on ".len();
+                Some(line[start..].split_whitespace().next()?.to_owned())
+            });
+            found.is_some()
+        });
+        match (waited, found) {
+            (Ok(()), Some(url)) => {
+                process.base_url = url;
+                Ok(process)
+            }
+            _ => bail!(
+                "agent did not start; its log:\n{}",
+                process.log_lines().join("\n")
+            ),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn stdout_lines(&self) -> Vec<String> {
+        self.out.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    /// Sends SIGTERM, as a service manager would.
+    pub fn terminate(&self) -> Result<()> {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -TERM failed");
+        }
+        Ok(())
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill_hard(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("agent still running after {limit:?}");
+            }
+            std::thread::park_timeout(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Runs a CLI subcommand of the agent binary; returns (success, stdout, stderr).
+pub fn cli(args: &[&str]) -> Result<(bool, String, String)> {
+    let output = Command::new(agent_binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .context("running the CLI")?;
+    Ok((
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+/// A temp dir with a hosts file holding foreign lines, and a state dir.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+/// What a hosts file holds before the agent touches it.
+pub const FOREIGN_HOSTS: &str = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n# keep me\n10.9.9.9 db.internal\n";
+
+impl Sandbox {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::write(dir.path().join("hosts"), FOREIGN_HOSTS)?;
+        Ok(Self { dir })
+    }
+
+    pub fn hosts(&self) -> PathBuf {
+        self.dir.path().join("hosts")
+    }
+
+    pub fn hosts_str(&self) -> String {
+        self.hosts().display().to_string()
+    }
+
+    pub fn state_dir(&self) -> String {
+        self.dir.path().join("state").display().to_string()
+    }
+
+    pub fn hosts_text(&self) -> String {
+        std::fs::read_to_string(self.hosts()).unwrap_or_default()
+    }
+
+    /// The usual flags: free agent port, this sandbox's files, `range`.
+    pub fn args<'a>(&'a self, range: &'a str, hosts: &'a str, state: &'a str) -> Vec<&'a str> {
+        vec![
+            "--agent-port",
+            "0",
+            "--port-range",
+            range,
+            "--hosts-file",
+            hosts,
+            "--state-dir",
+            state,
+        ]
+    }
+}
+
+/// A loopback TCP server answering every connection with `text`, in a thread.
+pub fn greeting_server(text: &'static str) -> Result<std::net::SocketAddr> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let _ = std::io::Write::write_all(&mut stream, text.as_bytes());
+        }
+    });
+    Ok(addr)
+}
+
+/// Reads everything a tunnel's pod sends on a fresh connection.
+pub fn read_from(port: u16) -> Result<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut text)?;
+    Ok(text)
+}
+
+/// Whether a connection to `port` is refused.
+pub fn refuses(port: u16) -> bool {
+    matches!(
+        std::net::TcpStream::connect(("127.0.0.1", port)),
+        Err(err) if err.kind() == std::io::ErrorKind::ConnectionRefused
+    )
+}
+
+/// Runs curl and returns (HTTP code, body).
+pub fn curl(args: &[&str]) -> Result<(u16, String)> {
+    let output = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .context("running curl (install it: apt-get install curl)")?;
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').context("curl output")?;
+    Ok((code.trim().parse()?, body.to_owned()))
+}
