@@ -102,12 +102,9 @@ impl Agent {
         let ports = PortPlan::new(config.port_range, reserved.into_iter().flatten());
         let events = EventBus::new();
         let store = Store::new(&config.local_host, events.clone());
-        let (reporter, control_plane) = Reporter::new(
-            &config,
-            identity.agent_id.clone(),
-            store.clone(),
-        )
-        .map_err(|err| AgentError::Reporter(err.to_string()))?;
+        let (reporter, control_plane) =
+            Reporter::new(&config, identity.agent_id.clone(), store.clone())
+                .map_err(|err| AgentError::Reporter(err.to_string()))?;
 
         let agent = Self {
             inner: Arc::new(Inner {
@@ -144,7 +141,9 @@ impl Agent {
         });
         let reporter = inner.reporter.clone();
         let cancel = inner.cancel.clone();
-        inner.tracker.spawn(async move { reporter.run(cancel).await });
+        inner
+            .tracker
+            .spawn(async move { reporter.run(cancel).await });
 
         tracing::info!(
             agent_id = %inner.identity.agent_id,
@@ -198,7 +197,10 @@ impl Agent {
     }
 
     pub fn status(&self) -> StatusResponse {
-        self.inner.store.status()
+        StatusResponse {
+            demo: self.inner.config.demo,
+            ..self.inner.store.status()
+        }
     }
 
     pub fn pods(&self) -> Vec<PodView> {
@@ -499,7 +501,8 @@ impl Agent {
                         entry.listener = Some(listener);
                     }
                     Err(err) => {
-                        entry.failure = Some(format!("cannot listen on port {}: {err}", allocation.port));
+                        entry.failure =
+                            Some(format!("cannot listen on port {}: {err}", allocation.port));
                     }
                 }
             }

@@ -37,7 +37,8 @@ pub async fn require_token(State(agent): State<Agent>, request: Request, next: N
         match bearer(request.headers()) {
             Some(token) if token_matches(token, agent.token()) => {}
             Some(_) => {
-                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token").into_response()
+                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token")
+                    .into_response()
             }
             None => {
                 return ApiError::new(
@@ -142,10 +143,22 @@ mod tests {
 
     #[test]
     fn hosts_and_origins() {
-        for ok in ["localhost", "localhost:8082", "127.0.0.1:8082", "[::1]:8082", "my-app-staging.localhost:9"] {
+        for ok in [
+            "localhost",
+            "localhost:8082",
+            "127.0.0.1:8082",
+            "[::1]:8082",
+            "my-app-staging.localhost:9",
+        ] {
             assert!(is_local_host(ok), "{ok}");
         }
-        for bad in ["evil.com", "evil.com:8082", "localhost.evil.com", "10.0.0.1:8082", ""] {
+        for bad in [
+            "evil.com",
+            "evil.com:8082",
+            "localhost.evil.com",
+            "10.0.0.1:8082",
+            "",
+        ] {
             assert!(!is_local_host(bad), "{bad}");
         }
         assert!(is_local_origin("http://localhost:8082"));

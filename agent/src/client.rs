@@ -52,23 +52,28 @@ impl AgentClient {
         })
     }
 
-    async fn send(&self, request: reqwest::RequestBuilder) -> Result<(StatusCode, Value), ClientError> {
+    async fn send(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<(StatusCode, Value), ClientError> {
         let request = match &self.token {
             Some(token) => request.bearer_auth(token),
             None => request,
         };
-        let response = request.send().await.map_err(|err| ClientError::Unreachable {
-            url: self.base.to_string(),
-            message: err.to_string(),
-        })?;
+        let response = request
+            .send()
+            .await
+            .map_err(|err| ClientError::Unreachable {
+                url: self.base.to_string(),
+                message: err.to_string(),
+            })?;
         let status = response.status();
         let body = response
             .bytes()
             .await
             .map_err(|err| ClientError::Decode(err.to_string()))?;
-        let value = serde_json::from_slice(&body).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&body).into_owned())
-        });
+        let value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
         Ok((status, value))
     }
 
@@ -96,7 +101,11 @@ impl AgentClient {
             .await
     }
 
-    pub async fn set_forwarding(&self, pod_id: &str, enabled: bool) -> Result<Redirection, ClientError> {
+    pub async fn set_forwarding(
+        &self,
+        pod_id: &str,
+        enabled: bool,
+    ) -> Result<Redirection, ClientError> {
         let mut url = self.url("api/v1/pods/")?;
         url.path_segments_mut()
             .map_err(|()| ClientError::Url {

@@ -319,7 +319,13 @@ mod tests {
         let config = Config::layer(&flags(), &FileSettings::default()).expect("defaults");
         assert_eq!(config.agent_port, 8082);
         assert_eq!(config.control_plane_port(), Some(8080));
-        assert_eq!(config.port_range, PortRange { start: 8080, end: 9000 });
+        assert_eq!(
+            config.port_range,
+            PortRange {
+                start: 8080,
+                end: 9000
+            }
+        );
         assert_eq!(config.port_range.len(), 921);
         assert_eq!(config.sync_interval, Duration::from_secs(30));
         assert_eq!(config.listen_ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
@@ -335,7 +341,13 @@ mod tests {
         overrides.agent_port = Some(9200);
         let config = Config::layer(&overrides, &file).expect("layered");
         assert_eq!(config.agent_port, 9200);
-        assert_eq!(config.port_range, PortRange { start: 20000, end: 20010 });
+        assert_eq!(
+            config.port_range,
+            PortRange {
+                start: 20000,
+                end: 20010
+            }
+        );
         assert_eq!(config.sync_interval, Duration::from_secs(5));
     }
 

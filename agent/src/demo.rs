@@ -121,7 +121,10 @@ fn spawn_server(agent: &Agent, listener: TcpListener, app: Router) {
     });
 }
 
-async fn record_status(State(last): State<LastReport>, Json(report): Json<Value>) -> impl IntoResponse {
+async fn record_status(
+    State(last): State<LastReport>,
+    Json(report): Json<Value>,
+) -> impl IntoResponse {
     tracing::debug!("demo control plane received a status report");
     if let Ok(mut slot) = last.lock() {
         *slot = Some(report);

@@ -22,9 +22,13 @@ use tracing_subscriber::EnvFilter;
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Parser)]
-#[command(name = "k3s-local-agent", version, about = "Reach staging Kubernetes pods from your machine: \
+#[command(
+    name = "k3s-local-agent",
+    version,
+    about = "Reach staging Kubernetes pods from your machine: \
     receives pods from a control plane, tunnels each to a local port, names it \
-    <name>-staging.local, and reports back.")]
+    <name>-staging.local, and reports back."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -161,7 +165,10 @@ async fn run(overrides: RunOverrides) -> Result<()> {
     let agent = Agent::start(config, listener).await?;
     if let Some(demo) = demo {
         let pods = demo.start(&agent).await?;
-        println!("DEMO MODE: {} demo pods, served through tunnels:", pods.len());
+        println!(
+            "DEMO MODE: {} demo pods, served through tunnels:",
+            pods.len()
+        );
         for view in agent.pods() {
             println!("  {}", describe_tunnel(&view.tunnel));
         }
@@ -281,8 +288,8 @@ async fn push(file: PathBuf, args: ClientArgs) -> Result<()> {
     } else {
         std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?
     };
-    let mut request: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", file.display()))?;
+    let mut request: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not valid JSON", file.display()))?;
     let client = args.client()?;
     // A file without an agent id is meant for whatever agent we talk to.
     if let Some(object) = request.as_object_mut() {

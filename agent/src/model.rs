@@ -341,6 +341,9 @@ pub struct StatusResponse {
     pub stopped_redirections: usize,
     pub redirections: BTreeMap<String, Redirection>,
     pub timestamp: DateTime<Utc>,
+    /// True when the pods come from the built-in demo, not a control plane.
+    #[serde(default)]
+    pub demo: bool,
 }
 
 /// One entry of `GET /api/v1/pods`: the pod as pushed, with its tunnel.

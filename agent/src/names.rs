@@ -12,7 +12,8 @@ use crate::fsio;
 use crate::model::NamesHealth;
 
 /// First line of our block.
-pub const BLOCK_BEGIN: &str = "# BEGIN k3s-local-agent: staging pod names, managed by the agent; edits are lost";
+pub const BLOCK_BEGIN: &str =
+    "# BEGIN k3s-local-agent: staging pod names, managed by the agent; edits are lost";
 /// Last line of our block.
 pub const BLOCK_END: &str = "# END k3s-local-agent";
 /// The system hosts file, used when we may write it.

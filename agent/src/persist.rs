@@ -47,7 +47,10 @@ pub struct Identity {
 impl Identity {
     /// Reads the id and token from `state_dir`, making whichever is missing.
     /// An id given in the settings wins over (and replaces) the stored one.
-    pub fn load_or_create(state_dir: &Path, configured_id: Option<&str>) -> Result<Self, PersistError> {
+    pub fn load_or_create(
+        state_dir: &Path,
+        configured_id: Option<&str>,
+    ) -> Result<Self, PersistError> {
         ensure_dir(state_dir)?;
         let id_path = state_dir.join(AGENT_ID_FILE);
         let agent_id = match configured_id {
@@ -230,14 +233,19 @@ impl StateDb {
     }
 
     /// Writes `upserts` and removes `removals` in one transaction.
-    pub async fn save(&self, upserts: Vec<StoredPod>, removals: Vec<String>) -> Result<(), PersistError> {
+    pub async fn save(
+        &self,
+        upserts: Vec<StoredPod>,
+        removals: Vec<String>,
+    ) -> Result<(), PersistError> {
         let encoded = upserts
             .into_iter()
             .map(|pod| {
-                let spec = serde_json::to_string(&pod.spec).map_err(|err| PersistError::BadPod {
-                    id: pod.spec.id.clone(),
-                    message: err.to_string(),
-                })?;
+                let spec =
+                    serde_json::to_string(&pod.spec).map_err(|err| PersistError::BadPod {
+                        id: pod.spec.id.clone(),
+                        message: err.to_string(),
+                    })?;
                 Ok((pod.spec.id, spec, pod.local_port, pod.forwarding))
             })
             .collect::<Result<Vec<_>, PersistError>>()?;
@@ -289,7 +297,10 @@ mod tests {
         let again = Identity::load_or_create(dir.path(), None).expect("load");
         assert_eq!(again.agent_id, first.agent_id);
         assert_eq!(again.token, first.token);
-        assert_eq!(Identity::read_token(dir.path()).expect("token"), first.token);
+        assert_eq!(
+            Identity::read_token(dir.path()).expect("token"),
+            first.token
+        );
         #[cfg(unix)]
         assert_eq!(fsio::mode_of(&dir.path().join(TOKEN_FILE)), Some(0o600));
         let named = Identity::load_or_create(dir.path(), Some("agent-x")).expect("named");

@@ -127,17 +127,18 @@ async fn set_forwarding(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let request: ForwardingRequest = serde_json::from_slice(&body).map_err(|err| {
-        ApiError::bad_request(format!(
-            "body must be {{\"enabled\": true|false}}: {err}"
-        ))
-        .with("field", "enabled")
+        ApiError::bad_request(format!("body must be {{\"enabled\": true|false}}: {err}"))
+            .with("field", "enabled")
     })?;
     let tunnel = agent.set_forwarding(&id, request.enabled).await?;
     Ok(Json(tunnel).into_response())
 }
 
 async fn not_found(uri: Uri) -> ApiError {
-    ApiError::new(StatusCode::NOT_FOUND, format!("no such endpoint: {}", uri.path()))
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no such endpoint: {}", uri.path()),
+    )
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
@@ -155,7 +156,10 @@ fn body_error(rejection: BytesRejection) -> ApiError {
         )
         .with("limit_bytes", MAX_BODY_BYTES)
     } else {
-        ApiError::new(rejection.status(), format!("cannot read request body: {rejection}"))
+        ApiError::new(
+            rejection.status(),
+            format!("cannot read request body: {rejection}"),
+        )
     }
 }
 
@@ -190,9 +194,8 @@ pub fn parse_push(body: &[u8], our_agent_id: &str) -> Result<ParsedPush, ApiErro
             return Err(ApiError::new(StatusCode::UNAUTHORIZED, "Invalid agent ID"))
         }
         Some(_) => {
-            return Err(
-                ApiError::bad_request("field `agent_id` must be a string").with("field", "agent_id")
-            )
+            return Err(ApiError::bad_request("field `agent_id` must be a string")
+                .with("field", "agent_id"))
         }
     }
     let valid_actions = json!(Action::NAMES);
@@ -222,7 +225,10 @@ pub fn parse_push(body: &[u8], our_agent_id: &str) -> Result<ParsedPush, ApiErro
     let pods = match request.remove("pods") {
         Some(Value::Array(pods)) => pods,
         Some(Value::Null) | None => {
-            return Err(ApiError::bad_request("missing field `pods` (a list of pods)").with("field", "pods"))
+            return Err(
+                ApiError::bad_request("missing field `pods` (a list of pods)")
+                    .with("field", "pods"),
+            )
         }
         Some(_) => {
             return Err(ApiError::bad_request("field `pods` must be a list").with("field", "pods"))
@@ -278,7 +284,11 @@ async fn push_pods(
     let parsed = parse_push(&body, agent.agent_id())?;
     // A rejected pod's id must survive a sync: losing it would punish a
     // typo with a deleted tunnel.
-    let keep: BTreeSet<String> = parsed.rejected.iter().filter_map(|r| r.id.clone()).collect();
+    let keep: BTreeSet<String> = parsed
+        .rejected
+        .iter()
+        .filter_map(|r| r.id.clone())
+        .collect();
     let total = parsed.upserts.len() + parsed.delete_ids.len() + parsed.rejected.len();
     let outcome = agent
         .apply(parsed.action, parsed.upserts, parsed.delete_ids, keep)
@@ -292,18 +302,26 @@ async fn push_pods(
         );
     }
     let rejected: Vec<RejectedPod> = parsed.rejected.into_iter().map(RejectedPod::from).collect();
+    let nothing_applied = outcome.applied.is_empty() && outcome.removed.is_empty();
     let (code, status, error) = if rejected.is_empty() {
         (StatusCode::OK, "success", None)
     } else {
+        let status = if nothing_applied {
+            "rejected"
+        } else {
+            "partial"
+        };
         let error = match rejected.as_slice() {
             [one] => format!(
                 "pod {} rejected: {}",
-                one.id.as_deref().map_or_else(|| format!("at index {}", one.index), |id| format!("{id:?}")),
+                one.id
+                    .as_deref()
+                    .map_or_else(|| format!("at index {}", one.index), |id| format!("{id:?}")),
                 one.error
             ),
             many => format!("{} of {total} pods rejected", many.len()),
         };
-        (StatusCode::BAD_REQUEST, "partial", Some(error))
+        (StatusCode::BAD_REQUEST, status, Some(error))
     };
     let response = PushResponse {
         status: status.to_owned(),

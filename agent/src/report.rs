@@ -200,7 +200,9 @@ impl Reporter {
                         changes.mark_unchanged();
                     } else {
                         tracing::debug!(%error, attempt = failures + 1, "status report failed again");
-                        self.inner.health.send_modify(|h| h.last_error = Some(error));
+                        self.inner
+                            .health
+                            .send_modify(|h| h.last_error = Some(error));
                     }
                     failures = failures.saturating_add(1);
                     next = Instant::now() + backoff;

@@ -161,6 +161,7 @@ impl Store {
             stopped_redirections: count(TunnelState::Stopped),
             redirections,
             timestamp: Utc::now(),
+            demo: false,
         }
     }
 

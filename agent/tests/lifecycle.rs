@@ -18,10 +18,19 @@ async fn names_follow_the_pods_and_leave_other_lines_alone() {
     )
     .expect("seed stale block");
     let agent = fx.start().await;
-    assert_eq!(fx.hosts_text(), FOREIGN_HOSTS, "stale block removed at start");
+    assert_eq!(
+        fx.hosts_text(),
+        FOREIGN_HOSTS,
+        "stale block removed at start"
+    );
 
     let upstream = greeting_server("hi").await;
-    agent.push("create", json!([pod("a", "my-app", upstream), pod("b", "other", upstream)])).await;
+    agent
+        .push(
+            "create",
+            json!([pod("a", "my-app", upstream), pod("b", "other", upstream)]),
+        )
+        .await;
     let text = fx.hosts_text();
     assert!(text.starts_with(FOREIGN_HOSTS));
     assert_eq!(count_blocks(&text), 1);
@@ -34,19 +43,32 @@ async fn names_follow_the_pods_and_leave_other_lines_alone() {
     assert!(text.contains("my-app-staging.local"));
 
     agent.agent.shutdown().await;
-    assert_eq!(fx.hosts_text(), FOREIGN_HOSTS, "stop removes our block and only it");
+    assert_eq!(
+        fx.hosts_text(),
+        FOREIGN_HOSTS,
+        "stop removes our block and only it"
+    );
 }
 
 #[tokio::test]
 async fn reports_go_out_at_start_on_change_and_on_stop() {
     let fx = Fixture::new(21).await;
     let agent = fx.start().await;
-    let first = fx.control_plane.wait_for(0, "the first report", |_| true).await;
+    let first = fx
+        .control_plane
+        .wait_for(0, "the first report", |_| true)
+        .await;
     assert_eq!(first["agent_id"], "test-agent");
     assert_eq!(first["status"], "running");
     assert_eq!(first["total_pods"], 0);
     assert_eq!(first["kind_cluster_status"], "disabled");
-    for field in ["running_pods", "failed_pods", "staging_pods", "last_sync", "timestamp"] {
+    for field in [
+        "running_pods",
+        "failed_pods",
+        "staging_pods",
+        "last_sync",
+        "timestamp",
+    ] {
         assert!(first.get(field).is_some(), "report lacks {field}: {first}");
     }
     let (headers, _) = fx.control_plane.reports()[0].clone();
@@ -55,14 +77,22 @@ async fn reports_go_out_at_start_on_change_and_on_stop() {
     // The interval is an hour: only the change can trigger this report.
     let seen = fx.control_plane.len();
     let upstream = greeting_server("hi").await;
-    agent.push("create", json!([pod("a", "my-app", upstream)])).await;
+    agent
+        .push("create", json!([pod("a", "my-app", upstream)]))
+        .await;
     let report = fx
         .control_plane
         .wait_for(seen, "a report after the push", |r| r["total_pods"] == 1)
         .await;
     assert_eq!(report["running_pods"], 1);
-    assert_eq!(report["staging_pods"]["a"]["dns_name"], "my-app-staging.local");
-    assert!(report["last_sync"].is_string(), "last_sync set after a success");
+    assert_eq!(
+        report["staging_pods"]["a"]["dns_name"],
+        "my-app-staging.local"
+    );
+    assert!(
+        report["last_sync"].is_string(),
+        "last_sync set after a success"
+    );
     let health = agent.get("/health").await;
     assert_eq!(health["control_plane"]["reachable"], true);
 
@@ -82,7 +112,9 @@ async fn reports_follow_the_interval() {
     config.sync_interval = std::time::Duration::from_secs(1);
     let agent = fx.start_with(config).await;
     // No change happens: three reports can only come from the interval.
-    fx.control_plane.wait_for(2, "a third periodic report", |_| true).await;
+    fx.control_plane
+        .wait_for(2, "a third periodic report", |_| true)
+        .await;
     agent.agent.shutdown().await;
 }
 
@@ -100,7 +132,10 @@ async fn an_absent_control_plane_is_retried_and_caught_up() {
 
     common::within("the outage to be noticed", async {
         loop {
-            if let Ok(AgentEvent::ControlPlane { reachable: false, .. }) = events.recv().await {
+            if let Ok(AgentEvent::ControlPlane {
+                reachable: false, ..
+            }) = events.recv().await
+            {
                 return;
             }
         }
@@ -112,12 +147,19 @@ async fn an_absent_control_plane_is_retried_and_caught_up() {
     // Tunnels work regardless.
     let upstream = greeting_server("still works").await;
     agent.push("create", json!([pod("a", "a", upstream)])).await;
-    assert_eq!(read_all_from(agent.port_of("a").await).await.expect("read"), "still works");
+    assert_eq!(
+        read_all_from(agent.port_of("a").await).await.expect("read"),
+        "still works"
+    );
 
-    let listener = tokio::net::TcpListener::bind(address).await.expect("control plane comes up");
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .expect("control plane comes up");
     let control_plane = ControlPlane::serve(listener);
     let report = control_plane
-        .wait_for(0, "the first report after the outage", |r| r["total_pods"] == 1)
+        .wait_for(0, "the first report after the outage", |r| {
+            r["total_pods"] == 1
+        })
         .await;
     assert_eq!(report["staging_pods"]["a"]["status"], "active");
     common::wait_until("health to say reachable", || {
@@ -133,11 +175,15 @@ async fn a_restart_brings_back_pods_ports_and_toggles() {
     let fx = Fixture::new(24).await;
     let upstream = greeting_server("hello").await;
     let agent = fx.start().await;
-    let pods: Vec<_> = (0..5).map(|i| pod(&format!("p{i}"), &format!("app-{i}"), upstream)).collect();
+    let pods: Vec<_> = (0..5)
+        .map(|i| pod(&format!("p{i}"), &format!("app-{i}"), upstream))
+        .collect();
     agent.push("create", json!(pods)).await;
     // Push a second batch so ports are not simply the first five.
     agent.push("delete", json!([{"id": "p0"}])).await;
-    agent.push("create", json!([pod("p5", "app-5", upstream)])).await;
+    agent
+        .push("create", json!([pod("p5", "app-5", upstream)]))
+        .await;
     agent.set_forwarding("p2", false).await;
     let before = agent.agent.status();
     let token = agent.agent.token().to_owned();

@@ -31,7 +31,10 @@ async fn health_and_status_keep_the_seed_shape() {
     assert_eq!(health["pod_count"], 0);
     assert!(health["timestamp"].is_string());
     assert_eq!(health["names"]["system_wide"], false);
-    assert!(health["names"]["warning"].as_str().expect("warning").contains("not"));
+    assert!(health["names"]["warning"]
+        .as_str()
+        .expect("warning")
+        .contains("not"));
 
     let response = agent
         .http
@@ -50,8 +53,20 @@ async fn health_and_status_keep_the_seed_shape() {
     assert_eq!(status["failed_redirections"], 0);
     assert!(status["timestamp"].is_string());
     let redirection = &status["redirections"]["pod-123"];
-    for field in ["staging_pod_name", "staging_pod_ip", "staging_port", "local_port", "local_host", "dns_name", "status", "error"] {
-        assert!(redirection.get(field).is_some(), "missing {field} in {redirection}");
+    for field in [
+        "staging_pod_name",
+        "staging_pod_ip",
+        "staging_port",
+        "local_port",
+        "local_host",
+        "dns_name",
+        "status",
+        "error",
+    ] {
+        assert!(
+            redirection.get(field).is_some(),
+            "missing {field} in {redirection}"
+        );
     }
     assert_eq!(redirection["staging_pod_name"], "my-app");
     assert_eq!(redirection["staging_pod_ip"], "10.0.1.100");
@@ -59,20 +74,29 @@ async fn health_and_status_keep_the_seed_shape() {
     assert_eq!(redirection["local_host"], "localhost");
     assert_eq!(redirection["dns_name"], "my-app-staging.local");
     assert_eq!(redirection["status"], "active");
-    assert!(fx.range.contains(u16::try_from(redirection["local_port"].as_u64().expect("port")).expect("u16")));
+    assert!(fx
+        .range
+        .contains(u16::try_from(redirection["local_port"].as_u64().expect("port")).expect("u16")));
 
     assert_eq!(agent.get("/health").await["pod_count"], 1);
     let pods = agent.get("/api/v1/pods").await;
     assert_eq!(pods["pods"][0]["pod"]["id"], "pod-123");
     assert_eq!(pods["pods"][0]["pod"]["labels"]["app"], "my-app");
-    assert_eq!(pods["pods"][0]["tunnel"]["dns_name"], "my-app-staging.local");
+    assert_eq!(
+        pods["pods"][0]["tunnel"]["dns_name"],
+        "my-app-staging.local"
+    );
     let one = agent.get("/api/v1/pods/pod-123").await;
     assert_eq!(one["pod"]["name"], "my-app");
     agent.agent.shutdown().await;
 }
 
 /// Sends `body` to `POST /api/v1/pods` through the router; returns code and JSON.
-async fn push_via_router(fx: &Fixture, agent: &common::TestAgent, body: impl Into<Body>) -> (StatusCode, Value) {
+async fn push_via_router(
+    fx: &Fixture,
+    agent: &common::TestAgent,
+    body: impl Into<Body>,
+) -> (StatusCode, Value) {
     let _ = fx;
     let app = receiver::router(agent.agent.clone())
         .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
@@ -86,8 +110,16 @@ async fn push_via_router(fx: &Fixture, agent: &common::TestAgent, body: impl Int
         .await
         .expect("router answers");
     let status = response.status();
-    let bytes = response.into_body().collect().await.expect("body").to_bytes();
-    (status, serde_json::from_slice(&bytes).expect("error bodies are JSON"))
+    let bytes = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).expect("error bodies are JSON"),
+    )
 }
 
 #[tokio::test]
@@ -96,25 +128,74 @@ async fn whole_request_errors_name_what_is_wrong_and_change_nothing() {
     let agent = fx.start().await;
     let hosts_before = fx.hosts_text();
     let cases: Vec<(String, StatusCode, &str)> = vec![
-        ("{not json".into(), StatusCode::BAD_REQUEST, "not valid JSON"),
+        (
+            "{not json".into(),
+            StatusCode::BAD_REQUEST,
+            "not valid JSON",
+        ),
         ("[1,2]".into(), StatusCode::BAD_REQUEST, "JSON object"),
-        (r#"{"action":"create","pods":[]}"#.into(), StatusCode::BAD_REQUEST, "agent_id"),
-        (r#"{"agent_id":7,"action":"create","pods":[]}"#.into(), StatusCode::BAD_REQUEST, "agent_id"),
-        (r#"{"agent_id":"someone-else","action":"create","pods":[]}"#.into(), StatusCode::UNAUTHORIZED, "Invalid agent ID"),
-        (r#"{"agent_id":"test-agent","pods":[]}"#.into(), StatusCode::BAD_REQUEST, "action"),
-        (r#"{"agent_id":"test-agent","action":"explode","pods":[]}"#.into(), StatusCode::BAD_REQUEST, "create, update, delete, sync"),
-        (r#"{"agent_id":"test-agent","action":"create"}"#.into(), StatusCode::BAD_REQUEST, "pods"),
-        (r#"{"agent_id":"test-agent","action":"create","pods":{}}"#.into(), StatusCode::BAD_REQUEST, "pods"),
-        (format!("{}{}", "[".repeat(5000), "]".repeat(5000)), StatusCode::BAD_REQUEST, "not valid JSON"),
+        (
+            r#"{"action":"create","pods":[]}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "agent_id",
+        ),
+        (
+            r#"{"agent_id":7,"action":"create","pods":[]}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "agent_id",
+        ),
+        (
+            r#"{"agent_id":"someone-else","action":"create","pods":[]}"#.into(),
+            StatusCode::UNAUTHORIZED,
+            "Invalid agent ID",
+        ),
+        (
+            r#"{"agent_id":"test-agent","pods":[]}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "action",
+        ),
+        (
+            r#"{"agent_id":"test-agent","action":"explode","pods":[]}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "create, update, delete, sync",
+        ),
+        (
+            r#"{"agent_id":"test-agent","action":"create"}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "pods",
+        ),
+        (
+            r#"{"agent_id":"test-agent","action":"create","pods":{}}"#.into(),
+            StatusCode::BAD_REQUEST,
+            "pods",
+        ),
+        (
+            format!("{}{}", "[".repeat(5000), "]".repeat(5000)),
+            StatusCode::BAD_REQUEST,
+            "not valid JSON",
+        ),
     ];
     for (body, code, needle) in cases {
         let (status, answer) = push_via_router(&fx, &agent, body.clone()).await;
         assert_eq!(status, code, "for body {body:.60}: {answer}");
-        let error = answer["error"].as_str().unwrap_or_else(|| panic!("no error in {answer}"));
-        assert!(error.contains(needle), "error {error:?} should mention {needle:?}");
+        let error = answer["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error in {answer}"));
+        assert!(
+            error.contains(needle),
+            "error {error:?} should mention {needle:?}"
+        );
     }
-    let (_, unknown) = push_via_router(&fx, &agent, r#"{"agent_id":"test-agent","action":"explode","pods":[]}"#).await;
-    assert_eq!(unknown["valid_actions"], json!(["create", "update", "delete", "sync"]));
+    let (_, unknown) = push_via_router(
+        &fx,
+        &agent,
+        r#"{"agent_id":"test-agent","action":"explode","pods":[]}"#,
+    )
+    .await;
+    assert_eq!(
+        unknown["valid_actions"],
+        json!(["create", "update", "delete", "sync"])
+    );
     assert_eq!(agent.get("/health").await["pod_count"], 0);
     assert_eq!(fx.hosts_text(), hosts_before);
     agent.agent.shutdown().await;
@@ -178,22 +259,37 @@ async fn bad_pods_are_rejected_by_id_and_good_ones_still_apply() {
     };
     assert_eq!(by_id("no-name")["field"], "name");
     assert_eq!(by_id("bad-name")["field"], "name");
-    assert!(by_id("bad-name")["error"].as_str().expect("e").contains("DNS-1123"));
+    assert!(by_id("bad-name")["error"]
+        .as_str()
+        .expect("e")
+        .contains("DNS-1123"));
     assert_eq!(by_id("bad-ip")["field"], "ip");
     assert_eq!(by_id("bad-port")["field"], "port");
     assert_eq!(by_id("zero-port")["field"], "port");
-    assert!(by_id("typed-port")["error"].as_str().expect("e").contains("invalid type"));
+    assert!(by_id("typed-port")["error"]
+        .as_str()
+        .expect("e")
+        .contains("invalid type"));
     assert_eq!(by_id("inject")["field"], "name");
-    assert!(by_id("good-1")["error"].as_str().expect("e").contains("duplicate"));
+    assert!(by_id("good-1")["error"]
+        .as_str()
+        .expect("e")
+        .contains("duplicate"));
     let no_id = rejected.iter().find(|r| r["index"] == 7).expect("index 7");
     assert_eq!(no_id["field"], "id");
-    assert!(answer["error"].as_str().expect("summary").contains("9 of 11"));
+    assert!(answer["error"]
+        .as_str()
+        .expect("summary")
+        .contains("9 of 11"));
 
     let status = agent.get("/api/v1/pods/status").await;
     assert_eq!(status["total_redirections"], 2);
     let hosts = fx.hosts_text();
     assert!(hosts.contains("good-one-staging.local"));
-    assert!(!hosts.contains("bank.com"), "a name injected a line:\n{hosts}");
+    assert!(
+        !hosts.contains("bank.com"),
+        "a name injected a line:\n{hosts}"
+    );
     assert!(!hosts.contains("duplicate"));
     agent.agent.shutdown().await;
 }
@@ -204,15 +300,27 @@ async fn update_delete_and_sync_follow_the_contract() {
     let agent = fx.start().await;
     let upstream = echo_server().await;
     let (code, _) = agent
-        .push("create", json!([pod("a", "app-a", upstream), pod("b", "app-b", upstream), pod("c", "app-c", upstream)]))
+        .push(
+            "create",
+            json!([
+                pod("a", "app-a", upstream),
+                pod("b", "app-b", upstream),
+                pod("c", "app-c", upstream)
+            ]),
+        )
         .await;
     assert_eq!(code, 200);
     let port_a = agent.port_of("a").await;
 
-    let (code, _) = agent.push("update", json!([pod("a", "app-a-renamed", upstream)])).await;
+    let (code, _) = agent
+        .push("update", json!([pod("a", "app-a-renamed", upstream)]))
+        .await;
     assert_eq!(code, 200);
     assert_eq!(agent.port_of("a").await, port_a, "an update keeps the port");
-    assert_eq!(agent.redirection("a").await["staging_pod_name"], "app-a-renamed");
+    assert_eq!(
+        agent.redirection("a").await["staging_pod_name"],
+        "app-a-renamed"
+    );
     assert!(fx.hosts_text().contains("app-a-renamed-staging.local"));
 
     let (code, answer) = agent.push("delete", json!([{"id": "b"}])).await;
@@ -223,12 +331,19 @@ async fn update_delete_and_sync_follow_the_contract() {
     // Sync: the list is the whole desired set. A rejected pod's existing
     // tunnel is kept, not punished.
     let (code, answer) = agent
-        .push("sync", json!([pod("d", "app-d", upstream), {"id": "c", "name": "BAD", "ip": "1.1.1.1"}]))
+        .push(
+            "sync",
+            json!([pod("d", "app-d", upstream), {"id": "c", "name": "BAD", "ip": "1.1.1.1"}]),
+        )
         .await;
     assert_eq!(code, 400);
     assert_eq!(answer["removed"], json!(["a"]));
     let status = agent.get("/api/v1/pods/status").await;
-    let ids: Vec<&String> = status["redirections"].as_object().expect("map").keys().collect();
+    let ids: Vec<&String> = status["redirections"]
+        .as_object()
+        .expect("map")
+        .keys()
+        .collect();
     assert_eq!(ids, vec!["c", "d"]);
     agent.agent.shutdown().await;
 }
@@ -241,11 +356,28 @@ async fn token_is_required_beyond_loopback() {
     // The listener itself stays on loopback: what matters is the setting.
     let agent = fx.start_with(config).await;
     let token = agent.agent.token().to_owned();
-    assert_eq!(agent.http.get(agent.url("/health")).send().await.expect("health").status(), 200);
-    let anonymous = agent.http.get(agent.url("/api/v1/pods/status")).send().await.expect("answer");
+    assert_eq!(
+        agent
+            .http
+            .get(agent.url("/health"))
+            .send()
+            .await
+            .expect("health")
+            .status(),
+        200
+    );
+    let anonymous = agent
+        .http
+        .get(agent.url("/api/v1/pods/status"))
+        .send()
+        .await
+        .expect("answer");
     assert_eq!(anonymous.status(), 401);
     let body: Value = anonymous.json().await.expect("json");
-    assert!(body["error"].as_str().expect("error").contains("bearer token"));
+    assert!(body["error"]
+        .as_str()
+        .expect("error")
+        .contains("bearer token"));
     let wrong = agent
         .http
         .get(agent.url("/api/v1/pods/status"))
@@ -279,29 +411,68 @@ async fn local_endpoints_refuse_remote_peers_and_foreign_pages() {
     let fx = Fixture::new(6).await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
-    agent.push("create", json!([pod("a", "app-a", upstream)])).await;
+    agent
+        .push("create", json!([pod("a", "app-a", upstream)]))
+        .await;
     let toggle = |peer: [u8; 4], host: &str, origin: Option<&str>| {
-        let app = receiver::router(agent.agent.clone()).layer(MockConnectInfo(SocketAddr::from((peer, 40000))));
+        let app = receiver::router(agent.agent.clone())
+            .layer(MockConnectInfo(SocketAddr::from((peer, 40000))));
         let mut request = Request::post("/api/v1/pods/a/forwarding")
             .header("host", host)
             .header("content-type", "application/json");
         if let Some(origin) = origin {
             request = request.header("origin", origin);
         }
-        let request = request.body(Body::from(r#"{"enabled":false}"#)).expect("request");
+        let request = request
+            .body(Body::from(r#"{"enabled":false}"#))
+            .expect("request");
         async move {
             let response = app.oneshot(request).await.expect("answer");
             let status = response.status();
-            let body = response.into_body().collect().await.expect("body").to_bytes();
-            eprintln!("toggle answered {status}: {}", String::from_utf8_lossy(&body));
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            eprintln!(
+                "toggle answered {status}: {}",
+                String::from_utf8_lossy(&body)
+            );
             status
         }
     };
-    assert_eq!(toggle([10, 0, 0, 5], "127.0.0.1:8082", None).await, StatusCode::FORBIDDEN);
-    assert_eq!(toggle([127, 0, 0, 1], "evil.example:8082", None).await, StatusCode::FORBIDDEN);
-    assert_eq!(toggle([127, 0, 0, 1], "localhost:8082", Some("http://evil.example")).await, StatusCode::FORBIDDEN);
-    assert_eq!(agent.redirection("a").await["status"], "active", "refused calls changed nothing");
-    assert_eq!(toggle([127, 0, 0, 1], "localhost:8082", Some("http://localhost:8082")).await, StatusCode::OK);
+    assert_eq!(
+        toggle([10, 0, 0, 5], "127.0.0.1:8082", None).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        toggle([127, 0, 0, 1], "evil.example:8082", None).await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        toggle(
+            [127, 0, 0, 1],
+            "localhost:8082",
+            Some("http://evil.example")
+        )
+        .await,
+        StatusCode::FORBIDDEN
+    );
+    assert_eq!(
+        agent.redirection("a").await["status"],
+        "active",
+        "refused calls changed nothing"
+    );
+    assert_eq!(
+        toggle(
+            [127, 0, 0, 1],
+            "localhost:8082",
+            Some("http://localhost:8082")
+        )
+        .await,
+        StatusCode::OK
+    );
     assert_eq!(agent.redirection("a").await["status"], "stopped");
 
     let (code, answer) = agent.set_forwarding("nope", true).await;
@@ -322,12 +493,30 @@ async fn local_endpoints_refuse_remote_peers_and_foreign_pages() {
 async fn unknown_paths_and_methods_answer_json() {
     let fx = Fixture::new(7).await;
     let agent = fx.start().await;
-    let missing = agent.http.get(agent.url("/api/v2/nothing")).send().await.expect("answer");
+    let missing = agent
+        .http
+        .get(agent.url("/api/v2/nothing"))
+        .send()
+        .await
+        .expect("answer");
     assert_eq!(missing.status(), 404);
-    assert!(missing.json::<Value>().await.expect("json")["error"].as_str().expect("e").contains("/api/v2/nothing"));
-    let wrong = agent.http.delete(agent.url("/health")).send().await.expect("answer");
+    assert!(missing.json::<Value>().await.expect("json")["error"]
+        .as_str()
+        .expect("e")
+        .contains("/api/v2/nothing"));
+    let wrong = agent
+        .http
+        .delete(agent.url("/health"))
+        .send()
+        .await
+        .expect("answer");
     assert_eq!(wrong.status(), 405);
-    let unknown_pod = agent.http.get(agent.url("/api/v1/pods/ghost")).send().await.expect("answer");
+    let unknown_pod = agent
+        .http
+        .get(agent.url("/api/v1/pods/ghost"))
+        .send()
+        .await
+        .expect("answer");
     assert_eq!(unknown_pod.status(), 404);
     agent.agent.shutdown().await;
 }

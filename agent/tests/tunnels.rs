@@ -4,7 +4,9 @@
 
 mod common;
 
-use common::{echo_server, echo_through, greeting_server, pod, read_all_from, refuses, wait_until, Fixture};
+use common::{
+    echo_server, echo_through, greeting_server, pod, read_all_from, refuses, wait_until, Fixture,
+};
 use k3s_local_agent::events::AgentEvent;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,11 +17,15 @@ async fn bytes_flow_both_ways_and_are_counted() {
     let fx = Fixture::new(10).await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
-    let (code, _) = agent.push("create", json!([pod("p1", "echo", upstream)])).await;
+    let (code, _) = agent
+        .push("create", json!([pod("p1", "echo", upstream)]))
+        .await;
     assert_eq!(code, 200);
     let port = agent.port_of("p1").await;
     let payload: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    let back = echo_through(port, &payload).await.expect("echo through tunnel");
+    let back = echo_through(port, &payload)
+        .await
+        .expect("echo through tunnel");
     assert_eq!(back, payload);
 
     let tunnel = agent.redirection("p1").await;
@@ -39,23 +45,39 @@ async fn an_update_retargets_new_connections_without_closing_the_listener() {
     let agent = fx.start().await;
     let old_pod = echo_server().await;
     let new_pod = greeting_server("new pod").await;
-    agent.push("create", json!([pod("p1", "moving", old_pod)])).await;
+    agent
+        .push("create", json!([pod("p1", "moving", old_pod)]))
+        .await;
     let port = agent.port_of("p1").await;
 
     // A connection opened before the move stays with the old pod.
-    let mut early = TcpStream::connect(("127.0.0.1", port)).await.expect("connect");
+    let mut early = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
     early.write_all(b"ping").await.expect("write");
     let mut buf = [0u8; 4];
     early.read_exact(&mut buf).await.expect("echo");
     assert_eq!(&buf, b"ping");
 
-    let (code, _) = agent.push("update", json!([pod("p1", "moving", new_pod)])).await;
+    let (code, _) = agent
+        .push("update", json!([pod("p1", "moving", new_pod)]))
+        .await;
     assert_eq!(code, 200);
-    assert_eq!(agent.port_of("p1").await, port, "same port after the update");
+    assert_eq!(
+        agent.port_of("p1").await,
+        port,
+        "same port after the update"
+    );
     assert_eq!(read_all_from(port).await.expect("read"), "new pod");
 
-    early.write_all(b"pong").await.expect("old connection still open");
-    early.read_exact(&mut buf).await.expect("old pod still echoes");
+    early
+        .write_all(b"pong")
+        .await
+        .expect("old connection still open");
+    early
+        .read_exact(&mut buf)
+        .await
+        .expect("old pod still echoes");
     assert_eq!(&buf, b"pong");
     agent.agent.shutdown().await;
 }
@@ -71,16 +93,26 @@ async fn a_refusing_pod_fails_its_connection_not_its_tunnel_or_others() {
     };
     let healthy = greeting_server("healthy").await;
     agent
-        .push("create", json!([pod("dead", "dead", dead), pod("ok", "healthy", healthy)]))
+        .push(
+            "create",
+            json!([pod("dead", "dead", dead), pod("ok", "healthy", healthy)]),
+        )
         .await;
     let mut events = agent.agent.events().subscribe();
     let dead_port = agent.port_of("dead").await;
-    let text = read_all_from(dead_port).await.expect("tunnel accepts, then closes");
+    let text = read_all_from(dead_port)
+        .await
+        .expect("tunnel accepts, then closes");
     assert_eq!(text, "", "nothing comes back from a refusing pod");
 
     let event = common::within("a tunnel event", async {
         loop {
-            if let Ok(AgentEvent::TunnelChanged { pod_id, error: Some(error), .. }) = events.recv().await {
+            if let Ok(AgentEvent::TunnelChanged {
+                pod_id,
+                error: Some(error),
+                ..
+            }) = events.recv().await
+            {
                 return (pod_id, error);
             }
         }
@@ -91,20 +123,33 @@ async fn a_refusing_pod_fails_its_connection_not_its_tunnel_or_others() {
 
     let tunnel = agent.redirection("dead").await;
     assert_eq!(tunnel["status"], "active", "the listener stays up");
-    assert!(tunnel["error"].as_str().expect("error").contains(&dead.to_string()));
+    assert!(tunnel["error"]
+        .as_str()
+        .expect("error")
+        .contains(&dead.to_string()));
     assert!(tunnel["last_error_at"].is_string());
     assert!(!refuses(dead_port).await, "still listening");
-    assert_eq!(read_all_from(agent.port_of("ok").await).await.expect("read"), "healthy");
+    assert_eq!(
+        read_all_from(agent.port_of("ok").await)
+            .await
+            .expect("read"),
+        "healthy"
+    );
 
     // The pod comes back on the same address: the tunnel recovers by itself.
-    let revived = tokio::net::TcpListener::bind(dead).await.expect("rebind the dead port");
+    let revived = tokio::net::TcpListener::bind(dead)
+        .await
+        .expect("rebind the dead port");
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = revived.accept().await {
             let _ = stream.write_all(b"back").await;
         }
     });
     assert_eq!(read_all_from(dead_port).await.expect("read"), "back");
-    assert!(agent.redirection("dead").await["error"].is_null(), "error cleared after recovery");
+    assert!(
+        agent.redirection("dead").await["error"].is_null(),
+        "error cleared after recovery"
+    );
     agent.agent.shutdown().await;
 }
 
@@ -114,7 +159,12 @@ async fn forwarding_off_refuses_and_on_restores_the_same_port() {
     let agent = fx.start().await;
     let one = greeting_server("one").await;
     let two = greeting_server("two").await;
-    agent.push("create", json!([pod("p1", "one", one), pod("p2", "two", two)])).await;
+    agent
+        .push(
+            "create",
+            json!([pod("p1", "one", one), pod("p2", "two", two)]),
+        )
+        .await;
     let port = agent.port_of("p1").await;
     let other = agent.port_of("p2").await;
 
@@ -123,14 +173,20 @@ async fn forwarding_off_refuses_and_on_restores_the_same_port() {
     assert_eq!(tunnel["status"], "stopped");
     assert_eq!(tunnel["forwarding"], false);
     assert!(refuses(port).await, "a stopped tunnel refuses connections");
-    assert_eq!(read_all_from(other).await.expect("read"), "two", "others untouched");
+    assert_eq!(
+        read_all_from(other).await.expect("read"),
+        "two",
+        "others untouched"
+    );
     let status = agent.get("/api/v1/pods/status").await;
     assert_eq!(status["active_redirections"], 1);
     assert_eq!(status["stopped_redirections"], 1);
 
     // A new pod never takes the stopped pod's port.
     let three = greeting_server("three").await;
-    agent.push("create", json!([pod("p3", "three", three)])).await;
+    agent
+        .push("create", json!([pod("p3", "three", three)]))
+        .await;
     assert_ne!(agent.port_of("p3").await, port);
 
     let (code, tunnel) = agent.set_forwarding("p1", true).await;
@@ -154,24 +210,50 @@ async fn ports_held_elsewhere_are_skipped_and_exhaustion_fails_only_that_pod() {
     let agent = fx.start_with(config).await;
     let upstream = greeting_server("hi").await;
     let (code, _) = agent
-        .push("create", json!([pod("a", "a", upstream), pod("b", "b", upstream), pod("c", "c", upstream)]))
+        .push(
+            "create",
+            json!([
+                pod("a", "a", upstream),
+                pod("b", "b", upstream),
+                pod("c", "c", upstream)
+            ]),
+        )
         .await;
-    assert_eq!(code, 200, "port failures are tunnel states, not push errors");
+    assert_eq!(
+        code, 200,
+        "port failures are tunnel states, not push errors"
+    );
     let a = agent.redirection("a").await;
     assert_eq!(a["local_port"], fx.range.start + 1);
     assert!(
-        a["port_note"].as_str().expect("note").contains(&format!("port {} is held by another process", fx.range.start)),
+        a["port_note"].as_str().expect("note").contains(&format!(
+            "port {} is held by another process",
+            fx.range.start
+        )),
         "{a}"
     );
-    assert_eq!(agent.redirection("b").await["local_port"], fx.range.start + 2);
+    assert_eq!(
+        agent.redirection("b").await["local_port"],
+        fx.range.start + 2
+    );
     let c = agent.redirection("c").await;
     assert_eq!(c["status"], "failed");
     assert_eq!(
         c["error"],
-        format!("no available ports in range {}-{}", fx.range.start, fx.range.start + 2)
+        format!(
+            "no available ports in range {}-{}",
+            fx.range.start,
+            fx.range.start + 2
+        )
     );
-    assert_eq!(agent.get("/api/v1/pods/status").await["failed_redirections"], 1);
-    assert_eq!(read_all_from(fx.range.start + 1).await.expect("a works"), "hi");
+    assert_eq!(
+        agent.get("/api/v1/pods/status").await["failed_redirections"],
+        1
+    );
+    assert_eq!(
+        read_all_from(fx.range.start + 1).await.expect("a works"),
+        "hi"
+    );
 
     // Freeing a port lets the failed pod listen.
     agent.push("delete", json!([{"id": "b"}])).await;
@@ -187,7 +269,9 @@ async fn the_agent_and_control_plane_ports_are_never_handed_out() {
     let fx = Fixture::new(15).await;
     let mut config = fx.config();
     // The control plane "listens" on the first port of the range.
-    config.control_plane_url = format!("http://127.0.0.1:{}", fx.range.start).parse().expect("url");
+    config.control_plane_url = format!("http://127.0.0.1:{}", fx.range.start)
+        .parse()
+        .expect("url");
     let agent = fx.start_with(config).await;
     let upstream = greeting_server("hi").await;
     agent.push("create", json!([pod("a", "a", upstream)])).await;
@@ -205,6 +289,9 @@ async fn deleting_a_pod_closes_its_port() {
     assert!(!refuses(port).await);
     agent.push("delete", json!([{"id": "a"}])).await;
     assert!(refuses(port).await);
-    assert_eq!(agent.get("/api/v1/pods/status").await["total_redirections"], 0);
+    assert_eq!(
+        agent.get("/api/v1/pods/status").await["total_redirections"],
+        0
+    );
     agent.agent.shutdown().await;
 }

@@ -197,7 +197,8 @@ pub struct Sandbox {
 }
 
 /// What a hosts file holds before the agent touches it.
-pub const FOREIGN_HOSTS: &str = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n# keep me\n10.9.9.9 db.internal\n";
+pub const FOREIGN_HOSTS: &str =
+    "127.0.0.1 localhost\n::1 localhost ip6-localhost\n# keep me\n10.9.9.9 db.internal\n";
 
 impl Sandbox {
     pub fn new() -> Result<Self> {

@@ -87,7 +87,8 @@ fn the_seed_examples_work_with_curl() {
 
     // Another agent's id is refused, as in the seed.
     let wrong = SEED_BODY.replace(SEED_AGENT_ID, "staging-agent-other-1");
-    let (code, body) = curl(&["-X", "POST", "-d", &wrong, &agent.url("/api/v1/pods")]).expect("curl");
+    let (code, body) =
+        curl(&["-X", "POST", "-d", &wrong, &agent.url("/api/v1/pods")]).expect("curl");
     assert_eq!(code, 401);
     assert_eq!(json_of(&body)["error"], "Invalid agent ID");
 }
@@ -96,7 +97,8 @@ fn the_seed_examples_work_with_curl() {
 fn the_cli_drives_a_running_agent() {
     let sandbox = Sandbox::new().expect("sandbox");
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
-    let agent = AgentProcess::run(&sandbox.args("21020-21039", &hosts, &state)).expect("agent runs");
+    let agent =
+        AgentProcess::run(&sandbox.args("21020-21039", &hosts, &state)).expect("agent runs");
     let pod = greeting_server("from the pod").expect("pod server");
 
     // A push file without an agent id goes to whatever agent we talk to.
@@ -113,7 +115,10 @@ fn the_cli_drives_a_running_agent() {
 
     let (ok, out, _) = cli(&["pods", "--agent-url", &url]).expect("pods");
     assert!(ok);
-    assert!(out.contains("web-1") && out.contains("http://web-staging.localhost:"), "{out}");
+    assert!(
+        out.contains("web-1") && out.contains("http://web-staging.localhost:"),
+        "{out}"
+    );
     let (ok, out, _) = cli(&["pods", "--agent-url", &url, "--json"]).expect("pods json");
     assert!(ok);
     let port = json_of(&out)["pods"][0]["tunnel"]["local_port"]
@@ -128,12 +133,16 @@ fn the_cli_drives_a_running_agent() {
     assert!(refuses(port));
     let (ok, out, _) = cli(&["status", "--agent-url", &url]).expect("status");
     assert!(ok);
-    assert!(out.contains("1 total, 0 active, 1 stopped, 0 failed"), "{out}");
+    assert!(
+        out.contains("1 total, 0 active, 1 stopped, 0 failed"),
+        "{out}"
+    );
     let (ok, _, _) = cli(&["forward", "web-1", "on", "--agent-url", &url]).expect("forward on");
     assert!(ok);
     assert_eq!(read_from(port).expect("tunnel again"), "from the pod");
 
-    let (ok, _, err) = cli(&["forward", "ghost", "on", "--agent-url", &url]).expect("forward ghost");
+    let (ok, _, err) =
+        cli(&["forward", "ghost", "on", "--agent-url", &url]).expect("forward ghost");
     assert!(!ok);
     assert!(err.contains("ghost"), "{err}");
 
@@ -169,7 +178,9 @@ async fn sigterm_stops_cleanly_and_says_so() {
             }
         }),
     );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let control_plane = format!("http://{}", listener.local_addr().expect("addr"));
     tokio::spawn(async move { axum::serve(listener, app).await });
 
@@ -183,17 +194,30 @@ async fn sigterm_stops_cleanly_and_says_so() {
         .to_owned();
     let body = json!({"agent_id": agent_id, "action": "create", "pods": [
         {"id": "p", "name": "app", "ip": "127.0.0.1", "port": pod.port()}]});
-    let (code, _) = curl(&["-X", "POST", "-d", &body.to_string(), &agent.url("/api/v1/pods")]).expect("push");
+    let (code, _) = curl(&[
+        "-X",
+        "POST",
+        "-d",
+        &body.to_string(),
+        &agent.url("/api/v1/pods"),
+    ])
+    .expect("push");
     assert_eq!(code, 200);
     let port = 21040;
     assert_eq!(read_from(port).expect("tunnel"), "hi");
     assert_eq!(count_blocks(&sandbox.hosts_text()), 1);
 
     agent.terminate().expect("SIGTERM");
-    let status = agent.wait_exit(Duration::from_secs(5)).expect("exits within 5 s");
+    let status = agent
+        .wait_exit(Duration::from_secs(5))
+        .expect("exits within 5 s");
     assert!(status.success(), "exit status {status}");
     assert!(refuses(port), "listener closed");
-    assert_eq!(sandbox.hosts_text(), FOREIGN_HOSTS, "our block removed, the rest intact");
+    assert_eq!(
+        sandbox.hosts_text(),
+        FOREIGN_HOSTS,
+        "our block removed, the rest intact"
+    );
     wait_until("the stopped report", || {
         reports
             .lock()
@@ -218,20 +242,46 @@ fn kill_9_and_restart_keep_ports_toggles_and_the_hosts_file() {
         .map(|i| json!({"id": format!("p{i}"), "name": format!("app-{i}"), "ip": "127.0.0.1", "port": pod.port()}))
         .collect();
     let body = json!({"agent_id": agent_id, "action": "create", "pods": pods});
-    curl(&["-X", "POST", "-d", &body.to_string(), &agent.url("/api/v1/pods")]).expect("push");
+    curl(&[
+        "-X",
+        "POST",
+        "-d",
+        &body.to_string(),
+        &agent.url("/api/v1/pods"),
+    ])
+    .expect("push");
     let delete = json!({"agent_id": agent_id, "action": "delete", "pods": [{"id": "p1"}]});
-    curl(&["-X", "POST", "-d", &delete.to_string(), &agent.url("/api/v1/pods")]).expect("delete");
-    let (ok, _, _) = cli(&["forward", "p3", "off", "--agent-url", &agent.base_url]).expect("toggle");
+    curl(&[
+        "-X",
+        "POST",
+        "-d",
+        &delete.to_string(),
+        &agent.url("/api/v1/pods"),
+    ])
+    .expect("delete");
+    let (ok, _, _) =
+        cli(&["forward", "p3", "off", "--agent-url", &agent.base_url]).expect("toggle");
     assert!(ok);
-    let before = json_of(&curl(&[&agent.url("/api/v1/pods/status")]).expect("status").1);
+    let before = json_of(
+        &curl(&[&agent.url("/api/v1/pods/status")])
+            .expect("status")
+            .1,
+    );
 
     agent.kill_hard().expect("kill -9");
     let crashed = sandbox.hosts_text();
-    assert!(crashed.starts_with(FOREIGN_HOSTS), "foreign lines intact after a crash");
+    assert!(
+        crashed.starts_with(FOREIGN_HOSTS),
+        "foreign lines intact after a crash"
+    );
     assert_eq!(count_blocks(&crashed), 1);
 
     let agent = AgentProcess::run(&args).expect("agent restarts");
-    let after = json_of(&curl(&[&agent.url("/api/v1/pods/status")]).expect("status").1);
+    let after = json_of(
+        &curl(&[&agent.url("/api/v1/pods/status")])
+            .expect("status")
+            .1,
+    );
     assert_eq!(after["total_redirections"], 5);
     for (id, old) in before["redirections"].as_object().expect("map") {
         let new = &after["redirections"][id];
@@ -239,7 +289,12 @@ fn kill_9_and_restart_keep_ports_toggles_and_the_hosts_file() {
         assert_eq!(new["forwarding"], old["forwarding"], "{id} kept its toggle");
     }
     assert_eq!(after["redirections"]["p3"]["status"], "stopped");
-    let port0 = u16::try_from(after["redirections"]["p0"]["local_port"].as_u64().expect("port")).expect("u16");
+    let port0 = u16::try_from(
+        after["redirections"]["p0"]["local_port"]
+            .as_u64()
+            .expect("port"),
+    )
+    .expect("u16");
     assert_eq!(read_from(port0).expect("tunnel back"), "survivor");
     let text = sandbox.hosts_text();
     assert!(text.starts_with(FOREIGN_HOSTS));
@@ -258,19 +313,27 @@ fn the_demo_shows_three_working_tunnels() {
     let status = json_of(&body);
     assert_eq!(status["total_redirections"], 3, "{status}");
     assert_eq!(status["active_redirections"], 3);
+    assert_eq!(status["demo"], true, "the demo is labelled in the status");
     for tunnel in status["redirections"].as_object().expect("map").values() {
         let port = tunnel["local_port"].as_u64().expect("port");
         let name = tunnel["staging_pod_name"].as_str().expect("name");
         let (code, page) = curl(&[&format!("http://127.0.0.1:{port}/")]).expect("page");
         assert_eq!(code, 200);
         assert!(page.contains(&format!("<h1>{name}</h1>")), "{page}");
-        assert!(sandbox.hosts_text().contains(&format!("{name}-staging.local")));
+        assert!(sandbox
+            .hosts_text()
+            .contains(&format!("{name}-staging.local")));
     }
     let health = json_of(&curl(&[&agent.url("/health")]).expect("health").1);
     assert_eq!(health["demo"], true, "the demo is labelled in /health");
     assert!(agent.log_lines().iter().any(|l| l.contains("DEMO MODE")));
     wait_until("the demo banner", || {
-        agent.stdout_lines().iter().filter(|l| l.contains("-staging.localhost:")).count() == 3
+        agent
+            .stdout_lines()
+            .iter()
+            .filter(|l| l.contains("-staging.localhost:"))
+            .count()
+            == 3
     })
     .expect("banner lists three tunnels");
     wait_until("the stand-in control plane to take a report", || {
@@ -306,13 +369,54 @@ fn settings_come_from_file_env_and_flags_in_that_order() {
     let pod = greeting_server("x").expect("pod");
     let body = json!({"agent_id": "from-flag", "action": "create", "pods": [
         {"id": "p", "name": "app", "ip": "127.0.0.1", "port": pod.port()}]});
-    curl(&["-X", "POST", "-d", &body.to_string(), &agent.url("/api/v1/pods")]).expect("push");
-    let status = json_of(&curl(&[&agent.url("/api/v1/pods/status")]).expect("status").1);
-    assert_eq!(status["redirections"]["p"]["local_port"], 21120, "env beats the file");
+    curl(&[
+        "-X",
+        "POST",
+        "-d",
+        &body.to_string(),
+        &agent.url("/api/v1/pods"),
+    ])
+    .expect("push");
+    let status = json_of(
+        &curl(&[&agent.url("/api/v1/pods/status")])
+            .expect("status")
+            .1,
+    );
+    assert_eq!(
+        status["redirections"]["p"]["local_port"], 21120,
+        "env beats the file"
+    );
 
     // A typo in the file is named, and the agent does not start.
     std::fs::write(&config, "agent_prot = 1\n").expect("config");
     let (ok, _, err) = cli(&["run", "--config", &config_arg]).expect("bad config");
     assert!(!ok);
     assert!(err.contains("agent_prot"), "{err}");
+}
+
+#[test]
+fn beyond_loopback_every_call_but_health_needs_the_token() {
+    let sandbox = Sandbox::new().expect("sandbox");
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    let mut args = sandbox.args("21140-21159", &hosts, &state);
+    args.extend(["--bind", "0.0.0.0"]);
+    let agent = AgentProcess::run(&args).expect("agent runs");
+    let port = agent.base_url.rsplit(':').next().expect("port").to_owned();
+    let url = format!("http://127.0.0.1:{port}");
+    let (code, _) = curl(&[&format!("{url}/health")]).expect("health");
+    assert_eq!(code, 200, "health stays open for liveness checks");
+    let (code, body) = curl(&[&format!("{url}/api/v1/pods/status")]).expect("status");
+    assert_eq!(code, 401);
+    assert!(json_of(&body)["error"]
+        .as_str()
+        .expect("error")
+        .contains("bearer token"));
+    let token = std::fs::read_to_string(format!("{state}/token")).expect("token");
+    let header = format!("Authorization: Bearer {}", token.trim());
+    let (code, _) = curl(&["-H", &header, &format!("{url}/api/v1/pods/status")]).expect("status");
+    assert_eq!(code, 200);
+    // The CLI finds the token in the state dir by itself.
+    let (ok, out, err) = cli(&["status", "--agent-url", &url, "--state-dir", &state]).expect("cli");
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("0 total"), "{out}");
 }

@@ -12,7 +12,14 @@ use serde_json::json;
 
 fn getent_in(pid: u32, name: &str) -> Option<String> {
     let output = Command::new("nsenter")
-        .args(["--mount", "--target", &pid.to_string(), "getent", "hosts", name])
+        .args([
+            "--mount",
+            "--target",
+            &pid.to_string(),
+            "getent",
+            "hosts",
+            name,
+        ])
         .output()
         .ok()?;
     output
@@ -48,15 +55,23 @@ fn names_resolve_through_the_system_resolver_in_a_private_mount_namespace() {
         agent_binary().display(),
         state.display()
     );
-    let agent = AgentProcess::run_command(Command::new("unshare").args(["--mount", "sh", "-c", &script]))
-        .expect("agent runs in its namespace");
+    let agent =
+        AgentProcess::run_command(Command::new("unshare").args(["--mount", "sh", "-c", &script]))
+            .expect("agent runs in its namespace");
 
     let health: serde_json::Value =
         serde_json::from_str(&curl(&[&agent.url("/health")]).expect("health").1).expect("json");
     assert_eq!(health["names"]["system_wide"], true, "{health}");
     let body = json!({"agent_id": health["agent_id"], "action": "create", "pods": [
         {"id": "p", "name": "my-app", "ip": "10.0.1.100", "port": 80}]});
-    let (code, answer) = curl(&["-X", "POST", "-d", &body.to_string(), &agent.url("/api/v1/pods")]).expect("push");
+    let (code, answer) = curl(&[
+        "-X",
+        "POST",
+        "-d",
+        &body.to_string(),
+        &agent.url("/api/v1/pods"),
+    ])
+    .expect("push");
     assert_eq!(code, 200, "{answer}");
 
     let mut resolved = None;
@@ -67,9 +82,13 @@ fn names_resolve_through_the_system_resolver_in_a_private_mount_namespace() {
     .expect("name resolves");
     let line = resolved.unwrap_or_default();
     assert!(line.starts_with("127.0.0.1"), "{line}");
-    let localhost_name = getent_in(agent.pid(), "my-app-staging.localhost").expect("localhost name resolves");
+    let localhost_name =
+        getent_in(agent.pid(), "my-app-staging.localhost").expect("localhost name resolves");
     assert!(localhost_name.starts_with("127.0.0.1"));
-    assert!(getent_in(agent.pid(), "db.internal").is_some_and(|l| l.starts_with("10.9.9.9")), "foreign lines still resolve");
+    assert!(
+        getent_in(agent.pid(), "db.internal").is_some_and(|l| l.starts_with("10.9.9.9")),
+        "foreign lines still resolve"
+    );
 
     // The same file, seen from outside the namespace, holds the block too.
     let text = std::fs::read_to_string(&fake_hosts).expect("read");
@@ -82,7 +101,16 @@ fn names_resolve_through_the_system_resolver_in_a_private_mount_namespace() {
     );
     // Deleting the pod removes its name from the resolver.
     let delete = json!({"agent_id": health["agent_id"], "action": "delete", "pods": [{"id": "p"}]});
-    curl(&["-X", "POST", "-d", &delete.to_string(), &agent.url("/api/v1/pods")]).expect("delete");
-    wait_until("the name to go away", || getent_in(agent.pid(), "my-app-staging.local").is_none())
-        .expect("name removed");
+    curl(&[
+        "-X",
+        "POST",
+        "-d",
+        &delete.to_string(),
+        &agent.url("/api/v1/pods"),
+    ])
+    .expect("delete");
+    wait_until("the name to go away", || {
+        getent_in(agent.pid(), "my-app-staging.local").is_none()
+    })
+    .expect("name removed");
 }

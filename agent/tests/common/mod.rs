@@ -22,7 +22,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// Lines a hosts file holds before the agent touches it.
-pub const FOREIGN_HOSTS: &str = "127.0.0.1 localhost\n::1 localhost ip6-localhost\n# keep me\n10.9.9.9 db.internal\n";
+pub const FOREIGN_HOSTS: &str =
+    "127.0.0.1 localhost\n::1 localhost ip6-localhost\n# keep me\n10.9.9.9 db.internal\n";
 
 /// How long any awaited condition may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -72,7 +73,11 @@ struct Recorder {
     count: Arc<watch::Sender<usize>>,
 }
 
-async fn record(State(rec): State<Recorder>, headers: HeaderMap, Json(body): Json<Value>) -> Json<Value> {
+async fn record(
+    State(rec): State<Recorder>,
+    headers: HeaderMap,
+    Json(body): Json<Value>,
+) -> Json<Value> {
     let len = {
         let mut reports = rec.reports.lock().expect("reports lock");
         reports.push((headers, body));
@@ -85,7 +90,9 @@ async fn record(State(rec): State<Recorder>, headers: HeaderMap, Json(body): Jso
 impl ControlPlane {
     /// Starts on a fresh loopback port.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind control plane");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind control plane");
         Self::serve(listener)
     }
 
@@ -101,7 +108,11 @@ impl ControlPlane {
                 count: Arc::new(count_tx),
             });
         tokio::spawn(async move { axum::serve(listener, app).await });
-        Self { url, reports, count }
+        Self {
+            url,
+            reports,
+            count,
+        }
     }
 
     pub fn reports(&self) -> Vec<(HeaderMap, Value)> {
@@ -113,11 +124,21 @@ impl ControlPlane {
     }
 
     /// Waits for a report (after the first `after`) that satisfies `check`.
-    pub async fn wait_for(&self, after: usize, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    pub async fn wait_for(
+        &self,
+        after: usize,
+        what: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
         let mut count = self.count.clone();
         within(what, async {
             loop {
-                if let Some((_, body)) = self.reports().into_iter().skip(after).find(|(_, b)| check(b)) {
+                if let Some((_, body)) = self
+                    .reports()
+                    .into_iter()
+                    .skip(after)
+                    .find(|(_, b)| check(b))
+                {
                     return body;
                 }
                 count.changed().await.expect("control plane alive");
@@ -133,7 +154,9 @@ pub async fn echo_server() -> SocketAddr {
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let (mut read, mut write) = stream.split();
                 let _ = tokio::io::copy(&mut read, &mut write).await;
@@ -146,11 +169,15 @@ pub async fn echo_server() -> SocketAddr {
 /// A TCP server that answers every connection with `greeting` and closes:
 /// tells which pod a connection reached.
 pub async fn greeting_server(greeting: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind greeter");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind greeter");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move {
         loop {
-            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 let _ = stream.write_all(greeting.as_bytes()).await;
                 let _ = stream.shutdown().await;
