@@ -238,3 +238,35 @@ async fn events_tell_subscribers_about_pushes() {
     );
     agent.agent.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_control_plane_answering_500_counts_as_down() {
+    let fx = Fixture::new(26).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let app = axum::Router::new().route(
+        "/api/v1/staging/status",
+        axum::routing::post(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "boom") }),
+    );
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut config = fx.config();
+    config.control_plane_url = url.parse().expect("url");
+    let agent = fx.start_with(config).await;
+    common::wait_until("the 500 to be noticed", || {
+        agent.agent.health().control_plane.reachable == Some(false)
+    })
+    .await;
+    let health = agent.agent.health();
+    assert!(
+        health
+            .control_plane
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("500")),
+        "{health:?}"
+    );
+    assert!(health.control_plane.last_sync.is_none());
+    agent.agent.shutdown().await;
+}

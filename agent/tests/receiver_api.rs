@@ -92,12 +92,7 @@ async fn health_and_status_keep_the_seed_shape() {
 }
 
 /// Sends `body` to `POST /api/v1/pods` through the router; returns code and JSON.
-async fn push_via_router(
-    fx: &Fixture,
-    agent: &common::TestAgent,
-    body: impl Into<Body>,
-) -> (StatusCode, Value) {
-    let _ = fx;
+async fn push_via_router(agent: &common::TestAgent, body: impl Into<Body>) -> (StatusCode, Value) {
     let app = receiver::router(agent.agent.clone())
         .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
     let response = app
@@ -176,7 +171,7 @@ async fn whole_request_errors_name_what_is_wrong_and_change_nothing() {
         ),
     ];
     for (body, code, needle) in cases {
-        let (status, answer) = push_via_router(&fx, &agent, body.clone()).await;
+        let (status, answer) = push_via_router(&agent, body.clone()).await;
         assert_eq!(status, code, "for body {body:.60}: {answer}");
         let error = answer["error"]
             .as_str()
@@ -187,7 +182,6 @@ async fn whole_request_errors_name_what_is_wrong_and_change_nothing() {
         );
     }
     let (_, unknown) = push_via_router(
-        &fx,
         &agent,
         r#"{"agent_id":"test-agent","action":"explode","pods":[]}"#,
     )
@@ -209,7 +203,7 @@ async fn oversized_body_is_413_with_json() {
         r#"{{"agent_id":"test-agent","action":"create","pods":[],"pad":"{}"}}"#,
         "x".repeat(receiver::MAX_BODY_BYTES + 1)
     );
-    let (status, answer) = push_via_router(&fx, &agent, huge.clone()).await;
+    let (status, answer) = push_via_router(&agent, huge.clone()).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(answer["error"].as_str().expect("error").contains("limit"));
     // And over a real socket, where the client sends a content length.

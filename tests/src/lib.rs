@@ -78,8 +78,10 @@ impl AgentProcess {
 
     /// Starts any command that ends up running the agent (e.g. under `unshare`).
     pub fn run_command(command: &mut Command) -> Result<Self> {
+        if !command.get_envs().any(|(key, _)| key == "RUST_LOG") {
+            command.env("RUST_LOG", "info");
+        }
         let mut child = command
-            .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

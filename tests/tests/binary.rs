@@ -420,3 +420,62 @@ fn beyond_loopback_every_call_but_health_needs_the_token() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("0 total"), "{out}");
 }
+
+#[test]
+fn a_control_plane_outage_is_logged_once_and_recovery_is_noticed() {
+    let sandbox = Sandbox::new().expect("sandbox");
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    // An address nothing serves yet.
+    let address = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free address");
+    let control_plane = format!("http://{address}");
+    let mut args = vec!["run"];
+    args.extend(sandbox.args("21160-21179", &hosts, &state));
+    args.extend([
+        "--control-plane-url",
+        &control_plane,
+        "--sync-interval",
+        "1",
+    ]);
+    let agent = AgentProcess::run_command(
+        std::process::Command::new(k3s_local_agent_e2e::agent_binary())
+            .args(&args)
+            .env("RUST_LOG", "k3s_local_agent=debug"),
+    )
+    .expect("agent runs");
+    let count = |needle: &str| {
+        agent
+            .log_lines()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
+    wait_until("two retries", || count("status report failed again") >= 2).expect("retries");
+    assert_eq!(
+        count("control plane unreachable"),
+        1,
+        "one warning per outage"
+    );
+
+    // The control plane comes up: the agent notices and reports.
+    let listener = std::net::TcpListener::bind(address).expect("control plane binds");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 65536];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+            );
+        }
+    });
+    wait_until("recovery to be logged", || {
+        count("control plane reachable again") == 1
+    })
+    .expect("recovery noticed");
+    let health = json_of(&curl(&[&agent.url("/health")]).expect("health").1);
+    assert_eq!(health["control_plane"]["reachable"], true);
+    assert!(health["control_plane"]["last_sync"].is_string());
+}
