@@ -115,8 +115,8 @@ struct RawPod {
     ports: Option<Vec<u64>>,
 }
 
-/// Why one pod of a push was turned away.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// Why one pod of a push was turned away; sent back to the control plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodRejection {
     /// The pod's id when it had a usable one, so the control plane can match it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -404,32 +404,10 @@ pub struct PushResponse {
     pub action: Action,
     pub applied: Vec<String>,
     pub removed: Vec<String>,
-    pub rejected: Vec<RejectedPod>,
+    pub rejected: Vec<PodRejection>,
     pub pod_count: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-}
-
-/// A rejection as it travels back to the control plane (owned, deserializable).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct RejectedPod {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub id: Option<String>,
-    pub index: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-    pub error: String,
-}
-
-impl From<PodRejection> for RejectedPod {
-    fn from(r: PodRejection) -> Self {
-        Self {
-            id: r.id,
-            index: r.index,
-            field: r.field,
-            error: r.error,
-        }
-    }
 }
 
 /// The status report we POST to `{control_plane_url}/api/v1/staging/status`.

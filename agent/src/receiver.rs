@@ -18,7 +18,7 @@ use crate::agent::{Agent, AgentError};
 use crate::auth;
 use crate::model::{
     parse_pod, parse_pod_id_only, Action, ForwardingRequest, PodList, PodRejection, PodSpec,
-    PushResponse, RejectedPod,
+    PushResponse,
 };
 
 /// Largest request body accepted (1 MiB).
@@ -301,7 +301,7 @@ async fn push_pods(
             "pod rejected"
         );
     }
-    let rejected: Vec<RejectedPod> = parsed.rejected.into_iter().map(RejectedPod::from).collect();
+    let rejected = parsed.rejected;
     let nothing_applied = outcome.applied.is_empty() && outcome.removed.is_empty();
     let (code, status, error) = if rejected.is_empty() {
         (StatusCode::OK, "success", None)

@@ -136,6 +136,32 @@ impl AgentProcess {
         format!("{}{path}", self.base_url)
     }
 
+    /// `GET path` with curl; the answer as JSON.
+    pub fn get_json(&self, path: &str) -> Result<serde_json::Value> {
+        let (code, body) = curl(&[&self.url(path)])?;
+        serde_json::from_str(&body).with_context(|| format!("GET {path} answered {code}: {body}"))
+    }
+
+    /// The agent's id, from `/health`.
+    pub fn agent_id(&self) -> Result<String> {
+        let health = self.get_json("/health")?;
+        health["agent_id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("health has no agent_id")
+    }
+
+    /// Pushes a `PodUpdateRequest` with curl, as a control plane would;
+    /// returns the HTTP code and the JSON answer.
+    pub fn push(&self, request: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
+        let body = request.to_string();
+        let (code, answer) = curl(&["-X", "POST", "-d", &body, &self.url("/api/v1/pods")])?;
+        Ok((
+            code,
+            serde_json::from_str(&answer).with_context(|| format!("push answer: {answer}"))?,
+        ))
+    }
+
     /// Sends SIGTERM, as a service manager would.
     pub fn terminate(&self) -> Result<()> {
         let status = Command::new("kill")

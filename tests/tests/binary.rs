@@ -188,20 +188,10 @@ async fn sigterm_stops_cleanly_and_says_so() {
     args.extend(["--control-plane-url", &control_plane]);
     let mut agent = AgentProcess::run(&args).expect("agent runs");
     let pod = greeting_server("hi").expect("pod");
-    let agent_id = json_of(&curl(&[&agent.url("/health")]).expect("health").1)["agent_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let agent_id = agent.agent_id().expect("agent id");
     let body = json!({"agent_id": agent_id, "action": "create", "pods": [
         {"id": "p", "name": "app", "ip": "127.0.0.1", "port": pod.port()}]});
-    let (code, _) = curl(&[
-        "-X",
-        "POST",
-        "-d",
-        &body.to_string(),
-        &agent.url("/api/v1/pods"),
-    ])
-    .expect("push");
+    let (code, _) = agent.push(&body).expect("push");
     assert_eq!(code, 200);
     let port = 21040;
     assert_eq!(read_from(port).expect("tunnel"), "hi");
@@ -234,39 +224,18 @@ fn kill_9_and_restart_keep_ports_toggles_and_the_hosts_file() {
     let args = sandbox.args("21060-21079", &hosts, &state);
     let pod = greeting_server("survivor").expect("pod");
     let mut agent = AgentProcess::run(&args).expect("agent runs");
-    let agent_id = json_of(&curl(&[&agent.url("/health")]).expect("health").1)["agent_id"]
-        .as_str()
-        .expect("id")
-        .to_owned();
+    let agent_id = agent.agent_id().expect("agent id");
     let pods: Vec<Value> = (0..6)
         .map(|i| json!({"id": format!("p{i}"), "name": format!("app-{i}"), "ip": "127.0.0.1", "port": pod.port()}))
         .collect();
     let body = json!({"agent_id": agent_id, "action": "create", "pods": pods});
-    curl(&[
-        "-X",
-        "POST",
-        "-d",
-        &body.to_string(),
-        &agent.url("/api/v1/pods"),
-    ])
-    .expect("push");
+    agent.push(&body).expect("push");
     let delete = json!({"agent_id": agent_id, "action": "delete", "pods": [{"id": "p1"}]});
-    curl(&[
-        "-X",
-        "POST",
-        "-d",
-        &delete.to_string(),
-        &agent.url("/api/v1/pods"),
-    ])
-    .expect("delete");
+    agent.push(&delete).expect("delete");
     let (ok, _, _) =
         cli(&["forward", "p3", "off", "--agent-url", &agent.base_url]).expect("toggle");
     assert!(ok);
-    let before = json_of(
-        &curl(&[&agent.url("/api/v1/pods/status")])
-            .expect("status")
-            .1,
-    );
+    let before = agent.get_json("/api/v1/pods/status").expect("status");
 
     agent.kill_hard().expect("kill -9");
     let crashed = sandbox.hosts_text();
@@ -277,11 +246,7 @@ fn kill_9_and_restart_keep_ports_toggles_and_the_hosts_file() {
     assert_eq!(count_blocks(&crashed), 1);
 
     let agent = AgentProcess::run(&args).expect("agent restarts");
-    let after = json_of(
-        &curl(&[&agent.url("/api/v1/pods/status")])
-            .expect("status")
-            .1,
-    );
+    let after = agent.get_json("/api/v1/pods/status").expect("status");
     assert_eq!(after["total_redirections"], 5);
     for (id, old) in before["redirections"].as_object().expect("map") {
         let new = &after["redirections"][id];
@@ -309,8 +274,7 @@ fn the_demo_shows_three_working_tunnels() {
     let mut args = sandbox.args("21080-21099", &hosts, &state);
     args.push("--demo");
     let agent = AgentProcess::run(&args).expect("demo runs");
-    let (_, body) = curl(&[&agent.url("/api/v1/pods/status")]).expect("status");
-    let status = json_of(&body);
+    let status = agent.get_json("/api/v1/pods/status").expect("status");
     assert_eq!(status["total_redirections"], 3, "{status}");
     assert_eq!(status["active_redirections"], 3);
     assert_eq!(status["demo"], true, "the demo is labelled in the status");
@@ -324,7 +288,7 @@ fn the_demo_shows_three_working_tunnels() {
             .hosts_text()
             .contains(&format!("{name}-staging.local")));
     }
-    let health = json_of(&curl(&[&agent.url("/health")]).expect("health").1);
+    let health = agent.get_json("/health").expect("health");
     assert_eq!(health["demo"], true, "the demo is labelled in /health");
     assert!(agent.log_lines().iter().any(|l| l.contains("DEMO MODE")));
     wait_until("the demo banner", || {
@@ -337,9 +301,9 @@ fn the_demo_shows_three_working_tunnels() {
     })
     .expect("banner lists three tunnels");
     wait_until("the stand-in control plane to take a report", || {
-        curl(&[&agent.url("/health")])
-            .map(|(_, b)| json_of(&b)["control_plane"]["reachable"] == true)
-            .unwrap_or(false)
+        agent
+            .get_json("/health")
+            .is_ok_and(|health| health["control_plane"]["reachable"] == true)
     })
     .expect("demo control plane reachable");
 }
@@ -364,24 +328,13 @@ fn settings_come_from_file_env_and_flags_in_that_order() {
             .env("K3S_LOCAL_AGENT_PORT_RANGE", "21120-21139"),
     )
     .expect("agent runs");
-    let health = json_of(&curl(&[&agent.url("/health")]).expect("health").1);
+    let health = agent.get_json("/health").expect("health");
     assert_eq!(health["agent_id"], "from-flag", "a flag beats the file");
     let pod = greeting_server("x").expect("pod");
     let body = json!({"agent_id": "from-flag", "action": "create", "pods": [
         {"id": "p", "name": "app", "ip": "127.0.0.1", "port": pod.port()}]});
-    curl(&[
-        "-X",
-        "POST",
-        "-d",
-        &body.to_string(),
-        &agent.url("/api/v1/pods"),
-    ])
-    .expect("push");
-    let status = json_of(
-        &curl(&[&agent.url("/api/v1/pods/status")])
-            .expect("status")
-            .1,
-    );
+    agent.push(&body).expect("push");
+    let status = agent.get_json("/api/v1/pods/status").expect("status");
     assert_eq!(
         status["redirections"]["p"]["local_port"], 21120,
         "env beats the file"
@@ -475,7 +428,7 @@ fn a_control_plane_outage_is_logged_once_and_recovery_is_noticed() {
         count("control plane reachable again") == 1
     })
     .expect("recovery noticed");
-    let health = json_of(&curl(&[&agent.url("/health")]).expect("health").1);
+    let health = agent.get_json("/health").expect("health");
     assert_eq!(health["control_plane"]["reachable"], true);
     assert!(health["control_plane"]["last_sync"].is_string());
 }

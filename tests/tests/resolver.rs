@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use k3s_local_agent_e2e::{agent_binary, curl, wait_until, AgentProcess, FOREIGN_HOSTS};
+use k3s_local_agent_e2e::{agent_binary, wait_until, AgentProcess, FOREIGN_HOSTS};
 use serde_json::json;
 
 fn getent_in(pid: u32, name: &str) -> Option<String> {
@@ -59,19 +59,11 @@ fn names_resolve_through_the_system_resolver_in_a_private_mount_namespace() {
         AgentProcess::run_command(Command::new("unshare").args(["--mount", "sh", "-c", &script]))
             .expect("agent runs in its namespace");
 
-    let health: serde_json::Value =
-        serde_json::from_str(&curl(&[&agent.url("/health")]).expect("health").1).expect("json");
+    let health: serde_json::Value = agent.get_json("/health").expect("health");
     assert_eq!(health["names"]["system_wide"], true, "{health}");
     let body = json!({"agent_id": health["agent_id"], "action": "create", "pods": [
         {"id": "p", "name": "my-app", "ip": "10.0.1.100", "port": 80}]});
-    let (code, answer) = curl(&[
-        "-X",
-        "POST",
-        "-d",
-        &body.to_string(),
-        &agent.url("/api/v1/pods"),
-    ])
-    .expect("push");
+    let (code, answer) = agent.push(&body).expect("push");
     assert_eq!(code, 200, "{answer}");
 
     let mut resolved = None;
@@ -101,14 +93,7 @@ fn names_resolve_through_the_system_resolver_in_a_private_mount_namespace() {
     );
     // Deleting the pod removes its name from the resolver.
     let delete = json!({"agent_id": health["agent_id"], "action": "delete", "pods": [{"id": "p"}]});
-    curl(&[
-        "-X",
-        "POST",
-        "-d",
-        &delete.to_string(),
-        &agent.url("/api/v1/pods"),
-    ])
-    .expect("delete");
+    agent.push(&delete).expect("delete");
     wait_until("the name to go away", || {
         getent_in(agent.pid(), "my-app-staging.local").is_none()
     })

@@ -298,13 +298,18 @@ impl TestAgent {
     }
 
     pub async fn push_raw(&self, body: Value) -> (u16, Value) {
+        self.post("/api/v1/pods", &body).await
+    }
+
+    /// POSTs JSON; returns the status code and the JSON answer.
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
         let response = self
             .http
-            .post(self.url("/api/v1/pods"))
-            .json(&body)
+            .post(self.url(path))
+            .json(body)
             .send()
             .await
-            .expect("push reaches the agent");
+            .expect("agent answers");
         let code = response.status().as_u16();
         (code, response.json().await.expect("JSON answer"))
     }
@@ -321,15 +326,11 @@ impl TestAgent {
     }
 
     pub async fn set_forwarding(&self, id: &str, enabled: bool) -> (u16, Value) {
-        let response = self
-            .http
-            .post(self.url(&format!("/api/v1/pods/{id}/forwarding")))
-            .json(&json!({"enabled": enabled}))
-            .send()
-            .await
-            .expect("agent answers");
-        let code = response.status().as_u16();
-        (code, response.json().await.expect("JSON answer"))
+        self.post(
+            &format!("/api/v1/pods/{id}/forwarding"),
+            &json!({"enabled": enabled}),
+        )
+        .await
     }
 
     /// The local port of a pod's tunnel, from the status endpoint.
