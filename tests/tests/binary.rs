@@ -46,11 +46,24 @@ fn count_blocks(text: &str) -> usize {
 fn the_seed_examples_work_with_curl() {
     let sandbox = Sandbox::new().expect("sandbox");
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
-    let mut args = sandbox.args("21000-21019", &hosts, &state);
-    args.extend(["--agent-id", SEED_AGENT_ID]);
-    let agent = AgentProcess::run(&args).expect("agent runs");
+    // On the seed's port, so the URLs are exactly the seed's: only this test
+    // uses 8082 (stop any agent you run by hand before the tests).
+    let agent = AgentProcess::run(&[
+        "--agent-port",
+        "8082",
+        "--agent-id",
+        SEED_AGENT_ID,
+        "--port-range",
+        "21000-21019",
+        "--hosts-file",
+        &hosts,
+        "--state-dir",
+        &state,
+    ])
+    .expect("agent runs on port 8082");
+    assert!(agent.base_url.ends_with(":8082"), "{}", agent.base_url);
 
-    let (code, body) = curl(&[&agent.url("/health")]).expect("curl health");
+    let (code, body) = curl(&["http://localhost:8082/health"]).expect("curl health");
     assert_eq!(code, 200);
     let health = json_of(&body);
     assert_eq!(health["status"], "healthy");
@@ -67,12 +80,12 @@ fn the_seed_examples_work_with_curl() {
         "Content-Type: application/json",
         "-d",
         &data,
-        &agent.url("/api/v1/pods"),
+        "http://localhost:8082/api/v1/pods",
     ])
     .expect("curl push");
     assert_eq!(code, 200, "{body}");
 
-    let (code, body) = curl(&[&agent.url("/api/v1/pods/status")]).expect("curl status");
+    let (code, body) = curl(&["http://localhost:8082/api/v1/pods/status"]).expect("curl status");
     assert_eq!(code, 200);
     let status = json_of(&body);
     assert_eq!(status["total_redirections"], 1);
