@@ -18,8 +18,8 @@ use crate::config::Config;
 use crate::events::{AgentEvent, EventBus};
 use crate::forward::{self, RunningTunnel, TunnelShared};
 use crate::model::{
-    Action, ControlPlaneHealth, HealthResponse, PodSpec, PodView, Redirection, StatusResponse,
-    TunnelState,
+    Action, ControlPlaneHealth, HealthResponse, PodSpec, PodView, Redirection, Snapshot,
+    StatusResponse, TunnelState,
 };
 use crate::names::{HostEntry, HostsFile, NamesError};
 use crate::persist::{Identity, PersistError, StateDb, StoredPod};
@@ -211,6 +211,35 @@ impl Agent {
         self.inner.store.pod_view(id)
     }
 
+    /// Health and every pod with its tunnel, for the dashboard.
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            health: self.health(),
+            pods: self.pods(),
+        }
+    }
+
+    /// Stops a tunnel for good: closes its port, removes the pod and its name.
+    /// (A control plane that pushes it again brings it back.)
+    pub async fn stop_tunnel(&self, id: &str) -> Result<(), AgentError> {
+        if self.inner.store.pod_view(id).is_none() {
+            return Err(AgentError::UnknownPod(id.to_owned()));
+        }
+        let outcome = self
+            .apply(
+                Action::Delete,
+                Vec::new(),
+                vec![id.to_owned()],
+                BTreeSet::new(),
+            )
+            .await?;
+        if outcome.removed.is_empty() {
+            return Err(AgentError::UnknownPod(id.to_owned()));
+        }
+        tracing::info!(pod_id = %id, "tunnel stopped by the user");
+        Ok(())
+    }
+
     pub fn health(&self) -> HealthResponse {
         HealthResponse {
             status: "healthy".to_owned(),
@@ -221,6 +250,7 @@ impl Agent {
             demo: self.inner.config.demo,
             names: self.inner.hosts.health(),
             control_plane: self.inner.control_plane.borrow().clone(),
+            cluster_status: crate::report::CLUSTER_STATUS.to_owned(),
         }
     }
 

@@ -30,24 +30,35 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Middleware: when the agent requires a token, every request but the open
-/// paths must carry it.
-pub async fn require_token(State(agent): State<Agent>, request: Request, next: Next) -> Response {
-    if agent.token_required() && !OPEN_PATHS.contains(&request.uri().path()) {
-        match bearer(request.headers()) {
-            Some(token) if token_matches(token, agent.token()) => {}
-            Some(_) => {
-                return ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token")
+/// Middleware on every request. Beyond loopback: every request but the open
+/// paths must carry the bearer token. On loopback: the `Host` must be local,
+/// so a web page whose name was rebound to 127.0.0.1 cannot read or push.
+pub async fn check_caller(State(agent): State<Agent>, request: Request, next: Next) -> Response {
+    if agent.token_required() {
+        if !OPEN_PATHS.contains(&request.uri().path()) {
+            match bearer(request.headers()) {
+                Some(token) if token_matches(token, agent.token()) => {}
+                Some(_) => {
+                    return ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token")
+                        .into_response()
+                }
+                None => {
+                    return ApiError::new(
+                        StatusCode::UNAUTHORIZED,
+                        "missing bearer token: this agent listens beyond loopback, send \
+                         `Authorization: Bearer <token>` (see `k3s-local-agent token`)",
+                    )
                     .into_response()
+                }
             }
-            None => {
-                return ApiError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "missing bearer token: this agent listens beyond loopback, send \
-                     `Authorization: Bearer <token>` (see `k3s-local-agent token`)",
-                )
-                .into_response()
-            }
+        }
+    } else if let Some(host) = request.headers().get(header::HOST) {
+        if !host.to_str().is_ok_and(is_local_host) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "Host header must name localhost or a loopback address",
+            )
+            .into_response();
         }
     }
     next.run(request).await

@@ -18,6 +18,7 @@ pub mod ports;
 pub mod receiver;
 pub mod report;
 pub mod store;
+pub mod ui;
 
 pub use agent::{Agent, AgentError, ApplyOutcome};
 pub use config::{Config, RunOverrides};

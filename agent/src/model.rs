@@ -389,6 +389,16 @@ pub struct HealthResponse {
     pub demo: bool,
     pub names: NamesHealth,
     pub control_plane: ControlPlaneHealth,
+    /// The local cluster mirror: `ready`, `unavailable` or `disabled`.
+    pub cluster_status: String,
+}
+
+/// Everything the dashboard shows, in one value: sent whole on every change
+/// (`GET /api/v1/snapshot`, the SSE stream, the tray app's events).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub health: HealthResponse,
+    pub pods: Vec<PodView>,
 }
 
 /// Body of `POST /api/v1/pods/{id}/forwarding`.

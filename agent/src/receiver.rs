@@ -15,11 +15,11 @@ use serde_json::{json, Value};
 use tower_http::timeout::TimeoutLayer;
 
 use crate::agent::{Agent, AgentError};
-use crate::auth;
 use crate::model::{
     parse_pod, parse_pod_id_only, Action, ForwardingRequest, PodList, PodRejection, PodSpec,
     PushResponse,
 };
+use crate::{auth, ui};
 
 /// Largest request body accepted (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -72,10 +72,11 @@ impl From<AgentError> for ApiError {
 }
 
 /// Builds the agent's router. State-changing local endpoints are behind
-/// [`auth::local_only`]; everything is behind [`auth::require_token`].
+/// [`auth::local_only`]; everything is behind [`auth::check_caller`].
 pub fn router(agent: Agent) -> Router {
     let local = Router::new()
         .route("/api/v1/pods/{id}/forwarding", post(set_forwarding))
+        .route("/api/v1/pods/{id}/stop", post(stop_tunnel))
         .route_layer(middleware::from_fn(auth::local_only));
     Router::new()
         .route("/health", get(health))
@@ -83,11 +84,12 @@ pub fn router(agent: Agent) -> Router {
         .route("/api/v1/pods/status", get(pod_status))
         .route("/api/v1/pods/{id}", get(one_pod))
         .merge(local)
+        .merge(ui::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
             agent.clone(),
-            auth::require_token,
+            auth::check_caller,
         ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(TimeoutLayer::with_status_code(
@@ -132,6 +134,14 @@ async fn set_forwarding(
     })?;
     let tunnel = agent.set_forwarding(&id, request.enabled).await?;
     Ok(Json(tunnel).into_response())
+}
+
+async fn stop_tunnel(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    agent.stop_tunnel(&id).await?;
+    Ok(Json(json!({"status": "stopped", "id": id})).into_response())
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -27,7 +27,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The last report on the way out must not hold up the exit.
 const FINAL_REPORT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Until the cluster mirror exists, the report says so.
-const CLUSTER_STATUS: &str = "disabled";
+pub const CLUSTER_STATUS: &str = "disabled";
 
 /// Why the reporter could not be built.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,196 @@
+// The dashboard: renders each snapshot the agent pushes, and turns clicks
+// into calls through the adapter. All pod data is untrusted text: it goes in
+// with textContent, never as HTML.
+
+import * as agent from './adapter.js';
+
+const $ = (id) => document.getElementById(id);
+let latest = null;
+
+function el(tag, props = {}, children = []) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(props)) {
+    if (key === 'class') node.className = value;
+    else if (key === 'text') node.textContent = value;
+    else if (key.startsWith('data-')) node.setAttribute(key, value);
+    else node[key] = value;
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function bytes(n) {
+  const units = ['B', 'KB', 'MB', 'GB', 'TB'];
+  let value = n;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${unit === 0 ? value : value.toFixed(1)} ${units[unit]}`;
+}
+
+function ago(timestamp) {
+  if (!timestamp) return 'never';
+  const seconds = Math.max(0, Math.round((Date.now() - Date.parse(timestamp)) / 1000));
+  if (seconds < 60) return `${seconds}s ago`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)}m ago`;
+  return new Date(timestamp).toLocaleTimeString();
+}
+
+function showError(message) {
+  const box = $('error');
+  box.textContent = message;
+  box.hidden = !message;
+}
+
+async function act(button, work) {
+  button.disabled = true;
+  try {
+    await work();
+    showError('');
+  } catch (error) {
+    showError(error.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function podUrl(tunnel) {
+  return `http://${tunnel.localhost_name}:${tunnel.local_port}/`;
+}
+
+function copyButton(text) {
+  const button = el('button', { class: 'copy mono', text, title: 'Copy' });
+  button.addEventListener('click', async () => {
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = 'copied';
+    } catch {
+      button.textContent = 'copy failed';
+    }
+    setTimeout(() => { button.textContent = text; }, 1200);
+  });
+  return button;
+}
+
+function podRow({ pod, tunnel }) {
+  const row = el('tr', { 'data-pod-id': pod.id, 'data-state': tunnel.status });
+
+  const podCell = el('td', {}, [
+    el('div', { class: 'name', text: pod.name }),
+    el('div', { class: 'sub', text: [pod.namespace, pod.status].filter(Boolean).join(' · ') }),
+  ]);
+
+  const local = tunnel.local_port ? `:${tunnel.local_port}` : 'no port';
+  const tunnelCell = el('td', {}, [
+    el('span', { class: `state ${tunnel.status}`, text: tunnel.status }),
+    ' ',
+    el('span', { class: 'mono port', text: local }),
+    el('div', {}, [copyButton(tunnel.dns_name)]),
+    el('div', { class: 'sub mono', text: `→ ${tunnel.staging_pod_ip}:${tunnel.staging_port}` }),
+  ]);
+  if (tunnel.error) {
+    tunnelCell.append(el('div', { class: 'error-text', text: tunnel.error }));
+  }
+  if (tunnel.port_note) {
+    tunnelCell.append(el('div', { class: 'sub', text: tunnel.port_note }));
+  }
+
+  const traffic = el('td', { class: 'num' }, [
+    el('div', { text: `${tunnel.open_connections} open / ${tunnel.total_connections}` }),
+    el('div', { class: 'sub', text: `↑ ${bytes(tunnel.bytes_to_pod)} ↓ ${bytes(tunnel.bytes_from_pod)}` }),
+  ]);
+
+  const toggle = el('input', {
+    type: 'checkbox',
+    checked: tunnel.forwarding,
+    title: tunnel.forwarding ? 'Forwarding: on' : 'Forwarding: off',
+    'data-role': 'toggle',
+  });
+  toggle.setAttribute('aria-label', `Forward ${pod.name}`);
+  toggle.addEventListener('change', () =>
+    act(toggle, () => agent.setForwarding(pod.id, toggle.checked)));
+
+  const open = el('button', { class: 'open', text: 'Open', disabled: tunnel.status !== 'active' });
+  open.addEventListener('click', () => act(open, () => agent.openPod(pod.id, podUrl(tunnel))));
+  const stop = el('button', { class: 'stop', text: 'Stop', title: 'Remove this tunnel' });
+  stop.addEventListener('click', () => act(stop, () => agent.stopTunnel(pod.id)));
+
+  const actions = el('td', { class: 'actions' }, [
+    el('label', { class: 'switch' }, [toggle, el('span', { class: 'slider' })]),
+    el('div', { class: 'row-actions' }, [open, stop]),
+  ]);
+
+  row.append(podCell, tunnelCell, traffic, actions);
+  return row;
+}
+
+function matches(view, filter) {
+  if (!filter) return true;
+  const { pod, tunnel } = view;
+  return [pod.id, pod.name, pod.namespace, pod.status, tunnel.dns_name, String(tunnel.local_port), tunnel.status]
+    .some((text) => text && text.toLowerCase().includes(filter));
+}
+
+function renderHeader(health) {
+  $('agent-id').textContent = health.agent_id;
+  $('demo').hidden = !health.demo;
+
+  const cp = health.control_plane;
+  const pill = $('control-plane');
+  if (cp.reachable === true) {
+    pill.className = 'pill ok';
+    pill.textContent = `control plane · synced ${ago(cp.last_sync)}`;
+  } else if (cp.reachable === false) {
+    pill.className = 'pill bad';
+    pill.textContent = `control plane unreachable · last sync ${ago(cp.last_sync)}`;
+  } else {
+    pill.className = 'pill';
+    pill.textContent = 'control plane · not yet contacted';
+  }
+  pill.title = cp.last_error ? `${cp.url}: ${cp.last_error}` : cp.url;
+
+  const cluster = $('cluster');
+  cluster.textContent = `cluster · ${health.cluster_status}`;
+  cluster.className = health.cluster_status === 'ready' ? 'pill ok' : 'pill';
+
+  const warning = $('names-warning');
+  warning.textContent = health.names.warning || '';
+  warning.hidden = !health.names.warning;
+
+  $('curl-line').textContent =
+    `curl -X POST ${location.origin.startsWith('http') ? location.origin : 'http://127.0.0.1:8082'}/api/v1/pods \\\n` +
+    `  -H 'Content-Type: application/json' -d '{"agent_id":"${health.agent_id}","action":"create",` +
+    `"pods":[{"id":"pod-1","name":"my-app","ip":"10.0.1.100","port":80}]}'`;
+}
+
+function render() {
+  if (!latest) return;
+  const { health, pods } = latest;
+  renderHeader(health);
+  const filter = $('filter').value.trim().toLowerCase();
+  const shown = pods.filter((view) => matches(view, filter));
+  const active = pods.filter((view) => view.tunnel.status === 'active').length;
+  const failed = pods.filter((view) => view.tunnel.status === 'failed').length;
+  $('counts').textContent = pods.length
+    ? `${active}/${pods.length} active${failed ? `, ${failed} failed` : ''}`
+    : '';
+  $('empty').hidden = pods.length > 0;
+  $('pods').hidden = shown.length === 0;
+  $('no-match').hidden = !(pods.length > 0 && shown.length === 0);
+  $('pods').querySelector('tbody').replaceChildren(...shown.map(podRow));
+}
+
+function start() {
+  $('filter').addEventListener('input', render);
+  agent.subscribe(
+    (snapshot) => { latest = snapshot; render(); },
+    (connected) => { $('link').hidden = connected; },
+  );
+  agent.snapshot().then((snapshot) => {
+    if (!latest) { latest = snapshot; render(); }
+  }).catch((error) => showError(`cannot reach the agent: ${error.message}`));
+}
+
+start();
