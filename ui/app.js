@@ -84,7 +84,11 @@ function podRow({ pod, tunnel }) {
 
   const local = tunnel.local_port ? `:${tunnel.local_port}` : 'no port';
   const tunnelCell = el('td', {}, [
-    el('span', { class: `state ${tunnel.status}`, text: tunnel.status }),
+    el('span', {
+      class: `state ${tunnel.status}${tunnel.error ? ' erroring' : ''}`,
+      text: tunnel.status,
+      title: tunnel.error || `tunnel ${tunnel.status}`,
+    }),
     ' ',
     el('span', { class: 'mono port', text: local }),
     el('div', {}, [copyButton(tunnel.dns_name)]),
@@ -97,8 +101,8 @@ function podRow({ pod, tunnel }) {
     tunnelCell.append(el('div', { class: 'sub', text: tunnel.port_note }));
   }
 
-  const traffic = el('td', { class: 'num' }, [
-    el('div', { text: `${tunnel.open_connections} open / ${tunnel.total_connections}` }),
+  const traffic = el('td', { class: 'num traffic' }, [
+    el('div', { text: `${tunnel.open_connections} open · ${tunnel.total_connections}` }),
     el('div', { class: 'sub', text: `↑ ${bytes(tunnel.bytes_to_pod)} ↓ ${bytes(tunnel.bytes_from_pod)}` }),
   ]);
 

@@ -40,6 +40,7 @@ pub enum AgentEvent {
 pub struct EventBus {
     events: broadcast::Sender<AgentEvent>,
     revision: watch::Sender<u64>,
+    traffic: watch::Sender<u64>,
 }
 
 impl Default for EventBus {
@@ -52,7 +53,12 @@ impl EventBus {
     pub fn new() -> Self {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let (revision, _) = watch::channel(0);
-        Self { events, revision }
+        let (traffic, _) = watch::channel(0);
+        Self {
+            events,
+            revision,
+            traffic,
+        }
     }
 
     /// Publishes an event and bumps the revision. Nobody listening is fine.
@@ -69,5 +75,17 @@ impl EventBus {
     /// A receiver that wakes once per burst of changes.
     pub fn watch_revision(&self) -> watch::Receiver<u64> {
         self.revision.subscribe()
+    }
+
+    /// Notes that a tunnel's counters moved (a connection opened or closed).
+    /// Kept apart from the revision: it can fire thousands of times a second,
+    /// so its subscribers throttle it, and it never triggers a status report.
+    pub fn traffic_moved(&self) {
+        self.traffic.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver that wakes when counters moved.
+    pub fn watch_traffic(&self) -> watch::Receiver<u64> {
+        self.traffic.subscribe()
     }
 }

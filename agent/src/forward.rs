@@ -245,18 +245,20 @@ async fn accept_loop(
 }
 
 /// Decrements the open-connection count however the connection ends.
-struct OpenGuard<'a>(&'a AtomicU64);
+struct OpenGuard<'a>(&'a TunnelShared);
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.counters.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.events.traffic_moved();
     }
 }
 
 async fn serve_connection(client: TcpStream, shared: &TunnelShared) {
     shared.counters.total.fetch_add(1, Ordering::Relaxed);
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
-    let _open = OpenGuard(&shared.counters.open);
+    shared.events.traffic_moved();
+    let _open = OpenGuard(shared);
 
     let target = shared.target();
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {

@@ -12,6 +12,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::stream::{self, Stream, StreamExt};
+use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::agent::Agent;
 use crate::receiver::ApiError;
@@ -81,23 +83,60 @@ async fn snapshot(State(agent): State<Agent>) -> Response {
 }
 
 /// `event: snapshot` with the whole snapshot now, then after every burst of
-/// changes (the revision watch coalesces them). Ends when the agent stops, so
-/// a graceful shutdown never waits on an open dashboard.
+/// changes (the revision watch coalesces them) and, at most once per
+/// [`TRAFFIC_THROTTLE`], when only counters moved. Ends when the agent stops,
+/// so a graceful shutdown never waits on an open dashboard.
 async fn events(State(agent): State<Agent>) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let revisions = agent.events().watch_revision();
+    let watches = Watches {
+        revisions: agent.events().watch_revision(),
+        traffic: agent.events().watch_traffic(),
+        last_sent: Instant::now(),
+    };
     let stopped = agent.cancellation().clone().cancelled_owned();
     let first = stream::once({
         let agent = agent.clone();
         async move { snapshot_event(&agent) }
     });
-    let changes = stream::unfold((agent, revisions), |(agent, mut revisions)| async move {
-        revisions.changed().await.ok()?;
-        revisions.mark_unchanged();
+    let changes = stream::unfold((agent, watches), |(agent, mut watches)| async move {
+        watches.next_change().await?;
         let event = snapshot_event(&agent);
-        Some((event, (agent, revisions)))
+        Some((event, (agent, watches)))
     });
     let stream = first.chain(changes).take_until(stopped).map(Ok);
     Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}
+
+/// The most often a dashboard is sent fresh counters.
+pub const TRAFFIC_THROTTLE: Duration = Duration::from_millis(500);
+
+/// What one event stream waits on.
+struct Watches {
+    revisions: watch::Receiver<u64>,
+    traffic: watch::Receiver<u64>,
+    last_sent: Instant,
+}
+
+impl Watches {
+    /// Waits until a snapshot is due; `None` once the agent is gone.
+    async fn next_change(&mut self) -> Option<()> {
+        tokio::select! {
+            changed = self.revisions.changed() => changed.ok()?,
+            changed = self.traffic.changed() => {
+                changed.ok()?;
+                // Counters alone: wait out the throttle, but a real change
+                // arriving meanwhile goes out at once.
+                let due = self.last_sent + TRAFFIC_THROTTLE;
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    changed = self.revisions.changed() => changed.ok()?,
+                }
+            }
+        }
+        self.revisions.mark_unchanged();
+        self.traffic.mark_unchanged();
+        self.last_sent = Instant::now();
+        Some(())
+    }
 }
 
 fn snapshot_event(agent: &Agent) -> Event {

@@ -1,0 +1,260 @@
+// The dashboard served by the agent, in headless Chromium (Debian's), driven
+// by Playwright: rows appear on a push, the toggle closes and reopens the
+// port, Stop removes a tunnel, a failing pod shows why, a foreign page is
+// refused. Screenshots of each step go to target/ui-screenshots/.
+
+import { test, before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { mkdtempSync, mkdirSync, writeFileSync, readFileSync } from 'node:fs';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+const binary = process.env.K3S_LOCAL_AGENT_BIN || path.join(root, 'target/debug/k3s-local-agent');
+const shots = path.join(root, 'target/ui-screenshots');
+const chromiumPath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
+const DEADLINE_MS = 15000;
+
+let agent;
+let baseUrl;
+let agentId;
+let browser;
+let page;
+let sandbox;
+const servers = [];
+
+/** Polls `condition` until it is truthy or the deadline passes. */
+async function waitFor(what, condition) {
+  const deadline = Date.now() + DEADLINE_MS;
+  for (;;) {
+    const value = await condition();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setImmediate(resolve));
+  }
+}
+
+/** A loopback HTTP server playing a pod: answers every request with `text`. */
+function startPod(text) {
+  return new Promise((resolve) => {
+    const server = http.createServer((_, response) => response.end(text));
+    server.listen(0, '127.0.0.1', () => {
+      servers.push(server);
+      resolve(server.address().port);
+    });
+  });
+}
+
+/** 'open' or 'refused' for a TCP connection to a local port. */
+function probe(port) {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1');
+    socket.once('connect', () => { socket.destroy(); resolve('open'); });
+    socket.once('error', (error) => resolve(error.code === 'ECONNREFUSED' ? 'refused' : error.code));
+  });
+}
+
+/** The body a GET through a tunnel returns. */
+function getThrough(port) {
+  return new Promise((resolve, reject) => {
+    http.get({ host: '127.0.0.1', port, path: '/' }, (response) => {
+      let body = '';
+      response.on('data', (chunk) => { body += chunk; });
+      response.on('end', () => resolve(body));
+    }).on('error', reject);
+  });
+}
+
+/** Opens a connection through a tunnel and waits until it is closed. */
+function touch(port) {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, '127.0.0.1');
+    socket.on('data', () => {});
+    socket.once('close', resolve);
+    socket.once('error', resolve);
+  });
+}
+
+/** A raw HTTP request with chosen headers (fetch would not send Origin). */
+function rawRequest(method, urlPath, headers, body) {
+  const url = new URL(urlPath, baseUrl);
+  return new Promise((resolve, reject) => {
+    const request = http.request(
+      { host: url.hostname, port: url.port, path: url.pathname, method, headers },
+      (response) => {
+        let text = '';
+        response.on('data', (chunk) => { text += chunk; });
+        response.on('end', () => resolve({ status: response.statusCode, text }));
+      },
+    );
+    request.on('error', reject);
+    request.end(body);
+  });
+}
+
+async function push(action, pods) {
+  const response = await fetch(`${baseUrl}/api/v1/pods`, {
+    method: 'POST',
+    headers: { 'Content-Type': 'application/json' },
+    body: JSON.stringify({ agent_id: agentId, action, pods }),
+  });
+  assert.equal(response.status, 200, await response.text());
+}
+
+async function status() {
+  return (await fetch(`${baseUrl}/api/v1/pods/status`)).json();
+}
+
+async function portOf(id) {
+  return (await status()).redirections[id].local_port;
+}
+
+function row(id) {
+  return page.locator(`tr[data-pod-id="${id}"]`);
+}
+
+async function shot(name) {
+  await page.screenshot({ path: path.join(shots, `${name}.png`), fullPage: true });
+}
+
+before(async () => {
+  mkdirSync(shots, { recursive: true });
+  sandbox = mkdtempSync(path.join(os.tmpdir(), 'k3s-local-agent-web-'));
+  writeFileSync(path.join(sandbox, 'hosts'), '127.0.0.1 localhost\n');
+  agent = spawn(binary, [
+    'run', '--agent-port', '0', '--port-range', '21300-21319',
+    '--hosts-file', path.join(sandbox, 'hosts'), '--state-dir', path.join(sandbox, 'state'),
+  ], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RUST_LOG: 'info' } });
+  let log = '';
+  baseUrl = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`agent did not start:\n${log}`)), DEADLINE_MS);
+    agent.stderr.on('data', (chunk) => {
+      log += chunk;
+      const found = /listening on (http:\/\/\S+)/.exec(log);
+      if (found) { clearTimeout(timer); resolve(found[1]); }
+    });
+    agent.once('exit', (code) => reject(new Error(`agent exited (${code}):\n${log}`)));
+  });
+  agentId = (await (await fetch(`${baseUrl}/health`)).json()).agent_id;
+
+  browser = await chromium.launch({
+    executablePath: chromiumPath,
+    headless: true,
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  page = await browser.newPage({ viewport: { width: 480, height: 600 } });
+  page.setDefaultTimeout(DEADLINE_MS);
+});
+
+after(async () => {
+  await browser?.close();
+  agent?.kill('SIGTERM');
+  for (const server of servers) server.close();
+});
+
+test('a newcomer sees how to push a pod', async () => {
+  await page.goto(baseUrl);
+  await page.locator('#empty').waitFor({ state: 'visible' });
+  const curlLine = await page.locator('#curl-line').textContent();
+  assert.match(curlLine, /curl -X POST/);
+  assert.ok(curlLine.includes(agentId), curlLine);
+  assert.equal(await page.locator('#agent-id').textContent(), agentId);
+  assert.ok(await page.locator('#demo').isHidden(), 'no DEMO badge outside the demo');
+  await page.locator('#link').waitFor({ state: 'hidden' });
+  await shot('01-empty');
+});
+
+test('pushed pods appear as rows without a reload', async () => {
+  const web = await startPod('web page');
+  const api = await startPod('api answer');
+  await push('create', [
+    { id: 'web-1', name: 'web', namespace: 'staging', status: 'running', ip: '127.0.0.1', port: web },
+    { id: 'api-1', name: 'api', namespace: 'staging', status: 'running', ip: '127.0.0.1', port: api },
+  ]);
+  await row('web-1').waitFor();
+  await row('api-1').waitFor();
+  const text = await row('web-1').textContent();
+  assert.ok(text.includes('web-staging.local'), text);
+  assert.ok(text.includes(`:${await portOf('web-1')}`), text);
+  assert.ok(text.includes(`127.0.0.1:${web}`), text);
+  assert.equal(await row('web-1').getAttribute('data-state'), 'active');
+  assert.ok(await page.locator('#empty').isHidden());
+  await shot('02-rows');
+});
+
+test('the toggle closes the port and opens it again', async () => {
+  const port = await portOf('web-1');
+  assert.equal(await getThrough(port), 'web page');
+  await row('web-1').locator('.slider').click();
+  await page.locator('tr[data-pod-id="web-1"][data-state="stopped"]').waitFor();
+  assert.equal(await probe(port), 'refused');
+  assert.equal(await row('web-1').locator('input[data-role="toggle"]').isChecked(), false);
+  await shot('03-toggled-off');
+  await row('web-1').locator('.slider').click();
+  await page.locator('tr[data-pod-id="web-1"][data-state="active"]').waitFor();
+  assert.equal(await getThrough(port), 'web page');
+  // The rows count the traffic.
+  await waitFor('traffic to show', async () => (await row('web-1').textContent()).includes('· 2'));
+});
+
+test('the filter narrows the rows', async () => {
+  await page.fill('#filter', 'api');
+  await waitFor('the filter to apply', async () => (await page.locator('tbody tr').count()) === 1);
+  assert.equal(await page.locator('tbody tr').getAttribute('data-pod-id'), 'api-1');
+  await page.fill('#filter', 'nothing-like-this');
+  await page.locator('#no-match').waitFor({ state: 'visible' });
+  await page.fill('#filter', '');
+  await waitFor('all rows back', async () => (await page.locator('tbody tr').count()) === 2);
+});
+
+test('Stop removes the tunnel', async () => {
+  const port = await portOf('api-1');
+  await row('api-1').locator('button.stop').click();
+  await row('api-1').waitFor({ state: 'detached' });
+  assert.equal(await probe(port), 'refused');
+  assert.equal((await status()).redirections['api-1'], undefined);
+  assert.ok(!readFileSync(path.join(sandbox, 'hosts'), 'utf8').includes('api-staging'));
+  await shot('04-stopped');
+});
+
+test('a failing pod shows its state and reason', async () => {
+  const dead = await new Promise((resolve) => {
+    const server = net.createServer();
+    server.listen(0, '127.0.0.1', () => {
+      const { port } = server.address();
+      server.close(() => resolve(port));
+    });
+  });
+  await push('create', [{ id: 'dead-1', name: 'dead', ip: '127.0.0.1', port: dead }]);
+  await row('dead-1').waitFor();
+  await touch(await portOf('dead-1'));
+  const error = row('dead-1').locator('.error-text');
+  await error.waitFor();
+  assert.match(await error.textContent(), /refused/i);
+  await shot('05-failing-pod');
+});
+
+test('a foreign page cannot change the agent', async () => {
+  const body = JSON.stringify({ enabled: false });
+  const foreign = await rawRequest('POST', '/api/v1/pods/web-1/forwarding', {
+    'Content-Type': 'application/json', Origin: 'http://evil.example', 'Content-Length': body.length,
+  }, body);
+  assert.equal(foreign.status, 403, foreign.text);
+  const rebound = await rawRequest('GET', '/api/v1/pods', { Host: 'evil.example' });
+  assert.equal(rebound.status, 403, rebound.text);
+  assert.equal((await status()).redirections['web-1'].status, 'active');
+});
+
+test('the dashboard reads well in the dark theme', async () => {
+  await page.emulateMedia({ colorScheme: 'dark' });
+  const background = await page.evaluate(() => getComputedStyle(document.body).backgroundColor);
+  assert.notEqual(background, 'rgb(255, 255, 255)');
+  await shot('06-dark');
+  await page.emulateMedia({ colorScheme: 'light' });
+});
