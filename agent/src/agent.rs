@@ -362,6 +362,27 @@ impl Agent {
         Ok(view.tunnel)
     }
 
+    /// Turns forwarding on or off for every pod (the tray's Pause all /
+    /// Resume all); returns how many pods changed.
+    pub async fn set_forwarding_all(&self, enabled: bool) -> Result<usize, AgentError> {
+        let ids: Vec<String> = self
+            .inner
+            .store
+            .read()
+            .iter()
+            .filter(|(_, entry)| entry.forwarding != enabled)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            match self.set_forwarding(id, enabled).await {
+                // Removed meanwhile by a push: nothing to pause.
+                Ok(_) | Err(AgentError::UnknownPod(_)) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(ids.len())
+    }
+
     /// Stops every task, closes every listener, removes our names from the
     /// hosts file and tells the control plane we stopped. The pods stay on
     /// disk, so the next start brings the tunnels back.

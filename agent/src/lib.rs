@@ -13,6 +13,7 @@ pub mod forward;
 pub mod fsio;
 pub mod model;
 pub mod names;
+pub mod notices;
 pub mod persist;
 pub mod ports;
 pub mod receiver;

@@ -295,3 +295,30 @@ async fn deleting_a_pod_closes_its_port() {
     );
     agent.agent.shutdown().await;
 }
+
+#[tokio::test]
+async fn pause_all_and_resume_all() {
+    let fx = Fixture::new(17).await;
+    let agent = fx.start().await;
+    let upstream = greeting_server("hi").await;
+    agent
+        .push(
+            "create",
+            json!([pod("a", "a", upstream), pod("b", "b", upstream)]),
+        )
+        .await;
+    agent.set_forwarding("b", false).await;
+    let (a, b) = (agent.port_of("a").await, agent.port_of("b").await);
+    assert_eq!(
+        agent.agent.set_forwarding_all(false).await.expect("pause"),
+        1
+    );
+    assert!(refuses(a).await && refuses(b).await);
+    assert_eq!(
+        agent.agent.set_forwarding_all(true).await.expect("resume"),
+        2
+    );
+    assert_eq!(read_all_from(a).await.expect("a"), "hi");
+    assert_eq!(read_all_from(b).await.expect("b"), "hi");
+    agent.agent.shutdown().await;
+}
