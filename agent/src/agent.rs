@@ -240,6 +240,14 @@ impl Agent {
         Ok(())
     }
 
+    /// `http://<name>-staging.localhost:<port>/`: where a browser reaches the
+    /// pod with no setup. `None` for an unknown pod or one without a port.
+    pub fn pod_url(&self, id: &str) -> Option<String> {
+        let view = self.inner.store.pod_view(id)?;
+        let port = view.tunnel.local_port?;
+        Some(format!("http://{}:{port}/", view.tunnel.localhost_name))
+    }
+
     pub fn health(&self) -> HealthResponse {
         HealthResponse {
             status: "healthy".to_owned(),

@@ -182,6 +182,9 @@ pub struct Config {
     pub hosts_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub demo: bool,
+    /// Whether a control plane URL was given at all (flag, env or file): the
+    /// desktop app runs the demo when none was.
+    pub control_plane_configured: bool,
 }
 
 impl Config {
@@ -196,11 +199,13 @@ impl Config {
 
     /// Layers flags/env over already-read file settings over the defaults.
     pub fn layer(flags: &RunOverrides, file: &FileSettings) -> Result<Self, ConfigError> {
-        let control_plane_url = flags
+        let configured_url = flags
             .control_plane_url
             .clone()
-            .or_else(|| file.control_plane_url.clone())
-            .unwrap_or_else(|| DEFAULT_CONTROL_PLANE_URL.to_owned());
+            .or_else(|| file.control_plane_url.clone());
+        let control_plane_configured = configured_url.is_some();
+        let control_plane_url =
+            configured_url.unwrap_or_else(|| DEFAULT_CONTROL_PLANE_URL.to_owned());
         let control_plane_url = parse_control_plane_url(&control_plane_url)?;
 
         let sync_secs = flags
@@ -258,6 +263,7 @@ impl Config {
             hosts_file: flags.hosts_file.clone().or_else(|| file.hosts_file.clone()),
             state_dir,
             demo: flags.demo || file.demo.unwrap_or(false),
+            control_plane_configured,
         })
     }
 

@@ -135,6 +135,36 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), PersistError> {
     })
 }
 
+/// The desktop app's own preferences, kept beside the agent's state.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DesktopSettings {
+    #[serde(default)]
+    pub notifications_muted: bool,
+}
+
+const DESKTOP_SETTINGS_FILE: &str = "desktop.json";
+
+impl DesktopSettings {
+    /// The stored settings; defaults when none were saved (or the file is unreadable,
+    /// which only costs a preference).
+    pub fn load(state_dir: &Path) -> Self {
+        fs::read_to_string(state_dir.join(DESKTOP_SETTINGS_FILE))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn save(&self, state_dir: &Path) -> Result<(), PersistError> {
+        ensure_dir(state_dir)?;
+        let path = state_dir.join(DESKTOP_SETTINGS_FILE);
+        let text = serde_json::to_string_pretty(self).map_err(|err| PersistError::File {
+            path: path.clone(),
+            source: io::Error::other(err.to_string()),
+        })?;
+        write_file(&path, &text, 0o644)
+    }
+}
+
 /// A pod as kept on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredPod {
@@ -305,6 +335,20 @@ mod tests {
         assert_eq!(fsio::mode_of(&dir.path().join(TOKEN_FILE)), Some(0o600));
         let named = Identity::load_or_create(dir.path(), Some("agent-x")).expect("named");
         assert_eq!(named.agent_id, "agent-x");
+    }
+
+    #[test]
+    fn desktop_settings_round_trip() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(
+            DesktopSettings::load(dir.path()),
+            DesktopSettings::default()
+        );
+        let muted = DesktopSettings {
+            notifications_muted: true,
+        };
+        muted.save(dir.path()).expect("save");
+        assert_eq!(DesktopSettings::load(dir.path()), muted);
     }
 
     #[tokio::test]

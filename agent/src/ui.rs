@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -54,13 +54,16 @@ const CONTENT_SECURITY_POLICY: &str =
 pub fn routes() -> Router<Agent> {
     Router::new()
         .route("/", get(|| asset("index.html")))
-        .route("/ui/{file}", get(|Path(file): Path<String>| asset(file)))
+        // At the root, as in the desktop app, so the page's relative paths work in both.
+        .route("/index.html", get(|| asset("index.html")))
+        .route("/app.js", get(|| asset("app.js")))
+        .route("/adapter.js", get(|| asset("adapter.js")))
+        .route("/style.css", get(|| asset("style.css")))
         .route("/api/v1/snapshot", get(snapshot))
         .route("/api/v1/events", get(events))
 }
 
-async fn asset(name: impl AsRef<str>) -> Response {
-    let name = name.as_ref();
+async fn asset(name: &str) -> Response {
     match ASSETS.iter().find(|(file, _, _)| *file == name) {
         Some((_, content_type, body)) => (
             [

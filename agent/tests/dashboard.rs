@@ -127,9 +127,9 @@ async fn the_dashboard_files_are_served_with_a_strict_policy() {
     let agent = fx.start().await;
     for (path, kind, needle) in [
         ("/", "text/html", "K3s Local Agent"),
-        ("/ui/app.js", "text/javascript", "import * as agent"),
-        ("/ui/adapter.js", "text/javascript", "EventSource"),
-        ("/ui/style.css", "text/css", "prefers-color-scheme: dark"),
+        ("/app.js", "text/javascript", "import * as agent"),
+        ("/adapter.js", "text/javascript", "EventSource"),
+        ("/style.css", "text/css", "prefers-color-scheme: dark"),
     ] {
         let response = agent
             .http
@@ -157,7 +157,7 @@ async fn the_dashboard_files_are_served_with_a_strict_policy() {
     }
     let missing = agent
         .http
-        .get(agent.url("/ui/secret.txt"))
+        .get(agent.url("/secret.txt"))
         .send()
         .await
         .expect("answer");

@@ -1,0 +1,137 @@
+//! The desktop app: hosts the agent in-process and shows it as a tray icon,
+//! a dashboard window and notifications. Business logic lives in the agent
+//! crate; this crate only wires it to the desktop.
+
+#![cfg_attr(not(debug_assertions), windows_subsystem = "windows")]
+
+mod commands;
+mod live;
+mod notify;
+mod tray;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use clap::Parser;
+use k3s_local_agent::config::{Config, RunOverrides};
+use k3s_local_agent::demo::Demo;
+use k3s_local_agent::persist::DesktopSettings;
+use k3s_local_agent::Agent;
+use tauri::{Manager, RunEvent, WindowEvent};
+use tracing_subscriber::EnvFilter;
+
+/// The dashboard window's label in tauri.conf.json.
+pub const MAIN_WINDOW: &str = "main";
+
+/// The same settings as `k3s-local-agent run`; with no control plane
+/// configured, the app runs the built-in demo so a first run shows tunnels.
+#[derive(Debug, Parser)]
+#[command(
+    name = "k3s-local-agent-tray",
+    version,
+    about = "K3s Local Agent in your system tray."
+)]
+struct Cli {
+    #[command(flatten)]
+    run: RunOverrides,
+}
+
+/// Whether WebDriver drives the app: then the window shows at start, since a
+/// hidden window takes no input.
+fn under_automation() -> bool {
+    std::env::var("TAURI_WEBVIEW_AUTOMATION").is_ok_and(|v| v == "true")
+}
+
+/// Starts the agent (and the demo, when it applies) on Tauri's runtime.
+async fn start_agent(mut config: Config) -> anyhow::Result<Agent> {
+    let demo = if config.demo || !config.control_plane_configured {
+        let demo = Demo::bind().await?;
+        config.demo = true;
+        config.control_plane_url = demo.control_plane_url()?.parse()?;
+        config.state_dir = config.state_dir.join("demo");
+        Some(demo)
+    } else {
+        None
+    };
+    let address = SocketAddr::new(config.bind, config.agent_port);
+    let listener = tokio::net::TcpListener::bind(address).await.map_err(|err| {
+        anyhow::anyhow!(
+            "cannot listen on {address}: {err}; is another agent running? Choose another port with --agent-port"
+        )
+    })?;
+    let agent = Agent::start(config, listener).await?;
+    if let Some(demo) = demo {
+        demo.start(&agent).await?;
+    }
+    Ok(agent)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::resolve(&cli.run) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let settings = DesktopSettings::load(&config.state_dir);
+    let agent = match tauri::async_runtime::block_on(start_agent(config)) {
+        Ok(agent) => agent,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+
+    let app = tauri::Builder::default()
+        .plugin(tauri_plugin_opener::init())
+        .manage(agent.clone())
+        .invoke_handler(tauri::generate_handler![
+            commands::snapshot,
+            commands::set_forwarding,
+            commands::stop_tunnel,
+            commands::open_pod,
+        ])
+        .setup(move |app| {
+            let tray = tray::Tray::install(app.handle(), settings.clone())?;
+            live::spawn(app.handle().clone(), agent.clone(), tray);
+            if under_automation() {
+                if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
+                    window.show()?;
+                }
+            }
+            Ok(())
+        })
+        .on_window_event(|window, event| {
+            // Closing the dashboard keeps the app in the tray.
+            if let WindowEvent::CloseRequested { api, .. } = event {
+                api.prevent_close();
+                let _ = window.hide();
+            }
+        })
+        .build(tauri::generate_context!("../tauri.conf.json"));
+    let app = match app {
+        Ok(app) => app,
+        Err(err) => {
+            eprintln!("error: cannot start the desktop app: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    app.run(|_handle, event| {
+        if let RunEvent::ExitRequested { api, code, .. } = event {
+            // No window left is not a reason to quit: the tray stays. An
+            // explicit exit (Quit) carries a code and goes through.
+            if code.is_none() {
+                api.prevent_exit();
+            }
+        }
+    });
+    ExitCode::SUCCESS
+}

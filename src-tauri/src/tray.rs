@@ -1,0 +1,280 @@
+//! The tray icon and its menu. On Linux a click on the icon opens the menu,
+//! so the menu is the first view: a check item per tunnel that toggles it, a
+//! submenu to open pods in the browser, then the dashboard, pause/resume all,
+//! mute, quit. The menu is rebuilt in place on every change (AppIndicator
+//! cannot swap a menu once set), and the icon shows health at a glance.
+
+use std::sync::{Arc, Mutex};
+
+use k3s_local_agent::model::Snapshot;
+use k3s_local_agent::notices::Glance;
+use k3s_local_agent::persist::DesktopSettings;
+use k3s_local_agent::Agent;
+use tauri::image::Image;
+use tauri::menu::{
+    CheckMenuItem, IsMenuItem, Menu, MenuEvent, MenuItem, PredefinedMenuItem, Submenu,
+};
+use tauri::tray::{MouseButton, MouseButtonState, TrayIcon, TrayIconBuilder, TrayIconEvent};
+use tauri::{AppHandle, Manager, Wry};
+
+use crate::{commands, MAIN_WINDOW};
+
+const TRAY_ID: &str = "main";
+const TOGGLE_PREFIX: &str = "pod:";
+const OPEN_PREFIX: &str = "open:";
+const DASHBOARD: &str = "dashboard";
+const PAUSE_ALL: &str = "pause-all";
+const RESUME_ALL: &str = "resume-all";
+const MUTE: &str = "mute";
+const QUIT: &str = "quit";
+
+fn icon_for(glance: Glance) -> tauri::Result<Image<'static>> {
+    let bytes: &'static [u8] = match glance {
+        Glance::AllUp => include_bytes!("../../icons/tray-ok.png"),
+        Glance::SomeFailing => include_bytes!("../../icons/tray-failing.png"),
+        Glance::ControlPlaneUnreachable => include_bytes!("../../icons/tray-offline.png"),
+        Glance::NoPods => include_bytes!("../../icons/tray-idle.png"),
+    };
+    Image::from_bytes(bytes)
+}
+
+/// The tray icon, its menu, and the desktop preferences it edits.
+#[derive(Clone)]
+pub struct Tray {
+    icon: TrayIcon<Wry>,
+    menu: Menu<Wry>,
+    state: Arc<Mutex<TrayState>>,
+}
+
+struct TrayState {
+    settings: DesktopSettings,
+    glance: Option<Glance>,
+}
+
+impl std::fmt::Debug for Tray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tray").finish_non_exhaustive()
+    }
+}
+
+impl Tray {
+    /// Puts the icon in the tray with an empty menu; [`Tray::show`] fills it.
+    pub fn install(app: &AppHandle, settings: DesktopSettings) -> tauri::Result<Self> {
+        let menu = Menu::new(app)?;
+        let icon = TrayIconBuilder::with_id(TRAY_ID)
+            .icon(icon_for(Glance::NoPods)?)
+            .tooltip("K3s Local Agent")
+            .menu(&menu)
+            // Where a platform delivers clicks (macOS, Windows), a left click
+            // opens the dashboard and the menu stays on the right button.
+            .show_menu_on_left_click(false)
+            .on_menu_event(on_menu_event)
+            .on_tray_icon_event(|tray, event| {
+                if let TrayIconEvent::Click {
+                    button: MouseButton::Left,
+                    button_state: MouseButtonState::Up,
+                    ..
+                } = event
+                {
+                    show_dashboard(tray.app_handle());
+                }
+            })
+            .build(app)?;
+        let tray = Self {
+            icon,
+            menu,
+            state: Arc::new(Mutex::new(TrayState {
+                settings,
+                glance: None,
+            })),
+        };
+        app.manage(tray.clone());
+        Ok(tray)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TrayState> {
+        match self.state.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    pub fn notifications_muted(&self) -> bool {
+        self.lock().settings.notifications_muted
+    }
+
+    /// Rebuilds the menu for `snapshot` and sets the icon and tooltip.
+    pub fn show(&self, app: &AppHandle, snapshot: &Snapshot) -> tauri::Result<()> {
+        let glance = Glance::of(snapshot);
+        let muted = {
+            let mut state = self.lock();
+            if state.glance != Some(glance) {
+                self.icon.set_icon(Some(icon_for(glance)?))?;
+                state.glance = Some(glance);
+            }
+            state.settings.notifications_muted
+        };
+        self.icon.set_tooltip(Some(glance.describe(snapshot)))?;
+
+        let mut items: Vec<Box<dyn IsMenuItem<Wry>>> = Vec::new();
+        if snapshot.pods.is_empty() {
+            items.push(Box::new(MenuItem::with_id(
+                app,
+                "empty",
+                "No staging pods yet",
+                false,
+                None::<&str>,
+            )?));
+        }
+        let open = Submenu::with_id(
+            app,
+            "open-menu",
+            "Open in browser",
+            !snapshot.pods.is_empty(),
+        )?;
+        for view in &snapshot.pods {
+            let tunnel = &view.tunnel;
+            let port = tunnel
+                .local_port
+                .map_or_else(|| "no port".to_owned(), |p| format!(":{p}"));
+            let mut label = format!("{}  →  {port}", view.pod.name);
+            if let Some(error) = &tunnel.error {
+                label.push_str(&format!("  ({})", shorten(error)));
+            }
+            items.push(Box::new(CheckMenuItem::with_id(
+                app,
+                format!("{TOGGLE_PREFIX}{}", view.pod.id),
+                label,
+                true,
+                tunnel.forwarding,
+                None::<&str>,
+            )?));
+            open.append(&MenuItem::with_id(
+                app,
+                format!("{OPEN_PREFIX}{}", view.pod.id),
+                format!("{}  ({})", view.pod.name, tunnel.localhost_name),
+                tunnel.local_port.is_some() && tunnel.forwarding,
+                None::<&str>,
+            )?)?;
+        }
+        items.push(Box::new(PredefinedMenuItem::separator(app)?));
+        items.push(Box::new(open));
+        items.push(Box::new(MenuItem::with_id(
+            app,
+            DASHBOARD,
+            "Open dashboard",
+            true,
+            None::<&str>,
+        )?));
+        let any_forwarding = snapshot.pods.iter().any(|v| v.tunnel.forwarding);
+        let (pause_id, pause_text) = if any_forwarding || snapshot.pods.is_empty() {
+            (PAUSE_ALL, "Pause all")
+        } else {
+            (RESUME_ALL, "Resume all")
+        };
+        items.push(Box::new(MenuItem::with_id(
+            app,
+            pause_id,
+            pause_text,
+            !snapshot.pods.is_empty(),
+            None::<&str>,
+        )?));
+        items.push(Box::new(CheckMenuItem::with_id(
+            app,
+            MUTE,
+            "Mute notifications",
+            true,
+            muted,
+            None::<&str>,
+        )?));
+        items.push(Box::new(PredefinedMenuItem::separator(app)?));
+        items.push(Box::new(MenuItem::with_id(
+            app,
+            QUIT,
+            "Quit",
+            true,
+            None::<&str>,
+        )?));
+
+        while self.menu.remove_at(0)?.is_some() {}
+        for item in &items {
+            self.menu.append(item.as_ref())?;
+        }
+        Ok(())
+    }
+
+    fn toggle_mute(&self, app: &AppHandle) {
+        let settings = {
+            let mut state = self.lock();
+            state.settings.notifications_muted = !state.settings.notifications_muted;
+            state.settings.clone()
+        };
+        let agent = app.state::<Agent>();
+        if let Err(err) = settings.save(&agent.config().state_dir) {
+            tracing::warn!(error = %err, "cannot save the mute setting");
+        }
+        tracing::info!(
+            muted = settings.notifications_muted,
+            "notifications toggled"
+        );
+        // The menu shows the new state at once.
+        let snapshot = agent.snapshot();
+        if let Err(err) = self.show(app, &snapshot) {
+            tracing::warn!(error = %err, "cannot update the tray menu");
+        }
+    }
+}
+
+/// Keeps menu labels short: the dashboard has the full reason.
+fn shorten(text: &str) -> String {
+    const MAX: usize = 48;
+    if text.chars().count() <= MAX {
+        text.to_owned()
+    } else {
+        format!("{}…", text.chars().take(MAX).collect::<String>())
+    }
+}
+
+/// Shows and focuses the dashboard window.
+pub fn show_dashboard(app: &AppHandle) {
+    if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
+        let _ = window.unminimize();
+        let _ = window.show();
+        let _ = window.set_focus();
+    }
+}
+
+fn on_menu_event(app: &AppHandle, event: MenuEvent) {
+    let id = event.id().as_ref().to_owned();
+    let agent = app.state::<Agent>().inner().clone();
+    if let Some(pod_id) = id.strip_prefix(TOGGLE_PREFIX) {
+        let pod_id = pod_id.to_owned();
+        let enabled = !agent
+            .pod(&pod_id)
+            .is_some_and(|view| view.tunnel.forwarding);
+        tauri::async_runtime::spawn(async move {
+            if let Err(err) = agent.set_forwarding(&pod_id, enabled).await {
+                tracing::warn!(%pod_id, error = %err, "cannot toggle from the tray");
+            }
+        });
+    } else if let Some(pod_id) = id.strip_prefix(OPEN_PREFIX) {
+        if let Err(err) = commands::open_in_browser(app, &agent, pod_id) {
+            tracing::warn!(%pod_id, error = %err, "cannot open the pod");
+        }
+    } else {
+        match id.as_str() {
+            DASHBOARD => show_dashboard(app),
+            PAUSE_ALL | RESUME_ALL => {
+                let enabled = id == RESUME_ALL;
+                tauri::async_runtime::spawn(async move {
+                    if let Err(err) = agent.set_forwarding_all(enabled).await {
+                        tracing::warn!(error = %err, "cannot pause or resume all");
+                    }
+                });
+            }
+            MUTE => app.state::<Tray>().toggle_mute(app),
+            QUIT => crate::live::quit(app.clone(), agent),
+            _ => {}
+        }
+    }
+}
