@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+pub mod desktop;
+
 /// How long any awaited condition may take.
 pub const DEADLINE: Duration = Duration::from_secs(20);
 

@@ -1,0 +1,399 @@
+//! The tray app on a real (virtual) desktop: its window driven over WebDriver
+//! (tauri-driver + WebKitWebDriver), its tray menu clicked with xdotool in a
+//! tray host, and its notifications read off a private D-Bus session.
+//! Screenshots of each step go to target/desktop-screenshots/.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use k3s_local_agent_e2e::desktop::{tray_binary, Desktop};
+use k3s_local_agent_e2e::{greeting_server, read_from, refuses, wait_until, Sandbox, DEADLINE};
+use serde_json::{json, Value};
+
+fn screenshots() -> PathBuf {
+    k3s_local_agent_e2e::agent_binary()
+        .parent()
+        .and_then(|debug| debug.parent())
+        .map(|target| target.join("desktop-screenshots"))
+        .unwrap_or_else(|| PathBuf::from("desktop-screenshots"))
+}
+
+/// A port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A control plane stand-in that takes every report (so the app is not in demo mode).
+fn control_plane() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 65536];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+            );
+        }
+    });
+    addr
+}
+
+/// The app's settings for a test: its own agent port, files and port range.
+fn app_args(
+    sandbox: &Sandbox,
+    agent_port: u16,
+    range: &str,
+    control_plane: SocketAddr,
+) -> Vec<String> {
+    vec![
+        "--agent-port".into(),
+        agent_port.to_string(),
+        "--port-range".into(),
+        range.into(),
+        "--hosts-file".into(),
+        sandbox.hosts_str(),
+        "--state-dir".into(),
+        sandbox.state_dir(),
+        "--control-plane-url".into(),
+        format!("http://{control_plane}"),
+    ]
+}
+
+/// Pushes pods to the app's agent as a control plane would.
+async fn push(agent: &str, action: &str, pods: Value) -> Value {
+    let http = reqwest::Client::new();
+    let health: Value = http
+        .get(format!("{agent}/health"))
+        .send()
+        .await
+        .expect("agent up")
+        .json()
+        .await
+        .expect("json");
+    let response = http
+        .post(format!("{agent}/api/v1/pods"))
+        .json(&json!({"agent_id": health["agent_id"], "action": action, "pods": pods}))
+        .send()
+        .await
+        .expect("push");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+async fn status(agent: &str) -> Value {
+    reqwest::get(format!("{agent}/api/v1/pods/status"))
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn port_of(agent: &str, id: &str) -> u16 {
+    let status = status(agent).await;
+    status["redirections"][id]["local_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .unwrap_or_else(|| panic!("{id} has no port: {status}"))
+}
+
+/// Waits (async) until `check` holds, with the suite's deadline.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        poll.tick().await;
+    }
+}
+
+async fn shot(client: &Client, name: &str) {
+    let png = client.screenshot().await.expect("screenshot");
+    let dir = screenshots();
+    std::fs::create_dir_all(&dir).expect("screenshot dir");
+    std::fs::write(dir.join(format!("{name}.png")), png).expect("save screenshot");
+}
+
+async fn row_state(client: &Client, id: &str) -> Option<String> {
+    let row = client
+        .find(Locator::Css(&format!("tr[data-pod-id=\"{id}\"]")))
+        .await
+        .ok()?;
+    row.attr("data-state").await.ok().flatten()
+}
+
+struct Driver(Child);
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_window_shows_pods_live_and_its_buttons_work() {
+    let desktop = Desktop::start(110).expect("a private desktop");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let agent_port = free_port();
+    let agent = format!("http://127.0.0.1:{agent_port}");
+    let args = app_args(&sandbox, agent_port, "21400-21419", control_plane());
+
+    let (driver_port, native_port) = (free_port(), free_port());
+    let driver = desktop
+        .command("tauri-driver")
+        .args([
+            "--port",
+            &driver_port.to_string(),
+            "--native-port",
+            &native_port.to_string(),
+        ])
+        .env("TAURI_WEBVIEW_AUTOMATION", "true")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect(
+            "tauri-driver is installed (cargo install tauri-driver --locked; scripts/test does)",
+        );
+    let _driver = Driver(driver);
+    // tauri-driver proxies to WebKitWebDriver: both must listen.
+    wait_until("tauri-driver and WebKitWebDriver to listen", || {
+        std::net::TcpStream::connect(("127.0.0.1", driver_port)).is_ok()
+            && std::net::TcpStream::connect(("127.0.0.1", native_port)).is_ok()
+    })
+    .expect("tauri-driver up");
+
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "tauri:options".into(),
+        json!({"application": tray_binary(), "args": args}),
+    );
+    capabilities.insert("browserName".into(), json!("wry"));
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&format!("http://127.0.0.1:{driver_port}"))
+        .await
+        .expect("a WebDriver session on the app");
+
+    // A newcomer sees how to push a pod.
+    let empty = client
+        .wait()
+        .at_most(DEADLINE)
+        .for_element(Locator::Css("#empty"))
+        .await
+        .expect("the empty state");
+    eventually("the empty state to show", || async {
+        empty.is_displayed().await.unwrap_or(false)
+    })
+    .await;
+    let curl_line = client
+        .find(Locator::Css("#curl-line"))
+        .await
+        .expect("curl line")
+        .text()
+        .await
+        .expect("text");
+    assert!(curl_line.contains("curl -X POST"), "{curl_line}");
+    shot(&client, "01-empty").await;
+
+    // Pods pushed over HTTP appear as rows, by events, without a reload.
+    let web = greeting_server("web page").expect("pod");
+    let api = greeting_server("api answer").expect("pod");
+    push(
+        &agent,
+        "create",
+        json!([
+            {"id": "web-1", "name": "web", "namespace": "staging", "status": "running", "ip": "127.0.0.1", "port": web.port()},
+            {"id": "api-1", "name": "api", "namespace": "staging", "status": "running", "ip": "127.0.0.1", "port": api.port()},
+        ]),
+    )
+    .await;
+    let web_row = client
+        .wait()
+        .at_most(DEADLINE)
+        .for_element(Locator::Css("tr[data-pod-id=\"web-1\"]"))
+        .await
+        .expect("the web row");
+    let text = web_row.text().await.expect("row text");
+    let web_port = port_of(&agent, "web-1").await;
+    assert!(text.contains("web-staging.local"), "{text}");
+    assert!(text.contains(&format!(":{web_port}")), "{text}");
+    shot(&client, "02-rows").await;
+
+    // The toggle closes the port, and opens it again.
+    assert_eq!(read_from(web_port).expect("tunnel"), "web page");
+    let slider = Locator::Css("tr[data-pod-id=\"web-1\"] .slider");
+    client
+        .find(slider)
+        .await
+        .expect("toggle")
+        .click()
+        .await
+        .expect("click");
+    eventually("the row to show stopped", || async {
+        row_state(&client, "web-1").await.as_deref() == Some("stopped")
+    })
+    .await;
+    assert!(refuses(web_port), "a stopped tunnel refuses");
+    shot(&client, "03-toggled-off").await;
+    client
+        .find(slider)
+        .await
+        .expect("toggle")
+        .click()
+        .await
+        .expect("click");
+    eventually("the row to show active", || async {
+        row_state(&client, "web-1").await.as_deref() == Some("active")
+    })
+    .await;
+    assert_eq!(read_from(web_port).expect("tunnel again"), "web page");
+
+    // Stop removes the tunnel.
+    let api_port = port_of(&agent, "api-1").await;
+    client
+        .find(Locator::Css("tr[data-pod-id=\"api-1\"] button.stop"))
+        .await
+        .expect("stop button")
+        .click()
+        .await
+        .expect("click");
+    eventually("the api row to go", || async {
+        client
+            .find_all(Locator::Css("tr[data-pod-id=\"api-1\"]"))
+            .await
+            .is_ok_and(|rows| rows.is_empty())
+    })
+    .await;
+    assert!(refuses(api_port));
+    assert!(status(&agent).await["redirections"].get("api-1").is_none());
+
+    // A failing upstream shows the failed state with its reason.
+    let dead = free_port();
+    push(
+        &agent,
+        "create",
+        json!([{"id": "dead-1", "name": "dead", "ip": "127.0.0.1", "port": dead}]),
+    )
+    .await;
+    let dead_port = port_of(&agent, "dead-1").await;
+    let _ = read_from(dead_port);
+    let error = client
+        .wait()
+        .at_most(DEADLINE)
+        .for_element(Locator::Css("tr[data-pod-id=\"dead-1\"] .error-text"))
+        .await
+        .expect("the error shows");
+    let reason = error.text().await.expect("text");
+    assert!(reason.contains("refused"), "{reason}");
+    shot(&client, "04-failing").await;
+
+    // Notifications went out over D-Bus for what happened.
+    eventually("the notifications", || async {
+        let seen = desktop.notifications();
+        seen.iter().any(|n| n.summary == "Tunnel up: web")
+            && seen.iter().any(|n| n.summary == "Tunnel up: api")
+            && seen
+                .iter()
+                .any(|n| n.summary == "Tunnel broken: dead" && n.body.contains("refused"))
+    })
+    .await;
+    assert!(desktop
+        .notifications()
+        .iter()
+        .all(|n| n.app == "K3s Local Agent"));
+    desktop
+        .screenshot(&screenshots().join("05-desktop.png"))
+        .expect("desktop screenshot");
+    client.close().await.expect("end the session");
+}
+
+#[test]
+fn the_tray_menu_lists_toggles_opens_and_quits() {
+    let desktop = Desktop::start(140).expect("a private desktop");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let agent_port = free_port();
+    let agent = format!("http://127.0.0.1:{agent_port}");
+    let args = app_args(&sandbox, agent_port, "21420-21439", control_plane());
+    let mut app = desktop
+        .command(tray_binary())
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the app starts");
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    wait_until("the agent in the app", || {
+        std::net::TcpStream::connect(("127.0.0.1", agent_port)).is_ok()
+    })
+    .expect("agent up");
+    let pod = greeting_server("through the tray").expect("pod");
+    runtime.block_on(push(
+        &agent,
+        "create",
+        json!([{"id": "one", "name": "one", "ip": "127.0.0.1", "port": pod.port()}]),
+    ));
+    let port = runtime.block_on(port_of(&agent, "one"));
+    assert_eq!(read_from(port).expect("tunnel"), "through the tray");
+    assert!(
+        !desktop.window_visible("K3s Local Agent"),
+        "the window starts hidden"
+    );
+    // The icon is in the tray host.
+    desktop
+        .screenshot(&screenshots().join("10-tray.png"))
+        .expect("screenshot");
+
+    // The first item of the menu is the tunnel: choosing it turns it off...
+    desktop.tray_menu_keys(&["Down", "Return"]).expect("menu");
+    wait_until("the tunnel to stop", || refuses(port)).expect("toggled off from the tray");
+    // ...and on again.
+    desktop.tray_menu_keys(&["Down", "Return"]).expect("menu");
+    wait_until("the tunnel to forward", || {
+        read_from(port).is_ok_and(|t| t == "through the tray")
+    })
+    .expect("toggled on from the tray");
+
+    // With one tunnel: the tunnel, "Open in browser", "Open dashboard".
+    desktop
+        .tray_menu_keys(&["Down", "Down", "Down", "Return"])
+        .expect("menu");
+    wait_until("the dashboard window", || {
+        desktop.window_visible("K3s Local Agent")
+    })
+    .expect("Open dashboard shows the window");
+    desktop
+        .screenshot(&screenshots().join("11-dashboard.png"))
+        .expect("screenshot");
+
+    // Quit is the last item: the agent stops cleanly.
+    assert!(sandbox.hosts_text().contains("one-staging.local"));
+    desktop.tray_menu_keys(&["Up", "Return"]).expect("menu");
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = app.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the app did not quit");
+        std::thread::park_timeout(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    assert!(refuses(port));
+    assert!(
+        !sandbox.hosts_text().contains("one-staging.local"),
+        "names removed on quit"
+    );
+}
