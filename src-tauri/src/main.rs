@@ -92,6 +92,7 @@ fn main() -> ExitCode {
 
     let app = tauri::Builder::default()
         .plugin(tauri_plugin_opener::init())
+        .plugin(tauri_plugin_positioner::init())
         .manage(agent.clone())
         .invoke_handler(tauri::generate_handler![
             commands::snapshot,
@@ -100,7 +101,7 @@ fn main() -> ExitCode {
             commands::open_pod,
         ])
         .setup(move |app| {
-            let tray = tray::Tray::install(app.handle(), settings.clone())?;
+            let tray = tray::Tray::install(app.handle(), settings.clone(), &agent.snapshot())?;
             live::spawn(app.handle().clone(), agent.clone(), tray);
             if under_automation() {
                 if let Some(window) = app.get_webview_window(MAIN_WINDOW) {

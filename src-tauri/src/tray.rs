@@ -48,7 +48,6 @@ pub struct Tray {
 
 struct TrayState {
     settings: DesktopSettings,
-    glance: Option<Glance>,
 }
 
 impl std::fmt::Debug for Tray {
@@ -58,11 +57,17 @@ impl std::fmt::Debug for Tray {
 }
 
 impl Tray {
-    /// Puts the icon in the tray with an empty menu; [`Tray::show`] fills it.
-    pub fn install(app: &AppHandle, settings: DesktopSettings) -> tauri::Result<Self> {
+    /// Puts the icon in the tray, showing `initial`'s health, with an empty
+    /// menu that [`Tray::show`] fills. (The first image matters: some tray
+    /// hosts keep the image an icon had when they embedded it.)
+    pub fn install(
+        app: &AppHandle,
+        settings: DesktopSettings,
+        initial: &Snapshot,
+    ) -> tauri::Result<Self> {
         let menu = Menu::new(app)?;
         let icon = TrayIconBuilder::with_id(TRAY_ID)
-            .icon(icon_for(Glance::NoPods)?)
+            .icon(icon_for(Glance::of(initial))?)
             .tooltip("K3s Local Agent")
             .menu(&menu)
             // Where a platform delivers clicks (macOS, Windows), a left click
@@ -70,23 +75,22 @@ impl Tray {
             .show_menu_on_left_click(false)
             .on_menu_event(on_menu_event)
             .on_tray_icon_event(|tray, event| {
+                // The positioner learns where the icon is from its events.
+                tauri_plugin_positioner::on_tray_event(tray.app_handle(), &event);
                 if let TrayIconEvent::Click {
                     button: MouseButton::Left,
                     button_state: MouseButtonState::Up,
                     ..
                 } = event
                 {
-                    show_dashboard(tray.app_handle());
+                    show_dashboard_near_tray(tray.app_handle());
                 }
             })
             .build(app)?;
         let tray = Self {
             icon,
             menu,
-            state: Arc::new(Mutex::new(TrayState {
-                settings,
-                glance: None,
-            })),
+            state: Arc::new(Mutex::new(TrayState { settings })),
         };
         app.manage(tray.clone());
         Ok(tray)
@@ -106,14 +110,10 @@ impl Tray {
     /// Rebuilds the menu for `snapshot` and sets the icon and tooltip.
     pub fn show(&self, app: &AppHandle, snapshot: &Snapshot) -> tauri::Result<()> {
         let glance = Glance::of(snapshot);
-        let muted = {
-            let mut state = self.lock();
-            if state.glance != Some(glance) {
-                self.icon.set_icon(Some(icon_for(glance)?))?;
-                state.glance = Some(glance);
-            }
-            state.settings.notifications_muted
-        };
+        // Set on every change, not only when the glance changes: a tray host
+        // that embeds the icon late shows the last image it was given.
+        self.icon.set_icon(Some(icon_for(glance)?))?;
+        let muted = self.lock().settings.notifications_muted;
         self.icon.set_tooltip(Some(glance.describe(snapshot)))?;
 
         let mut items: Vec<Box<dyn IsMenuItem<Wry>>> = Vec::new();
@@ -242,6 +242,18 @@ pub fn show_dashboard(app: &AppHandle) {
         let _ = window.show();
         let _ = window.set_focus();
     }
+}
+
+/// Shows the dashboard next to the tray icon (where the platform tells us
+/// where the icon is: macOS and Windows deliver clicks).
+fn show_dashboard_near_tray(app: &AppHandle) {
+    use tauri_plugin_positioner::{Position, WindowExt};
+    if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
+        if let Err(err) = window.as_ref().window().move_window(Position::TrayCenter) {
+            tracing::debug!(error = %err, "cannot place the window by the tray");
+        }
+    }
+    show_dashboard(app);
 }
 
 fn on_menu_event(app: &AppHandle, event: MenuEvent) {

@@ -275,6 +275,12 @@ impl Desktop {
 
     /// Opens the tray icon's menu and presses `keys` in it (Down, Up, Return).
     pub fn tray_menu_keys(&self, keys: &[&str]) -> Result<()> {
+        self.open_tray_menu()?;
+        self.press(keys)
+    }
+
+    /// Clicks the tray icon and waits until its menu is on screen.
+    pub fn open_tray_menu(&self) -> Result<()> {
         let app_windows = || {
             self.xdotool(&["search", "--onlyvisible", "--class", "k3s-local-agent-tray"])
                 .map(|out| out.lines().count())
@@ -289,7 +295,11 @@ impl Desktop {
         let (x, y) = TRAY_ICON_AT;
         self.xdotool(&["mousemove", &x.to_string(), &y.to_string(), "click", "1"])?;
         // The menu is a new window of the app; it grabs the keyboard once mapped.
-        wait_until("the tray menu to open", || app_windows() > before)?;
+        wait_until("the tray menu to open", || app_windows() > before)
+    }
+
+    /// Presses keys in whatever has the keyboard (an open menu).
+    pub fn press(&self, keys: &[&str]) -> Result<()> {
         let mut args = vec!["key", "--delay", "120"];
         args.extend_from_slice(keys);
         self.xdotool(&args)?;

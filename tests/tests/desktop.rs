@@ -358,7 +358,13 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
         .expect("screenshot");
 
     // The first item of the menu is the tunnel: choosing it turns it off...
-    desktop.tray_menu_keys(&["Down", "Return"]).expect("menu");
+    desktop.open_tray_menu().expect("menu opens");
+    desktop
+        .screenshot(&screenshots().join("12-menu.png"))
+        .expect("screenshot");
+    desktop
+        .press(&["Down", "Return"])
+        .expect("choose the tunnel");
     wait_until("the tunnel to stop", || refuses(port)).expect("toggled off from the tray");
     // ...and on again.
     desktop.tray_menu_keys(&["Down", "Return"]).expect("menu");
@@ -378,6 +384,74 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
     desktop
         .screenshot(&screenshots().join("11-dashboard.png"))
         .expect("screenshot");
+
+    // Mute (second from the bottom) silences notifications, and is kept.
+    desktop
+        .tray_menu_keys(&["Up", "Up", "Return"])
+        .expect("menu");
+    let settings = std::path::Path::new(&sandbox.state_dir()).join("desktop.json");
+    wait_until("the mute setting to be saved", || {
+        std::fs::read_to_string(&settings)
+            .is_ok_and(|t| t.contains("\"notifications_muted\": true"))
+    })
+    .expect("muted");
+    let two = greeting_server("two").expect("pod");
+    runtime.block_on(push(
+        &agent,
+        "create",
+        json!([{"id": "two", "name": "two", "ip": "127.0.0.1", "port": two.port()}]),
+    ));
+    desktop
+        .tray_menu_keys(&["Up", "Up", "Return"])
+        .expect("menu");
+    wait_until("the unmute to be saved", || {
+        std::fs::read_to_string(&settings)
+            .is_ok_and(|t| t.contains("\"notifications_muted\": false"))
+    })
+    .expect("unmuted");
+    let three = greeting_server("three").expect("pod");
+    runtime.block_on(push(
+        &agent,
+        "create",
+        json!([{"id": "three", "name": "three", "ip": "127.0.0.1", "port": three.port()}]),
+    ));
+    wait_until("the notice for three", || {
+        desktop
+            .notifications()
+            .iter()
+            .any(|n| n.summary == "Tunnel up: three")
+    })
+    .expect("unmuted notices show");
+    // Notices go out in order: "two" came while muted and never showed.
+    assert!(
+        !desktop
+            .notifications()
+            .iter()
+            .any(|n| n.summary == "Tunnel up: two"),
+        "{:?}",
+        desktop.notifications()
+    );
+
+    // Pause all (third from the bottom) closes every port; then Resume all.
+    let ports = [
+        port,
+        runtime.block_on(port_of(&agent, "two")),
+        runtime.block_on(port_of(&agent, "three")),
+    ];
+    desktop
+        .tray_menu_keys(&["Up", "Up", "Up", "Return"])
+        .expect("menu");
+    wait_until("every tunnel to pause", || {
+        ports.iter().all(|p| refuses(*p))
+    })
+    .expect("paused");
+    desktop
+        .tray_menu_keys(&["Up", "Up", "Up", "Return"])
+        .expect("menu");
+    wait_until("every tunnel to resume", || {
+        ports.iter().all(|p| !refuses(*p))
+    })
+    .expect("resumed");
 
     // Quit is the last item: the agent stops cleanly.
     assert!(sandbox.hosts_text().contains("one-staging.local"));
