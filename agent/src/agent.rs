@@ -14,6 +14,7 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cluster::{ClusterStatus, Mirror};
 use crate::config::Config;
 use crate::events::{AgentEvent, EventBus};
 use crate::forward::{self, RunningTunnel, TunnelShared};
@@ -69,6 +70,7 @@ struct Inner {
     ports: PortPlan,
     reporter: Reporter,
     control_plane: watch::Receiver<ControlPlaneHealth>,
+    cluster: watch::Receiver<ClusterStatus>,
     /// Serializes the operations that change state, so each sees the last one's result.
     ops: Mutex<()>,
     cancel: CancellationToken,
@@ -102,9 +104,15 @@ impl Agent {
         let ports = PortPlan::new(config.port_range, reserved.into_iter().flatten());
         let events = EventBus::new();
         let store = Store::new(&config.local_host, events.clone());
-        let (reporter, control_plane) =
-            Reporter::new(&config, identity.agent_id.clone(), store.clone())
-                .map_err(|err| AgentError::Reporter(err.to_string()))?;
+        let (mirror, cluster) =
+            Mirror::new(config.cluster.clone(), &identity.agent_id, store.clone());
+        let (reporter, control_plane) = Reporter::new(
+            &config,
+            identity.agent_id.clone(),
+            store.clone(),
+            cluster.clone(),
+        )
+        .map_err(|err| AgentError::Reporter(err.to_string()))?;
 
         let agent = Self {
             inner: Arc::new(Inner {
@@ -118,6 +126,7 @@ impl Agent {
                 ports,
                 reporter,
                 control_plane,
+                cluster,
                 ops: Mutex::new(()),
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -144,6 +153,8 @@ impl Agent {
         inner
             .tracker
             .spawn(async move { reporter.run(cancel).await });
+        let cancel = inner.cancel.clone();
+        inner.tracker.spawn(async move { mirror.run(cancel).await });
 
         tracing::info!(
             agent_id = %inner.identity.agent_id,
@@ -258,7 +269,8 @@ impl Agent {
             demo: self.inner.config.demo,
             names: self.inner.hosts.health(),
             control_plane: self.inner.control_plane.borrow().clone(),
-            cluster_status: crate::report::CLUSTER_STATUS.to_owned(),
+            cluster_status: self.inner.cluster.borrow().word().to_owned(),
+            cluster_reason: self.inner.cluster.borrow().reason(),
         }
     }
 
@@ -460,6 +472,7 @@ impl Agent {
                         failure: None,
                         tunnel,
                         listener: None,
+                        mirror: None,
                     },
                 );
                 ids.push(id);
@@ -511,6 +524,7 @@ impl Agent {
             failure: None,
             tunnel,
             listener: None,
+            mirror: None,
         };
         let in_use = ports_in_use(map, None);
         self.open_listener(&mut entry, &in_use);

@@ -16,6 +16,11 @@ pub const DEFAULT_AGENT_PORT: u16 = 8082;
 pub const DEFAULT_CONTROL_PLANE_URL: &str = "http://localhost:8080";
 /// Default interval between status reports.
 pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(30);
+/// Default kube context: Kind's name for the seed's cluster `staging-cluster`.
+pub const DEFAULT_KUBE_CONTEXT: &str = "kind-staging-cluster";
+/// Default namespace of the local mirror (the seed's).
+pub const DEFAULT_NAMESPACE: &str = "staging";
+
 /// Default tunnel port range (the seed's).
 pub const DEFAULT_PORT_RANGE: PortRange = PortRange {
     start: 8080,
@@ -137,6 +142,18 @@ pub struct RunOverrides {
     /// Start a built-in stand-in control plane and three demo pods.
     #[arg(long, env = "K3S_LOCAL_AGENT_DEMO")]
     pub demo: bool,
+    /// Kube context of the local mirror cluster [default: kind-staging-cluster].
+    #[arg(long, env = "K3S_LOCAL_AGENT_KUBE_CONTEXT")]
+    pub kube_context: Option<String>,
+    /// Kubeconfig file [default: $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, env = "K3S_LOCAL_AGENT_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace of the local mirror, created when missing [default: staging].
+    #[arg(long, env = "K3S_LOCAL_AGENT_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Do not mirror pods into a local cluster.
+    #[arg(long, env = "K3S_LOCAL_AGENT_NO_CLUSTER")]
+    pub no_cluster: bool,
 }
 
 /// The same settings as read from a TOML file.
@@ -153,6 +170,10 @@ pub struct FileSettings {
     pub hosts_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub demo: Option<bool>,
+    pub kube_context: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    pub namespace: Option<String>,
+    pub no_cluster: Option<bool>,
 }
 
 impl FileSettings {
@@ -185,6 +206,18 @@ pub struct Config {
     /// Whether a control plane URL was given at all (flag, env or file): the
     /// desktop app runs the demo when none was.
     pub control_plane_configured: bool,
+    /// The local mirror cluster.
+    pub cluster: ClusterSettings,
+}
+
+/// Where and whether pods are mirrored into a local cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub enabled: bool,
+    pub context: String,
+    /// `None`: kube's own lookup ($KUBECONFIG, then ~/.kube/config).
+    pub kubeconfig: Option<PathBuf>,
+    pub namespace: String,
 }
 
 impl Config {
@@ -236,6 +269,26 @@ impl Config {
             }
         }
 
+        let namespace = flags
+            .namespace
+            .clone()
+            .or_else(|| file.namespace.clone())
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.to_owned());
+        crate::model::validate_pod_name(&namespace).map_err(|message| ConfigError::Invalid {
+            setting: "namespace",
+            message: message.replace("pod name", "namespace"),
+        })?;
+        let cluster = ClusterSettings {
+            enabled: !(flags.no_cluster || file.no_cluster.unwrap_or(false)),
+            context: flags
+                .kube_context
+                .clone()
+                .or_else(|| file.kube_context.clone())
+                .unwrap_or_else(|| DEFAULT_KUBE_CONTEXT.to_owned()),
+            kubeconfig: flags.kubeconfig.clone().or_else(|| file.kubeconfig.clone()),
+            namespace,
+        };
+
         let state_dir = match flags.state_dir.clone().or_else(|| file.state_dir.clone()) {
             Some(dir) => dir,
             None => dirs::data_dir()
@@ -264,6 +317,7 @@ impl Config {
             state_dir,
             demo: flags.demo || file.demo.unwrap_or(false),
             control_plane_configured,
+            cluster,
         })
     }
 
@@ -336,6 +390,9 @@ mod tests {
         assert_eq!(config.sync_interval, Duration::from_secs(30));
         assert_eq!(config.listen_ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
         assert!(!config.binds_beyond_loopback());
+        assert!(config.cluster.enabled);
+        assert_eq!(config.cluster.context, "kind-staging-cluster");
+        assert_eq!(config.cluster.namespace, "staging");
     }
 
     #[test]

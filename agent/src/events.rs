@@ -26,6 +26,13 @@ pub enum AgentEvent {
         state: TunnelState,
         error: Option<String>,
     },
+    /// The pod's mirror in the local cluster changed (phase, IP, error).
+    MirrorChanged { pod_id: String },
+    /// The local cluster became ready or unavailable.
+    Cluster {
+        status: String,
+        reason: Option<String>,
+    },
     /// The control plane accepted or refused our report.
     ControlPlane {
         reachable: bool,

@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod auth;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod events;

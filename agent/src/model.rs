@@ -304,6 +304,19 @@ pub enum TunnelState {
     Failed,
 }
 
+/// The pod's mirror in the local cluster, as its watch last saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MirrorView {
+    /// The mirror's name in the local namespace.
+    pub name: String,
+    /// `Pending`, `Running`, ... (`None` until the cluster reports it).
+    pub phase: Option<String>,
+    pub pod_ip: Option<String>,
+    pub restarts: i32,
+    /// Why the cluster refused the mirror (bad image, quota, ...).
+    pub error: Option<String>,
+}
+
 /// One pod's tunnel as the status endpoint and the report show it.
 /// Field names up to `error` are the seed's `PodRedirection`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -330,6 +343,9 @@ pub struct Redirection {
     /// Notes on how the port was chosen, e.g. which port was held by another process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_note: Option<String>,
+    /// The pod's mirror in the local cluster, when mirroring is on.
+    #[serde(default)]
+    pub mirror: Option<MirrorView>,
 }
 
 /// `GET /api/v1/pods/status`.
@@ -391,6 +407,9 @@ pub struct HealthResponse {
     pub control_plane: ControlPlaneHealth,
     /// The local cluster mirror: `ready`, `unavailable` or `disabled`.
     pub cluster_status: String,
+    /// Why the cluster is unavailable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_reason: Option<String>,
 }
 
 /// Everything the dashboard shows, in one value: sent whole on every change
@@ -430,6 +449,8 @@ pub struct StatusReport {
     pub failed_pods: usize,
     pub staging_pods: BTreeMap<String, Redirection>,
     pub kind_cluster_status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind_cluster_reason: Option<String>,
     pub last_sync: Option<DateTime<Utc>>,
     pub timestamp: DateTime<Utc>,
     pub demo: bool,

@@ -227,6 +227,7 @@ mod tests {
             last_error: None,
             last_error_at: None,
             port_note: None,
+            mirror: None,
         };
         PodView { pod, tunnel }
     }
@@ -252,6 +253,7 @@ mod tests {
                     last_error: Some("connection refused".into()),
                 },
                 cluster_status: "disabled".into(),
+                cluster_reason: None,
             },
             pods,
         }

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::ClusterStatus;
 use crate::config::Config;
 use crate::events::{AgentEvent, EventBus};
 use crate::model::{ControlPlaneHealth, StatusReport, TunnelState};
@@ -26,8 +27,6 @@ const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The last report on the way out must not hold up the exit.
 const FINAL_REPORT_TIMEOUT: Duration = Duration::from_millis(1500);
-/// Until the cluster mirror exists, the report says so.
-pub const CLUSTER_STATUS: &str = "disabled";
 
 /// Why the reporter could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +52,7 @@ struct ReporterInner {
     interval: Duration,
     store: Store,
     health: watch::Sender<ControlPlaneHealth>,
+    cluster: watch::Receiver<ClusterStatus>,
 }
 
 impl Reporter {
@@ -62,6 +62,7 @@ impl Reporter {
         config: &Config,
         agent_id: String,
         store: Store,
+        cluster: watch::Receiver<ClusterStatus>,
     ) -> Result<(Self, watch::Receiver<ControlPlaneHealth>), ReportError> {
         let mut base = config.control_plane_url.clone();
         if !base.path().ends_with('/') {
@@ -90,6 +91,7 @@ impl Reporter {
                     interval: config.sync_interval,
                     store,
                     health,
+                    cluster,
                 }),
             },
             health_rx,
@@ -111,7 +113,8 @@ impl Reporter {
             running_pods: count(TunnelState::Active),
             failed_pods: count(TunnelState::Failed),
             staging_pods,
-            kind_cluster_status: CLUSTER_STATUS.to_owned(),
+            kind_cluster_status: self.inner.cluster.borrow().word().to_owned(),
+            kind_cluster_reason: self.inner.cluster.borrow().reason(),
             last_sync: self.inner.health.borrow().last_sync,
             timestamp: Utc::now(),
             demo: self.inner.demo,

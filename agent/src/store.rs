@@ -9,9 +9,10 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use chrono::Utc;
 
+use crate::events::AgentEvent;
 use crate::events::EventBus;
 use crate::forward::{RunningTunnel, TunnelShared};
-use crate::model::{PodSpec, PodView, Redirection, StatusResponse, TunnelState};
+use crate::model::{MirrorView, PodSpec, PodView, Redirection, StatusResponse, TunnelState};
 use crate::persist::StoredPod;
 
 /// One pod and everything about its tunnel.
@@ -30,6 +31,8 @@ pub struct PodEntry {
     pub tunnel: Arc<TunnelShared>,
     /// The listener, while forwarding.
     pub listener: Option<RunningTunnel>,
+    /// The pod's mirror in the local cluster, as last seen.
+    pub mirror: Option<MirrorView>,
 }
 
 impl PodEntry {
@@ -90,6 +93,7 @@ impl PodEntry {
             last_error,
             last_error_at,
             port_note: self.port_note.clone(),
+            mirror: self.mirror.clone(),
         }
     }
 }
@@ -174,6 +178,27 @@ impl Store {
                 tunnel: entry.redirection(&self.local_host),
             })
             .collect()
+    }
+
+    /// Records what the cluster says of a pod's mirror; tells subscribers
+    /// only when it changed. Unknown pods are ignored (a mirror outlives its
+    /// pod until the next garbage collection).
+    pub fn set_mirror(&self, id: &str, mirror: Option<MirrorView>) {
+        let changed = {
+            let mut pods = self.write();
+            match pods.get_mut(id) {
+                Some(entry) if entry.mirror != mirror => {
+                    entry.mirror = mirror;
+                    true
+                }
+                _ => false,
+            }
+        };
+        if changed {
+            self.events.publish(AgentEvent::MirrorChanged {
+                pod_id: id.to_owned(),
+            });
+        }
     }
 
     /// One pod with its tunnel.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod desktop;
+pub mod kube_emulator;
 
 /// How long any awaited condition may take.
 pub const DEADLINE: Duration = Duration::from_secs(20);

@@ -249,6 +249,8 @@ impl Fixture {
             port_range: Some(self.range),
             hosts_file: Some(self.hosts.clone()),
             state_dir: Some(self.state_dir()),
+            // Hermetic: the cluster tests turn the mirror on against the emulator.
+            no_cluster: true,
             ..RunOverrides::default()
         };
         Config::layer(&overrides, &FileSettings::default()).expect("test config")

@@ -1,0 +1,573 @@
+//! A Kubernetes API emulator for tests: a separate server on loopback that
+//! speaks the real wire protocol for what the agent uses (Namespaces and Pods:
+//! get, list with label selectors, create, server-side apply, delete, watch
+//! streams with resourceVersion) and behaves as the API does where it matters:
+//! 404 for what is missing, 409 on a create conflict, 422 for an invalid pod,
+//! 410 Gone for a watch older than its history, and no new resourceVersion
+//! for an apply that changes nothing. It can be stopped and started again on
+//! the same port with its state, to play a cluster going away.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use anyhow::{Context, Result};
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// The emulator has no logger; a note on stderr is what a test reader sees.
+fn tracing_free_note(message: &str) {
+    eprintln!("kube emulator: {message}");
+}
+
+/// One change, as a watch stream carries it.
+#[derive(Debug, Clone)]
+struct Change {
+    resource_version: u64,
+    namespace: String,
+    kind: &'static str,
+    object: Value,
+}
+
+#[derive(Debug, Default)]
+struct Cluster {
+    resource_version: u64,
+    /// Oldest resourceVersion a watch may resume from (after a compaction).
+    oldest: u64,
+    namespaces: BTreeMap<String, Value>,
+    pods: BTreeMap<(String, String), Value>,
+    history: Vec<Change>,
+    next_ip: u8,
+    /// Every mutating request, as "VERB namespace/name", for assertions.
+    requests: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Shared {
+    cluster: Arc<Mutex<Cluster>>,
+    changes: broadcast::Sender<Change>,
+    /// Cancelled when the emulator stops: open watches end with it.
+    running: Arc<Mutex<CancellationToken>>,
+}
+
+impl Shared {
+    fn running(&self) -> CancellationToken {
+        match self.running.lock() {
+            Ok(token) => token.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Cluster> {
+        match self.cluster.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Stamps a new resourceVersion on `object`, records and broadcasts the change.
+    fn record(
+        &self,
+        cluster: &mut Cluster,
+        namespace: &str,
+        kind: &'static str,
+        object: &mut Value,
+    ) {
+        cluster.resource_version += 1;
+        let rv = cluster.resource_version;
+        object["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let change = Change {
+            resource_version: rv,
+            namespace: namespace.to_owned(),
+            kind,
+            object: object.clone(),
+        };
+        cluster.history.push(change.clone());
+        let _ = self.changes.send(change);
+    }
+}
+
+fn status(code: StatusCode, reason: &str, message: impl Into<String>) -> Response {
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": message.into(), "reason": reason, "code": code.as_u16(),
+    });
+    (code, Json(body)).into_response()
+}
+
+fn not_found(kind: &str, name: &str) -> Response {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        format!("{kind} \"{name}\" not found"),
+    )
+}
+
+/// Equality-based label selectors ("a=b,c=d"), what the agent sends.
+fn matches_selector(object: &Value, selector: Option<&str>) -> bool {
+    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
+        return true;
+    };
+    let labels = &object["metadata"]["labels"];
+    selector.split(',').all(|term| match term.split_once('=') {
+        Some((key, value)) => {
+            labels[key.trim()].as_str() == Some(value.trim_start_matches('=').trim())
+        }
+        None => labels.get(term.trim()).is_some(),
+    })
+}
+
+async fn get_namespace(State(shared): State<Shared>, Path(name): Path<String>) -> Response {
+    match shared.lock().namespaces.get(&name) {
+        Some(ns) => Json(ns.clone()).into_response(),
+        None => not_found("namespaces", &name),
+    }
+}
+
+async fn create_namespace(State(shared): State<Shared>, Json(mut body): Json<Value>) -> Response {
+    let Some(name) = body["metadata"]["name"].as_str().map(str::to_owned) else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "metadata.name: Required value",
+        );
+    };
+    let mut cluster = shared.lock();
+    if cluster.namespaces.contains_key(&name) {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            format!("namespaces \"{name}\" already exists"),
+        );
+    }
+    body["apiVersion"] = json!("v1");
+    body["kind"] = json!("Namespace");
+    body["metadata"]["uid"] = json!(format!("ns-{name}"));
+    body["status"] = json!({"phase": "Active"});
+    cluster.requests.push(format!("CREATE namespace/{name}"));
+    shared.record(&mut cluster, &name, "ADDED", &mut body);
+    cluster.namespaces.insert(name, body.clone());
+    (StatusCode::CREATED, Json(body)).into_response()
+}
+
+async fn list_or_watch_pods(
+    State(shared): State<Shared>,
+    Path(namespace): Path<String>,
+    Query(query): Query<BTreeMap<String, String>>,
+) -> Response {
+    let selector = query.get("labelSelector").cloned();
+    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let since: u64 = query
+            .get("resourceVersion")
+            .and_then(|rv| rv.parse().ok())
+            .unwrap_or(0);
+        return watch_pods(shared, namespace, selector, since);
+    }
+    let cluster = shared.lock();
+    let items: Vec<Value> = cluster
+        .pods
+        .iter()
+        .filter(|((ns, _), pod)| *ns == namespace && matches_selector(pod, selector.as_deref()))
+        .map(|(_, pod)| pod.clone())
+        .collect();
+    Json(json!({
+        "apiVersion": "v1", "kind": "PodList",
+        "metadata": {"resourceVersion": cluster.resource_version.to_string()},
+        "items": items,
+    }))
+    .into_response()
+}
+
+/// A watch: the changes after `since` from history, then live ones, as
+/// newline-delimited JSON; a `since` older than the history gets 410 Gone.
+fn watch_pods(shared: Shared, namespace: String, selector: Option<String>, since: u64) -> Response {
+    let running = shared.running();
+    let (backlog, mut live, gone) = {
+        let cluster = shared.lock();
+        let gone = since != 0 && since < cluster.oldest;
+        let backlog: Vec<Change> = cluster
+            .history
+            .iter()
+            .filter(|c| c.resource_version > since)
+            .cloned()
+            .collect();
+        (backlog, shared.changes.subscribe(), gone)
+    };
+    let wanted = move |change: &Change| {
+        change.namespace == namespace
+            && change.object["kind"] == "Pod"
+            && matches_selector(&change.object, selector.as_deref())
+    };
+    let line = |kind: &str, object: &Value| {
+        let mut text = json!({"type": kind, "object": object}).to_string();
+        text.push('\n');
+        Ok::<_, Infallible>(Bytes::from(text))
+    };
+    let stream = async_stream(move |sender| async move {
+        if gone {
+            let expired = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                "message": "too old resource version", "reason": "Expired", "code": 410});
+            let _ = sender.send(line("ERROR", &expired)).await;
+            return;
+        }
+        let mut last = since;
+        for change in backlog.iter().filter(|c| wanted(c)) {
+            last = change.resource_version;
+            if sender
+                .send(line(change.kind, &change.object))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        loop {
+            let received = tokio::select! {
+                _ = running.cancelled() => return,
+                received = live.recv() => received,
+            };
+            match received {
+                Ok(change) if change.resource_version > last && wanted(&change) => {
+                    last = change.resource_version;
+                    if sender
+                        .send(line(change.kind, &change.object))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// A stream fed by a task through a channel: enough for a watch body.
+fn async_stream<F, Fut>(produce: F) -> impl futures_stream::Stream<Item = Result<Bytes, Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Bytes, Infallible>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (sender, receiver) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(produce(sender));
+    futures_stream::ReceiverStream::new(receiver)
+}
+
+/// Minimal stream adapter so the emulator needs no extra crates.
+mod futures_stream {
+    pub use futures_util::Stream;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    pub struct ReceiverStream<T>(tokio::sync::mpsc::Receiver<T>);
+
+    impl<T> ReceiverStream<T> {
+        pub fn new(receiver: tokio::sync::mpsc::Receiver<T>) -> Self {
+            Self(receiver)
+        }
+    }
+
+    impl<T> Stream for ReceiverStream<T> {
+        type Item = T;
+        fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<T>> {
+            self.0.poll_recv(cx)
+        }
+    }
+}
+
+async fn get_pod(
+    State(shared): State<Shared>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    match shared.lock().pods.get(&(namespace, name.clone())) {
+        Some(pod) => Json(pod.clone()).into_response(),
+        None => not_found("pods", &name),
+    }
+}
+
+/// Server-side apply: creates the pod, or replaces the fields the applier
+/// owns (labels, annotations, spec) and keeps uid, creation and status.
+async fn apply_pod(
+    State(shared): State<Shared>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Response {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !content_type.starts_with("application/apply-patch") {
+        return status(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "UnsupportedMediaType",
+            format!("the emulator takes server-side apply only, not {content_type}"),
+        );
+    }
+    if query.get("fieldManager").is_none_or(|m| m.is_empty()) {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "fieldManager is required for apply",
+        );
+    }
+    let Ok(applied) = serde_json::from_slice::<Value>(&body) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "apply body is not JSON",
+        );
+    };
+    let image = applied["spec"]["containers"][0]["image"]
+        .as_str()
+        .unwrap_or_default();
+    if image.is_empty() || image.contains(char::is_whitespace) {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            format!("Pod \"{name}\" is invalid: spec.containers[0].image: Required value"),
+        );
+    }
+    let mut cluster = shared.lock();
+    if !cluster.namespaces.contains_key(&namespace) {
+        return not_found("namespaces", &namespace);
+    }
+    cluster.requests.push(format!("APPLY {namespace}/{name}"));
+    let key = (namespace.clone(), name.clone());
+    let (mut pod, kind) = match cluster.pods.get(&key) {
+        Some(existing) => {
+            let mut updated = existing.clone();
+            updated["metadata"]["labels"] = applied["metadata"]["labels"].clone();
+            updated["metadata"]["annotations"] = applied["metadata"]["annotations"].clone();
+            updated["spec"] = applied["spec"].clone();
+            if &updated == existing {
+                // Nothing changed: no new resourceVersion, no watch event.
+                return Json(updated).into_response();
+            }
+            (updated, "MODIFIED")
+        }
+        None => {
+            cluster.next_ip = cluster.next_ip.wrapping_add(1).max(2);
+            let mut created = applied.clone();
+            created["apiVersion"] = json!("v1");
+            created["kind"] = json!("Pod");
+            created["metadata"]["name"] = json!(name);
+            created["metadata"]["namespace"] = json!(namespace);
+            created["metadata"]["uid"] =
+                json!(format!("uid-{name}-{}", cluster.resource_version + 1));
+            created["status"] = json!({
+                "phase": "Running",
+                "podIP": format!("10.244.0.{}", cluster.next_ip),
+                "containerStatuses": [{"name": "app", "image": image, "imageID": "",
+                                       "ready": true, "restartCount": 0}],
+            });
+            (created, "ADDED")
+        }
+    };
+    shared.record(&mut cluster, &namespace, kind, &mut pod);
+    cluster.pods.insert(key, pod.clone());
+    Json(pod).into_response()
+}
+
+async fn delete_pod(
+    State(shared): State<Shared>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    let mut cluster = shared.lock();
+    cluster.requests.push(format!("DELETE {namespace}/{name}"));
+    match cluster.pods.remove(&(namespace.clone(), name.clone())) {
+        Some(mut pod) => {
+            shared.record(&mut cluster, &namespace, "DELETED", &mut pod);
+            Json(pod).into_response()
+        }
+        None => not_found("pods", &name),
+    }
+}
+
+/// The emulator: a server on loopback, and handles for tests to look and poke.
+#[derive(Debug)]
+pub struct KubeEmulator {
+    address: SocketAddr,
+    shared: Shared,
+    server: Option<JoinHandle<()>>,
+}
+
+impl KubeEmulator {
+    /// Starts on a fresh loopback port.
+    pub async fn start() -> Result<Self> {
+        let (changes, _) = broadcast::channel(1024);
+        let shared = Shared {
+            cluster: Arc::new(Mutex::new(Cluster::default())),
+            changes,
+            running: Arc::new(Mutex::new(CancellationToken::new())),
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let mut emulator = Self {
+            address,
+            shared,
+            server: None,
+        };
+        emulator.serve(listener);
+        Ok(emulator)
+    }
+
+    fn serve(&mut self, listener: tokio::net::TcpListener) {
+        let app = Router::new()
+            .route("/api/v1/namespaces", axum::routing::post(create_namespace))
+            .route("/api/v1/namespaces/{ns}", get(get_namespace))
+            .route("/api/v1/namespaces/{ns}/pods", get(list_or_watch_pods))
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}",
+                get(get_pod).patch(apply_pod).delete(delete_pod),
+            )
+            .with_state(self.shared.clone());
+        let running = self.shared.running();
+        self.server = Some(tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(running.cancelled_owned())
+                .await;
+        }));
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Stops answering: open watches end, the server closes, the port refuses.
+    pub async fn stop(&mut self) {
+        self.shared.running().cancel();
+        if let Some(server) = self.server.take() {
+            if tokio::time::timeout(std::time::Duration::from_secs(5), server)
+                .await
+                .is_err()
+            {
+                tracing_free_note("emulator connections did not close within 5 s");
+            }
+        }
+    }
+
+    /// Starts again on the same port, with the same state.
+    pub async fn restart(&mut self) -> Result<()> {
+        if let Ok(mut running) = self.shared.running.lock() {
+            *running = CancellationToken::new();
+        }
+        let listener = tokio::net::TcpListener::bind(self.address)
+            .await
+            .context("rebinding the emulator's port")?;
+        self.serve(listener);
+        Ok(())
+    }
+
+    /// A kubeconfig file (YAML) whose context `context` points here.
+    pub fn write_kubeconfig(&self, path: &std::path::Path, context: &str) -> Result<()> {
+        let text = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {}\n\
+             users:\n- name: tester\n  user:\n    token: emulator-token\n\
+             contexts:\n- name: {context}\n  context:\n    cluster: emulator\n    user: tester\n\
+             current-context: {context}\n",
+            self.url()
+        );
+        std::fs::write(path, text)?;
+        Ok(())
+    }
+
+    pub fn create_namespace(&self, name: &str) {
+        let mut cluster = self.shared.lock();
+        let mut body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        self.shared.record(&mut cluster, name, "ADDED", &mut body);
+        cluster.namespaces.insert(name.to_owned(), body);
+    }
+
+    pub fn has_namespace(&self, name: &str) -> bool {
+        self.shared.lock().namespaces.contains_key(name)
+    }
+
+    /// Puts a pod in directly (as another tool would), with `labels`.
+    pub fn insert_pod(&self, namespace: &str, name: &str, labels: Value, annotations: Value) {
+        let mut cluster = self.shared.lock();
+        let mut pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
+                         "labels": labels, "annotations": annotations},
+            "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+            "status": {"phase": "Running", "podIP": "10.244.9.9"},
+        });
+        self.shared
+            .record(&mut cluster, namespace, "ADDED", &mut pod);
+        cluster
+            .pods
+            .insert((namespace.to_owned(), name.to_owned()), pod);
+    }
+
+    /// The pod as stored, if any.
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.shared
+            .lock()
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    pub fn pod_names(&self, namespace: &str) -> Vec<String> {
+        self.shared
+            .lock()
+            .pods
+            .keys()
+            .filter(|(ns, _)| ns == namespace)
+            .map(|(_, name)| name.clone())
+            .collect()
+    }
+
+    /// Sets a pod's phase and restart count, as a kubelet would.
+    pub fn set_pod_status(&self, namespace: &str, name: &str, phase: &str, restarts: i32) {
+        let mut cluster = self.shared.lock();
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(mut pod) = cluster.pods.get(&key).cloned() else {
+            return;
+        };
+        pod["status"]["phase"] = json!(phase);
+        pod["status"]["containerStatuses"][0]["restartCount"] = json!(restarts);
+        self.shared
+            .record(&mut cluster, namespace, "MODIFIED", &mut pod);
+        cluster.pods.insert(key, pod);
+    }
+
+    /// Every mutating request so far ("APPLY ns/name", "DELETE ns/name", ...).
+    pub fn requests(&self) -> Vec<String> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Forgets the history: watches resuming from before now get 410 Gone.
+    pub fn compact(&self) {
+        let mut cluster = self.shared.lock();
+        cluster.oldest = cluster.resource_version + 1;
+        cluster.history.clear();
+    }
+}
+
+impl Drop for KubeEmulator {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.abort();
+        }
+    }
+}

@@ -1,0 +1,312 @@
+//! The local staging mirror against the Kubernetes API emulator: the agent
+//! binary applies, updates, deletes and garbage-collects its mirrors (and only
+//! its own), shows what the watch says of them, and rides out the cluster
+//! going away. Real-cluster runs: see README ("Against a real cluster").
+
+use std::path::PathBuf;
+
+use k3s_local_agent_e2e::kube_emulator::KubeEmulator;
+use k3s_local_agent_e2e::{greeting_server, read_from, wait_until, AgentProcess, Sandbox};
+use serde_json::{json, Value};
+
+const AGENT_ID: &str = "test-agent";
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+const AGENT_LABEL: &str = "k3s-local-agent.dev/agent";
+const POD_ID: &str = "k3s-local-agent.dev/staging-pod-id";
+
+/// Runs the agent binary against `emulator` in `namespace`.
+fn start_agent(
+    sandbox: &Sandbox,
+    emulator: &KubeEmulator,
+    namespace: &str,
+    range: &str,
+) -> AgentProcess {
+    let kubeconfig = sandbox.dir.path().join("kubeconfig");
+    emulator
+        .write_kubeconfig(&kubeconfig, "kind-staging-cluster")
+        .expect("kubeconfig");
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    let kubeconfig = kubeconfig.display().to_string();
+    let mut args = sandbox.args(range, &hosts, &state);
+    args.extend([
+        "--agent-id",
+        AGENT_ID,
+        "--kubeconfig",
+        &kubeconfig,
+        "--namespace",
+        namespace,
+    ]);
+    AgentProcess::run(&args).expect("agent runs")
+}
+
+fn pod(id: &str, name: &str, image: &str, port: u16) -> Value {
+    json!({"id": id, "name": name, "namespace": "staging", "image": image,
+           "status": "running", "ip": "127.0.0.1", "port": port, "labels": {"app": name}})
+}
+
+fn push(agent: &AgentProcess, action: &str, pods: Value) -> (u16, Value) {
+    agent
+        .push(&json!({"agent_id": AGENT_ID, "action": action, "pods": pods}))
+        .expect("push")
+}
+
+fn mirror_of(agent: &AgentProcess, id: &str) -> Value {
+    agent.get_json("/api/v1/pods/status").expect("status")["redirections"][id]["mirror"].clone()
+}
+
+fn cluster_status(agent: &AgentProcess) -> (String, Option<String>) {
+    let health = agent.get_json("/health").expect("health");
+    (
+        health["cluster_status"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        health["cluster_reason"].as_str().map(str::to_owned),
+    )
+}
+
+fn applies_of(emulator: &KubeEmulator, namespace: &str, name: &str) -> usize {
+    let wanted = format!("APPLY {namespace}/{name}");
+    emulator.requests().iter().filter(|r| **r == wanted).count()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mirrors_follow_pushes_with_our_labels_and_the_watch_shows_them() {
+    let emulator = KubeEmulator::start().await.expect("emulator");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let agent = start_agent(&sandbox, &emulator, "mirror-ns", "21500-21519");
+    wait_until("the namespace to be created", || {
+        emulator.has_namespace("mirror-ns")
+    })
+    .expect("namespace");
+    wait_until("the cluster to be ready", || {
+        cluster_status(&agent).0 == "ready"
+    })
+    .expect("ready");
+
+    let upstream = greeting_server("hi").expect("pod server");
+    let (code, _) = push(
+        &agent,
+        "create",
+        json!([
+            pod("web-1", "web", "nginx:1.27", upstream.port()),
+            pod("api-1", "api", "ghcr.io/acme/api:2", upstream.port()),
+        ]),
+    );
+    assert_eq!(code, 200);
+    wait_until("both mirrors", || {
+        emulator.pod_names("mirror-ns").len() == 2
+    })
+    .expect("mirrors");
+    let web = emulator.pod("mirror-ns", "web").expect("web mirror");
+    assert_eq!(web["metadata"]["labels"]["app"], "web");
+    assert_eq!(web["metadata"]["labels"][MANAGED_BY], "k3s-local-agent");
+    assert_eq!(web["metadata"]["labels"][AGENT_LABEL], AGENT_ID);
+    assert_eq!(web["metadata"]["annotations"][POD_ID], "web-1");
+    assert_eq!(web["spec"]["containers"][0]["image"], "nginx:1.27");
+
+    // The watch puts the local phase, IP and restarts next to the tunnel.
+    emulator.set_pod_status("mirror-ns", "web", "Running", 3);
+    wait_until("the restarts to show", || {
+        mirror_of(&agent, "web-1")["restarts"] == 3
+    })
+    .expect("watch");
+    let mirror = mirror_of(&agent, "web-1");
+    assert_eq!(mirror["phase"], "Running");
+    assert!(
+        mirror["pod_ip"]
+            .as_str()
+            .is_some_and(|ip| ip.starts_with("10.244.")),
+        "{mirror}"
+    );
+    assert_eq!(mirror["name"], "web");
+
+    // Pushing the same pods again applies nothing: the mirror is unchanged.
+    push(
+        &agent,
+        "update",
+        json!([pod("web-1", "web", "nginx:1.27", upstream.port())]),
+    );
+    let (code, _) = push(
+        &agent,
+        "update",
+        json!([pod("web-1", "web", "nginx:1.28", upstream.port())]),
+    );
+    assert_eq!(code, 200);
+    wait_until("the new image", || {
+        emulator
+            .pod("mirror-ns", "web")
+            .is_some_and(|p| p["spec"]["containers"][0]["image"] == "nginx:1.28")
+    })
+    .expect("update applied");
+    assert_eq!(
+        applies_of(&emulator, "mirror-ns", "web"),
+        2,
+        "{:?}",
+        emulator.requests()
+    );
+
+    // A pod the cluster refuses shows its error on that pod only.
+    push(
+        &agent,
+        "create",
+        json!([pod("bad-1", "bad", "", upstream.port())]),
+    );
+    wait_until("the refusal to show", || {
+        mirror_of(&agent, "bad-1")["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("image"))
+    })
+    .expect("rejected pod");
+    assert!(mirror_of(&agent, "web-1")["error"].is_null());
+    assert_eq!(
+        read_from(agent_port(&agent, "bad-1")).expect("its tunnel still works"),
+        "hi"
+    );
+
+    // Delete removes the mirror; sync removes every mirror not listed.
+    push(&agent, "delete", json!([{"id": "api-1"}]));
+    wait_until("the api mirror to go", || {
+        emulator.pod("mirror-ns", "api").is_none()
+    })
+    .expect("deleted");
+    push(
+        &agent,
+        "sync",
+        json!([pod("web-1", "web", "nginx:1.28", upstream.port())]),
+    );
+    wait_until("only web to stay", || {
+        emulator.pod_names("mirror-ns") == vec!["web".to_owned()]
+    })
+    .expect("sync collected");
+    let report_status = cluster_status(&agent);
+    assert_eq!(report_status.0, "ready");
+}
+
+fn agent_port(agent: &AgentProcess, id: &str) -> u16 {
+    let status = agent.get_json("/api/v1/pods/status").expect("status");
+    status["redirections"][id]["local_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .expect("port")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn at_start_stale_mirrors_go_and_foreign_pods_stay() {
+    let emulator = KubeEmulator::start().await.expect("emulator");
+    emulator.create_namespace("staging");
+    emulator.insert_pod(
+        "staging",
+        "someone-else",
+        json!({"app": "theirs"}),
+        json!({}),
+    );
+    emulator.insert_pod(
+        "staging",
+        "not-our-agent",
+        json!({MANAGED_BY: "k3s-local-agent", AGENT_LABEL: "another-agent"}),
+        json!({POD_ID: "x"}),
+    );
+    emulator.insert_pod(
+        "staging",
+        "ghost",
+        json!({MANAGED_BY: "k3s-local-agent", AGENT_LABEL: AGENT_ID}),
+        json!({POD_ID: "ghost-1"}),
+    );
+    let sandbox = Sandbox::new().expect("sandbox");
+    let agent = start_agent(&sandbox, &emulator, "staging", "21520-21539");
+    wait_until("the stale mirror to go", || {
+        emulator.pod("staging", "ghost").is_none()
+    })
+    .expect("collected");
+    assert!(
+        emulator.pod("staging", "someone-else").is_some(),
+        "a foreign pod is never touched"
+    );
+    assert!(
+        emulator.pod("staging", "not-our-agent").is_some(),
+        "another agent's mirror is never touched"
+    );
+    assert!(
+        !emulator
+            .requests()
+            .iter()
+            .any(|r| r.contains("someone-else") || r.contains("not-our-agent")),
+        "{:?}",
+        emulator.requests()
+    );
+    assert_eq!(cluster_status(&agent).0, "ready");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_going_away_stops_nothing_and_is_caught_up() {
+    let mut emulator = KubeEmulator::start().await.expect("emulator");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let agent = start_agent(&sandbox, &emulator, "staging", "21540-21559");
+    let upstream = greeting_server("still here").expect("pod server");
+    push(
+        &agent,
+        "create",
+        json!([pod("one", "one", "nginx", upstream.port())]),
+    );
+    wait_until("the first mirror", || {
+        emulator.pod("staging", "one").is_some()
+    })
+    .expect("mirrored");
+
+    emulator.stop().await;
+    wait_until("the outage to show", || {
+        cluster_status(&agent).0 == "unavailable"
+    })
+    .expect("unavailable");
+    let (_, reason) = cluster_status(&agent);
+    assert!(reason.is_some_and(|r| !r.is_empty()), "the status says why");
+    // Everything else keeps working.
+    let (code, _) = push(
+        &agent,
+        "create",
+        json!([pod("two", "two", "nginx", upstream.port())]),
+    );
+    assert_eq!(code, 200);
+    assert_eq!(
+        read_from(agent_port(&agent, "two")).expect("tunnel"),
+        "still here"
+    );
+
+    emulator.restart().await.expect("emulator back");
+    wait_until("the agent to catch up", || {
+        emulator.pod("staging", "two").is_some()
+    })
+    .expect("caught up");
+    wait_until("ready again", || cluster_status(&agent).0 == "ready").expect("ready");
+}
+
+#[test]
+fn without_a_cluster_the_status_says_why() {
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig: PathBuf = sandbox.dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: []\nusers: []\ncontexts: []\n",
+    )
+    .expect("kubeconfig");
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    let kubeconfig = kubeconfig.display().to_string();
+    let mut args = sandbox.args("21560-21579", &hosts, &state);
+    args.extend(["--kubeconfig", &kubeconfig]);
+    let agent = AgentProcess::run(&args).expect("agent runs");
+    wait_until("the missing context to be reported", || {
+        cluster_status(&agent)
+            .1
+            .is_some_and(|r| r.contains("kind create cluster --name staging-cluster"))
+    })
+    .expect("reason names the fix");
+    assert_eq!(cluster_status(&agent).0, "unavailable");
+
+    let sandbox = Sandbox::new().expect("sandbox");
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    let mut args = sandbox.args("21580-21599", &hosts, &state);
+    args.push("--no-cluster");
+    let agent = AgentProcess::run(&args).expect("agent runs");
+    assert_eq!(cluster_status(&agent), ("disabled".to_owned(), None));
+}
