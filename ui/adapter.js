@@ -43,6 +43,13 @@ export function setForwarding(podId, enabled) {
     : http('POST', podPath(podId, 'forwarding'), { enabled });
 }
 
+/** Points one pod's tunnel at the staging pod ('staging') or its local mirror ('local'). */
+export function setTarget(podId, target) {
+  return inApp
+    ? call('set_target', { podId, target })
+    : http('POST', podPath(podId, 'target'), { target });
+}
+
 /** Removes one pod's tunnel. */
 export function stopTunnel(podId) {
   return inApp ? call('stop_tunnel', { podId }) : http('POST', podPath(podId, 'stop'));

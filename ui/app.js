@@ -100,6 +100,15 @@ function podRow({ pod, tunnel }) {
   if (tunnel.port_note) {
     tunnelCell.append(el('div', { class: 'sub', text: tunnel.port_note }));
   }
+  if (tunnel.mirror) {
+    const m = tunnel.mirror;
+    const parts = [`mirror ${m.name}`, m.phase, m.pod_ip, m.restarts ? `${m.restarts} restarts` : '']
+      .filter(Boolean);
+    tunnelCell.append(el('div', { class: 'sub mirror', text: parts.join(' · ') }));
+    if (m.error) {
+      tunnelCell.append(el('div', { class: 'error-text mirror-error', text: `mirror: ${m.error}` }));
+    }
+  }
 
   const traffic = el('td', { class: 'num traffic' }, [
     el('div', { text: `${tunnel.open_connections} open · ${tunnel.total_connections}` }),
@@ -118,12 +127,24 @@ function podRow({ pod, tunnel }) {
 
   const open = el('button', { class: 'open', text: 'Open', disabled: tunnel.status !== 'active' });
   open.addEventListener('click', () => act(open, () => agent.openPod(pod.id, podUrl(tunnel))));
+  const viaMirror = tunnel.target === 'local';
+  const via = el('button', {
+    class: 'via',
+    text: viaMirror ? 'via mirror' : 'via staging',
+    title: viaMirror
+      ? 'Forwarding to the local mirror; click to forward to the staging pod'
+      : 'Forwarding to the staging pod; click to forward to the local mirror',
+    'data-target': tunnel.target,
+  });
+  via.addEventListener('click', () =>
+    act(via, () => agent.setTarget(pod.id, viaMirror ? 'staging' : 'local')));
   const stop = el('button', { class: 'stop', text: 'Stop', title: 'Remove this tunnel' });
   stop.addEventListener('click', () => act(stop, () => agent.stopTunnel(pod.id)));
 
   const actions = el('td', { class: 'actions' }, [
     el('label', { class: 'switch' }, [toggle, el('span', { class: 'slider' })]),
     el('div', { class: 'row-actions' }, [open, stop]),
+    el('div', { class: 'row-actions' }, [via]),
   ]);
 
   row.append(podCell, tunnelCell, traffic, actions);

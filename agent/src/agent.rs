@@ -17,10 +17,10 @@ use tokio_util::task::TaskTracker;
 use crate::cluster::{ClusterStatus, Mirror};
 use crate::config::Config;
 use crate::events::{AgentEvent, EventBus};
-use crate::forward::{self, RunningTunnel, TunnelShared};
+use crate::forward::{self, LocalDialer, RunningTunnel, TunnelShared};
 use crate::model::{
     Action, ControlPlaneHealth, HealthResponse, PodSpec, PodView, Redirection, Snapshot,
-    StatusResponse, TunnelState,
+    StatusResponse, TunnelState, TunnelTarget,
 };
 use crate::names::{HostEntry, HostsFile, NamesError};
 use crate::persist::{Identity, PersistError, StateDb, StoredPod};
@@ -71,6 +71,8 @@ struct Inner {
     reporter: Reporter,
     control_plane: watch::Receiver<ControlPlaneHealth>,
     cluster: watch::Receiver<ClusterStatus>,
+    /// How `local` tunnels reach mirrors.
+    dialer: Arc<dyn LocalDialer>,
     /// Serializes the operations that change state, so each sees the last one's result.
     ops: Mutex<()>,
     cancel: CancellationToken,
@@ -127,6 +129,7 @@ impl Agent {
                 reporter,
                 control_plane,
                 cluster,
+                dialer: mirror.dialer(),
                 ops: Mutex::new(()),
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -382,6 +385,36 @@ impl Agent {
         Ok(view.tunnel)
     }
 
+    /// Points one pod's tunnel at the staging pod or its local mirror; new
+    /// connections follow at once, the listener and the name stay. Kept on disk.
+    pub async fn set_target(
+        &self,
+        id: &str,
+        target: TunnelTarget,
+    ) -> Result<Redirection, AgentError> {
+        let _op = self.inner.ops.lock().await;
+        {
+            let map = self.inner.store.read();
+            let entry = map
+                .get(id)
+                .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
+            entry.tunnel.set_mode(target);
+        }
+        self.save(&[id.to_owned()], &[]).await?;
+        let view = self
+            .inner
+            .store
+            .pod_view(id)
+            .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
+        tracing::info!(pod_id = %id, target = target.as_str(), "tunnel target switched");
+        self.events().publish(AgentEvent::TunnelChanged {
+            pod_id: id.to_owned(),
+            state: view.tunnel.status,
+            error: view.tunnel.error.clone(),
+        });
+        Ok(view.tunnel)
+    }
+
     /// Turns forwarding on or off for every pod (the tray's Pause all /
     /// Resume all); returns how many pods changed.
     pub async fn set_forwarding_all(&self, enabled: bool) -> Result<usize, AgentError> {
@@ -454,12 +487,15 @@ impl Agent {
                 spec,
                 local_port,
                 forwarding,
+                target,
             } in stored
             {
                 let id = spec.id.clone();
                 let tunnel = TunnelShared::new(
                     id.clone(),
                     SocketAddr::new(spec.ip, spec.staging_port()),
+                    target,
+                    Arc::clone(&self.inner.dialer),
                     self.events().clone(),
                 );
                 map.insert(
@@ -515,7 +551,13 @@ impl Agent {
             return;
         }
         let id = spec.id.clone();
-        let tunnel = TunnelShared::new(id.clone(), target, self.events().clone());
+        let tunnel = TunnelShared::new(
+            id.clone(),
+            target,
+            TunnelTarget::Staging,
+            Arc::clone(&self.inner.dialer),
+            self.events().clone(),
+        );
         let mut entry = PodEntry {
             spec,
             forwarding: true,

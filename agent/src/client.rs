@@ -7,7 +7,10 @@ use reqwest::{StatusCode, Url};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::model::{ForwardingRequest, HealthResponse, PodList, Redirection, StatusResponse};
+use crate::model::{
+    ForwardingRequest, HealthResponse, PodList, Redirection, StatusResponse, TargetRequest,
+    TunnelTarget,
+};
 
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
@@ -101,11 +104,8 @@ impl AgentClient {
             .await
     }
 
-    pub async fn set_forwarding(
-        &self,
-        pod_id: &str,
-        enabled: bool,
-    ) -> Result<Redirection, ClientError> {
+    /// `api/v1/pods/{pod_id}/{action}`, with the id escaped.
+    fn pod_url(&self, pod_id: &str, action: &str) -> Result<Url, ClientError> {
         let mut url = self.url("api/v1/pods/")?;
         url.path_segments_mut()
             .map_err(|()| ClientError::Url {
@@ -114,9 +114,30 @@ impl AgentClient {
             })?
             .pop_if_empty()
             .push(pod_id)
-            .push("forwarding");
+            .push(action);
+        Ok(url)
+    }
+
+    pub async fn set_forwarding(
+        &self,
+        pod_id: &str,
+        enabled: bool,
+    ) -> Result<Redirection, ClientError> {
+        let url = self.pod_url(pod_id, "forwarding")?;
         let (status, value) = self
             .send(self.http.post(url).json(&ForwardingRequest { enabled }))
+            .await?;
+        decode(status, value)
+    }
+
+    pub async fn set_target(
+        &self,
+        pod_id: &str,
+        target: TunnelTarget,
+    ) -> Result<Redirection, ClientError> {
+        let url = self.pod_url(pod_id, "target")?;
+        let (status, value) = self
+            .send(self.http.post(url).json(&TargetRequest { target }))
             .await?;
         decode(status, value)
     }

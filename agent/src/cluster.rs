@@ -6,6 +6,9 @@
 //! status says why, and the mirror retries with backoff and catches up.
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -21,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterSettings;
 use crate::events::AgentEvent;
+use crate::forward::{LocalDialer, LocalStream};
 use crate::model::{MirrorView, PodSpec};
 use crate::store::Store;
 
@@ -208,6 +212,56 @@ pub struct Mirror {
     agent_label: String,
     store: Store,
     status: watch::Sender<ClusterStatus>,
+    /// The pods API of the current session, for port-forwards; `None` while away.
+    pods_api: Arc<RwLock<Option<Api<Pod>>>>,
+}
+
+/// Opens port-forward streams to mirrors, for tunnels whose target is `local`.
+#[derive(Debug, Clone)]
+pub struct MirrorDialer {
+    store: Store,
+    status: watch::Receiver<ClusterStatus>,
+    pods_api: Arc<RwLock<Option<Api<Pod>>>>,
+}
+
+impl LocalDialer for MirrorDialer {
+    fn dial(
+        &self,
+        pod_id: &str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = Result<LocalStream, String>> + Send>> {
+        let dialer = self.clone();
+        let pod_id = pod_id.to_owned();
+        Box::pin(async move {
+            let api = dialer
+                .pods_api
+                .read()
+                .ok()
+                .and_then(|api| api.clone())
+                .ok_or_else(|| match dialer.status.borrow().reason() {
+                    Some(reason) => format!("local cluster unavailable: {reason}"),
+                    None => "local mirroring is disabled (--no-cluster)".to_owned(),
+                })?;
+            // Resolved now, from what the watch last saw: a replaced mirror is
+            // picked up without touching the listener.
+            let name = dialer
+                .store
+                .pod_view(&pod_id)
+                .and_then(|view| view.tunnel.mirror.map(|m| m.name).or(Some(view.pod.name)))
+                .ok_or_else(|| format!("no pod {pod_id:?}"))?;
+            let mut forwarder = api
+                .portforward(&name, &[port])
+                .await
+                .map_err(|err| format!("port-forward to {name}:{port}: {}", describe(&err)))?;
+            let stream = forwarder
+                .take_stream(port)
+                .ok_or_else(|| format!("port-forward to {name}:{port} gave no stream"))?;
+            Ok(LocalStream {
+                stream,
+                guard: Box::new(forwarder),
+            })
+        })
+    }
 }
 
 impl Mirror {
@@ -229,9 +283,25 @@ impl Mirror {
                 agent_label: agent_label_value(agent_id),
                 store,
                 status,
+                pods_api: Arc::new(RwLock::new(None)),
             },
             receiver,
         )
+    }
+
+    /// What tunnels use to reach mirrors.
+    pub fn dialer(&self) -> Arc<dyn LocalDialer> {
+        Arc::new(MirrorDialer {
+            store: self.store.clone(),
+            status: self.status.subscribe(),
+            pods_api: Arc::clone(&self.pods_api),
+        })
+    }
+
+    fn set_pods_api(&self, api: Option<Api<Pod>>) {
+        if let Ok(mut slot) = self.pods_api.write() {
+            *slot = api;
+        }
     }
 
     fn set_status(&self, status: ClusterStatus) {
@@ -260,6 +330,7 @@ impl Mirror {
                 _ = cancel.cancelled() => return,
                 outcome = self.session() => outcome,
             };
+            self.set_pods_api(None);
             let reason = match outcome {
                 Ok(()) => return,
                 Err(reason) => reason,
@@ -312,6 +383,7 @@ impl Mirror {
             Err(err) => return Err(describe(&err)),
         }
         let pods: Api<Pod> = Api::namespaced(client, namespace);
+        self.set_pods_api(Some(pods.clone()));
         let config = watcher::Config::default().labels(&selector(&self.agent_label));
         let mut events = watcher(pods.clone(), config).boxed();
         let mut changes = self.store.events().watch_revision();

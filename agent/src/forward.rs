@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{AgentEvent, EventBus};
-use crate::model::TunnelState;
+use crate::model::{TunnelState, TunnelTarget};
 
 /// Pending connections the kernel queues per listener before refusing.
 pub const LISTEN_BACKLOG: i32 = 1024;
@@ -58,26 +58,75 @@ struct Errors {
     last: Option<(String, DateTime<Utc>)>,
 }
 
+/// A stream to a pod's mirror, and whatever must live as long as it does.
+pub struct LocalStream {
+    pub stream: tokio::io::DuplexStream,
+    pub guard: Box<dyn std::any::Any + Send>,
+}
+
+impl std::fmt::Debug for LocalStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStream").finish_non_exhaustive()
+    }
+}
+
+/// Opens streams to mirrors in the local cluster (the Kubernetes API
+/// port-forward); implemented by the cluster module, resolved per connection.
+pub trait LocalDialer: Send + Sync + std::fmt::Debug {
+    /// A fresh stream to `port` of the mirror of `pod_id`.
+    fn dial(
+        &self,
+        pod_id: &str,
+        port: u16,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LocalStream, String>> + Send>>;
+}
+
 /// What a tunnel's listener and connections share with the store: where to
 /// forward, and what happened.
 #[derive(Debug)]
 pub struct TunnelShared {
     pod_id: String,
     target: RwLock<SocketAddr>,
+    mode: RwLock<TunnelTarget>,
+    dialer: Arc<dyn LocalDialer>,
     counters: Counters,
     errors: Mutex<Errors>,
     events: EventBus,
 }
 
 impl TunnelShared {
-    pub fn new(pod_id: String, target: SocketAddr, events: EventBus) -> Arc<Self> {
+    pub fn new(
+        pod_id: String,
+        target: SocketAddr,
+        mode: TunnelTarget,
+        dialer: Arc<dyn LocalDialer>,
+        events: EventBus,
+    ) -> Arc<Self> {
         Arc::new(Self {
             pod_id,
             target: RwLock::new(target),
+            mode: RwLock::new(mode),
+            dialer,
             counters: Counters::default(),
             errors: Mutex::new(Errors::default()),
             events,
         })
+    }
+
+    /// Where new connections go: the staging pod or its local mirror.
+    pub fn mode(&self) -> TunnelTarget {
+        match self.mode.read() {
+            Ok(guard) => *guard,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Switches new connections between the staging pod and its mirror.
+    pub fn set_mode(&self, mode: TunnelTarget) {
+        match self.mode.write() {
+            Ok(mut guard) => *guard = mode,
+            Err(poisoned) => *poisoned.into_inner() = mode,
+        }
     }
 
     /// Where new connections go.
@@ -261,6 +310,10 @@ async fn serve_connection(client: TcpStream, shared: &TunnelShared) {
     let _open = OpenGuard(shared);
 
     let target = shared.target();
+    if shared.mode() == TunnelTarget::Local {
+        serve_local(client, shared, target.port()).await;
+        return;
+    }
     let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
@@ -286,6 +339,42 @@ async fn serve_connection(client: TcpStream, shared: &TunnelShared) {
         // A reset mid-stream ends this connection only; the tunnel is fine.
         tracing::debug!(pod_id = %shared.pod_id, error = %err, "connection ended with an error");
     }
+}
+
+/// A connection to the pod's mirror through the Kubernetes API port-forward:
+/// a fresh stream per connection, the mirror resolved at this moment.
+async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
+    let dialed =
+        tokio::time::timeout(CONNECT_TIMEOUT, shared.dialer.dial(&shared.pod_id, port)).await;
+    let mut local = match dialed {
+        Ok(Ok(local)) => local,
+        Ok(Err(reason)) => {
+            shared.record_error(format!("cannot reach the local mirror: {reason}"));
+            return;
+        }
+        Err(_) => {
+            shared.record_error(format!(
+                "cannot reach the local mirror: no answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ));
+            return;
+        }
+    };
+    shared.record_success();
+    let _ = client.set_nodelay(true);
+    match tokio::io::copy_bidirectional(&mut client, &mut local.stream).await {
+        Ok((to_pod, from_pod)) => {
+            shared.counters.to_pod.fetch_add(to_pod, Ordering::Relaxed);
+            shared
+                .counters
+                .from_pod
+                .fetch_add(from_pod, Ordering::Relaxed);
+        }
+        Err(err) => {
+            tracing::debug!(pod_id = %shared.pod_id, error = %err, "local connection ended with an error");
+        }
+    }
+    drop(local.guard);
 }
 
 /// Moves bytes one way until `from` closes, then half-closes `to` so the peer

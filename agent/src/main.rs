@@ -12,7 +12,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use k3s_local_agent::client::AgentClient;
 use k3s_local_agent::config::{Config, RunOverrides, DEFAULT_AGENT_PORT};
 use k3s_local_agent::demo::Demo;
-use k3s_local_agent::model::{Redirection, TunnelState};
+use k3s_local_agent::model::{Redirection, TunnelState, TunnelTarget};
 use k3s_local_agent::persist::Identity;
 use k3s_local_agent::Agent;
 use tokio::net::TcpListener;
@@ -55,12 +55,27 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Point one pod's tunnel at the staging pod or at its local mirror.
+    Target {
+        pod_id: String,
+        target: TargetArg,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// Print the bearer token a remote control plane must send.
     Token {
         /// The agent's state dir [default: <data dir>/k3s-local-agent].
         #[arg(long, env = "K3S_LOCAL_AGENT_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum TargetArg {
+    /// Direct TCP to the staging pod.
+    Staging,
+    /// The mirror in the local cluster, through the Kubernetes API.
+    Local,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -135,6 +150,19 @@ async fn dispatch(command: Command) -> Result<()> {
             state,
             client,
         } => forward(pod_id, state, client).await,
+        Command::Target {
+            pod_id,
+            target,
+            client,
+        } => {
+            let target = match target {
+                TargetArg::Staging => TunnelTarget::Staging,
+                TargetArg::Local => TunnelTarget::Local,
+            };
+            let tunnel = client.client()?.set_target(&pod_id, target).await?;
+            println!("{}", describe_tunnel(&tunnel));
+            Ok(())
+        }
         Command::Token { state_dir } => {
             let dir = state_dir
                 .or_else(default_state_dir)
@@ -217,9 +245,13 @@ fn describe_tunnel(tunnel: &Redirection) -> String {
         TunnelState::Stopped => "stopped",
         TunnelState::Failed => "FAILED",
     };
+    let to = match tunnel.target {
+        TunnelTarget::Staging => format!("{}:{}", tunnel.staging_pod_ip, tunnel.staging_port),
+        TunnelTarget::Local => format!("local mirror :{}", tunnel.staging_port),
+    };
     let mut line = format!(
-        "{:<24} {local:<48} -> {}:{}  {state}",
-        tunnel.staging_pod_name, tunnel.staging_pod_ip, tunnel.staging_port
+        "{:<24} {local:<48} -> {to}  {state}",
+        tunnel.staging_pod_name
     );
     if let Some(error) = &tunnel.error {
         line.push_str(&format!("  ({error})"));

@@ -292,6 +292,40 @@ pub fn parse_pod_id_only(index: usize, value: &serde_json::Value) -> Result<Stri
     Ok(id.to_owned())
 }
 
+/// Where a pod's tunnel leads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TunnelTarget {
+    /// Direct TCP to the staging pod's `ip:port`.
+    #[default]
+    Staging,
+    /// To the pod's mirror in the local cluster, through the Kubernetes API port-forward.
+    Local,
+}
+
+impl TunnelTarget {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "staging" => Some(Self::Staging),
+            "local" => Some(Self::Local),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Staging => "staging",
+            Self::Local => "local",
+        }
+    }
+}
+
+/// Body of `POST /api/v1/pods/{id}/target`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct TargetRequest {
+    pub target: TunnelTarget,
+}
+
 /// State of one pod's tunnel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -332,6 +366,9 @@ pub struct Redirection {
     pub status: TunnelState,
     pub error: Option<String>,
     pub forwarding: bool,
+    /// `staging` (direct) or `local` (the mirror, through the Kubernetes API).
+    #[serde(default)]
+    pub target: TunnelTarget,
     pub namespace: String,
     pub pod_status: String,
     pub open_connections: u64,

@@ -218,6 +218,7 @@ mod tests {
             status,
             error: error.map(str::to_owned),
             forwarding: status != TunnelState::Stopped,
+            target: crate::model::TunnelTarget::Staging,
             namespace: String::new(),
             pod_status: String::new(),
             open_connections: 0,

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use crate::fsio;
-use crate::model::PodSpec;
+use crate::model::{PodSpec, TunnelTarget};
 
 const AGENT_ID_FILE: &str = "agent-id";
 const TOKEN_FILE: &str = "token";
@@ -171,6 +171,7 @@ pub struct StoredPod {
     pub spec: PodSpec,
     pub local_port: Option<u16>,
     pub forwarding: bool,
+    pub target: TunnelTarget,
 }
 
 /// The pods database. Cheap to clone; calls run on the blocking pool.
@@ -207,6 +208,17 @@ impl StateDb {
              );",
         )
         .map_err(db_err)?;
+        // Added after the first release: older state dirs get the column.
+        let has_target: bool = conn
+            .prepare("SELECT 1 FROM pragma_table_info('pods') WHERE name = 'target'")
+            .and_then(|mut stmt| stmt.exists([]))
+            .map_err(db_err)?;
+        if !has_target {
+            conn.execute_batch(
+                "ALTER TABLE pods ADD COLUMN target TEXT NOT NULL DEFAULT 'staging';",
+            )
+            .map_err(db_err)?;
+        }
         Ok(Self {
             path,
             conn: Arc::new(Mutex::new(conn)),
@@ -234,21 +246,23 @@ impl StateDb {
     pub async fn load(&self) -> Result<Vec<StoredPod>, PersistError> {
         let rows = self
             .with_conn(|conn| {
-                let mut stmt =
-                    conn.prepare("SELECT id, spec, local_port, forwarding FROM pods ORDER BY id")?;
+                let mut stmt = conn.prepare(
+                    "SELECT id, spec, local_port, forwarding, target FROM pods ORDER BY id",
+                )?;
                 let rows = stmt.query_map([], |row| {
                     Ok((
                         row.get::<_, String>(0)?,
                         row.get::<_, String>(1)?,
                         row.get::<_, Option<u16>>(2)?,
                         row.get::<_, bool>(3)?,
+                        row.get::<_, String>(4)?,
                     ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             })
             .await?;
         rows.into_iter()
-            .map(|(id, spec, local_port, forwarding)| {
+            .map(|(id, spec, local_port, forwarding, target)| {
                 let spec = serde_json::from_str(&spec).map_err(|err| PersistError::BadPod {
                     id,
                     message: err.to_string(),
@@ -257,6 +271,7 @@ impl StateDb {
                     spec,
                     local_port,
                     forwarding,
+                    target: TunnelTarget::parse(&target).unwrap_or_default(),
                 })
             })
             .collect()
@@ -276,19 +291,27 @@ impl StateDb {
                         id: pod.spec.id.clone(),
                         message: err.to_string(),
                     })?;
-                Ok((pod.spec.id, spec, pod.local_port, pod.forwarding))
+                Ok((
+                    pod.spec.id,
+                    spec,
+                    pod.local_port,
+                    pod.forwarding,
+                    pod.target.as_str(),
+                ))
             })
             .collect::<Result<Vec<_>, PersistError>>()?;
         self.with_conn(move |conn| {
             let tx = conn.transaction()?;
             {
                 let mut upsert = tx.prepare_cached(
-                    "INSERT INTO pods (id, spec, local_port, forwarding) VALUES (?1, ?2, ?3, ?4)
+                    "INSERT INTO pods (id, spec, local_port, forwarding, target)
+                     VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT(id) DO UPDATE SET spec = excluded.spec,
-                         local_port = excluded.local_port, forwarding = excluded.forwarding",
+                         local_port = excluded.local_port, forwarding = excluded.forwarding,
+                         target = excluded.target",
                 )?;
-                for (id, spec, port, forwarding) in &encoded {
-                    upsert.execute(params![id, spec, port, forwarding])?;
+                for (id, spec, port, forwarding, target) in &encoded {
+                    upsert.execute(params![id, spec, port, forwarding, target])?;
                 }
                 let mut delete = tx.prepare_cached("DELETE FROM pods WHERE id = ?1")?;
                 for id in &removals {
@@ -364,6 +387,7 @@ mod tests {
             spec,
             local_port: Some(8085),
             forwarding: false,
+            target: TunnelTarget::Local,
         };
         db.save(vec![stored.clone()], vec![]).await.expect("save");
         drop(db);

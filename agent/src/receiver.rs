@@ -17,7 +17,7 @@ use tower_http::timeout::TimeoutLayer;
 use crate::agent::{Agent, AgentError};
 use crate::model::{
     parse_pod, parse_pod_id_only, Action, ForwardingRequest, PodList, PodRejection, PodSpec,
-    PushResponse,
+    PushResponse, TargetRequest,
 };
 use crate::{auth, ui};
 
@@ -77,6 +77,7 @@ pub fn router(agent: Agent) -> Router {
     let local = Router::new()
         .route("/api/v1/pods/{id}/forwarding", post(set_forwarding))
         .route("/api/v1/pods/{id}/stop", post(stop_tunnel))
+        .route("/api/v1/pods/{id}/target", post(set_target))
         .route_layer(middleware::from_fn(auth::local_only));
     Router::new()
         .route("/health", get(health))
@@ -133,6 +134,22 @@ async fn set_forwarding(
             .with("field", "enabled")
     })?;
     let tunnel = agent.set_forwarding(&id, request.enabled).await?;
+    Ok(Json(tunnel).into_response())
+}
+
+async fn set_target(
+    State(agent): State<Agent>,
+    Path(id): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(body_error)?;
+    let request: TargetRequest = serde_json::from_slice(&body).map_err(|err| {
+        ApiError::bad_request(format!(
+            "body must be {{\"target\": \"staging\"|\"local\"}}: {err}"
+        ))
+        .with("field", "target")
+    })?;
+    let tunnel = agent.set_target(&id, request.target).await?;
     Ok(Json(tunnel).into_response())
 }
 

@@ -57,6 +57,7 @@ impl PodEntry {
             spec: self.spec.clone(),
             local_port: self.local_port,
             forwarding: self.forwarding,
+            target: self.tunnel.mode(),
         }
     }
 
@@ -84,6 +85,7 @@ impl PodEntry {
             status: state,
             error,
             forwarding: self.forwarding,
+            target: self.tunnel.mode(),
             namespace: self.spec.namespace.clone(),
             pod_status: self.spec.status.clone(),
             open_connections: stats.open_connections,

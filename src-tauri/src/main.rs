@@ -97,6 +97,7 @@ fn main() -> ExitCode {
         .invoke_handler(tauri::generate_handler![
             commands::snapshot,
             commands::set_forwarding,
+            commands::set_target,
             commands::stop_tunnel,
             commands::open_pod,
         ])

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -49,6 +50,8 @@ struct Cluster {
     next_ip: u8,
     /// Every mutating request, as "VERB namespace/name", for assertions.
     requests: Vec<String>,
+    /// Where each pod (by uid) "runs": the TCP server a port-forward reaches.
+    backends: BTreeMap<String, SocketAddr>,
 }
 
 #[derive(Debug, Clone)]
@@ -402,6 +405,113 @@ async fn delete_pod(
     }
 }
 
+/// The port-forward subresource: a WebSocket speaking `v4.channel.k8s.io`
+/// (a channel byte before every frame; data on channel 0, errors on 1; each
+/// channel opens with the port number, little-endian) bridged to the TCP
+/// server that plays the pod.
+async fn port_forward(
+    State(shared): State<Shared>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(query): Query<BTreeMap<String, String>>,
+    upgrade: WebSocketUpgrade,
+) -> Response {
+    let Some(port) = query
+        .get("ports")
+        .and_then(|ports| ports.split(',').next())
+        .and_then(|port| port.trim().parse::<u16>().ok())
+    else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "query parameter ports is required",
+        );
+    };
+    let backend = {
+        let cluster = shared.lock();
+        let Some(pod) = cluster.pods.get(&(namespace, name.clone())) else {
+            return not_found("pods", &name);
+        };
+        let uid = pod["metadata"]["uid"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        cluster.backends.get(&uid).copied()
+    };
+    let running = shared.running();
+    upgrade
+        .protocols(["v4.channel.k8s.io"])
+        .on_upgrade(move |socket| bridge(socket, port, backend, running))
+}
+
+async fn bridge(
+    socket: WebSocket,
+    port: u16,
+    backend: Option<SocketAddr>,
+    running: CancellationToken,
+) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut sink, mut source) = socket.split();
+    let prefix = |channel: u8, data: &[u8]| {
+        let mut frame = Vec::with_capacity(data.len() + 1);
+        frame.push(channel);
+        frame.extend_from_slice(data);
+        Message::Binary(frame.into())
+    };
+    for channel in [0u8, 1] {
+        if sink
+            .send(prefix(channel, &port.to_le_bytes()))
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+    let tcp = match backend {
+        Some(address) => tokio::net::TcpStream::connect(address).await.ok(),
+        None => None,
+    };
+    let Some(tcp) = tcp else {
+        let message = format!("error forwarding port {port} to pod: connection refused");
+        let _ = sink.send(prefix(1, message.as_bytes())).await;
+        let _ = sink.close().await;
+        return;
+    };
+    let (mut from_pod, mut to_pod) = tcp.into_split();
+    let upstream = async {
+        while let Some(Ok(message)) = source.next().await {
+            match message {
+                Message::Binary(data) if data.first() == Some(&0) => {
+                    if to_pod.write_all(&data[1..]).await.is_err() {
+                        break;
+                    }
+                }
+                Message::Close(_) => break,
+                _ => {}
+            }
+        }
+        let _ = to_pod.shutdown().await;
+    };
+    let downstream = async {
+        let mut buffer = vec![0u8; 16 * 1024];
+        loop {
+            match from_pod.read(&mut buffer).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if sink.send(prefix(0, &buffer[..n])).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = sink.close().await;
+    };
+    tokio::select! {
+        _ = running.cancelled() => {}
+        _ = async { tokio::join!(upstream, downstream) } => {}
+    }
+}
+
 /// The emulator: a server on loopback, and handles for tests to look and poke.
 #[derive(Debug)]
 pub struct KubeEmulator {
@@ -438,6 +548,10 @@ impl KubeEmulator {
             .route(
                 "/api/v1/namespaces/{ns}/pods/{name}",
                 get(get_pod).patch(apply_pod).delete(delete_pod),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/pods/{name}/portforward",
+                get(port_forward),
             )
             .with_state(self.shared.clone());
         let running = self.shared.running();
@@ -549,6 +663,41 @@ impl KubeEmulator {
         self.shared
             .record(&mut cluster, namespace, "MODIFIED", &mut pod);
         cluster.pods.insert(key, pod);
+    }
+
+    /// Makes the pod as it is now (its uid) "run" at `backend`: port-forwards
+    /// to it reach that TCP server. A replaced pod (new uid) needs its own.
+    pub fn set_backend(&self, namespace: &str, name: &str, backend: SocketAddr) -> bool {
+        let mut cluster = self.shared.lock();
+        let uid = cluster
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .and_then(|pod| pod["metadata"]["uid"].as_str().map(str::to_owned));
+        match uid {
+            Some(uid) => {
+                cluster.backends.insert(uid, backend);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Deletes a pod as another tool would (the agent sees it go by its watch).
+    pub fn delete_pod(&self, namespace: &str, name: &str) {
+        let mut cluster = self.shared.lock();
+        if let Some(mut pod) = cluster
+            .pods
+            .remove(&(namespace.to_owned(), name.to_owned()))
+        {
+            self.shared
+                .record(&mut cluster, namespace, "DELETED", &mut pod);
+        }
+    }
+
+    /// The pod's uid now, if it exists.
+    pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
+        self.pod(namespace, name)
+            .and_then(|pod| pod["metadata"]["uid"].as_str().map(str::to_owned))
     }
 
     /// Every mutating request so far ("APPLY ns/name", "DELETE ns/name", ...).

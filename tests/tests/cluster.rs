@@ -310,3 +310,97 @@ fn without_a_cluster_the_status_says_why() {
     let agent = AgentProcess::run(&args).expect("agent runs");
     assert_eq!(cluster_status(&agent), ("disabled".to_owned(), None));
 }
+
+/// A loopback TCP server echoing every byte back, in a thread.
+fn echo_server() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().expect("clone");
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    address
+}
+
+/// Sends `payload` through a tunnel and reads the same number of bytes back.
+fn round_trip(port: u16, payload: &[u8]) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(k3s_local_agent_e2e::DEADLINE))
+        .expect("timeout");
+    stream.write_all(payload).expect("write");
+    let mut back = vec![0u8; payload.len()];
+    stream.read_exact(&mut back).expect("read back");
+    back
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_local_tunnel_reaches_the_mirror_and_follows_its_replacement() {
+    let emulator = KubeEmulator::start().await.expect("emulator");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let mut agent = start_agent(&sandbox, &emulator, "staging", "21600-21619");
+    let staging = greeting_server("staging pod").expect("staging stand-in");
+    push(
+        &agent,
+        "create",
+        json!([pod("web-1", "web", "nginx", staging.port())]),
+    );
+    wait_until("the mirror", || emulator.pod("staging", "web").is_some()).expect("mirrored");
+    assert!(emulator.set_backend("staging", "web", echo_server()));
+    let port = agent_port(&agent, "web-1");
+    assert_eq!(read_from(port).expect("staging first"), "staging pod");
+
+    let url = agent.base_url.clone();
+    let (ok, out, err) =
+        k3s_local_agent_e2e::cli(&["target", "web-1", "local", "--agent-url", &url]).expect("cli");
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("local mirror"), "{out}");
+    assert_eq!(
+        agent.get_json("/api/v1/pods/status").expect("status")["redirections"]["web-1"]["target"],
+        "local"
+    );
+    // Bytes both ways through the Kubernetes API port-forward.
+    let payload: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+    assert_eq!(round_trip(port, &payload), payload);
+
+    // The mirror is replaced (deleted, re-applied with a new uid): the next
+    // connection reaches the new one, with no change to the listener.
+    let old_uid = emulator.uid("staging", "web").expect("uid");
+    emulator.delete_pod("staging", "web");
+    wait_until("a new mirror", || {
+        emulator
+            .uid("staging", "web")
+            .is_some_and(|uid| uid != old_uid)
+    })
+    .expect("re-applied");
+    let replacement = greeting_server("the new mirror").expect("server");
+    assert!(emulator.set_backend("staging", "web", replacement));
+    wait_until("the new mirror to answer", || {
+        read_from(port).is_ok_and(|text| text == "the new mirror")
+    })
+    .expect("reached the replacement");
+
+    // The choice survives a restart.
+    agent.kill_hard().expect("kill -9");
+    let agent = start_agent(&sandbox, &emulator, "staging", "21600-21619");
+    assert_eq!(
+        agent.get_json("/api/v1/pods/status").expect("status")["redirections"]["web-1"]["target"],
+        "local"
+    );
+    wait_until("the local tunnel after restart", || {
+        read_from(port).is_ok_and(|text| text == "the new mirror")
+    })
+    .expect("local after restart");
+    let (ok, _, _) =
+        k3s_local_agent_e2e::cli(&["target", "web-1", "staging", "--agent-url", &agent.base_url])
+            .expect("cli");
+    assert!(ok);
+    assert_eq!(read_from(port).expect("staging again"), "staging pod");
+}

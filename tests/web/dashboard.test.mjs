@@ -203,6 +203,17 @@ test('the toggle closes the port and opens it again', async () => {
   await waitFor('traffic to show', async () => (await row('web-1').textContent()).includes('· 2'));
 });
 
+test('the target button switches a tunnel to the local mirror and back', async () => {
+  const via = row('web-1').locator('button.via');
+  assert.equal(await via.getAttribute('data-target'), 'staging');
+  await via.click();
+  await page.locator('tr[data-pod-id="web-1"] button.via[data-target="local"]').waitFor();
+  assert.equal((await status()).redirections['web-1'].target, 'local');
+  await row('web-1').locator('button.via').click();
+  await page.locator('tr[data-pod-id="web-1"] button.via[data-target="staging"]').waitFor();
+  assert.equal(await getThrough(await portOf('web-1')), 'web page');
+});
+
 test('the filter narrows the rows', async () => {
   await page.fill('#filter', 'api');
   await waitFor('the filter to apply', async () => (await page.locator('tbody tr').count()) === 1);
