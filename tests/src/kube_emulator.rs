@@ -482,7 +482,8 @@ async fn bridge(
         while let Some(Ok(message)) = source.next().await {
             match message {
                 Message::Binary(data) if data.first() == Some(&0) => {
-                    if to_pod.write_all(&data[1..]).await.is_err() {
+                    let written = to_pod.write_all(&data[1..]).await;
+                    if written.is_err() {
                         break;
                     }
                 }
