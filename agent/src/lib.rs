@@ -9,6 +9,7 @@ pub mod client;
 pub mod cluster;
 pub mod config;
 pub mod demo;
+pub mod doctor;
 pub mod events;
 pub mod forward;
 pub mod fsio;

@@ -62,6 +62,8 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Check the local mirror's setup: kubeconfig, context, API, namespace, permissions.
+    Doctor(RunOverrides),
     /// Print the bearer token a remote control plane must send.
     Token {
         /// The agent's state dir [default: <data dir>/k3s-local-agent].
@@ -161,6 +163,18 @@ async fn dispatch(command: Command) -> Result<()> {
             };
             let tunnel = client.client()?.set_target(&pod_id, target).await?;
             println!("{}", describe_tunnel(&tunnel));
+            Ok(())
+        }
+        Command::Doctor(overrides) => {
+            let config = Config::resolve(&overrides)?;
+            let checks = k3s_local_agent::doctor::diagnose(&config.cluster).await;
+            for check in &checks {
+                let mark = if check.ok { "ok" } else { "FAIL" };
+                println!("{:<12} {mark:<4}  {}", check.name, check.detail);
+            }
+            if checks.iter().any(|c| !c.ok) {
+                bail!("the local cluster is not ready for mirroring");
+            }
             Ok(())
         }
         Command::Token { state_dir } => {

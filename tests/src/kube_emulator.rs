@@ -52,6 +52,8 @@ struct Cluster {
     requests: Vec<String>,
     /// Where each pod (by uid) "runs": the TCP server a port-forward reaches.
     backends: BTreeMap<String, SocketAddr>,
+    /// "verb resource" pairs the caller may not do (SelfSubjectAccessReview).
+    denied: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -513,6 +515,28 @@ async fn bridge(
     }
 }
 
+async fn version() -> Response {
+    Json(
+        json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-emulator",
+                "gitCommit": "", "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z",
+                "goVersion": "go1.24", "compiler": "gc", "platform": "linux/amd64"}),
+    )
+    .into_response()
+}
+
+/// SelfSubjectAccessReview: allowed unless the test denied that verb on that resource.
+async fn access_review(State(shared): State<Shared>, Json(mut review): Json<Value>) -> Response {
+    let attributes = &review["spec"]["resourceAttributes"];
+    let asked = format!(
+        "{} {}",
+        attributes["verb"].as_str().unwrap_or_default(),
+        attributes["resource"].as_str().unwrap_or_default()
+    );
+    let allowed = !shared.lock().denied.contains(&asked);
+    review["status"] = json!({"allowed": allowed});
+    (StatusCode::CREATED, Json(review)).into_response()
+}
+
 /// The emulator: a server on loopback, and handles for tests to look and poke.
 #[derive(Debug)]
 pub struct KubeEmulator {
@@ -553,6 +577,11 @@ impl KubeEmulator {
             .route(
                 "/api/v1/namespaces/{ns}/pods/{name}/portforward",
                 get(port_forward),
+            )
+            .route("/version", get(version))
+            .route(
+                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
+                axum::routing::post(access_review),
             )
             .with_state(self.shared.clone());
         let running = self.shared.running();
@@ -699,6 +728,11 @@ impl KubeEmulator {
     pub fn uid(&self, namespace: &str, name: &str) -> Option<String> {
         self.pod(namespace, name)
             .and_then(|pod| pod["metadata"]["uid"].as_str().map(str::to_owned))
+    }
+
+    /// Makes access reviews answer "not allowed" for `verb` on `resource`.
+    pub fn deny(&self, verb: &str, resource: &str) {
+        self.shared.lock().denied.push(format!("{verb} {resource}"));
     }
 
     /// Every mutating request so far ("APPLY ns/name", "DELETE ns/name", ...).

@@ -404,3 +404,46 @@ async fn a_local_tunnel_reaches_the_mirror_and_follows_its_replacement() {
     assert!(ok);
     assert_eq!(read_from(port).expect("staging again"), "staging pod");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_says_what_it_found_and_what_to_fix() {
+    let emulator = KubeEmulator::start().await.expect("emulator");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig = sandbox.dir.path().join("kubeconfig");
+    emulator
+        .write_kubeconfig(&kubeconfig, "kind-staging-cluster")
+        .expect("kubeconfig");
+    let kubeconfig = kubeconfig.display().to_string();
+    let state = sandbox.state_dir();
+    let doctor = |extra: &[&str]| {
+        let mut args = vec!["doctor", "--kubeconfig", &kubeconfig, "--state-dir", &state];
+        args.extend_from_slice(extra);
+        k3s_local_agent_e2e::cli(&args).expect("doctor runs")
+    };
+
+    let (ok, out, err) = doctor(&[]);
+    assert!(ok, "{out}{err}");
+    for line in [
+        "kubeconfig   ok",
+        "context      ok",
+        "api          ok",
+        "namespace    ok",
+        "permissions  ok",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    assert!(out.contains("v1.33.0-emulator"), "{out}");
+    assert!(out.contains("the agent creates it"), "{out}");
+
+    emulator.deny("delete", "pods");
+    let (ok, out, _) = doctor(&[]);
+    assert!(!ok, "a missing permission fails the doctor");
+    assert!(
+        out.contains("permissions  FAIL") && out.contains("delete pods"),
+        "{out}"
+    );
+
+    let (ok, out, _) = doctor(&["--kube-context", "kind-other"]);
+    assert!(!ok);
+    assert!(out.contains("kind create cluster --name other"), "{out}");
+}
