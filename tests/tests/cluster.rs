@@ -273,6 +273,9 @@ async fn the_cluster_going_away_stops_nothing_and_is_caught_up() {
         "still here"
     );
 
+    // Its history is gone too (a watch resuming from before would get 410
+    // Gone): the agent lists afresh and catches up.
+    emulator.compact();
     emulator.restart().await.expect("emulator back");
     wait_until("the agent to catch up", || {
         emulator.pod("staging", "two").is_some()
