@@ -254,8 +254,21 @@ impl Sandbox {
         std::fs::read_to_string(self.hosts()).unwrap_or_default()
     }
 
-    /// The usual flags: free agent port, this sandbox's files, `range`.
+    /// The usual flags: free agent port, this sandbox's files, `range`, and no
+    /// local cluster (a developer's real kube context is never touched).
     pub fn args<'a>(&'a self, range: &'a str, hosts: &'a str, state: &'a str) -> Vec<&'a str> {
+        let mut args = self.args_with_cluster(range, hosts, state);
+        args.push("--no-cluster");
+        args
+    }
+
+    /// The usual flags, leaving the cluster settings to the caller.
+    pub fn args_with_cluster<'a>(
+        &'a self,
+        range: &'a str,
+        hosts: &'a str,
+        state: &'a str,
+    ) -> Vec<&'a str> {
         vec![
             "--agent-port",
             "0",

@@ -59,6 +59,7 @@ fn the_seed_examples_work_with_curl() {
         &hosts,
         "--state-dir",
         &state,
+        "--no-cluster",
     ])
     .expect("agent runs on port 8082");
     assert!(agent.base_url.ends_with(":8082"), "{}", agent.base_url);
@@ -337,7 +338,14 @@ fn settings_come_from_file_env_and_flags_in_that_order() {
     let config_arg = config.display().to_string();
     let agent = AgentProcess::run_command(
         std::process::Command::new(k3s_local_agent_e2e::agent_binary())
-            .args(["run", "--config", &config_arg, "--agent-id", "from-flag"])
+            .args([
+                "run",
+                "--config",
+                &config_arg,
+                "--agent-id",
+                "from-flag",
+                "--no-cluster",
+            ])
             .env("K3S_LOCAL_AGENT_PORT_RANGE", "21120-21139"),
     )
     .expect("agent runs");

@@ -27,7 +27,7 @@ fn start_agent(
         .expect("kubeconfig");
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
     let kubeconfig = kubeconfig.display().to_string();
-    let mut args = sandbox.args(range, &hosts, &state);
+    let mut args = sandbox.args_with_cluster(range, &hosts, &state);
     args.extend([
         "--agent-id",
         AGENT_ID,
@@ -295,7 +295,7 @@ fn without_a_cluster_the_status_says_why() {
     .expect("kubeconfig");
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
     let kubeconfig = kubeconfig.display().to_string();
-    let mut args = sandbox.args("21560-21579", &hosts, &state);
+    let mut args = sandbox.args_with_cluster("21560-21579", &hosts, &state);
     args.extend(["--kubeconfig", &kubeconfig]);
     let agent = AgentProcess::run(&args).expect("agent runs");
     wait_until("the missing context to be reported", || {
@@ -308,7 +308,7 @@ fn without_a_cluster_the_status_says_why() {
 
     let sandbox = Sandbox::new().expect("sandbox");
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
-    let mut args = sandbox.args("21580-21599", &hosts, &state);
+    let mut args = sandbox.args_with_cluster("21580-21599", &hosts, &state);
     args.push("--no-cluster");
     let agent = AgentProcess::run(&args).expect("agent runs");
     assert_eq!(cluster_status(&agent), ("disabled".to_owned(), None));

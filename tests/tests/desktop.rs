@@ -65,6 +65,7 @@ fn app_args(
         sandbox.state_dir(),
         "--control-plane-url".into(),
         format!("http://{control_plane}"),
+        "--no-cluster".into(),
     ]
 }
 

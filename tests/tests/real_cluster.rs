@@ -27,7 +27,7 @@ fn a_real_cluster_runs_the_mirror_and_carries_a_local_tunnel() {
     let namespace = format!("k3s-local-agent-e2e-{}", std::process::id());
     let sandbox = Sandbox::new().expect("sandbox");
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
-    let mut args = sandbox.args("21700-21719", &hosts, &state);
+    let mut args = sandbox.args_with_cluster("21700-21719", &hosts, &state);
     args.extend([
         "--agent-id",
         "real-cluster-test",

@@ -49,7 +49,7 @@ fn names_resolve_through_the_system_resolver_in_a_private_mount_namespace() {
     // mount namespace with private propagation: the bind mount is invisible
     // outside it.
     let script = format!(
-        "mount --bind '{}' /etc/hosts && exec '{}' run --agent-port 0 --port-range 21200-21219 \
+        "mount --bind '{}' /etc/hosts && exec '{}' run --no-cluster --agent-port 0 --port-range 21200-21219 \
          --state-dir '{}' --hosts-file /etc/hosts",
         fake_hosts.display(),
         agent_binary().display(),

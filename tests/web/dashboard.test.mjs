@@ -129,6 +129,7 @@ before(async () => {
   agent = spawn(binary, [
     'run', '--agent-port', '0', '--port-range', '21300-21319',
     '--hosts-file', path.join(sandbox, 'hosts'), '--state-dir', path.join(sandbox, 'state'),
+    '--no-cluster',
   ], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RUST_LOG: 'info' } });
   let log = '';
   baseUrl = await new Promise((resolve, reject) => {
