@@ -105,6 +105,9 @@ function podRow({ pod, tunnel }) {
     const parts = [`mirror ${m.name}`, m.phase, m.pod_ip, m.restarts ? `${m.restarts} restarts` : '']
       .filter(Boolean);
     tunnelCell.append(el('div', { class: 'sub mirror', text: parts.join(' · ') }));
+    if (m.last_event) {
+      tunnelCell.append(el('div', { class: 'sub mirror-event', text: m.last_event }));
+    }
     if (m.error) {
       tunnelCell.append(el('div', { class: 'error-text mirror-error', text: `mirror: ${m.error}` }));
     }

@@ -145,8 +145,35 @@ fn view_of(pod: &Pod) -> MirrorView {
         restarts: status
             .and_then(|s| s.container_statuses.as_ref())
             .map_or(0, |all| all.iter().map(|c| c.restart_count).sum()),
+        last_event: last_event_of(pod),
         error: None,
     }
+}
+
+/// What a user would look for with `kubectl describe`: a container's waiting
+/// or terminated reason, else the message of a condition that is not true.
+fn last_event_of(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let from_container = status.container_statuses.iter().flatten().find_map(|c| {
+        let state = c.state.as_ref()?;
+        let (reason, message) = match (&state.waiting, &state.terminated) {
+            (Some(waiting), _) => (waiting.reason.clone(), waiting.message.clone()),
+            (None, Some(terminated)) => (terminated.reason.clone(), terminated.message.clone()),
+            (None, None) => return None,
+        };
+        let reason = reason?;
+        Some(match message {
+            Some(message) if !message.is_empty() => format!("{reason}: {message}"),
+            _ => reason,
+        })
+    });
+    from_container.or_else(|| {
+        status.conditions.iter().flatten().find_map(|c| {
+            (c.status != "True")
+                .then(|| c.message.clone().or_else(|| c.reason.clone()))
+                .flatten()
+        })
+    })
 }
 
 fn pod_id_of(pod: &Pod) -> Option<String> {

@@ -347,6 +347,10 @@ pub struct MirrorView {
     pub phase: Option<String>,
     pub pod_ip: Option<String>,
     pub restarts: i32,
+    /// The latest thing the cluster said about it: a container waiting or
+    /// terminated with a reason (`ImagePullBackOff: ...`), or a failing condition.
+    #[serde(default)]
+    pub last_event: Option<String>,
     /// Why the cluster refused the mirror (bad image, quota, ...).
     pub error: Option<String>,
 }

@@ -735,6 +735,23 @@ impl KubeEmulator {
         self.shared.lock().denied.push(format!("{verb} {resource}"));
     }
 
+    /// Puts a pod's container in a waiting state, as a kubelet does when an
+    /// image cannot be pulled.
+    pub fn set_container_waiting(&self, namespace: &str, name: &str, reason: &str, message: &str) {
+        let mut cluster = self.shared.lock();
+        let key = (namespace.to_owned(), name.to_owned());
+        let Some(mut pod) = cluster.pods.get(&key).cloned() else {
+            return;
+        };
+        pod["status"]["phase"] = json!("Pending");
+        pod["status"]["containerStatuses"][0]["ready"] = json!(false);
+        pod["status"]["containerStatuses"][0]["state"] =
+            json!({"waiting": {"reason": reason, "message": message}});
+        self.shared
+            .record(&mut cluster, namespace, "MODIFIED", &mut pod);
+        cluster.pods.insert(key, pod);
+    }
+
     /// Every mutating request so far ("APPLY ns/name", "DELETE ns/name", ...).
     pub fn requests(&self) -> Vec<String> {
         self.shared.lock().requests.clone()

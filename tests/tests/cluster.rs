@@ -121,6 +121,19 @@ async fn mirrors_follow_pushes_with_our_labels_and_the_watch_shows_them() {
     );
     assert_eq!(mirror["name"], "web");
 
+    // What the kubelet says of a stuck container shows as the last event.
+    emulator.set_container_waiting(
+        "mirror-ns",
+        "api",
+        "ImagePullBackOff",
+        "Back-off pulling image",
+    );
+    wait_until("the last event to show", || {
+        mirror_of(&agent, "api-1")["last_event"] == "ImagePullBackOff: Back-off pulling image"
+    })
+    .expect("last event");
+    assert_eq!(mirror_of(&agent, "api-1")["phase"], "Pending");
+
     // Pushing the same pods again applies nothing: the mirror is unchanged.
     push(
         &agent,
