@@ -85,6 +85,7 @@ impl Agent {
     /// when [`Agent::shutdown`] runs.
     pub async fn start(config: Config, listener: TcpListener) -> Result<Self, AgentError> {
         let local_addr = listener.local_addr().map_err(AgentError::Listener)?;
+        raise_open_file_limit();
         let identity = Identity::load_or_create(&config.state_dir, config.agent_id.as_deref())?;
         let db = StateDb::open(&config.state_dir)?;
         let hosts = HostsFile::choose(config.hosts_file.clone(), &config.state_dir);
@@ -676,6 +677,16 @@ impl Agent {
         if let Err(err) = written {
             tracing::error!(error = %err, "could not write pod names");
         }
+    }
+}
+
+/// Lifts the soft limit on open files to the hard one: every tunnel is a
+/// listener and every connection two sockets (and two pipes while busy), so
+/// the usual 1024 runs out long before the port range does.
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(err) => tracing::warn!(error = %err, "cannot raise the open-file limit"),
     }
 }
 

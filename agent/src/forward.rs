@@ -332,8 +332,8 @@ async fn serve_connection(client: TcpStream, shared: &TunnelShared) {
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let result = tokio::try_join!(
-        pump(&client, &upstream, &shared.counters.to_pod),
-        pump(&upstream, &client, &shared.counters.from_pod),
+        relay(&client, &upstream, &shared.counters.to_pod),
+        relay(&upstream, &client, &shared.counters.from_pod),
     );
     if let Err(err) = result {
         // A reset mid-stream ends this connection only; the tunnel is fine.
@@ -375,6 +375,16 @@ async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
         }
     }
     drop(local.guard);
+}
+
+/// One direction of a connection: splice(2) on Linux, the portable copy
+/// elsewhere and wherever the kernel will not splice.
+async fn relay(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    if let crate::splice::Spliced::Done = crate::splice::pump(from, to, counter).await? {
+        return Ok(());
+    }
+    pump(from, to, counter).await
 }
 
 /// Moves bytes one way until `from` closes, then half-closes `to` so the peer

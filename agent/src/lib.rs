@@ -20,6 +20,8 @@ pub mod persist;
 pub mod ports;
 pub mod receiver;
 pub mod report;
+#[cfg(target_os = "linux")]
+pub mod splice;
 pub mod store;
 pub mod ui;
 
