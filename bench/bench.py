@@ -1,0 +1,378 @@
+#!/usr/bin/env python3
+"""Benchmarks the agent's tunnels side by side with their peers on loopback.
+
+In one run, on one machine: direct loopback, socat (fork,reuseaddr; and with
+backlog=4096), haproxy (tcp mode) and our tunnel, each in front of the same
+upstream (iperf3 for throughput, nginx for HTTP). Every figure is the median
+of --runs runs; ratios to the peers are printed with it. Writes a markdown
+report (see BENCHMARKS.md). --quick proves the harness (short runs, one each):
+it checks that every figure was produced, never that a figure is fast.
+
+Standard library only; the peers come from Debian (bench/run installs them).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Every process here may open at most this many files; it bounds the idle
+# connections a tunnel can hold (two sockets each, plus its listeners).
+HARD_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+PEERS = ["direct", "socat", "socat-backlog", "haproxy", "tunnel"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.02)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+class Processes:
+    """Every process the benchmark starts; all are stopped at the end."""
+
+    def __init__(self):
+        self.children = []
+
+    def start(self, argv, **kw):
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        child = subprocess.Popen(argv, **kw)
+        self.children.append(child)
+        return child
+
+    def stop_all(self):
+        for child in reversed(self.children):
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+
+
+class ControlPlane(BaseHTTPRequestHandler):
+    """Takes the agent's status reports so it never backs off."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    def log_message(self, *args):
+        pass
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def rss_mib(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def api(base, method, path, body=None):
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(base + path, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.procs = Processes()
+        self.tmp = Path(tempfile.mkdtemp(prefix="k3s-local-agent-bench-"))
+        self.results = {}
+
+    # -- setup -------------------------------------------------------------
+    def start_upstreams(self):
+        self.iperf_port = free_port()
+        self.procs.start(["iperf3", "-s", "-p", str(self.iperf_port)])
+        self.http_port = free_port()
+        conf = self.tmp / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+worker_rlimit_nofile {HARD_NOFILE};
+daemon off;
+pid {self.tmp}/nginx.pid;
+error_log stderr crit;
+events {{ worker_connections {HARD_NOFILE - 100}; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{ listen 127.0.0.1:{self.http_port} backlog=4096; location / {{ return 200 "ok\\n"; }} }}
+}}
+""")
+        self.procs.start(["nginx", "-c", str(conf), "-p", str(self.tmp)])
+        wait_port(self.iperf_port)
+        wait_port(self.http_port)
+
+    def start_peers(self, name, target):
+        """socat, socat with a deep backlog, haproxy, in front of `target`."""
+        ports = {"direct": target}
+        ports["socat"] = free_port()
+        self.procs.start(["socat", f"TCP-LISTEN:{ports['socat']},bind=127.0.0.1,fork,reuseaddr",
+                          f"TCP:127.0.0.1:{target}"])
+        ports["socat-backlog"] = free_port()
+        self.procs.start(["socat",
+                          f"TCP-LISTEN:{ports['socat-backlog']},bind=127.0.0.1,fork,reuseaddr,backlog=4096",
+                          f"TCP:127.0.0.1:{target}"])
+        ports["haproxy"] = free_port()
+        cfg = self.tmp / f"haproxy-{name}.cfg"
+        cfg.write_text(f"""
+global
+  maxconn {(HARD_NOFILE - 200) // 2}
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 120s
+  timeout server 120s
+listen {name}
+  bind 127.0.0.1:{ports['haproxy']}
+  server upstream 127.0.0.1:{target}
+""")
+        self.procs.start(["haproxy", "-f", str(cfg)])
+        for port in ports.values():
+            wait_port(port)
+        return ports
+
+    def start_agent(self):
+        cp = ThreadingHTTPServer(("127.0.0.1", 0), ControlPlane)
+        threading.Thread(target=cp.serve_forever, daemon=True).start()
+        self.agent_port = free_port()
+        self.agent_base = f"http://127.0.0.1:{self.agent_port}"
+        (self.tmp / "hosts").write_text("127.0.0.1 localhost\n")
+        self.agent = self.procs.start([
+            str(self.args.binary), "run", "--agent-port", str(self.agent_port),
+            "--port-range", "23000-24999", "--no-cluster",
+            "--hosts-file", str(self.tmp / "hosts"), "--state-dir", str(self.tmp / "state"),
+            "--control-plane-url", f"http://127.0.0.1:{cp.server_address[1]}",
+        ], env={**os.environ, "RUST_LOG": "warn"})
+        wait_port(self.agent_port)
+        self.agent_id = api(self.agent_base, "GET", "/health")["agent_id"]
+
+    def push(self, action, pods):
+        return api(self.agent_base, "POST", "/api/v1/pods",
+                   {"agent_id": self.agent_id, "action": action, "pods": pods})
+
+    def tunnel_to(self, pod_id, target):
+        self.push("create", [{"id": pod_id, "name": pod_id, "ip": "127.0.0.1", "port": target}])
+        status = api(self.agent_base, "GET", "/api/v1/pods/status")
+        port = status["redirections"][pod_id]["local_port"]
+        wait_port(port)
+        return port
+
+    # -- measurements ------------------------------------------------------
+    def median(self, measure):
+        return statistics.median(measure() for _ in range(self.args.runs))
+
+    def iperf(self, port, streams):
+        out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t",
+                              str(self.args.seconds), "-P", str(streams), "-J"],
+                             capture_output=True, text=True, timeout=self.args.seconds + 60)
+        result = json.loads(out.stdout)
+        if "error" in result:
+            raise RuntimeError(f"iperf3: {result['error']}")
+        received = result["end"]["sum_received"]
+        return received["bits_per_second"] / 1e9, received["bytes"]
+
+    def wrk(self, port, close):
+        argv = ["wrk", "-t2", "-c64", f"-d{self.args.seconds}s", "--latency"]
+        if close:
+            argv += ["-H", "Connection: close"]
+        out = subprocess.run(argv + [f"http://127.0.0.1:{port}/"], capture_output=True,
+                             text=True, timeout=self.args.seconds + 60).stdout
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+        lat = {}
+        for pct in ("50", "99"):
+            m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+            value, unit = float(m.group(1)), m.group(2)
+            lat[pct] = value * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+        return rps, lat["50"], lat["99"]
+
+    def run(self):
+        self.start_upstreams()
+        self.start_agent()
+        tcp = self.start_peers("iperf", self.iperf_port)
+        tcp["tunnel"] = self.tunnel_to("iperf", self.iperf_port)
+        http = self.start_peers("http", self.http_port)
+        http["tunnel"] = self.tunnel_to("http", self.http_port)
+        r = self.results
+
+        for streams in (1, 8):
+            for peer in PEERS:
+                r[f"tput{streams}/{peer}"] = self.median(lambda: self.iperf(tcp[peer], streams)[0])
+        # Forwarder CPU per GB, on one stream through the tunnel.
+        before = cpu_seconds(self.agent.pid)
+        _, moved = self.iperf(tcp["tunnel"], 1)
+        r["cpu_s_per_gb"] = (cpu_seconds(self.agent.pid) - before) / (moved / 1e9)
+
+        for peer in PEERS:
+            samples = [self.wrk(http[peer], close=False) for _ in range(self.args.runs)]
+            r[f"http/{peer}"] = statistics.median(s[0] for s in samples)
+            r[f"p50/{peer}"] = statistics.median(s[1] for s in samples)
+            r[f"p99/{peer}"] = statistics.median(s[2] for s in samples)
+            r[f"conn/{peer}"] = self.median(lambda: self.wrk(http[peer], close=True)[0])
+
+        self.scale()
+        return r
+
+    def scale(self):
+        r = self.results
+        self.push("sync", [])
+        # A 1,000-pod push: time until every tunnel accepts.
+        pods = [{"id": f"s{i}", "name": f"s{i}", "ip": "127.0.0.1", "port": self.http_port}
+                for i in range(1000)]
+        start = time.monotonic()
+        self.push("create", pods)
+        status = api(self.agent_base, "GET", "/api/v1/pods/status")
+        ports = [t["local_port"] for t in status["redirections"].values()]
+        for port in ports:
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.001)
+        r["push1000_s"] = time.monotonic() - start
+        # 921 tunnels (the default range's size) idle, then 10,000 idle connections.
+        self.push("sync", pods[:921])
+        time.sleep(0.5)
+        r["rss_921_mib"] = rss_mib(self.agent.pid)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+        status = api(self.agent_base, "GET", "/api/v1/pods/status")
+        ports = [t["local_port"] for t in status["redirections"].values()]
+        idle = []
+        for i in range(self.args.idle_connections):
+            idle.append(socket.create_connection(("127.0.0.1", ports[i % len(ports)])))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            status = api(self.agent_base, "GET", "/api/v1/pods/status")
+            if sum(t["open_connections"] for t in status["redirections"].values()) >= len(idle):
+                break
+            time.sleep(0.1)
+        r["rss_10k_mib"] = rss_mib(self.agent.pid)
+        r["idle_connections"] = len(idle)
+        for s in idle:
+            s.close()
+        # Idle agent CPU, with the 921 tunnels and nothing moving.
+        time.sleep(1)
+        before, t0 = cpu_seconds(self.agent.pid), time.monotonic()
+        time.sleep(self.args.idle_seconds)
+        r["idle_cpu_pct"] = 100 * (cpu_seconds(self.agent.pid) - before) / (time.monotonic() - t0)
+
+    def close(self):
+        self.procs.stop_all()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def ratio(a, b):
+    return a / b if b else float("nan")
+
+
+def report(r, args):
+    lines = []
+    add = lines.append
+    add(f"Date: {datetime.date.today().isoformat()}; machine: {os.cpu_count()} cores, "
+        f"{platform.system()} {platform.release()}, open-file limit {HARD_NOFILE}; "
+        f"binary: {args.binary_kind}; {args.runs} run(s) of {args.seconds} s each, medians.")
+    add("")
+    add("| measure | direct | socat | socat backlog=4096 | haproxy | tunnel | tunnel vs direct | tunnel vs socat | tunnel vs haproxy |")
+    add("|---|---|---|---|---|---|---|---|---|")
+
+    def row(label, key, fmt, higher_is_better=True):
+        vals = [r[f"{key}/{p}"] for p in PEERS]
+        t = r[f"{key}/tunnel"]
+        rel = (lambda other: ratio(t, other)) if higher_is_better else (lambda other: ratio(other, t))
+        add(f"| {label} | " + " | ".join(fmt.format(v) for v in vals)
+            + f" | {rel(r[f'{key}/direct']):.2f}x | {rel(r[f'{key}/socat']):.2f}x | {rel(r[f'{key}/haproxy']):.2f}x |")
+
+    row("throughput, 1 stream (Gbit/s)", "tput1", "{:.2f}")
+    row("throughput, 8 streams (Gbit/s)", "tput8", "{:.2f}")
+    row("HTTP keep-alive, 64 conns (req/s)", "http", "{:.0f}")
+    row("HTTP keep-alive p50 (ms; ratio: lower is better)", "p50", "{:.3f}", higher_is_better=False)
+    row("HTTP keep-alive p99 (ms; ratio: lower is better)", "p99", "{:.3f}", higher_is_better=False)
+    row("new connections (conn/s)", "conn", "{:.0f}")
+    add("")
+    add("| measure | tunnel | target |")
+    add("|---|---|---|")
+    add(f"| forwarder CPU per GB moved | {r['cpu_s_per_gb']:.3f} s | <= 0.35 s |")
+    add(f"| RSS, 921 tunnels | {r['rss_921_mib']:.1f} MiB | |")
+    add(f"| RSS, 921 tunnels + {r['idle_connections']} idle connections | {r['rss_10k_mib']:.1f} MiB | <= 64 MiB |")
+    add(f"| 1,000-pod push until every tunnel accepts | {r['push1000_s']:.3f} s | <= 0.5 s |")
+    add(f"| idle agent CPU ({args.idle_seconds} s, 921 tunnels) | {r['idle_cpu_pct']:.2f} % of a core | < 0.5 % |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="prove the harness: short runs, one each")
+    parser.add_argument("--binary", type=Path, help="agent binary [default: target/release/k3s-local-agent]")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--idle-seconds", type=int, default=60)
+    parser.add_argument("--idle-connections", type=int, default=min(10000, (HARD_NOFILE - 1200) // 2),
+                        help="idle connections to hold [default: 10,000, or what the open-file limit allows]")
+    parser.add_argument("--out", type=Path, help="also write the report here")
+    args = parser.parse_args()
+    if args.quick:
+        args.runs, args.seconds, args.idle_seconds = 1, 1, 3
+    if args.binary is None:
+        args.binary = ROOT / "target" / ("debug" if args.quick else "release") / "k3s-local-agent"
+    args.binary_kind = "debug build (figures not meaningful)" if "debug" in str(args.binary) else "release build"
+    bench = Bench(args)
+    try:
+        results = bench.run()
+    finally:
+        bench.close()
+    missing = [k for k, v in results.items() if v is None or v != v]
+    text = report(results, args)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    expected = 6 * len(PEERS) + 6
+    if missing or len(results) < expected:
+        print(f"error: figures missing: {missing or 'some'} ({len(results)} of {expected})", file=sys.stderr)
+        return 1
+    print(f"\nbench: {len(results)} figures produced")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
