@@ -377,25 +377,59 @@ async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
     drop(local.guard);
 }
 
-/// One direction of a connection: splice(2) on Linux, the portable copy
-/// elsewhere and wherever the kernel will not splice.
+/// How a copy pump stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum PumpEnd {
+    /// The source closed and the peer was told.
+    Closed,
+    /// A read filled the whole buffer: this is a bulk transfer, better spliced.
+    Bulk,
+}
+
+/// One direction of a connection. Small messages (requests, responses) are
+/// copied: one read and one write beat two splices and a pipe. Once a read
+/// fills the buffer the connection is moving bulk data, and on Linux the rest
+/// goes kernel to kernel with splice(2); elsewhere, and wherever the kernel
+/// will not splice, the copy carries on.
 async fn relay(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
     #[cfg(target_os = "linux")]
-    if let crate::splice::Spliced::Done = crate::splice::pump(from, to, counter).await? {
-        return Ok(());
+    {
+        if pump(from, to, counter, true).await? == PumpEnd::Closed {
+            return Ok(());
+        }
+        if let crate::splice::Spliced::Done = crate::splice::pump(from, to, counter).await? {
+            return Ok(());
+        }
     }
-    pump(from, to, counter).await
+    pump(from, to, counter, false).await.map(|_| ())
 }
 
 /// Moves bytes one way until `from` closes, then half-closes `to` so the peer
-/// sees the end of the stream. The buffer is allocated only once data flows,
-/// so idle connections cost no buffer memory.
-async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+/// sees the end of the stream; with `stop_when_bulk`, hands over after the
+/// first read that fills the buffer. The buffer is allocated only once data
+/// flows, so idle connections cost no buffer memory.
+async fn pump(
+    from: &TcpStream,
+    to: &TcpStream,
+    counter: &AtomicU64,
+    stop_when_bulk: bool,
+) -> io::Result<PumpEnd> {
     let mut buffer = Vec::new();
     loop {
         from.readable().await?;
         if buffer.is_empty() {
-            buffer = vec![0; PUMP_BUFFER];
+            // Readiness can be reported with nothing to read (a fresh socket):
+            // look before paying for a buffer, so idle connections cost none.
+            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+            let waiting = from.try_io(tokio::io::Interest::READABLE, || {
+                socket2::SockRef::from(from).peek(&mut probe)
+            });
+            match waiting {
+                Ok(0) => break,
+                Ok(_) => buffer = vec![0; PUMP_BUFFER],
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(err) => return Err(err),
+            }
         }
         let read = match from.try_read(&mut buffer) {
             Ok(0) => break,
@@ -413,6 +447,10 @@ async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Resu
             }
         }
         counter.fetch_add(read as u64, Ordering::Relaxed);
+        if stop_when_bulk && read == buffer.len() {
+            return Ok(PumpEnd::Bulk);
+        }
     }
-    socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)
+    socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+    Ok(PumpEnd::Closed)
 }

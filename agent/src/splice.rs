@@ -1,7 +1,8 @@
-//! The Linux fast path for tunnels: bytes move socket → pipe → socket with
-//! splice(2), kernel to kernel, never copied through user space. A pipe is
-//! made only when a connection first carries data, so idle connections cost
-//! no pipes; a socket splice refuses falls back to the portable copy.
+//! The Linux fast path for bulk transfers: bytes move socket → pipe → socket
+//! with splice(2), kernel to kernel, never copied through user space. The
+//! forwarder hands a connection over once it carries bulk data, so idle and
+//! chatty connections never cost a pipe; a socket splice refuses falls back to
+//! the portable copy.
 
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
@@ -42,6 +43,7 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 /// read, so a splice that would block always means the socket, not the pipe.
 pub async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<Spliced> {
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
+    let mut spliced_any = false;
     loop {
         from.readable().await?;
         let (read_end, write_end) = match &pipe {
@@ -55,9 +57,7 @@ pub async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::
             Ok(0) => break,
             Ok(moved) => moved,
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) if unsupported(&err) && counter.load(Ordering::Relaxed) == 0 => {
-                return Ok(Spliced::Unsupported)
-            }
+            Err(err) if unsupported(&err) && !spliced_any => return Ok(Spliced::Unsupported),
             Err(err) => return Err(err),
         };
         let mut left = moved;
@@ -73,6 +73,7 @@ pub async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::
             }
         }
         counter.fetch_add(moved as u64, Ordering::Relaxed);
+        spliced_any = true;
     }
     socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
     Ok(Spliced::Done)
