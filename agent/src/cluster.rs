@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ClusterSettings;
 use crate::events::AgentEvent;
-use crate::forward::{LocalDialer, LocalStream};
+use crate::forward::{DialError, LocalDialer, LocalStream};
 use crate::model::{MirrorView, PodSpec};
 use crate::store::Store;
 
@@ -41,6 +41,30 @@ pub const FIELD_MANAGER: &str = "k3s-local-agent";
 
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+
+/// Why a session with the cluster could not start or ended.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no kubeconfig: {0}")]
+    NoKubeconfig(String),
+    #[error("cannot read kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    #[error(
+        "context {context:?} is not in the kubeconfig; create the Kind cluster with \
+         `kind create cluster --name {cluster}`"
+    )]
+    ContextMissing { context: String, cluster: String },
+    #[error("cannot build a client for context {context:?}: {message}")]
+    Client { context: String, message: String },
+    #[error("cannot create namespace {namespace}: {message}")]
+    Namespace { namespace: String, message: String },
+    #[error("{0}")]
+    Api(String),
+    #[error("watch failed: {0}")]
+    Watch(String),
+    #[error("watch ended")]
+    WatchEnded,
+}
 
 /// Whether the local cluster can be used.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -201,35 +225,40 @@ fn is_cluster_fault(err: &kube::Error) -> bool {
 }
 
 /// Connects to the configured context.
-async fn connect(settings: &ClusterSettings) -> Result<Client, String> {
+async fn connect(settings: &ClusterSettings) -> Result<Client, ClusterError> {
     let kubeconfig = match &settings.kubeconfig {
-        Some(path) => Kubeconfig::read_from(path)
-            .map_err(|err| format!("cannot read kubeconfig {}: {err}", path.display()))?,
-        None => Kubeconfig::read().map_err(|err| format!("no kubeconfig: {err}"))?,
+        Some(path) => Kubeconfig::read_from(path).map_err(|err| ClusterError::Kubeconfig {
+            path: path.display().to_string(),
+            message: err.to_string(),
+        })?,
+        None => Kubeconfig::read().map_err(|err| ClusterError::NoKubeconfig(err.to_string()))?,
     };
     if !kubeconfig
         .contexts
         .iter()
         .any(|c| c.name == settings.context)
     {
-        return Err(format!(
-            "context {:?} is not in the kubeconfig; create the Kind cluster with \
-             `kind create cluster --name {}`",
-            settings.context,
-            settings
+        return Err(ClusterError::ContextMissing {
+            context: settings.context.clone(),
+            cluster: settings
                 .context
                 .strip_prefix("kind-")
                 .unwrap_or(&settings.context)
-        ));
+                .to_owned(),
+        });
     }
     let options = KubeConfigOptions {
         context: Some(settings.context.clone()),
         ..KubeConfigOptions::default()
     };
+    let client_error = |message: String| ClusterError::Client {
+        context: settings.context.clone(),
+        message,
+    };
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
-        .map_err(|err| format!("kubeconfig context {:?}: {err}", settings.context))?;
-    Client::try_from(config).map_err(|err| format!("cannot build a client: {err}"))
+        .map_err(|err| client_error(err.to_string()))?;
+    Client::try_from(config).map_err(|err| client_error(err.to_string()))
 }
 
 /// Mirrors the store's pods into the cluster until cancelled.
@@ -256,7 +285,7 @@ impl LocalDialer for MirrorDialer {
         &self,
         pod_id: &str,
         port: u16,
-    ) -> Pin<Box<dyn Future<Output = Result<LocalStream, String>> + Send>> {
+    ) -> Pin<Box<dyn Future<Output = Result<LocalStream, DialError>> + Send>> {
         let dialer = self.clone();
         let pod_id = pod_id.to_owned();
         Box::pin(async move {
@@ -266,8 +295,8 @@ impl LocalDialer for MirrorDialer {
                 .ok()
                 .and_then(|api| api.clone())
                 .ok_or_else(|| match dialer.status.borrow().reason() {
-                    Some(reason) => format!("local cluster unavailable: {reason}"),
-                    None => "local mirroring is disabled (--no-cluster)".to_owned(),
+                    Some(reason) => DialError::ClusterUnavailable(reason),
+                    None => DialError::Disabled,
                 })?;
             // Resolved now, from what the watch last saw: a replaced mirror is
             // picked up without touching the listener.
@@ -275,14 +304,19 @@ impl LocalDialer for MirrorDialer {
                 .store
                 .pod_view(&pod_id)
                 .and_then(|view| view.tunnel.mirror.map(|m| m.name).or(Some(view.pod.name)))
-                .ok_or_else(|| format!("no pod {pod_id:?}"))?;
+                .ok_or_else(|| DialError::UnknownPod(pod_id.clone()))?;
+            let failed = |message: String| DialError::PortForward {
+                mirror: name.clone(),
+                port,
+                message,
+            };
             let mut forwarder = api
                 .portforward(&name, &[port])
                 .await
-                .map_err(|err| format!("port-forward to {name}:{port}: {}", describe(&err)))?;
+                .map_err(|err| failed(describe(&err)))?;
             let stream = forwarder
                 .take_stream(port)
-                .ok_or_else(|| format!("port-forward to {name}:{port} gave no stream"))?;
+                .ok_or_else(|| failed("no stream for the port".to_owned()))?;
             Ok(LocalStream {
                 stream,
                 guard: Box::new(forwarder),
@@ -360,7 +394,7 @@ impl Mirror {
             self.set_pods_api(None);
             let reason = match outcome {
                 Ok(()) => return,
-                Err(reason) => reason,
+                Err(err) => err.to_string(),
             };
             if failures == 0 {
                 tracing::warn!(context = %self.settings.context, %reason, "local cluster unavailable; retrying with backoff");
@@ -382,7 +416,7 @@ impl Mirror {
 
     /// One connection's life: ensure the namespace, then keep the mirrors in
     /// step with the store and the watch. Returns the reason it ended.
-    async fn session(&self) -> Result<(), String> {
+    async fn session(&self) -> Result<(), ClusterError> {
         let client = connect(&self.settings).await?;
         let namespace = &self.settings.namespace;
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -400,14 +434,14 @@ impl Mirror {
                     Ok(_) => tracing::info!(%namespace, "created the mirror namespace"),
                     Err(kube::Error::Api(status)) if status.code == 409 => {}
                     Err(err) => {
-                        return Err(format!(
-                            "cannot create namespace {namespace}: {}",
-                            describe(&err)
-                        ))
+                        return Err(ClusterError::Namespace {
+                            namespace: namespace.clone(),
+                            message: describe(&err),
+                        })
                     }
                 }
             }
-            Err(err) => return Err(describe(&err)),
+            Err(err) => return Err(ClusterError::Api(describe(&err))),
         }
         let pods: Api<Pod> = Api::namespaced(client, namespace);
         self.set_pods_api(Some(pods.clone()));
@@ -450,8 +484,8 @@ impl Mirror {
                                 self.store.set_mirror(&id, None);
                             }
                         }
-                        Some(Err(err)) => return Err(format!("watch failed: {err}")),
-                        None => return Err("watch ended".to_owned()),
+                        Some(Err(err)) => return Err(ClusterError::Watch(err.to_string())),
+                        None => return Err(ClusterError::WatchEnded),
                     }
                 }
                 changed = changes.changed() => {
@@ -482,7 +516,7 @@ impl Mirror {
         pods: &Api<Pod>,
         actual: &mut HashMap<String, Pod>,
         applied: &mut HashMap<String, String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         let desired: Vec<PodSpec> = self.store.read().values().map(|e| e.spec.clone()).collect();
         let wanted_names: HashMap<&str, &str> = desired
             .iter()
@@ -502,7 +536,9 @@ impl Mirror {
                     tracing::info!(mirror = %name, "removed a mirror that is no longer wanted")
                 }
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
-                Err(err) if is_cluster_fault(&err) => return Err(describe(&err)),
+                Err(err) if is_cluster_fault(&err) => {
+                    return Err(ClusterError::Api(describe(&err)))
+                }
                 Err(err) => {
                     tracing::warn!(mirror = %name, error = %describe(&err), "cannot remove mirror");
                     continue;
@@ -530,7 +566,9 @@ impl Mirror {
                     // Present as far as we know; the watch brings the rest.
                     actual.insert(spec.name.clone(), pod);
                 }
-                Err(err) if is_cluster_fault(&err) => return Err(describe(&err)),
+                Err(err) if is_cluster_fault(&err) => {
+                    return Err(ClusterError::Api(describe(&err)))
+                }
                 Err(err) => {
                     // Refused by the cluster: shown on this pod only, retried on its next change.
                     applied.insert(spec.id.clone(), json);

@@ -70,6 +70,23 @@ impl std::fmt::Debug for LocalStream {
     }
 }
 
+/// Why a stream to a mirror could not be opened.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DialError {
+    #[error("local cluster unavailable: {0}")]
+    ClusterUnavailable(String),
+    #[error("local mirroring is disabled (--no-cluster)")]
+    Disabled,
+    #[error("no pod {0:?}")]
+    UnknownPod(String),
+    #[error("port-forward to {mirror}:{port}: {message}")]
+    PortForward {
+        mirror: String,
+        port: u16,
+        message: String,
+    },
+}
+
 /// Opens streams to mirrors in the local cluster (the Kubernetes API
 /// port-forward); implemented by the cluster module, resolved per connection.
 pub trait LocalDialer: Send + Sync + std::fmt::Debug {
@@ -78,7 +95,7 @@ pub trait LocalDialer: Send + Sync + std::fmt::Debug {
         &self,
         pod_id: &str,
         port: u16,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LocalStream, String>> + Send>>;
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LocalStream, DialError>> + Send>>;
 }
 
 /// What a tunnel's listener and connections share with the store: where to
@@ -348,8 +365,8 @@ async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
         tokio::time::timeout(CONNECT_TIMEOUT, shared.dialer.dial(&shared.pod_id, port)).await;
     let mut local = match dialed {
         Ok(Ok(local)) => local,
-        Ok(Err(reason)) => {
-            shared.record_error(format!("cannot reach the local mirror: {reason}"));
+        Ok(Err(err)) => {
+            shared.record_error(format!("cannot reach the local mirror: {err}"));
             return;
         }
         Err(_) => {

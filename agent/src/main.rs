@@ -2,7 +2,6 @@
 //! one (`status`, `pods`, `push`, `forward`, `token`).
 
 use std::io::{IsTerminal, Read};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -11,11 +10,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use k3s_local_agent::client::AgentClient;
 use k3s_local_agent::config::{Config, RunOverrides, DEFAULT_AGENT_PORT};
-use k3s_local_agent::demo::Demo;
 use k3s_local_agent::model::{Redirection, TunnelState, TunnelTarget};
 use k3s_local_agent::persist::Identity;
 use k3s_local_agent::Agent;
-use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
 /// Hard limit on a clean shutdown after Ctrl-C / SIGTERM.
@@ -188,28 +185,13 @@ async fn dispatch(command: Command) -> Result<()> {
 }
 
 async fn run(overrides: RunOverrides) -> Result<()> {
-    let mut config = Config::resolve(&overrides)?;
-    let demo = if config.demo {
-        let demo = Demo::bind().await?;
-        config.control_plane_url = demo.control_plane_url()?.parse()?;
-        // The demo's pods never mix with real ones.
-        config.state_dir = config.state_dir.join("demo");
-        Some(demo)
-    } else {
-        None
-    };
-    let address = SocketAddr::new(config.bind, config.agent_port);
-    let listener = TcpListener::bind(address).await.with_context(|| {
-        format!(
-            "cannot listen on {address}: is another agent running? Choose another port with --agent-port"
-        )
-    })?;
-    let agent = Agent::start(config, listener).await?;
-    if let Some(demo) = demo {
-        let pods = demo.start(&agent).await?;
+    let config = Config::resolve(&overrides)?;
+    let with_demo = config.demo;
+    let (agent, demo_pods) = k3s_local_agent::demo::launch(config, with_demo).await?;
+    if with_demo {
         println!(
             "DEMO MODE: {} demo pods, served through tunnels:",
-            pods.len()
+            demo_pods.len()
         );
         for view in agent.pods() {
             println!("  {}", describe_tunnel(&view.tunnel));

@@ -9,12 +9,10 @@ mod live;
 mod notify;
 mod tray;
 
-use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::Parser;
 use k3s_local_agent::config::{Config, RunOverrides};
-use k3s_local_agent::demo::Demo;
 use k3s_local_agent::persist::DesktopSettings;
 use k3s_local_agent::Agent;
 use tauri::{Manager, RunEvent, WindowEvent};
@@ -42,27 +40,10 @@ fn under_automation() -> bool {
     std::env::var("TAURI_WEBVIEW_AUTOMATION").is_ok_and(|v| v == "true")
 }
 
-/// Starts the agent (and the demo, when it applies) on Tauri's runtime.
-async fn start_agent(mut config: Config) -> anyhow::Result<Agent> {
-    let demo = if config.demo || !config.control_plane_configured {
-        let demo = Demo::bind().await?;
-        config.demo = true;
-        config.control_plane_url = demo.control_plane_url()?.parse()?;
-        config.state_dir = config.state_dir.join("demo");
-        Some(demo)
-    } else {
-        None
-    };
-    let address = SocketAddr::new(config.bind, config.agent_port);
-    let listener = tokio::net::TcpListener::bind(address).await.map_err(|err| {
-        anyhow::anyhow!(
-            "cannot listen on {address}: {err}; is another agent running? Choose another port with --agent-port"
-        )
-    })?;
-    let agent = Agent::start(config, listener).await?;
-    if let Some(demo) = demo {
-        demo.start(&agent).await?;
-    }
+/// Starts the agent, with the demo when no control plane is configured.
+async fn start_agent(config: Config) -> anyhow::Result<Agent> {
+    let with_demo = config.demo || !config.control_plane_configured;
+    let (agent, _demo_pods) = k3s_local_agent::demo::launch(config, with_demo).await?;
     Ok(agent)
 }
 

@@ -295,6 +295,29 @@ pub fn greeting_server(text: &'static str) -> Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A control plane stand-in on `listener` that answers every report 200, in a thread.
+pub fn serve_control_plane(listener: std::net::TcpListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut buf = [0u8; 65536];
+            let _ = std::io::Read::read(&mut stream, &mut buf);
+            let _ = std::io::Write::write_all(
+                &mut stream,
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+            );
+        }
+    });
+}
+
 /// Reads everything a tunnel's pod sends on a fresh connection.
 pub fn read_from(port: u16) -> Result<String> {
     let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;

@@ -434,17 +434,7 @@ fn a_control_plane_outage_is_logged_once_and_recovery_is_noticed() {
 
     // The control plane comes up: the agent notices and reports.
     let listener = std::net::TcpListener::bind(address).expect("control plane binds");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut buf = [0u8; 65536];
-            let _ = std::io::Read::read(&mut stream, &mut buf);
-            let _ = std::io::Write::write_all(
-                &mut stream,
-                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-            );
-        }
-    });
+    k3s_local_agent_e2e::serve_control_plane(listener);
     wait_until("recovery to be logged", || {
         count("control plane reachable again") == 1
     })

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use k3s_local_agent_e2e::desktop::{tray_binary, Desktop};
-use k3s_local_agent_e2e::{greeting_server, read_from, refuses, wait_until, Sandbox, DEADLINE};
+use k3s_local_agent_e2e::{
+    free_port, greeting_server, read_from, refuses, serve_control_plane, wait_until, Sandbox,
+    DEADLINE,
+};
 use serde_json::{json, Value};
 
 fn screenshots() -> PathBuf {
@@ -21,29 +24,11 @@ fn screenshots() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("desktop-screenshots"))
 }
 
-/// A port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// A control plane stand-in that takes every report (so the app is not in demo mode).
 fn control_plane() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut buf = [0u8; 65536];
-            let _ = std::io::Read::read(&mut stream, &mut buf);
-            let _ = std::io::Write::write_all(
-                &mut stream,
-                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-            );
-        }
-    });
+    serve_control_plane(listener);
     addr
 }
 
