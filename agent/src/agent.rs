@@ -371,13 +371,19 @@ impl Agent {
         if let Some(listener) = closing {
             listener.close().await;
         }
+        tracing::info!(pod_id = %id, enabled, "forwarding toggled");
+        self.save_and_announce(id).await
+    }
+
+    /// After a change to one tunnel: keeps it on disk, tells subscribers, and
+    /// returns how it looks now.
+    async fn save_and_announce(&self, id: &str) -> Result<Redirection, AgentError> {
         self.save(&[id.to_owned()], &[]).await?;
         let view = self
             .inner
             .store
             .pod_view(id)
             .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
-        tracing::info!(pod_id = %id, enabled, state = ?view.tunnel.status, "forwarding toggled");
         self.events().publish(AgentEvent::TunnelChanged {
             pod_id: id.to_owned(),
             state: view.tunnel.status,
@@ -401,19 +407,8 @@ impl Agent {
                 .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
             entry.tunnel.set_mode(target);
         }
-        self.save(&[id.to_owned()], &[]).await?;
-        let view = self
-            .inner
-            .store
-            .pod_view(id)
-            .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
         tracing::info!(pod_id = %id, target = target.as_str(), "tunnel target switched");
-        self.events().publish(AgentEvent::TunnelChanged {
-            pod_id: id.to_owned(),
-            state: view.tunnel.status,
-            error: view.tunnel.error.clone(),
-        });
-        Ok(view.tunnel)
+        self.save_and_announce(id).await
     }
 
     /// Turns forwarding on or off for every pod (the tray's Pause all /

@@ -27,3 +27,17 @@ pub mod ui;
 
 pub use agent::{Agent, AgentError, ApplyOutcome};
 pub use config::{Config, RunOverrides};
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`), in colour only on
+/// a terminal; for the binaries (the CLI and the tray app).
+pub fn init_logging() {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}

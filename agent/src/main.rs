@@ -1,7 +1,7 @@
 //! The headless agent's command line: `run` the agent, or talk to a running
 //! one (`status`, `pods`, `push`, `forward`, `token`).
 
-use std::io::{IsTerminal, Read};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,7 +13,6 @@ use k3s_local_agent::config::{Config, RunOverrides, DEFAULT_AGENT_PORT};
 use k3s_local_agent::model::{Redirection, TunnelState, TunnelTarget};
 use k3s_local_agent::persist::Identity;
 use k3s_local_agent::Agent;
-use tracing_subscriber::EnvFilter;
 
 /// Hard limit on a clean shutdown after Ctrl-C / SIGTERM.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(5);
@@ -115,13 +114,7 @@ fn default_state_dir() -> Option<PathBuf> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    k3s_local_agent::init_logging();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(err) => {

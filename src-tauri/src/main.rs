@@ -16,7 +16,6 @@ use k3s_local_agent::config::{Config, RunOverrides};
 use k3s_local_agent::persist::DesktopSettings;
 use k3s_local_agent::Agent;
 use tauri::{Manager, RunEvent, WindowEvent};
-use tracing_subscriber::EnvFilter;
 
 /// The dashboard window's label in tauri.conf.json.
 pub const MAIN_WINDOW: &str = "main";
@@ -49,12 +48,7 @@ async fn start_agent(config: Config) -> anyhow::Result<Agent> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    k3s_local_agent::init_logging();
     let config = match Config::resolve(&cli.run) {
         Ok(config) => config,
         Err(err) => {
