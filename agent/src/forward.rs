@@ -13,6 +13,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use socket2::{Domain, Socket, Type};
+use std::task::Poll;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -320,7 +325,7 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-async fn serve_connection(client: TcpStream, shared: &TunnelShared) {
+async fn serve_connection(mut client: TcpStream, shared: &TunnelShared) {
     shared.counters.total.fetch_add(1, Ordering::Relaxed);
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
     shared.events.traffic_moved();
@@ -331,7 +336,8 @@ async fn serve_connection(client: TcpStream, shared: &TunnelShared) {
         serve_local(client, shared, target.port()).await;
         return;
     }
-    let upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await
+    {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
             shared.record_error(format!("cannot connect to pod at {target}: {err}"));
@@ -348,9 +354,11 @@ async fn serve_connection(client: TcpStream, shared: &TunnelShared) {
     shared.record_success();
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
     let result = tokio::try_join!(
-        relay(&client, &upstream, &shared.counters.to_pod),
-        relay(&upstream, &client, &shared.counters.from_pod),
+        relay(client_read, upstream_write, &shared.counters.to_pod),
+        relay(upstream_read, client_write, &shared.counters.from_pod),
     );
     if let Err(err) = result {
         // A reset mid-stream ends this connection only; the tunnel is fine.
@@ -408,66 +416,83 @@ enum PumpEnd {
 /// fills the buffer the connection is moving bulk data, and on Linux the rest
 /// goes kernel to kernel with splice(2); elsewhere, and wherever the kernel
 /// will not splice, the copy carries on.
-async fn relay(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<()> {
+async fn relay(
+    mut from: ReadHalf<'_>,
+    mut to: WriteHalf<'_>,
+    counter: &AtomicU64,
+) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
-        if pump(from, to, counter, true).await? == PumpEnd::Closed {
+        if pump(&mut from, &mut to, counter, true).await? == PumpEnd::Closed {
             return Ok(());
         }
-        if let crate::splice::Spliced::Done = crate::splice::pump(from, to, counter).await? {
+        let spliced = crate::splice::pump(from.as_ref(), to.as_ref(), counter).await?;
+        if let crate::splice::Spliced::Done = spliced {
             return Ok(());
         }
     }
-    pump(from, to, counter, false).await.map(|_| ())
+    pump(&mut from, &mut to, counter, false).await.map(|_| ())
 }
 
 /// Moves bytes one way until `from` closes, then half-closes `to` so the peer
 /// sees the end of the stream; with `stop_when_bulk`, hands over after the
-/// first read that fills the buffer. The buffer is allocated only once data
-/// flows, so idle connections cost no buffer memory.
+/// first read that fills the buffer.
+///
+/// The buffer exists only while data flows: readiness can be reported with
+/// nothing to read, so a read that finds nothing gives the buffer back, and
+/// idle connections cost no buffer memory. Reads go through tokio's
+/// `AsyncRead` rather than `try_read`: a read that returns less than asked
+/// tells tokio the socket is drained, which saves the `EAGAIN` read per
+/// message that a request/response exchange would otherwise pay each way.
 async fn pump(
-    from: &TcpStream,
-    to: &TcpStream,
+    from: &mut ReadHalf<'_>,
+    to: &mut WriteHalf<'_>,
     counter: &AtomicU64,
     stop_when_bulk: bool,
 ) -> io::Result<PumpEnd> {
-    let mut buffer = Vec::new();
+    // Read into spare capacity (never zeroed) so a short connection pays
+    // for one allocation and nothing else.
+    let mut buffer = BytesMut::new();
     loop {
-        from.readable().await?;
-        if buffer.is_empty() {
-            // Readiness can be reported with nothing to read (a fresh socket):
-            // look before paying for a buffer, so idle connections cost none.
-            let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
-            let waiting = from.try_io(tokio::io::Interest::READABLE, || {
-                socket2::SockRef::from(from).peek(&mut probe)
-            });
-            match waiting {
-                Ok(0) => break,
-                Ok(_) => buffer = vec![0; PUMP_BUFFER],
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(err) => return Err(err),
+        buffer.clear();
+        let read = if buffer.capacity() == 0 {
+            let socket: &TcpStream = from.as_ref();
+            socket.readable().await?;
+            buffer = BytesMut::with_capacity(PUMP_BUFFER);
+            match read_if_ready(from, &mut buffer).await? {
+                Some(read) => read,
+                None => {
+                    buffer = BytesMut::new();
+                    continue;
+                }
             }
-        }
-        let read = match from.try_read(&mut buffer) {
-            Ok(0) => break,
-            Ok(read) => read,
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(err) => return Err(err),
+        } else {
+            from.read_buf(&mut buffer).await?
         };
-        let mut written = 0;
-        while written < read {
-            to.writable().await?;
-            match to.try_write(&buffer[written..read]) {
-                Ok(n) => written += n,
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(err) => return Err(err),
-            }
+        if read == 0 {
+            break;
         }
+        to.write_all(&buffer).await?;
         counter.fetch_add(read as u64, Ordering::Relaxed);
-        if stop_when_bulk && read == buffer.len() {
+        if stop_when_bulk && read == PUMP_BUFFER {
             return Ok(PumpEnd::Bulk);
         }
     }
-    socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+    socket2::SockRef::from(to.as_ref()).shutdown(std::net::Shutdown::Write)?;
     Ok(PumpEnd::Closed)
+}
+
+/// One read that does not wait: `None` when there was nothing to read after all.
+async fn read_if_ready(
+    from: &mut ReadHalf<'_>,
+    buffer: &mut BytesMut,
+) -> io::Result<Option<usize>> {
+    std::future::poll_fn(|cx| {
+        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *from), cx, buffer) {
+            Poll::Ready(Ok(read)) => Poll::Ready(Ok(Some(read))),
+            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
+            Poll::Pending => Poll::Ready(Ok(None)),
+        }
+    })
+    .await
 }
