@@ -141,17 +141,9 @@ impl Agent {
         let inner = &agent.inner;
         let router = receiver::router(agent.clone());
         let cancel = inner.cancel.clone();
-        inner.tracker.spawn(async move {
-            let served = axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(cancel.cancelled_owned())
-            .await;
-            if let Err(err) = served {
-                tracing::error!(error = %err, "receiver stopped");
-            }
-        });
+        inner
+            .tracker
+            .spawn(crate::serve::serve(listener, router, cancel));
         let reporter = inner.reporter.clone();
         let cancel = inner.cancel.clone();
         inner

@@ -206,6 +206,13 @@ impl TunnelShared {
         }
     }
 
+    /// Records a connection the pod cut mid-stream (a reset). The tunnel itself
+    /// is fine, so this is history (`last_error`), not the current problem.
+    fn record_dropped(&self, message: String) {
+        tracing::debug!(pod_id = %self.pod_id, error = %message, "connection cut mid-stream");
+        self.lock_errors().last = Some((message, Utc::now()));
+    }
+
     /// Clears the current problem after a good connection.
     fn record_success(&self) {
         let recovered = self.lock_errors().current.take().is_some();
@@ -362,7 +369,9 @@ async fn serve_connection(mut client: TcpStream, shared: &TunnelShared) {
     );
     if let Err(err) = result {
         // A reset mid-stream ends this connection only; the tunnel is fine.
-        tracing::debug!(pod_id = %shared.pod_id, error = %err, "connection ended with an error");
+        shared.record_dropped(format!(
+            "a connection to the pod at {target} broke mid-stream: {err}"
+        ));
     }
 }
 

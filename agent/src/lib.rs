@@ -20,6 +20,7 @@ pub mod persist;
 pub mod ports;
 pub mod receiver;
 pub mod report;
+pub mod serve;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod store;

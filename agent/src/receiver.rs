@@ -23,6 +23,9 @@ use crate::{auth, ui};
 
 /// Largest request body accepted (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Most pods one push may carry: far more than a port range holds (921 by
+/// default), few enough that a runaway control plane cannot stall the agent.
+pub const MAX_PODS_PER_PUSH: usize = 5_000;
 /// Longest a request may take before it is answered 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -261,6 +264,14 @@ pub fn parse_push(body: &[u8], our_agent_id: &str) -> Result<ParsedPush, ApiErro
             return Err(ApiError::bad_request("field `pods` must be a list").with("field", "pods"))
         }
     };
+    if pods.len() > MAX_PODS_PER_PUSH {
+        return Err(ApiError::bad_request(format!(
+            "field `pods` holds {} pods; at most {MAX_PODS_PER_PUSH} in one push (split it)",
+            pods.len()
+        ))
+        .with("field", "pods")
+        .with("limit", MAX_PODS_PER_PUSH));
+    }
 
     let mut parsed = ParsedPush {
         action,

@@ -228,7 +228,10 @@ impl Reporter {
 /// A short reason for a failed request, without reqwest's nested noise.
 fn describe(err: &reqwest::Error) -> String {
     if err.is_timeout() {
-        "request timed out".to_owned()
+        format!(
+            "request timed out: no answer within {}s",
+            REQUEST_TIMEOUT.as_secs()
+        )
     } else if err.is_connect() {
         "connection refused or unreachable".to_owned()
     } else {

@@ -30,8 +30,14 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 
 /// Waits for `condition` to hold, checking every few milliseconds, and fails
 /// the test with `what` when the deadline passes first.
-pub async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
+pub async fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    wait_until_within(DEADLINE, what, condition).await;
+}
+
+/// [`wait_until`] with a deadline of its own, for conditions that involve a
+/// timeout of the agent's.
+pub async fn wait_until_within(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
     let mut poll = tokio::time::interval(Duration::from_millis(10));
     while !condition() {
         assert!(
@@ -71,6 +77,9 @@ pub struct ControlPlane {
 struct Recorder {
     reports: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
     count: Arc<watch::Sender<usize>>,
+    /// Keep only the latest report (and count the rest), so a long test's
+    /// own memory stays flat.
+    latest_only: bool,
 }
 
 async fn record(
@@ -78,12 +87,14 @@ async fn record(
     headers: HeaderMap,
     Json(body): Json<Value>,
 ) -> Json<Value> {
-    let len = {
+    {
         let mut reports = rec.reports.lock().expect("reports lock");
+        if rec.latest_only {
+            reports.clear();
+        }
         reports.push((headers, body));
-        reports.len()
-    };
-    rec.count.send_replace(len);
+    }
+    rec.count.send_modify(|count| *count += 1);
     Json(json!({"status": "ok"}))
 }
 
@@ -96,8 +107,20 @@ impl ControlPlane {
         Self::serve(listener)
     }
 
+    /// Starts on a fresh loopback port, keeping only the latest report.
+    pub async fn start_latest_only() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind control plane");
+        Self::serve_with(listener, true)
+    }
+
     /// Starts on a given listener (to come up on a port known in advance).
     pub fn serve(listener: TcpListener) -> Self {
+        Self::serve_with(listener, false)
+    }
+
+    fn serve_with(listener: TcpListener, latest_only: bool) -> Self {
         let url = format!("http://{}", listener.local_addr().expect("addr"));
         let reports = Arc::new(Mutex::new(Vec::new()));
         let (count_tx, count) = watch::channel(0);
@@ -106,6 +129,7 @@ impl ControlPlane {
             .with_state(Recorder {
                 reports: Arc::clone(&reports),
                 count: Arc::new(count_tx),
+                latest_only,
             });
         tokio::spawn(async move { axum::serve(listener, app).await });
         Self {
