@@ -1,7 +1,8 @@
 //! Who may call the agent: the bearer token (required when the receiver
 //! listens beyond loopback, compared in constant time), and the loopback-only
-//! guard for endpoints that change local state, which also rejects foreign
-//! `Host`/`Origin` headers so no web page can drive them (DNS rebinding).
+//! guard for endpoints that change local state; foreign `Origin` headers are
+//! refused everywhere and foreign `Host` headers on loopback, so no web page
+//! can drive the agent (cross-site requests, DNS rebinding).
 
 use std::net::SocketAddr;
 
@@ -30,10 +31,24 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Middleware on every request. Beyond loopback: every request but the open
-/// paths must carry the bearer token. On loopback: the `Host` must be local,
-/// so a web page whose name was rebound to 127.0.0.1 cannot read or push.
+/// Middleware on every request. A browser's `Origin`, when sent, must be a
+/// page of this machine: the control plane sends none, and a page elsewhere
+/// could otherwise push with a "simple" (unpreflighted) POST. Beyond loopback:
+/// every request but the open paths must carry the bearer token. On loopback:
+/// the `Host` must be local, so a web page whose name was rebound to
+/// 127.0.0.1 cannot read or push.
 pub async fn check_caller(State(agent): State<Agent>, request: Request, next: Next) -> Response {
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        if !OPEN_PATHS.contains(&request.uri().path())
+            && !origin.to_str().is_ok_and(is_local_origin)
+        {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "requests from pages of other sites are refused",
+            )
+            .into_response();
+        }
+    }
     if agent.token_required() {
         if !OPEN_PATHS.contains(&request.uri().path()) {
             match bearer(request.headers()) {
