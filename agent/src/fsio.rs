@@ -72,6 +72,27 @@ fn sync_dir(dir: &Path) {
 #[cfg(not(unix))]
 fn sync_dir(_dir: &Path) {}
 
+/// Creates `dir` (and missing parents) readable by its owner only; an
+/// existing directory is left as it is (it may be one the user shares).
+#[cfg(unix)]
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+#[cfg(not(unix))]
+pub fn create_private_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)
+}
+
+/// Makes an existing file readable and writable by its owner only.
+pub fn make_private(path: &Path) -> io::Result<()> {
+    set_mode(&fs::File::open(path)?, 0o600)
+}
+
 /// The permission bits of an existing file, for keeping them on replace.
 #[cfg(unix)]
 pub fn mode_of(path: &Path) -> Option<u32> {

@@ -108,11 +108,22 @@ fn new_token() -> io::Result<String> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Creates the state dir owner-only (0700). One that already exists is not
+/// changed (it may be a directory the user shares), only warned about when
+/// others can look inside.
 fn ensure_dir(dir: &Path) -> Result<(), PersistError> {
-    fs::create_dir_all(dir).map_err(|source| PersistError::Dir {
+    fsio::create_private_dir(dir).map_err(|source| PersistError::Dir {
         path: dir.to_owned(),
         source,
-    })
+    })?;
+    if let Some(mode) = fsio::mode_of(dir).filter(|mode| mode & 0o077 != 0) {
+        tracing::warn!(
+            path = %dir.display(),
+            mode = format!("{mode:o}"),
+            "the state directory is open to other users; `chmod 700` it to keep the token private"
+        );
+    }
+    Ok(())
 }
 
 fn read_trimmed(path: &Path) -> Result<Option<String>, PersistError> {
@@ -191,6 +202,12 @@ impl StateDb {
             source,
         };
         let conn = Connection::open(&path).map_err(db_err)?;
+        // Owner-only before the first write: SQLite gives the WAL and shared
+        // memory files the database file's permissions.
+        fsio::make_private(&path).map_err(|source| PersistError::File {
+            path: path.clone(),
+            source,
+        })?;
         // WAL with NORMAL sync survives a process crash (kill -9) with every
         // committed transaction, at a fraction of FULL's fsync cost.
         conn.pragma_update(None, "journal_mode", "WAL")
@@ -356,6 +373,15 @@ mod tests {
         );
         #[cfg(unix)]
         assert_eq!(fsio::mode_of(&dir.path().join(TOKEN_FILE)), Some(0o600));
+        // A state dir the agent creates is its owner's alone, and so is the
+        // database in it.
+        let fresh = dir.path().join("new/state");
+        StateDb::open(&fresh).expect("db");
+        #[cfg(unix)]
+        {
+            assert_eq!(fsio::mode_of(&fresh), Some(0o700));
+            assert_eq!(fsio::mode_of(&fresh.join(DB_FILE)), Some(0o600));
+        }
         let named = Identity::load_or_create(dir.path(), Some("agent-x")).expect("named");
         assert_eq!(named.agent_id, "agent-x");
     }
