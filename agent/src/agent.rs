@@ -4,6 +4,7 @@
 //! on disk and the hosts file in step. The HTTP receiver and the tray app both
 //! call into this and nothing else.
 
+use crate::shards::ForwardShards;
 use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -43,6 +44,8 @@ pub enum AgentError {
     UnknownPod(String),
     #[error("cannot build the status reporter: {0}")]
     Reporter(String),
+    #[error("cannot start the forwarding threads: {0}")]
+    Shards(std::io::Error),
 }
 
 /// The outcome of a push, by pod id.
@@ -73,6 +76,8 @@ struct Inner {
     cluster: watch::Receiver<ClusterStatus>,
     /// How `local` tunnels reach mirrors.
     dialer: Arc<dyn LocalDialer>,
+    /// The per-core runtimes every tunnel's connections run on.
+    shards: ForwardShards,
     /// Serializes the operations that change state, so each sees the last one's result.
     ops: Mutex<()>,
     cancel: CancellationToken,
@@ -131,6 +136,7 @@ impl Agent {
                 control_plane,
                 cluster,
                 dialer: mirror.dialer(),
+                shards: ForwardShards::per_core().map_err(AgentError::Shards)?,
                 ops: Mutex::new(()),
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -196,6 +202,12 @@ impl Agent {
     /// The root token: cancelled when the agent stops.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.inner.cancel
+    }
+
+    /// Tasks alive on the forwarding threads: one accept loop per tunnel and
+    /// shard, one task per open connection.
+    pub fn forwarding_tasks(&self) -> usize {
+        self.inner.shards.alive_tasks()
     }
 
     /// The tracker every agent task runs on (the demo adds its servers here).
@@ -594,6 +606,7 @@ impl Agent {
                 match RunningTunnel::spawn(
                     allocation.listener,
                     Arc::clone(&entry.tunnel),
+                    &self.inner.shards,
                     &self.inner.tracker,
                     &self.inner.cancel,
                 ) {

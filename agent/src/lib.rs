@@ -21,6 +21,7 @@ pub mod ports;
 pub mod receiver;
 pub mod report;
 pub mod serve;
+pub mod shards;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod store;

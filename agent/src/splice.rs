@@ -38,8 +38,8 @@ fn new_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok((read_end, write_end))
 }
 
-/// Moves bytes from `from` to `to` until `from` reaches end of stream, then
-/// half-closes `to`. Each chunk is drained from the pipe before the next is
+/// Moves bytes from `from` to `to` until `from` reaches end of stream (the
+/// caller tells `to`'s peer). Each chunk is drained from the pipe before the next is
 /// read, so a splice that would block always means the socket, not the pipe.
 pub async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::Result<Spliced> {
     let mut pipe: Option<(OwnedFd, OwnedFd)> = None;
@@ -75,7 +75,6 @@ pub async fn pump(from: &TcpStream, to: &TcpStream, counter: &AtomicU64) -> io::
         counter.fetch_add(moved as u64, Ordering::Relaxed);
         spliced_any = true;
     }
-    socket2::SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
     Ok(Spliced::Done)
 }
 

@@ -37,10 +37,12 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-fn alive_tasks() -> usize {
+/// Tasks on the test's runtime (the agent's own) and on its forwarding threads.
+fn alive_tasks(agent: &common::TestAgent) -> usize {
     tokio::runtime::Handle::current()
         .metrics()
         .num_alive_tasks()
+        + agent.agent.forwarding_tasks()
 }
 
 fn batch_ids(round: usize) -> Vec<String> {
@@ -76,7 +78,7 @@ async fn ten_thousand_creates_and_deletes_leave_nothing_behind() {
     // (client pools, caches, the allocator's per-thread arenas at their peak)
     // exist before it is taken.
     churn(&agent, upstream, 0..ROUNDS / 5).await;
-    let (fds, tasks, rss) = (open_fds(), alive_tasks(), rss_kib());
+    let (fds, tasks, rss) = (open_fds(), alive_tasks(&agent), rss_kib());
 
     let operations = churn(&agent, upstream, ROUNDS / 5..ROUNDS / 5 + ROUNDS).await;
     assert_eq!(operations, 10_000);
@@ -88,7 +90,7 @@ async fn ten_thousand_creates_and_deletes_leave_nothing_behind() {
     })
     .await;
     wait_until("tasks back near the baseline", || {
-        alive_tasks() <= tasks + 8
+        alive_tasks(&agent) <= tasks + 8
     })
     .await;
     for port in range.start..=range.end {
@@ -102,7 +104,7 @@ async fn ten_thousand_creates_and_deletes_leave_nothing_behind() {
         "after 10,000 operations ({} reports): fds {fds} -> {}, tasks {tasks} -> {}, RSS +{grown_kib} KiB",
         fx.control_plane.len(),
         open_fds(),
-        alive_tasks()
+        alive_tasks(&agent)
     );
     assert!(
         grown_kib < 6 * 1024,
