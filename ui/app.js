@@ -56,7 +56,11 @@ async function act(button, work) {
   }
 }
 
+// The pod's name URL (no port) when its own port listens on its address and
+// the names are in the system's hosts file; else the range port, which
+// browsers reach by the .localhost name with no setup.
 function podUrl(tunnel) {
+  if (tunnel.name_url && latest && latest.health.names.system_wide) return tunnel.name_url;
   return `http://${tunnel.localhost_name}:${tunnel.local_port}/`;
 }
 
@@ -92,10 +96,19 @@ function podRow({ pod, tunnel }) {
     ' ',
     el('span', { class: 'mono port', text: local }),
     el('div', {}, [copyButton(tunnel.dns_name)]),
+    el('div', { class: 'sub mono ways' }, [
+      el('span', { class: 'way-range', text: tunnel.local_port ? `localhost:${tunnel.local_port}` : '' }),
+      tunnel.name_port
+        ? el('span', { class: 'way-name', text: ` · ${tunnel.dns_name}:${tunnel.name_port}` })
+        : '',
+    ]),
     el('div', { class: 'sub mono', text: `→ ${tunnel.staging_pod_ip}:${tunnel.staging_port}` }),
   ]);
   if (tunnel.error) {
     tunnelCell.append(el('div', { class: 'error-text', text: tunnel.error }));
+  }
+  if (tunnel.name_port_error) {
+    tunnelCell.append(el('div', { class: 'sub name-port-error', text: tunnel.name_port_error }));
   }
   if (tunnel.port_note) {
     tunnelCell.append(el('div', { class: 'sub', text: tunnel.port_note }));

@@ -6,7 +6,7 @@
 
 use crate::shards::ForwardShards;
 use std::collections::{BTreeSet, HashSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -263,6 +263,14 @@ impl Agent {
     /// pod with no setup. `None` for an unknown pod or one without a port.
     pub fn pod_url(&self, id: &str) -> Option<String> {
         let view = self.inner.store.pod_view(id)?;
+        // The name alone when the pod's own port listens on its address and
+        // the system resolves the name; else the range port, which browsers
+        // reach by the `.localhost` name with no setup.
+        if let Some(url) = view.tunnel.name_url {
+            if self.inner.hosts.health().system_wide {
+                return Some(url);
+            }
+        }
         let port = view.tunnel.local_port?;
         Some(format!("http://{}:{port}/", view.tunnel.localhost_name))
     }
@@ -312,11 +320,12 @@ impl Agent {
             doomed
                 .into_iter()
                 .filter_map(|id| {
-                    let entry = map.remove(&id)?;
+                    let mut entry = map.remove(&id)?;
                     outcome.removed.push(id);
-                    entry.listener
+                    Some(entry.take_listeners())
                 })
-                .collect()
+                .flatten()
+                .collect::<Vec<RunningTunnel>>()
         };
         for listener in closing {
             listener.close().await;
@@ -363,16 +372,19 @@ impl Agent {
                         self.open_listener(entry, &in_use);
                     }
                 }
-                None
+                Vec::new()
             } else {
-                map.get_mut(id).and_then(|entry| {
-                    entry.forwarding = false;
-                    entry.failure = None;
-                    entry.listener.take()
-                })
+                map.get_mut(id)
+                    .map(|entry| {
+                        entry.forwarding = false;
+                        entry.failure = None;
+                        entry.name_port_error = None;
+                        entry.take_listeners()
+                    })
+                    .unwrap_or_default()
             }
         };
-        if let Some(listener) = closing {
+        for listener in closing {
             listener.close().await;
         }
         tracing::info!(pod_id = %id, enabled, "forwarding toggled");
@@ -447,7 +459,7 @@ impl Agent {
             .store
             .write()
             .values_mut()
-            .filter_map(|entry| entry.listener.take())
+            .flat_map(PodEntry::take_listeners)
             .collect();
         self.inner.cancel.cancel();
         for listener in listeners {
@@ -488,6 +500,7 @@ impl Agent {
                 local_port,
                 forwarding,
                 target,
+                address,
             } in stored
             {
                 let id = spec.id.clone();
@@ -508,6 +521,9 @@ impl Agent {
                         failure: None,
                         tunnel,
                         listener: None,
+                        address,
+                        name_listeners: Vec::new(),
+                        name_port_error: None,
                         mirror: None,
                     },
                 );
@@ -566,6 +582,9 @@ impl Agent {
             failure: None,
             tunnel,
             listener: None,
+            address: None,
+            name_listeners: Vec::new(),
+            name_port_error: None,
             mirror: None,
         };
         let in_use = ports_in_use(map, None);
@@ -591,9 +610,9 @@ impl Agent {
 
     /// Binds a port for `entry` (its remembered one first) and starts its
     /// listener, or records why it could not.
-    fn open_listener(&self, entry: &mut PodEntry, in_use: &HashSet<u16>) {
+    fn open_listener(&self, entry: &mut PodEntry, in_use: &InUse) {
         let listen_ip = self.inner.listen_ip;
-        let taken = |port: u16| in_use.contains(&port);
+        let taken = |port: u16| in_use.ports.contains(&port);
         let allocation = self.inner.ports.allocate(entry.local_port, &taken, |port| {
             forward::bind_listener(SocketAddr::new(listen_ip, port))
         });
@@ -615,6 +634,7 @@ impl Agent {
                         entry.port_note = note;
                         entry.failure = None;
                         entry.listener = Some(listener);
+                        self.open_name_listeners(entry, &in_use.addresses);
                     }
                     Err(err) => {
                         entry.failure =
@@ -633,6 +653,48 @@ impl Agent {
                 state: TunnelState::Failed,
                 error: entry.failure.clone(),
             });
+        }
+    }
+
+    /// Gives the pod its own loopback address (its remembered one first) and
+    /// listens there on the pod's own port and on its range port, so both
+    /// `<name>-staging.local` and `<name>-staging.local:<range port>` work.
+    /// A port that cannot listen is noted with the reason, never fatal.
+    fn open_name_listeners(&self, entry: &mut PodEntry, taken: &HashSet<Ipv4Addr>) {
+        entry.name_port_error = None;
+        if !self.inner.config.name_ports {
+            return;
+        }
+        let block = self.inner.config.address_block;
+        let Some(address) = block.allocate(&entry.spec.id, entry.address, taken) else {
+            entry.name_port_error = Some(format!("every address in {block} is taken"));
+            return;
+        };
+        entry.address = Some(address);
+        let own = entry.spec.staging_port();
+        let mut ports = vec![own];
+        ports.extend(entry.local_port.filter(|port| *port != own));
+        for port in ports {
+            let addr = SocketAddr::from((address, port));
+            let listening = forward::bind_listener(addr).and_then(|listener| {
+                RunningTunnel::spawn(
+                    listener,
+                    Arc::clone(&entry.tunnel),
+                    &self.inner.shards,
+                    &self.inner.tracker,
+                    &self.inner.cancel,
+                )
+            });
+            match listening {
+                Ok(listener) => entry.name_listeners.push(listener),
+                Err(err) => {
+                    let why = explain_name_port_error(addr, &err);
+                    tracing::warn!(pod_id = %entry.spec.id, "{why}");
+                    if port == own {
+                        entry.name_port_error = Some(why);
+                    }
+                }
+            }
         }
     }
 
@@ -661,7 +723,7 @@ impl Agent {
             .read()
             .values()
             .map(|entry| HostEntry {
-                ip,
+                ip: entry.address.map_or(ip, IpAddr::V4),
                 names: vec![entry.spec.dns_name(), entry.spec.localhost_name()],
             })
             .collect();
@@ -690,10 +752,51 @@ fn raise_open_file_limit() {
     }
 }
 
-/// The ports our pods hold, except `except`'s own.
-fn ports_in_use(map: &PodMap, except: Option<&str>) -> HashSet<u16> {
-    map.iter()
-        .filter(|(id, _)| Some(id.as_str()) != except)
-        .filter_map(|(_, entry)| entry.local_port)
-        .collect()
+/// What our other pods hold: their ports and their addresses.
+#[derive(Debug, Default)]
+struct InUse {
+    ports: HashSet<u16>,
+    addresses: HashSet<Ipv4Addr>,
+}
+
+/// The ports and addresses our pods hold, except `except`'s own.
+fn ports_in_use(map: &PodMap, except: Option<&str>) -> InUse {
+    let others = || map.iter().filter(|(id, _)| Some(id.as_str()) != except);
+    InUse {
+        ports: others().filter_map(|(_, entry)| entry.local_port).collect(),
+        addresses: others().filter_map(|(_, entry)| entry.address).collect(),
+    }
+}
+
+/// Why a pod's own port cannot listen on its address, and the one command
+/// that would let it.
+fn explain_name_port_error(addr: SocketAddr, err: &std::io::Error) -> String {
+    match err.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            let binary = std::env::current_exe()
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|_| "k3s-local-agent".to_owned());
+            format!(
+                "cannot listen on {addr}: ports below {} need privileges; to allow it run \
+                 `sudo setcap cap_net_bind_service=+ep {binary}` (or `sudo sysctl -w \
+                 net.ipv4.ip_unprivileged_port_start={}`) and restart; until then use the \
+                 range port",
+                unprivileged_port_start().unwrap_or(1024),
+                addr.port()
+            )
+        }
+        std::io::ErrorKind::AddrInUse => {
+            format!("cannot listen on {addr}: another process holds it; use the range port")
+        }
+        _ => format!("cannot listen on {addr}: {err}"),
+    }
+}
+
+/// The lowest port an unprivileged process may bind (Linux's sysctl).
+fn unprivileged_port_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }

@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde::Deserialize;
+
+use crate::addresses::AddressBlock;
 
 /// Default port of the agent's HTTP API (the seed's).
 pub const DEFAULT_AGENT_PORT: u16 = 8082;
@@ -104,6 +106,14 @@ impl<'de> Deserialize<'de> for PortRange {
     }
 }
 
+/// An on/off setting, spelled as the flag takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Switch {
+    On,
+    Off,
+}
+
 /// Settings of `run` as flags and environment variables. Every field is
 /// optional so that an unset flag falls through to the file and the defaults.
 #[derive(Debug, Clone, Default, Args)]
@@ -133,6 +143,13 @@ pub struct RunOverrides {
     /// Host the tunnels listen on: localhost or an IP address [default: localhost].
     #[arg(long, env = "K3S_LOCAL_AGENT_LOCAL_HOST")]
     pub local_host: Option<String>,
+    /// Loopback block that pod addresses come from [default: 127.77.0.0/16].
+    #[arg(long, env = "K3S_LOCAL_AGENT_ADDRESS_BLOCK")]
+    pub address_block: Option<AddressBlock>,
+    /// Give each pod its own loopback address, with its names pointing there
+    /// and the pod's own port listening there [default: on].
+    #[arg(long, env = "K3S_LOCAL_AGENT_NAME_PORTS")]
+    pub name_ports: Option<Switch>,
     /// Hosts file for the pod names [default: /etc/hosts when writable, else <state-dir>/hosts].
     #[arg(long, env = "K3S_LOCAL_AGENT_HOSTS_FILE")]
     pub hosts_file: Option<PathBuf>,
@@ -167,6 +184,8 @@ pub struct FileSettings {
     pub sync_interval: Option<u64>,
     pub port_range: Option<PortRange>,
     pub local_host: Option<String>,
+    pub address_block: Option<String>,
+    pub name_ports: Option<Switch>,
     pub hosts_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub demo: Option<bool>,
@@ -200,6 +219,10 @@ pub struct Config {
     pub sync_interval: Duration,
     pub port_range: PortRange,
     pub local_host: String,
+    /// Where pod addresses come from, when `name_ports` is on.
+    pub address_block: AddressBlock,
+    /// Each pod on its own loopback address, with its own port there.
+    pub name_ports: bool,
     pub hosts_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub demo: bool,
@@ -289,6 +312,21 @@ impl Config {
             namespace,
         };
 
+        let address_block = match (flags.address_block, &file.address_block) {
+            (Some(block), _) => block,
+            (None, Some(text)) => {
+                text.parse()
+                    .map_err(
+                        |err: crate::addresses::AddressBlockError| ConfigError::Invalid {
+                            setting: "address_block",
+                            message: err.to_string(),
+                        },
+                    )?
+            }
+            (None, None) => AddressBlock::DEFAULT,
+        };
+        let name_ports = flags.name_ports.or(file.name_ports).unwrap_or(Switch::On) == Switch::On;
+
         let state_dir = match flags.state_dir.clone().or_else(|| file.state_dir.clone()) {
             Some(dir) => dir,
             None => dirs::data_dir()
@@ -313,6 +351,8 @@ impl Config {
                 .or(file.port_range)
                 .unwrap_or(DEFAULT_PORT_RANGE),
             local_host,
+            address_block,
+            name_ports,
             hosts_file: flags.hosts_file.clone().or_else(|| file.hosts_file.clone()),
             state_dir,
             demo: flags.demo || file.demo.unwrap_or(false),

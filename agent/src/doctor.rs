@@ -48,6 +48,53 @@ fn kind_hint(context: &str) -> String {
     }
 }
 
+/// Whether pods' own ports below 1024 (80 for most) can listen on their
+/// addresses for this binary, and if not, the one command that allows it.
+/// Without it names still work with the range port, so this is never a
+/// failure, only a limit worth knowing.
+pub fn name_ports(config: &crate::config::Config) -> Check {
+    if !config.name_ports {
+        return Check::ok(
+            "name ports",
+            "off (--name-ports off): names point at the tunnels' host",
+        );
+    }
+    let Some(address) = config
+        .address_block
+        .allocate("doctor", None, &Default::default())
+    else {
+        return Check::fail(
+            "name ports",
+            format!("no address in {}", config.address_block),
+        );
+    };
+    let probe = std::net::SocketAddr::from((address, 80));
+    match std::net::TcpListener::bind(probe) {
+        Ok(_) => Check::ok(
+            "name ports",
+            format!(
+                "pods get their own address in {} and their own port there (port 80 can listen)",
+                config.address_block
+            ),
+        ),
+        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
+            let binary = std::env::current_exe()
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|_| "k3s-local-agent".to_owned());
+            Check::ok(
+                "name ports",
+                format!(
+                    "limited: ports below 1024 cannot listen on pod addresses, so pods on port 80 \
+                     are reached by their range port only. To allow it: sudo setcap \
+                     cap_net_bind_service=+ep {binary}   (or: sudo sysctl -w \
+                     net.ipv4.ip_unprivileged_port_start=80)"
+                ),
+            )
+        }
+        Err(err) => Check::fail("name ports", format!("cannot listen on {probe}: {err}")),
+    }
+}
+
 /// Runs every check it can; stops at the first one the rest depend on.
 pub async fn diagnose(settings: &ClusterSettings) -> Vec<Check> {
     let mut checks = Vec::new();

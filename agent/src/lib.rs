@@ -3,6 +3,7 @@
 //! library is the whole agent; the headless CLI and the tray app are thin
 //! faces over [`agent::Agent`].
 
+pub mod addresses;
 pub mod agent;
 pub mod auth;
 pub mod client;

@@ -157,13 +157,14 @@ async fn dispatch(command: Command) -> Result<()> {
         }
         Command::Doctor(overrides) => {
             let config = Config::resolve(&overrides)?;
-            let checks = k3s_local_agent::doctor::diagnose(&config.cluster).await;
+            let mut checks = vec![k3s_local_agent::doctor::name_ports(&config)];
+            checks.extend(k3s_local_agent::doctor::diagnose(&config.cluster).await);
             for check in &checks {
                 let mark = if check.ok { "ok" } else { "FAIL" };
                 println!("{:<12} {mark:<4}  {}", check.name, check.detail);
             }
             if checks.iter().any(|c| !c.ok) {
-                bail!("the local cluster is not ready for mirroring");
+                bail!("something above needs fixing");
             }
             Ok(())
         }

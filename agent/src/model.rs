@@ -387,6 +387,19 @@ pub struct Redirection {
     /// The pod's mirror in the local cluster, when mirroring is on.
     #[serde(default)]
     pub mirror: Option<MirrorView>,
+    /// The pod's own loopback address, where its names point.
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
+    /// The pod's own port, while it listens on `address` (the second way in:
+    /// `<dns_name>:<name_port>`).
+    #[serde(default)]
+    pub name_port: Option<u16>,
+    /// Why the pod's own port cannot listen there, with the fix.
+    #[serde(default)]
+    pub name_port_error: Option<String>,
+    /// `http://<dns_name>/` while the name port listens.
+    #[serde(default)]
+    pub name_url: Option<String>,
 }
 
 /// `GET /api/v1/pods/status`.

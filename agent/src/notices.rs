@@ -229,6 +229,10 @@ mod tests {
             last_error_at: None,
             port_note: None,
             mirror: None,
+            address: None,
+            name_port: None,
+            name_port_error: None,
+            name_url: None,
         };
         PodView { pod, tunnel }
     }

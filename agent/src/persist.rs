@@ -5,6 +5,7 @@
 
 use std::fs;
 use std::io;
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -183,6 +184,8 @@ pub struct StoredPod {
     pub local_port: Option<u16>,
     pub forwarding: bool,
     pub target: TunnelTarget,
+    /// The pod's own loopback address, when it has one.
+    pub address: Option<Ipv4Addr>,
 }
 
 /// The pods database. Cheap to clone; calls run on the blocking pool.
@@ -225,16 +228,19 @@ impl StateDb {
              );",
         )
         .map_err(db_err)?;
-        // Added after the first release: older state dirs get the column.
-        let has_target: bool = conn
-            .prepare("SELECT 1 FROM pragma_table_info('pods') WHERE name = 'target'")
-            .and_then(|mut stmt| stmt.exists([]))
-            .map_err(db_err)?;
-        if !has_target {
-            conn.execute_batch(
-                "ALTER TABLE pods ADD COLUMN target TEXT NOT NULL DEFAULT 'staging';",
-            )
-            .map_err(db_err)?;
+        // Added after the first release: older state dirs get the columns.
+        for (column, definition) in [
+            ("target", "target TEXT NOT NULL DEFAULT 'staging'"),
+            ("address", "address TEXT"),
+        ] {
+            let present: bool = conn
+                .prepare("SELECT 1 FROM pragma_table_info('pods') WHERE name = ?1")
+                .and_then(|mut stmt| stmt.exists([column]))
+                .map_err(db_err)?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE pods ADD COLUMN {definition};"))
+                    .map_err(db_err)?;
+            }
         }
         Ok(Self {
             path,
@@ -264,7 +270,7 @@ impl StateDb {
         let rows = self
             .with_conn(|conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT id, spec, local_port, forwarding, target FROM pods ORDER BY id",
+                    "SELECT id, spec, local_port, forwarding, target, address FROM pods ORDER BY id",
                 )?;
                 let rows = stmt.query_map([], |row| {
                     Ok((
@@ -273,13 +279,14 @@ impl StateDb {
                         row.get::<_, Option<u16>>(2)?,
                         row.get::<_, bool>(3)?,
                         row.get::<_, String>(4)?,
+                        row.get::<_, Option<String>>(5)?,
                     ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             })
             .await?;
         rows.into_iter()
-            .map(|(id, spec, local_port, forwarding, target)| {
+            .map(|(id, spec, local_port, forwarding, target, address)| {
                 let spec = serde_json::from_str(&spec).map_err(|err| PersistError::BadPod {
                     id,
                     message: err.to_string(),
@@ -289,6 +296,8 @@ impl StateDb {
                     local_port,
                     forwarding,
                     target: TunnelTarget::parse(&target).unwrap_or_default(),
+                    // An unreadable address is forgotten: the pod gets a new one.
+                    address: address.and_then(|text| text.parse().ok()),
                 })
             })
             .collect()
@@ -314,6 +323,7 @@ impl StateDb {
                     pod.local_port,
                     pod.forwarding,
                     pod.target.as_str(),
+                    pod.address.map(|ip| ip.to_string()),
                 ))
             })
             .collect::<Result<Vec<_>, PersistError>>()?;
@@ -321,14 +331,14 @@ impl StateDb {
             let tx = conn.transaction()?;
             {
                 let mut upsert = tx.prepare_cached(
-                    "INSERT INTO pods (id, spec, local_port, forwarding, target)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
+                    "INSERT INTO pods (id, spec, local_port, forwarding, target, address)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                      ON CONFLICT(id) DO UPDATE SET spec = excluded.spec,
                          local_port = excluded.local_port, forwarding = excluded.forwarding,
-                         target = excluded.target",
+                         target = excluded.target, address = excluded.address",
                 )?;
-                for (id, spec, port, forwarding, target) in &encoded {
-                    upsert.execute(params![id, spec, port, forwarding, target])?;
+                for (id, spec, port, forwarding, target, address) in &encoded {
+                    upsert.execute(params![id, spec, port, forwarding, target, address])?;
                 }
                 let mut delete = tx.prepare_cached("DELETE FROM pods WHERE id = ?1")?;
                 for id in &removals {
@@ -414,6 +424,7 @@ mod tests {
             local_port: Some(8085),
             forwarding: false,
             target: TunnelTarget::Local,
+            address: Some(Ipv4Addr::new(127, 77, 0, 9)),
         };
         db.save(vec![stored.clone()], vec![]).await.expect("save");
         drop(db);

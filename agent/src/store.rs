@@ -4,7 +4,7 @@
 //! published on the event bus.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use chrono::Utc;
@@ -31,6 +31,13 @@ pub struct PodEntry {
     pub tunnel: Arc<TunnelShared>,
     /// The listener, while forwarding.
     pub listener: Option<RunningTunnel>,
+    /// The pod's own loopback address (its names point here), when name
+    /// ports are on; kept while forwarding is off.
+    pub address: Option<Ipv4Addr>,
+    /// Listeners on `address`: the pod's own port and the range port.
+    pub name_listeners: Vec<RunningTunnel>,
+    /// Why the pod's own port cannot listen on its address.
+    pub name_port_error: Option<String>,
     /// The pod's mirror in the local cluster, as last seen.
     pub mirror: Option<MirrorView>,
 }
@@ -46,6 +53,33 @@ impl PodEntry {
         }
     }
 
+    /// Every listener of this pod, taken out to be closed.
+    pub fn take_listeners(&mut self) -> Vec<RunningTunnel> {
+        let mut all: Vec<RunningTunnel> = self.name_listeners.drain(..).collect();
+        all.extend(self.listener.take());
+        all
+    }
+
+    /// Whether the pod's own port listens on its own address.
+    fn name_port_listening(&self) -> bool {
+        let own = self.spec.staging_port();
+        self.name_listeners
+            .iter()
+            .any(|listener| listener.local_addr().port() == own)
+    }
+
+    /// `http://<name>-staging.local/` (with the port when it is not 80),
+    /// while the pod's own port listens on its address.
+    pub fn name_url(&self) -> Option<String> {
+        if !self.name_port_listening() {
+            return None;
+        }
+        Some(match self.spec.staging_port() {
+            80 => format!("http://{}/", self.spec.dns_name()),
+            port => format!("http://{}:{port}/", self.spec.dns_name()),
+        })
+    }
+
     /// The pod's staging `ip:port`, where its tunnel forwards.
     pub fn target(&self) -> SocketAddr {
         SocketAddr::new(self.spec.ip, self.spec.staging_port())
@@ -58,6 +92,7 @@ impl PodEntry {
             local_port: self.local_port,
             forwarding: self.forwarding,
             target: self.tunnel.mode(),
+            address: self.address,
         }
     }
 
@@ -96,6 +131,10 @@ impl PodEntry {
             last_error_at,
             port_note: self.port_note.clone(),
             mirror: self.mirror.clone(),
+            address: self.address,
+            name_port: self.name_port_listening().then(|| self.spec.staging_port()),
+            name_port_error: self.name_port_error.clone(),
+            name_url: self.name_url(),
         }
     }
 }

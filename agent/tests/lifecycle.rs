@@ -34,8 +34,24 @@ async fn names_follow_the_pods_and_leave_other_lines_alone() {
     let text = fx.hosts_text();
     assert!(text.starts_with(FOREIGN_HOSTS));
     assert_eq!(count_blocks(&text), 1);
-    assert!(text.contains("127.0.0.1 my-app-staging.local my-app-staging.localhost\n"));
-    assert!(text.contains("127.0.0.1 other-staging.local other-staging.localhost\n"));
+    // Each name points at its own pod's address.
+    for (id, name) in [("a", "my-app"), ("b", "other")] {
+        let address = agent.redirection(id).await["address"]
+            .as_str()
+            .expect("address")
+            .to_owned();
+        assert!(address.starts_with("127.77."), "{address}");
+        assert!(
+            text.contains(&format!(
+                "{address} {name}-staging.local {name}-staging.localhost\n"
+            )),
+            "{text}"
+        );
+    }
+    assert_ne!(
+        agent.redirection("a").await["address"],
+        agent.redirection("b").await["address"]
+    );
 
     agent.push("delete", json!([{"id": "b"}])).await;
     let text = fx.hosts_text();

@@ -95,9 +95,10 @@ fn the_seed_examples_work_with_curl() {
     assert_eq!(tunnel["staging_pod_ip"], "10.0.1.100");
     let port = tunnel["local_port"].as_u64().expect("port");
     assert!((21000..=21019).contains(&port));
-    assert!(sandbox
-        .hosts_text()
-        .contains("127.0.0.1 my-app-staging.local my-app-staging.localhost"));
+    let address = tunnel["address"].as_str().expect("the pod's own address");
+    assert!(sandbox.hosts_text().contains(&format!(
+        "{address} my-app-staging.local my-app-staging.localhost"
+    )));
 
     // Another agent's id is refused, as in the seed.
     let wrong = SEED_BODY.replace(SEED_AGENT_ID, "staging-agent-other-1");

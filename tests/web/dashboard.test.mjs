@@ -184,6 +184,11 @@ test('pushed pods appear as rows without a reload', async () => {
   assert.ok(text.includes('web-staging.local'), text);
   assert.ok(text.includes(`:${await portOf('web-1')}`), text);
   assert.ok(text.includes(`127.0.0.1:${web}`), text);
+  // Both ways in: the range port on localhost, and the name on the pod's own
+  // port (at the pod's own address).
+  const ways = await row('web-1').locator('.ways').textContent();
+  assert.ok(ways.includes(`localhost:${await portOf('web-1')}`), ways);
+  assert.ok(ways.includes(`web-staging.local:${web}`), ways);
   assert.equal(await row('web-1').getAttribute('data-state'), 'active');
   assert.ok(await page.locator('#empty').isHidden());
   await shot('02-rows');

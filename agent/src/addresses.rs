@@ -1,0 +1,190 @@
+//! Loopback addresses for pods: each pod gets one of its own from a block
+//! (default `127.77.0.0/16`), so its names can point at it and the pod's own
+//! port (80 for most) can listen there, many pods on the same port. On Linux
+//! the whole of 127/8 is local with no setup; elsewhere each address needs an
+//! alias on the loopback interface.
+//!
+//! Like the port allocator it holds no state: which addresses are in use is
+//! the store's. A pod keeps its remembered address; a new pod starts from a
+//! hash of its id, so it tends to get the same address even on a new machine.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::Ipv4Addr;
+use std::str::FromStr;
+
+/// A block of loopback addresses, `a.b.c.d/prefix`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressBlock {
+    base: Ipv4Addr,
+    prefix: u8,
+}
+
+/// Why a block setting was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AddressBlockError {
+    #[error("{0:?} is not an address block like 127.77.0.0/16")]
+    Syntax(String),
+    #[error("{0} is outside 127.0.0.0/8: pod addresses must be loopback")]
+    NotLoopback(String),
+    #[error("prefix /{0} leaves no room: use /8 to /30")]
+    Prefix(u8),
+}
+
+impl AddressBlock {
+    /// `127.77.0.0/16`: 65,534 pod addresses, away from 127.0.0.1 and the
+    /// 127.0.1.1 that Debian gives the host name.
+    pub const DEFAULT: AddressBlock = AddressBlock {
+        base: Ipv4Addr::new(127, 77, 0, 0),
+        prefix: 16,
+    };
+
+    fn host_count(&self) -> u32 {
+        // The first (network) and last (broadcast-like) are left out, as
+        // people expect of a block.
+        (1u32 << (32 - u32::from(self.prefix))) - 2
+    }
+
+    fn host(&self, index: u32) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.base) + 1 + index)
+    }
+
+    /// Whether `ip` is one of the block's pod addresses.
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        let offset = u32::from(ip).wrapping_sub(u32::from(self.base));
+        (1..=self.host_count()).contains(&offset)
+    }
+
+    /// An address for `pod_id`: its `remembered` one when still in the block
+    /// and free, else the first free one from a hash of the id. `None` when
+    /// every address is taken.
+    pub fn allocate(
+        &self,
+        pod_id: &str,
+        remembered: Option<Ipv4Addr>,
+        taken: &HashSet<Ipv4Addr>,
+    ) -> Option<Ipv4Addr> {
+        if let Some(ip) = remembered.filter(|ip| self.contains(*ip) && !taken.contains(ip)) {
+            return Some(ip);
+        }
+        let count = self.host_count();
+        let start = fnv1a(pod_id.as_bytes()) % count;
+        (0..count)
+            .map(|step| self.host((start + step) % count))
+            .find(|ip| !taken.contains(ip))
+    }
+}
+
+impl Default for AddressBlock {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl fmt::Display for AddressBlock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.base, self.prefix)
+    }
+}
+
+impl FromStr for AddressBlock {
+    type Err = AddressBlockError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let syntax = || AddressBlockError::Syntax(text.to_owned());
+        let (ip, prefix) = text.trim().split_once('/').ok_or_else(syntax)?;
+        let ip: Ipv4Addr = ip.parse().map_err(|_| syntax())?;
+        let prefix: u8 = prefix.parse().map_err(|_| syntax())?;
+        if !(8..=30).contains(&prefix) {
+            return Err(AddressBlockError::Prefix(prefix));
+        }
+        if ip.octets()[0] != 127 {
+            return Err(AddressBlockError::NotLoopback(text.to_owned()));
+        }
+        let mask = u32::MAX << (32 - u32::from(prefix));
+        Ok(Self {
+            base: Ipv4Addr::from(u32::from(ip) & mask),
+            prefix,
+        })
+    }
+}
+
+/// FNV-1a: a hash that is the same on every machine and release (std's
+/// hashers promise neither).
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5_u32, |hash, byte| {
+        (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn blocks_parse_and_refuse_what_is_not_loopback() {
+        let block: AddressBlock = "127.77.0.0/16".parse().expect("block");
+        assert_eq!(block, AddressBlock::DEFAULT);
+        assert_eq!(block.to_string(), "127.77.0.0/16");
+        // Host bits are dropped.
+        assert_eq!(
+            "127.77.3.9/16".parse::<AddressBlock>().expect("block"),
+            AddressBlock::DEFAULT
+        );
+        assert!(matches!(
+            "10.0.0.0/16".parse::<AddressBlock>(),
+            Err(AddressBlockError::NotLoopback(_))
+        ));
+        assert!(matches!(
+            "127.0.0.0/31".parse::<AddressBlock>(),
+            Err(AddressBlockError::Prefix(31))
+        ));
+        assert!(matches!(
+            "127.77.0.0".parse::<AddressBlock>(),
+            Err(AddressBlockError::Syntax(_))
+        ));
+        assert!(!block.contains(Ipv4Addr::new(127, 77, 0, 0)));
+        assert!(block.contains(Ipv4Addr::new(127, 77, 0, 1)));
+        assert!(!block.contains(Ipv4Addr::new(127, 77, 255, 255)));
+        assert!(!block.contains(Ipv4Addr::new(127, 0, 0, 1)));
+    }
+
+    #[test]
+    fn a_full_block_says_so() {
+        let block: AddressBlock = "127.9.9.0/30".parse().expect("block");
+        let mut taken = HashSet::new();
+        for id in ["a", "b"] {
+            let ip = block.allocate(id, None, &taken).expect("room");
+            assert!(taken.insert(ip));
+        }
+        assert_eq!(block.allocate("c", None, &taken), None);
+    }
+
+    proptest! {
+        /// Many pods never share an address, every address is in the block,
+        /// and with their remembered addresses each pod gets its own back
+        /// (the restart case), in any order.
+        #[test]
+        fn addresses_are_unique_stable_and_in_the_block(
+            ids in prop::collection::btree_set("[a-z0-9-]{1,12}", 1..200),
+            prefix in 20u8..=24,
+        ) {
+            let block: AddressBlock = format!("127.40.0.0/{prefix}").parse().expect("block");
+            let mut taken = HashSet::new();
+            let mut given = Vec::new();
+            for id in &ids {
+                let ip = block.allocate(id, None, &taken).expect("room");
+                prop_assert!(block.contains(ip));
+                prop_assert!(taken.insert(ip), "{ip} given twice");
+                given.push((id.clone(), ip));
+            }
+            let mut again = HashSet::new();
+            for (id, ip) in given.iter().rev() {
+                let back = block.allocate(id, Some(*ip), &again).expect("room");
+                prop_assert_eq!(back, *ip);
+                again.insert(back);
+            }
+        }
+    }
+}
