@@ -165,6 +165,14 @@ impl Agent {
         if inner.config.demo {
             tracing::warn!("DEMO MODE: pods come from a built-in stand-in control plane");
         }
+        if cfg!(not(target_os = "linux")) && inner.config.name_ports {
+            // Only Linux routes all of 127/8 to the loopback interface.
+            tracing::warn!(
+                block = %inner.config.address_block,
+                "pod addresses need loopback aliases here (`sudo ifconfig lo0 alias <address> up`); \
+                 a pod whose address is missing says which, and its range port works meanwhile"
+            );
+        }
         Ok(agent)
     }
 
@@ -785,6 +793,11 @@ fn explain_name_port_error(addr: SocketAddr, err: &std::io::Error) -> String {
                 addr.port()
             )
         }
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "cannot listen on {addr}: the address is not on the loopback interface; add it \
+             with `sudo ifconfig lo0 alias {} up` (macOS) and restart",
+            addr.ip()
+        ),
         std::io::ErrorKind::AddrInUse => {
             format!("cannot listen on {addr}: another process holds it; use the range port")
         }
