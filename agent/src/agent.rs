@@ -78,6 +78,8 @@ struct Inner {
     dialer: Arc<dyn LocalDialer>,
     /// The per-core runtimes every tunnel's connections run on.
     shards: ForwardShards,
+    /// What `GET /metrics` encodes.
+    metrics: prometheus_client::registry::Registry,
     /// Serializes the operations that change state, so each sees the last one's result.
     ops: Mutex<()>,
     cancel: CancellationToken,
@@ -122,6 +124,12 @@ impl Agent {
         )
         .map_err(|err| AgentError::Reporter(err.to_string()))?;
 
+        let metrics = crate::metrics::registry(
+            store.clone(),
+            config.port_range,
+            cluster.clone(),
+            reporter.metrics(),
+        );
         let agent = Self {
             inner: Arc::new(Inner {
                 listen_ip: config.listen_ip(),
@@ -137,6 +145,7 @@ impl Agent {
                 cluster,
                 dialer: mirror.dialer(),
                 shards: ForwardShards::per_core().map_err(AgentError::Shards)?,
+                metrics,
                 ops: Mutex::new(()),
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
@@ -210,6 +219,13 @@ impl Agent {
     /// The root token: cancelled when the agent stops.
     pub fn cancellation(&self) -> &CancellationToken {
         &self.inner.cancel
+    }
+
+    /// The metrics in the OpenMetrics text format (`GET /metrics`).
+    pub fn metrics_text(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.inner.metrics)?;
+        Ok(text)
     }
 
     /// Tasks alive on the forwarding threads: one accept loop per tunnel and

@@ -36,6 +36,60 @@ const PUMP_BUFFER: usize = 16 * 1024;
 /// Pause after a failed accept (out of file descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// Why a connection through a tunnel failed, as the metrics count it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectErrorKind {
+    /// The pod refused the connection.
+    Refused,
+    /// The pod did not answer in time.
+    Timeout,
+    /// The connection broke mid-stream.
+    Reset,
+    /// No route to the pod.
+    Unreachable,
+    /// The local mirror could not be reached (the cluster's port-forward).
+    Cluster,
+    Other,
+}
+
+impl ConnectErrorKind {
+    pub const ALL: [ConnectErrorKind; 6] = [
+        Self::Refused,
+        Self::Timeout,
+        Self::Reset,
+        Self::Unreachable,
+        Self::Cluster,
+        Self::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Refused => "refused",
+            Self::Timeout => "timeout",
+            Self::Reset => "reset",
+            Self::Unreachable => "unreachable",
+            Self::Cluster => "cluster",
+            Self::Other => "other",
+        }
+    }
+
+    fn of(err: &io::Error) -> Self {
+        match err.kind() {
+            io::ErrorKind::ConnectionRefused => Self::Refused,
+            io::ErrorKind::TimedOut => Self::Timeout,
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe => Self::Reset,
+            io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => Self::Unreachable,
+            _ => Self::Other,
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
 /// Live counters of one tunnel.
 #[derive(Debug, Default)]
 struct Counters {
@@ -114,6 +168,10 @@ pub struct TunnelShared {
     dialer: Arc<dyn LocalDialer>,
     counters: Counters,
     errors: Mutex<Errors>,
+    /// Failed connections by kind (indexed by `ConnectErrorKind`).
+    error_counts: [AtomicU64; 6],
+    /// Time to reach the pod, one observation per connection.
+    connect_latency: prometheus_client::metrics::histogram::Histogram,
     events: EventBus,
 }
 
@@ -132,8 +190,22 @@ impl TunnelShared {
             dialer,
             counters: Counters::default(),
             errors: Mutex::new(Errors::default()),
+            error_counts: Default::default(),
+            connect_latency: prometheus_client::metrics::histogram::Histogram::new(
+                crate::metrics::latency_buckets(),
+            ),
             events,
         })
+    }
+
+    /// Failed connections of `kind` so far.
+    pub fn error_count(&self, kind: ConnectErrorKind) -> u64 {
+        self.error_counts[kind.index()].load(Ordering::Relaxed)
+    }
+
+    /// Time to reach the pod, one observation per connection.
+    pub fn connect_latency(&self) -> &prometheus_client::metrics::histogram::Histogram {
+        &self.connect_latency
     }
 
     /// Where new connections go: the staging pod or its local mirror.
@@ -189,7 +261,8 @@ impl TunnelShared {
 
     /// Records a failed connection; tells subscribers only when the problem changes,
     /// so a flood of refused connections is one event, not thousands.
-    fn record_error(&self, message: String) {
+    fn record_error(&self, kind: ConnectErrorKind, message: String) {
+        self.error_counts[kind.index()].fetch_add(1, Ordering::Relaxed);
         let changed = {
             let mut errors = self.lock_errors();
             errors.last = Some((message.clone(), Utc::now()));
@@ -209,7 +282,8 @@ impl TunnelShared {
 
     /// Records a connection the pod cut mid-stream (a reset). The tunnel itself
     /// is fine, so this is history (`last_error`), not the current problem.
-    fn record_dropped(&self, message: String) {
+    fn record_dropped(&self, kind: ConnectErrorKind, message: String) {
+        self.error_counts[kind.index()].fetch_add(1, Ordering::Relaxed);
         tracing::debug!(pod_id = %self.pod_id, error = %message, "connection cut mid-stream");
         self.lock_errors().last = Some((message, Utc::now()));
     }
@@ -345,7 +419,7 @@ async fn accept_loop(
             Err(err) => {
                 // Out of file descriptors or similar: the listener itself is
                 // fine, so wait a moment and accept again.
-                shared.record_error(format!("accept failed: {err}"));
+                shared.record_error(ConnectErrorKind::Other, format!("accept failed: {err}"));
                 tokio::select! {
                     _ = cancel.cancelled() => break,
                     _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
@@ -377,18 +451,28 @@ async fn serve_connection(mut client: TcpStream, shared: &TunnelShared) {
         serve_local(client, shared, target.port()).await;
         return;
     }
-    let mut upstream = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await
-    {
+    let started = std::time::Instant::now();
+    let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await;
+    shared
+        .connect_latency
+        .observe(started.elapsed().as_secs_f64());
+    let mut upstream = match connected {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
-            shared.record_error(format!("cannot connect to pod at {target}: {err}"));
+            shared.record_error(
+                ConnectErrorKind::of(&err),
+                format!("cannot connect to pod at {target}: {err}"),
+            );
             return;
         }
         Err(_) => {
-            shared.record_error(format!(
-                "cannot connect to pod at {target}: no answer within {}s",
-                CONNECT_TIMEOUT.as_secs()
-            ));
+            shared.record_error(
+                ConnectErrorKind::Timeout,
+                format!(
+                    "cannot connect to pod at {target}: no answer within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            );
             return;
         }
     };
@@ -417,28 +501,39 @@ async fn serve_connection(mut client: TcpStream, shared: &TunnelShared) {
     );
     if let Err(err) = result {
         // A reset mid-stream ends this connection only; the tunnel is fine.
-        shared.record_dropped(format!(
-            "a connection to the pod at {target} broke mid-stream: {err}"
-        ));
+        shared.record_dropped(
+            ConnectErrorKind::of(&err),
+            format!("a connection to the pod at {target} broke mid-stream: {err}"),
+        );
     }
 }
 
 /// A connection to the pod's mirror through the Kubernetes API port-forward:
 /// a fresh stream per connection, the mirror resolved at this moment.
 async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
+    let started = std::time::Instant::now();
     let dialed =
         tokio::time::timeout(CONNECT_TIMEOUT, shared.dialer.dial(&shared.pod_id, port)).await;
+    shared
+        .connect_latency
+        .observe(started.elapsed().as_secs_f64());
     let mut local = match dialed {
         Ok(Ok(local)) => local,
         Ok(Err(err)) => {
-            shared.record_error(format!("cannot reach the local mirror: {err}"));
+            shared.record_error(
+                ConnectErrorKind::Cluster,
+                format!("cannot reach the local mirror: {err}"),
+            );
             return;
         }
         Err(_) => {
-            shared.record_error(format!(
-                "cannot reach the local mirror: no answer within {}s",
-                CONNECT_TIMEOUT.as_secs()
-            ));
+            shared.record_error(
+                ConnectErrorKind::Timeout,
+                format!(
+                    "cannot reach the local mirror: no answer within {}s",
+                    CONNECT_TIMEOUT.as_secs()
+                ),
+            );
             return;
         }
     };

@@ -14,6 +14,7 @@ pub mod doctor;
 pub mod events;
 pub mod forward;
 pub mod fsio;
+pub mod metrics;
 pub mod model;
 pub mod names;
 pub mod notices;

@@ -338,6 +338,16 @@ pub enum TunnelState {
     Failed,
 }
 
+impl TunnelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Stopped => "stopped",
+            Self::Failed => "failed",
+        }
+    }
+}
+
 /// The pod's mirror in the local cluster, as its watch last saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct MirrorView {

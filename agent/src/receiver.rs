@@ -96,6 +96,7 @@ pub fn router(agent: Agent) -> Router {
         .route_layer(middleware::from_fn(auth::local_only));
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/api/v1/pods", post(push_pods).get(list_pods))
         .route("/api/v1/pods/status", get(pod_status))
         .route("/api/v1/pods/{id}", get(one_pod))
@@ -117,6 +118,25 @@ pub fn router(agent: Agent) -> Router {
 
 async fn health(State(agent): State<Agent>) -> Response {
     Json(agent.health()).into_response()
+}
+
+/// Prometheus metrics in the OpenMetrics text format; like every endpoint
+/// but `/health`, it needs the token beyond loopback.
+async fn metrics(State(agent): State<Agent>) -> Result<Response, ApiError> {
+    let text = agent.metrics_text().map_err(|err| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {err}"),
+        )
+    })?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn pod_status(State(agent): State<Agent>) -> Response {

@@ -53,6 +53,7 @@ struct ReporterInner {
     store: Store,
     health: watch::Sender<ControlPlaneHealth>,
     cluster: watch::Receiver<ClusterStatus>,
+    metrics: crate::metrics::ReportMetrics,
 }
 
 impl Reporter {
@@ -92,6 +93,7 @@ impl Reporter {
                     store,
                     health,
                     cluster,
+                    metrics: crate::metrics::ReportMetrics::default(),
                 }),
             },
             health_rx,
@@ -121,7 +123,21 @@ impl Reporter {
         }
     }
 
+    /// The reporter's counters and latency histogram, for `/metrics`.
+    pub fn metrics(&self) -> &crate::metrics::ReportMetrics {
+        &self.inner.metrics
+    }
+
     async fn send(&self, status: &str) -> Result<DateTime<Utc>, String> {
+        let started = std::time::Instant::now();
+        let sent = self.send_once(status).await;
+        self.inner
+            .metrics
+            .observe(sent.is_ok(), started.elapsed().as_secs_f64());
+        sent
+    }
+
+    async fn send_once(&self, status: &str) -> Result<DateTime<Utc>, String> {
         let report = self.build_report(status);
         let response = self
             .inner

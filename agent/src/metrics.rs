@@ -1,0 +1,236 @@
+//! Prometheus metrics (`GET /metrics`, OpenMetrics text): per tunnel and
+//! agent-wide figures. Counters that already live in the tunnels and the
+//! store are read at each scrape by a collector (no second set of counters
+//! to keep in step, and a deleted pod's series go with it); the reporter's
+//! own counters and histogram are registered as they are.
+
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::cluster::ClusterStatus;
+use crate::config::PortRange;
+use crate::forward::{ConnectErrorKind, TunnelShared, TunnelStats};
+use crate::model::TunnelState;
+use crate::store::Store;
+
+/// Prefix of every metric name (the registry adds it, collected ones too).
+const PREFIX: &str = "k3s_local_agent";
+
+/// Buckets for connect and report latencies: 100 µs to about 3.3 s.
+pub fn latency_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(0.0001, 2.0, 16)
+}
+
+/// The status reporter's figures.
+#[derive(Debug, Clone)]
+pub struct ReportMetrics {
+    outcomes: Family<[(&'static str, &'static str); 1], Counter>,
+    latency: Histogram,
+}
+
+impl Default for ReportMetrics {
+    fn default() -> Self {
+        Self {
+            outcomes: Family::default(),
+            latency: Histogram::new(latency_buckets()),
+        }
+    }
+}
+
+impl ReportMetrics {
+    /// Counts one report and how long the control plane took.
+    pub fn observe(&self, delivered: bool, seconds: f64) {
+        let result = if delivered { "success" } else { "failure" };
+        self.outcomes.get_or_create(&[("result", result)]).inc();
+        self.latency.observe(seconds);
+    }
+}
+
+/// Builds the registry the `/metrics` endpoint encodes.
+pub fn registry(
+    store: Store,
+    port_range: PortRange,
+    cluster: watch::Receiver<ClusterStatus>,
+    reports: &ReportMetrics,
+) -> Registry {
+    let mut registry = Registry::with_prefix(PREFIX);
+    registry.register(
+        "reports",
+        "Status reports sent to the control plane, by result",
+        reports.outcomes.clone(),
+    );
+    registry.register(
+        "report_seconds",
+        "Time the control plane took to take a status report",
+        reports.latency.clone(),
+    );
+    registry.register_collector(Box::new(LiveCollector {
+        store,
+        port_range,
+        cluster,
+    }));
+    registry
+}
+
+/// Reads the tunnels and the agent's state at each scrape.
+#[derive(Debug)]
+struct LiveCollector {
+    store: Store,
+    port_range: PortRange,
+    cluster: watch::Receiver<ClusterStatus>,
+}
+
+/// One tunnel as a scrape sees it.
+struct TunnelFigures {
+    id: String,
+    name: String,
+    state: TunnelState,
+    stats: TunnelStats,
+    tunnel: Arc<TunnelShared>,
+}
+
+impl Collector for LiveCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let (tunnels, used_ports): (Vec<TunnelFigures>, usize) = {
+            let map = self.store.read();
+            let tunnels = map
+                .iter()
+                .map(|(id, entry)| TunnelFigures {
+                    id: id.clone(),
+                    name: entry.spec.name.clone(),
+                    state: entry.state(),
+                    stats: entry.tunnel.stats(),
+                    tunnel: Arc::clone(&entry.tunnel),
+                })
+                .collect();
+            let used = map
+                .values()
+                .filter(|entry| entry.local_port.is_some())
+                .count();
+            (tunnels, used)
+        };
+        let labels = |t: &TunnelFigures| [("pod_id", t.id.clone()), ("pod", t.name.clone())];
+
+        let mut metric = encoder.encode_descriptor(
+            "tunnel_connections",
+            "Connections a tunnel accepted",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in &tunnels {
+            ConstCounter::new(t.stats.total_connections)
+                .encode(metric.encode_family(&labels(t))?)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "tunnel_open_connections",
+            "Connections a tunnel carries now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for t in &tunnels {
+            let value = i64::try_from(t.stats.open_connections).unwrap_or(i64::MAX);
+            ConstGauge::new(value).encode(metric.encode_family(&labels(t))?)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "tunnel_bytes",
+            "Bytes a tunnel moved, by direction",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in &tunnels {
+            for (direction, value) in [
+                ("to_pod", t.stats.bytes_to_pod),
+                ("from_pod", t.stats.bytes_from_pod),
+            ] {
+                let [pod_id, pod] = labels(t);
+                let labels = [pod_id, pod, ("direction", direction.to_owned())];
+                ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "tunnel_errors",
+            "Connections a tunnel could not carry, by kind",
+            None,
+            MetricType::Counter,
+        )?;
+        for t in &tunnels {
+            for kind in ConnectErrorKind::ALL {
+                let [pod_id, pod] = labels(t);
+                let labels = [pod_id, pod, ("kind", kind.as_str().to_owned())];
+                ConstCounter::new(t.tunnel.error_count(kind))
+                    .encode(metric.encode_family(&labels)?)?;
+            }
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "tunnel_connect_seconds",
+            "Time to reach the pod, one observation per connection",
+            None,
+            MetricType::Histogram,
+        )?;
+        for t in &tunnels {
+            t.tunnel
+                .connect_latency()
+                .encode(metric.encode_family(&labels(t))?)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "redirections",
+            "Tunnels by state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for state in [
+            TunnelState::Active,
+            TunnelState::Failed,
+            TunnelState::Stopped,
+        ] {
+            let count = tunnels.iter().filter(|t| t.state == state).count();
+            let labels = [("state", state.as_str())];
+            ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
+                .encode(metric.encode_family(&labels)?)?;
+        }
+
+        let range_size = usize::from(self.port_range.end - self.port_range.start) + 1;
+        for (metric_name, help, value) in [
+            (
+                "port_range_ports",
+                "Ports in the tunnel port range",
+                range_size,
+            ),
+            (
+                "port_range_used",
+                "Ports of the range held by our tunnels",
+                used_ports,
+            ),
+        ] {
+            let metric = encoder.encode_descriptor(metric_name, help, None, MetricType::Gauge)?;
+            ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "cluster_status",
+            "The local mirror cluster: 1 for its current status",
+            None,
+            MetricType::Gauge,
+        )?;
+        let current = self.cluster.borrow().word();
+        for status in ["ready", "unavailable", "disabled"] {
+            let labels = [("status", status)];
+            ConstGauge::new(i64::from(status == current)).encode(metric.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
