@@ -64,6 +64,42 @@ function podUrl(tunnel) {
   return `http://${tunnel.localhost_name}:${tunnel.local_port}/`;
 }
 
+const SVG = 'http://www.w3.org/2000/svg';
+
+// A small line of the tunnel's throughput over the last minute (bytes/s,
+// oldest left), scaled to its own peak.
+function sparkline(samples) {
+  const width = 90;
+  const height = 18;
+  const svg = document.createElementNS(SVG, 'svg');
+  svg.setAttribute('class', 'spark');
+  svg.setAttribute('width', String(width));
+  svg.setAttribute('height', String(height));
+  svg.setAttribute('viewBox', `0 0 ${width} ${height}`);
+  const peak = Math.max(1, ...samples);
+  const step = samples.length > 1 ? width / (samples.length - 1) : width;
+  const points = samples.map((value, i) =>
+    `${(i * step).toFixed(1)},${(height - 1 - (value / peak) * (height - 2)).toFixed(1)}`);
+  const base = document.createElementNS(SVG, 'line');
+  base.setAttribute('class', 'base');
+  base.setAttribute('x1', '0');
+  base.setAttribute('x2', String(width));
+  base.setAttribute('y1', String(height - 1));
+  base.setAttribute('y2', String(height - 1));
+  svg.append(base);
+  if (points.length > 1) {
+    const line = document.createElementNS(SVG, 'polyline');
+    line.setAttribute('points', points.join(' '));
+    svg.append(line);
+  }
+  svg.dataset.peak = String(Math.max(0, ...samples));
+  return svg;
+}
+
+function ms(value) {
+  return value == null ? '–' : `${value < 10 ? value.toFixed(2) : value.toFixed(0)} ms`;
+}
+
 function copyButton(text) {
   const button = el('button', { class: 'copy mono', text, title: 'Copy' });
   button.addEventListener('click', async () => {
@@ -78,7 +114,7 @@ function copyButton(text) {
   return button;
 }
 
-function podRow({ pod, tunnel }) {
+function podRow({ pod, tunnel, activity }) {
   const row = el('tr', { 'data-pod-id': pod.id, 'data-state': tunnel.status });
 
   const podCell = el('td', {}, [
@@ -130,6 +166,20 @@ function podRow({ pod, tunnel }) {
     el('div', { text: `${tunnel.open_connections} open · ${tunnel.total_connections}` }),
     el('div', { class: 'sub', text: `↑ ${bytes(tunnel.bytes_to_pod)} ↓ ${bytes(tunnel.bytes_from_pod)}` }),
   ]);
+  if (activity) {
+    const now = activity.throughput.length ? activity.throughput[activity.throughput.length - 1] : 0;
+    const spark = sparkline(activity.throughput);
+    spark.setAttribute('aria-label', `throughput, last minute; now ${bytes(now)}/s`);
+    traffic.append(
+      spark,
+      el('div', { class: 'sub rate', text: `${bytes(now)}/s` }),
+      el('div', {
+        class: 'sub latency',
+        text: `connect p50 ${ms(activity.connect_p50_ms)} · p99 ${ms(activity.connect_p99_ms)}`,
+        title: 'time to reach the pod, connections of the last minute',
+      }),
+    );
+  }
 
   const toggle = el('input', {
     type: 'checkbox',
@@ -206,10 +256,25 @@ function renderHeader(health) {
     `"pods":[{"id":"pod-1","name":"my-app","ip":"10.0.1.100","port":80}]}'`;
 }
 
+function renderUsage(ports, pods) {
+  const usage = $('port-usage');
+  if (ports && ports.size) {
+    const share = (100 * ports.used) / ports.size;
+    usage.textContent = `ports ${ports.used}/${ports.size} · ${share.toFixed(share < 10 ? 1 : 0)}%`;
+    usage.className = share >= 90 ? 'pill bad' : share >= 75 ? 'pill warn' : 'pill';
+  }
+  const tried = pods.reduce((sum, view) => sum + (view.activity ? view.activity.connections : 0), 0);
+  const failed = pods.reduce((sum, view) => sum + (view.activity ? view.activity.errors : 0), 0);
+  const rate = $('error-rate');
+  rate.textContent = tried ? `errors ${((100 * failed) / tried).toFixed(1)}% · last min` : 'errors · none in the last min';
+  rate.className = failed ? 'pill bad' : 'pill ok';
+}
+
 function render() {
   if (!latest) return;
   const { health, pods } = latest;
   renderHeader(health);
+  renderUsage(latest.ports, pods);
   const filter = $('filter').value.trim().toLowerCase();
   const shown = pods.filter((view) => matches(view, filter));
   const active = pods.filter((view) => view.tunnel.status === 'active').length;

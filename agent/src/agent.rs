@@ -166,6 +166,17 @@ impl Agent {
             .spawn(async move { reporter.run(cancel).await });
         let cancel = inner.cancel.clone();
         inner.tracker.spawn(async move { mirror.run(cancel).await });
+        let (store, cancel) = (inner.store.clone(), inner.cancel.clone());
+        inner.tracker.spawn(async move {
+            let mut every = tokio::time::interval(forward::SAMPLE_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = every.tick() => store.sample_throughput(),
+                }
+            }
+        });
 
         tracing::info!(
             agent_id = %inner.identity.agent_id,
@@ -256,9 +267,14 @@ impl Agent {
 
     /// Health and every pod with its tunnel, for the dashboard.
     pub fn snapshot(&self) -> Snapshot {
+        let range = self.inner.config.port_range;
         Snapshot {
             health: self.health(),
             pods: self.pods(),
+            ports: crate::model::PortUsage {
+                used: self.inner.store.ports_used(),
+                size: usize::from(range.end - range.start) + 1,
+            },
         }
     }
 

@@ -90,6 +90,22 @@ impl ConnectErrorKind {
     }
 }
 
+/// How often the dashboard's throughput samples are taken.
+pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+/// How far back the dashboard looks.
+const RECENT: Duration = Duration::from_secs(60);
+/// Most connection outcomes kept for the last minute's percentiles.
+const RECENT_CONNECTS: usize = 512;
+
+/// The last minute of a tunnel: throughput samples and connection outcomes.
+#[derive(Debug, Default)]
+struct Recent {
+    bytes_at_last_sample: u64,
+    throughput: std::collections::VecDeque<u64>,
+    /// When, how long the connect took (seconds), and whether it worked.
+    connects: std::collections::VecDeque<(std::time::Instant, f64, bool)>,
+}
+
 /// Live counters of one tunnel.
 #[derive(Debug, Default)]
 struct Counters {
@@ -172,6 +188,7 @@ pub struct TunnelShared {
     error_counts: [AtomicU64; 6],
     /// Time to reach the pod, one observation per connection.
     connect_latency: prometheus_client::metrics::histogram::Histogram,
+    recent: Mutex<Recent>,
     events: EventBus,
 }
 
@@ -194,8 +211,88 @@ impl TunnelShared {
             connect_latency: prometheus_client::metrics::histogram::Histogram::new(
                 crate::metrics::latency_buckets(),
             ),
+            recent: Mutex::new(Recent::default()),
             events,
         })
+    }
+
+    fn lock_recent(&self) -> std::sync::MutexGuard<'_, Recent> {
+        match self.recent.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Counts one connection attempt: how long reaching the pod took, and
+    /// whether it worked.
+    fn note_connect(&self, seconds: f64, worked: bool) {
+        self.connect_latency.observe(seconds);
+        let now = std::time::Instant::now();
+        let mut recent = self.lock_recent();
+        recent.connects.push_back((now, seconds, worked));
+        while recent.connects.len() > RECENT_CONNECTS
+            || recent
+                .connects
+                .front()
+                .is_some_and(|(at, _, _)| now.duration_since(*at) > RECENT)
+        {
+            recent.connects.pop_front();
+        }
+    }
+
+    /// Takes a throughput sample (bytes per second since the last one);
+    /// returns whether anything moved.
+    pub fn sample_throughput(&self) -> bool {
+        let bytes = self.counters.to_pod.load(Ordering::Relaxed)
+            + self.counters.from_pod.load(Ordering::Relaxed);
+        let mut recent = self.lock_recent();
+        let moved = bytes.saturating_sub(recent.bytes_at_last_sample);
+        recent.bytes_at_last_sample = bytes;
+        recent
+            .throughput
+            .push_back(moved / SAMPLE_EVERY.as_secs().max(1));
+        let keep = usize::try_from(RECENT.as_secs() / SAMPLE_EVERY.as_secs().max(1)).unwrap_or(30);
+        while recent.throughput.len() > keep {
+            recent.throughput.pop_front();
+        }
+        moved > 0
+            || recent
+                .throughput
+                .iter()
+                .rev()
+                .nth(1)
+                .is_some_and(|b| *b > 0)
+    }
+
+    /// The last minute, for the dashboard.
+    pub fn activity(&self) -> crate::model::Activity {
+        let now = std::time::Instant::now();
+        let recent = self.lock_recent();
+        let within: Vec<&(std::time::Instant, f64, bool)> = recent
+            .connects
+            .iter()
+            .filter(|(at, _, _)| now.duration_since(*at) <= RECENT)
+            .collect();
+        let mut worked: Vec<f64> = within
+            .iter()
+            .filter(|(_, _, ok)| *ok)
+            .map(|(_, seconds, _)| seconds * 1000.0)
+            .collect();
+        worked.sort_by(f64::total_cmp);
+        let percentile = |p: f64| -> Option<f64> {
+            let last = worked.len().checked_sub(1)?;
+            // Nearest rank: the smallest value at or above p of the samples.
+            let rank = ((p * worked.len() as f64).ceil() as usize).clamp(1, last + 1) - 1;
+            worked.get(rank).copied()
+        };
+        crate::model::Activity {
+            throughput: recent.throughput.iter().copied().collect(),
+            sample_seconds: SAMPLE_EVERY.as_secs(),
+            connect_p50_ms: percentile(0.50),
+            connect_p99_ms: percentile(0.99),
+            connections: within.len() as u64,
+            errors: within.iter().filter(|(_, _, ok)| !ok).count() as u64,
+        }
     }
 
     /// Failed connections of `kind` so far.
@@ -453,9 +550,10 @@ async fn serve_connection(mut client: TcpStream, shared: &TunnelShared) {
     }
     let started = std::time::Instant::now();
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await;
-    shared
-        .connect_latency
-        .observe(started.elapsed().as_secs_f64());
+    shared.note_connect(
+        started.elapsed().as_secs_f64(),
+        matches!(connected, Ok(Ok(_))),
+    );
     let mut upstream = match connected {
         Ok(Ok(stream)) => stream,
         Ok(Err(err)) => {
@@ -514,9 +612,7 @@ async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
     let started = std::time::Instant::now();
     let dialed =
         tokio::time::timeout(CONNECT_TIMEOUT, shared.dialer.dial(&shared.pod_id, port)).await;
-    shared
-        .connect_latency
-        .observe(started.elapsed().as_secs_f64());
+    shared.note_connect(started.elapsed().as_secs_f64(), matches!(dialed, Ok(Ok(_))));
     let mut local = match dialed {
         Ok(Ok(local)) => local,
         Ok(Err(err)) => {

@@ -431,6 +431,31 @@ pub struct StatusResponse {
 pub struct PodView {
     pub pod: PodSpec,
     pub tunnel: Redirection,
+    /// The last minute of the tunnel, for the dashboard.
+    #[serde(default)]
+    pub activity: Activity,
+}
+
+/// What a tunnel did over the last minute.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Activity {
+    /// Bytes per second, both ways together, one sample every
+    /// `sample_seconds`, oldest first.
+    pub throughput: Vec<u64>,
+    pub sample_seconds: u64,
+    /// Time to reach the pod, over the connections of the last minute.
+    pub connect_p50_ms: Option<f64>,
+    pub connect_p99_ms: Option<f64>,
+    /// Connections tried, and those that failed, in the last minute.
+    pub connections: u64,
+    pub errors: u64,
+}
+
+/// How much of the port range the tunnels hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortUsage {
+    pub used: usize,
+    pub size: usize,
 }
 
 /// `GET /api/v1/pods`.
@@ -482,6 +507,8 @@ pub struct HealthResponse {
 pub struct Snapshot {
     pub health: HealthResponse,
     pub pods: Vec<PodView>,
+    #[serde(default)]
+    pub ports: PortUsage,
 }
 
 /// Body of `POST /api/v1/pods/{id}/forwarding`.

@@ -234,7 +234,11 @@ mod tests {
             name_port_error: None,
             name_url: None,
         };
-        PodView { pod, tunnel }
+        PodView {
+            pod,
+            tunnel,
+            activity: Default::default(),
+        }
     }
 
     fn snapshot(pods: Vec<PodView>, reachable: Option<bool>) -> Snapshot {
@@ -261,6 +265,7 @@ mod tests {
                 cluster_reason: None,
             },
             pods,
+            ports: Default::default(),
         }
     }
 

@@ -217,8 +217,31 @@ impl Store {
             .map(|entry| PodView {
                 pod: entry.spec.clone(),
                 tunnel: entry.redirection(&self.local_host),
+                activity: entry.tunnel.activity(),
             })
             .collect()
+    }
+
+    /// Takes every tunnel's throughput sample; tells the dashboard's stream
+    /// when something moved.
+    pub fn sample_throughput(&self) {
+        // Every tunnel takes its sample (no short-circuit).
+        let moved = self
+            .read()
+            .values()
+            .filter(|entry| entry.tunnel.sample_throughput())
+            .count();
+        if moved > 0 {
+            self.events.traffic_moved();
+        }
+    }
+
+    /// How many of the range's ports our tunnels hold.
+    pub fn ports_used(&self) -> usize {
+        self.read()
+            .values()
+            .filter(|entry| entry.local_port.is_some())
+            .count()
     }
 
     /// Records what the cluster says of a pod's mirror; tells subscribers
@@ -247,6 +270,7 @@ impl Store {
         self.read().get(id).map(|entry| PodView {
             pod: entry.spec.clone(),
             tunnel: entry.redirection(&self.local_host),
+            activity: entry.tunnel.activity(),
         })
     }
 }

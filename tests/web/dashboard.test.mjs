@@ -194,6 +194,28 @@ test('pushed pods appear as rows without a reload', async () => {
   await shot('02-rows');
 });
 
+test('traffic shows as a live sparkline with connect latency, and the header shows usage', async () => {
+  const port = await portOf('web-1');
+  for (let i = 0; i < 5; i += 1) assert.equal(await getThrough(port), 'web page');
+  // The agent samples throughput every 2 s and the stream pushes it: wait
+  // for a sample with bytes in it, without reloading.
+  const spark = row('web-1').locator('svg.spark');
+  await page.waitForFunction(
+    () => {
+      const svg = document.querySelector('tr[data-pod-id="web-1"] svg.spark');
+      return svg && Number(svg.dataset.peak) > 0 && svg.querySelector('polyline');
+    },
+    null,
+    { timeout: 15000 },
+  );
+  assert.ok(Number(await spark.getAttribute('data-peak')) > 0);
+  const latency = await row('web-1').locator('.latency').textContent();
+  assert.match(latency, /connect p50 \d+(\.\d+)? ms · p99 \d+(\.\d+)? ms/);
+  assert.match(await page.locator('#port-usage').textContent(), /^ports 2\/\d+/);
+  assert.match(await page.locator('#error-rate').textContent(), /errors 0\.0% · last min/);
+  await shot('03-sparkline');
+});
+
 test('the toggle closes the port and opens it again', async () => {
   const port = await portOf('web-1');
   assert.equal(await getThrough(port), 'web page');
