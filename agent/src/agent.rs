@@ -319,6 +319,7 @@ impl Agent {
         HealthResponse {
             status: "healthy".to_owned(),
             agent_id: self.inner.identity.agent_id.clone(),
+            pid: std::process::id(),
             timestamp: chrono::Utc::now(),
             pod_count: self.inner.store.len(),
             version: env!("CARGO_PKG_VERSION").to_owned(),

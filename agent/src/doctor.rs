@@ -1,6 +1,8 @@
-//! `k3s-local-agent doctor`: checks the local mirror's setup one step at a
-//! time (kubeconfig, context, API, namespace, permissions) and says what it
-//! found and, for what is wrong, what to do.
+//! `k3s-local-agent doctor`: checks the running agent (answering, each
+//! tunnel's port ours, range use, names resolving, control plane, open-file
+//! limit), the name ports, and the local mirror's setup (kubeconfig, context,
+//! API, namespace, permissions); says what it found and, for what is wrong,
+//! what to do.
 
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
@@ -16,7 +18,7 @@ use crate::config::ClusterSettings;
 const POD_VERBS: [&str; 5] = ["get", "list", "watch", "patch", "delete"];
 
 /// One finding.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Check {
     pub name: &'static str,
     pub ok: bool,
@@ -45,6 +47,251 @@ fn kind_hint(context: &str) -> String {
     match context.strip_prefix("kind-") {
         Some(cluster) => format!(" Create it with: kind create cluster --name {cluster}"),
         None => String::new(),
+    }
+}
+
+/// Checks the agent that `config` describes, through its API: that it
+/// answers, that each tunnel's port is its own (and who holds it when not),
+/// how full the port range is, that names resolve to the pods' addresses,
+/// that the control plane takes reports, and the open-file limit.
+pub async fn agent(
+    config: &crate::config::Config,
+    client: &crate::client::AgentClient,
+) -> Vec<Check> {
+    let health = match client.health().await {
+        Ok(health) => health,
+        Err(err) => {
+            return vec![Check::fail(
+                "agent",
+                format!(
+                    "not answering ({err}). Start it: `k3s-local-agent run` (or the tray app) \
+                     with the same settings as this command"
+                ),
+            )]
+        }
+    };
+    let status = match client.status().await {
+        Ok(status) => status,
+        Err(err) => {
+            return vec![Check::fail(
+                "agent",
+                format!("answers /health but not the status: {err}"),
+            )]
+        }
+    };
+    let mut checks = vec![Check::ok(
+        "agent",
+        format!(
+            "answering (pid {}, version {}, {} pods)",
+            health.pid, health.version, health.pod_count
+        ),
+    )];
+    checks.extend(tunnel_ports(&status, health.pid));
+    checks.push(range_use(config, &status));
+    checks.push(names(&health, &status).await);
+    checks.push(control_plane(&health));
+    checks.push(open_files(health.pid, status.redirections.len()));
+    checks
+}
+
+/// Each tunnel's port: listening and ours when forwarding, free for it when
+/// not; who holds it otherwise.
+fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Check> {
+    use crate::model::TunnelState;
+    let mut problems = Vec::new();
+    for (id, tunnel) in &status.redirections {
+        let Some(port) = tunnel.local_port else {
+            problems.push(Check::fail(
+                "tunnel",
+                format!(
+                    "{id} has no port: {}",
+                    tunnel.error.as_deref().unwrap_or("none free")
+                ),
+            ));
+            continue;
+        };
+        let holders = crate::sockets::listeners_on(port);
+        let others: Vec<String> = holders
+            .iter()
+            .filter(|h| h.pid != agent_pid)
+            .map(ToString::to_string)
+            .collect();
+        let ours = holders.iter().any(|h| h.pid == agent_pid);
+        match tunnel.status {
+            TunnelState::Active if !others.is_empty() => problems.push(Check::fail(
+                "tunnel",
+                format!(
+                    "{id}: port {port} is also held by {}; stop it or move the pod (`k3s-local-agent forward {id} off` then `on`)",
+                    others.join(", ")
+                ),
+            )),
+            TunnelState::Active if !ours && !holders.is_empty() => {}
+            TunnelState::Active if holders.is_empty() && cfg!(target_os = "linux") => {
+                problems.push(Check::fail(
+                    "tunnel",
+                    format!("{id}: port {port} is not listening; turn it off and on again"),
+                ))
+            }
+            TunnelState::Stopped if !others.is_empty() => problems.push(Check::fail(
+                "tunnel",
+                format!(
+                    "{id}: its port {port} is held by {} while forwarding is off; turning it on \
+                     will move the pod to another port (or stop that process first)",
+                    others.join(", ")
+                ),
+            )),
+            TunnelState::Failed => problems.push(Check::fail(
+                "tunnel",
+                format!(
+                    "{id}: {}{}",
+                    tunnel.error.as_deref().unwrap_or("failed"),
+                    if others.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (port {port} held by {})", others.join(", "))
+                    }
+                ),
+            )),
+            _ => {}
+        }
+    }
+    if problems.is_empty() {
+        vec![Check::ok(
+            "tunnels",
+            format!(
+                "{} tunnels, every active port held by the agent alone",
+                status.redirections.len()
+            ),
+        )]
+    } else {
+        problems
+    }
+}
+
+fn range_use(config: &crate::config::Config, status: &crate::model::StatusResponse) -> Check {
+    let range = config.port_range;
+    let size = usize::from(range.end - range.start) + 1;
+    let used = status
+        .redirections
+        .values()
+        .filter(|t| t.local_port.is_some_and(|p| range.contains(p)))
+        .count();
+    let share = used * 100 / size.max(1);
+    let detail = format!("{used} of {size} ports of {range} in use ({share} %)");
+    if used >= size {
+        Check::fail(
+            "port range",
+            format!("{detail}: full; widen it with --port-range"),
+        )
+    } else if share >= 90 {
+        Check::ok(
+            "port range",
+            format!("{detail}: nearly full; widen it with --port-range"),
+        )
+    } else {
+        Check::ok("port range", detail)
+    }
+}
+
+/// Names resolve, through the system resolver, to each pod's address.
+async fn names(
+    health: &crate::model::HealthResponse,
+    status: &crate::model::StatusResponse,
+) -> Check {
+    if !health.names.system_wide {
+        return Check::ok(
+            "names",
+            format!(
+                "limited: names go to {}, which the system resolver does not read (run the \
+                 agent as root to use /etc/hosts); browsers still reach <name>-staging.localhost",
+                health.names.hosts_file
+            ),
+        );
+    }
+    let mut wrong = Vec::new();
+    let mut checked = 0;
+    for tunnel in status.redirections.values().take(20) {
+        let expected = tunnel
+            .address
+            .map_or(std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::V4);
+        checked += 1;
+        match tokio::net::lookup_host((tunnel.dns_name.as_str(), 0)).await {
+            Ok(found) => {
+                let found: Vec<std::net::IpAddr> = found.map(|a| a.ip()).collect();
+                if !found.contains(&expected) {
+                    wrong.push(format!(
+                        "{} resolves to {found:?}, not {expected}",
+                        tunnel.dns_name
+                    ));
+                }
+            }
+            Err(err) => wrong.push(format!("{} does not resolve: {err}", tunnel.dns_name)),
+        }
+    }
+    if wrong.is_empty() {
+        Check::ok(
+            "names",
+            format!(
+                "{checked} names resolve to their pods (hosts file {})",
+                health.names.hosts_file
+            ),
+        )
+    } else {
+        Check::fail(
+            "names",
+            format!(
+                "{}; is something else managing {}?",
+                wrong.join("; "),
+                health.names.hosts_file
+            ),
+        )
+    }
+}
+
+fn control_plane(health: &crate::model::HealthResponse) -> Check {
+    let cp = &health.control_plane;
+    match cp.reachable {
+        Some(true) => Check::ok("control plane", format!("{} takes our reports", cp.url)),
+        Some(false) => Check::fail(
+            "control plane",
+            format!(
+                "{} does not take our reports ({}); check --control-plane-url and that it runs",
+                cp.url,
+                cp.last_error.as_deref().unwrap_or("unreachable")
+            ),
+        ),
+        None => Check::ok("control plane", format!("{}: no report sent yet", cp.url)),
+    }
+}
+
+/// The agent's open-file limit against what its tunnels hold now.
+fn open_files(pid: u32, tunnels: usize) -> Check {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap_or_default();
+    let soft: Option<u64> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|v| v.parse().ok());
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .ok();
+    match (soft, open) {
+        (Some(limit), Some(open)) => {
+            let detail =
+                format!("{open} of {limit} open ({tunnels} tunnels; each connection takes two)");
+            if (open as u64) * 10 >= limit * 9 {
+                Check::fail(
+                    "open files",
+                    format!("{detail}: nearly out; raise the hard limit (`ulimit -Hn`, or LimitNOFILE= for a service)"),
+                )
+            } else {
+                Check::ok("open files", detail)
+            }
+        }
+        _ => Check::ok(
+            "open files",
+            "cannot read the agent's limits (not Linux, or another user's process)",
+        ),
     }
 }
 

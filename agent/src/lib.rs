@@ -24,6 +24,7 @@ pub mod receiver;
 pub mod report;
 pub mod serve;
 pub mod shards;
+pub mod sockets;
 #[cfg(target_os = "linux")]
 pub mod splice;
 pub mod store;

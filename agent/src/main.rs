@@ -58,8 +58,16 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Check the local mirror's setup: kubeconfig, context, API, namespace, permissions.
-    Doctor(RunOverrides),
+    /// Check the running agent (tunnel ports, names, control plane, limits),
+    /// the name ports and the local mirror's setup; exits non-zero when
+    /// something is broken. Takes the same settings as `run`.
+    Doctor {
+        #[command(flatten)]
+        settings: RunOverrides,
+        /// Print the checks as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the bearer token a remote control plane must send.
     Token {
         /// The agent's state dir [default: <data dir>/k3s-local-agent].
@@ -155,13 +163,29 @@ async fn dispatch(command: Command) -> Result<()> {
             println!("{}", describe_tunnel(&tunnel));
             Ok(())
         }
-        Command::Doctor(overrides) => {
-            let config = Config::resolve(&overrides)?;
-            let mut checks = vec![k3s_local_agent::doctor::name_ports(&config)];
+        Command::Doctor { settings, json } => {
+            let config = Config::resolve(&settings)?;
+            let host = if config.bind.is_unspecified() {
+                std::net::IpAddr::from([127, 0, 0, 1])
+            } else {
+                config.bind
+            };
+            let url = format!(
+                "http://{}",
+                std::net::SocketAddr::new(host, config.agent_port)
+            );
+            let token = Identity::read_token(&config.state_dir).ok();
+            let client = AgentClient::new(&url, token)?;
+            let mut checks = k3s_local_agent::doctor::agent(&config, &client).await;
+            checks.push(k3s_local_agent::doctor::name_ports(&config));
             checks.extend(k3s_local_agent::doctor::diagnose(&config.cluster).await);
-            for check in &checks {
-                let mark = if check.ok { "ok" } else { "FAIL" };
-                println!("{:<12} {mark:<4}  {}", check.name, check.detail);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&checks)?);
+            } else {
+                for check in &checks {
+                    let mark = if check.ok { "ok" } else { "FAIL" };
+                    println!("{:<12} {mark:<4}  {}", check.name, check.detail);
+                }
             }
             if checks.iter().any(|c| !c.ok) {
                 bail!("something above needs fixing");

@@ -488,6 +488,9 @@ pub struct ControlPlaneHealth {
 pub struct HealthResponse {
     pub status: String,
     pub agent_id: String,
+    /// The agent's process id (so `doctor` can tell its ports from others').
+    #[serde(default)]
+    pub pid: u32,
     pub timestamp: DateTime<Utc>,
     pub pod_count: usize,
     pub version: String,

@@ -246,6 +246,7 @@ mod tests {
             health: HealthResponse {
                 status: "healthy".into(),
                 agent_id: "a".into(),
+                pid: 1,
                 timestamp: Utc::now(),
                 pod_count: pods.len(),
                 version: "0".into(),

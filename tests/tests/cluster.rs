@@ -437,8 +437,16 @@ async fn doctor_says_what_it_found_and_what_to_fix() {
         k3s_local_agent_e2e::cli(&args).expect("doctor runs")
     };
 
+    // No agent runs here, so the doctor says so (and fails on it alone).
     let (ok, out, err) = doctor(&[]);
-    assert!(ok, "{out}{err}");
+    assert!(!ok, "{out}{err}");
+    let failing: Vec<&str> = out.lines().filter(|l| l.contains(" FAIL ")).collect();
+    assert!(
+        failing.len() == 1
+            && failing[0].starts_with("agent")
+            && failing[0].contains("k3s-local-agent run"),
+        "{out}"
+    );
     for line in [
         "kubeconfig   ok",
         "context      ok",
