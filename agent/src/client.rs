@@ -93,6 +93,11 @@ impl AgentClient {
         self.get("api/v1/pods/status").await
     }
 
+    /// Health, every pod with its tunnel and last minute, and port use.
+    pub async fn snapshot(&self) -> Result<crate::model::Snapshot, ClientError> {
+        self.get("api/v1/snapshot").await
+    }
+
     pub async fn pods(&self) -> Result<PodList, ClientError> {
         self.get("api/v1/pods").await
     }

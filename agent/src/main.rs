@@ -275,24 +275,48 @@ fn describe_tunnel(tunnel: &Redirection) -> String {
 
 async fn status(args: ClientArgs) -> Result<()> {
     let client = args.client()?;
-    let health = client.health().await?;
+    let snapshot = client.snapshot().await?;
     let status = client.status().await?;
     if args.json {
-        let both = serde_json::json!({"health": health, "status": status});
+        let both = serde_json::json!({
+            "health": snapshot.health,
+            "status": status,
+            "ports": snapshot.ports,
+            "activity": snapshot.pods.iter().map(|v| (v.pod.id.clone(), v.activity.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        });
         println!("{}", serde_json::to_string_pretty(&both)?);
         return Ok(());
     }
+    let health = &snapshot.health;
     println!(
-        "agent {}{}",
+        "agent {} (pid {}){}",
         health.agent_id,
+        health.pid,
         if health.demo { " (DEMO MODE)" } else { "" }
     );
+    let (tried, failed) = snapshot.pods.iter().fold((0, 0), |(tried, failed), view| {
+        (
+            tried + view.activity.connections,
+            failed + view.activity.errors,
+        )
+    });
+    let error_rate = if tried == 0 {
+        "no connections in the last minute".to_owned()
+    } else {
+        format!(
+            "{:.1} % of {tried} connections failed in the last minute",
+            100.0 * failed as f64 / tried as f64
+        )
+    };
     println!(
-        "tunnels: {} total, {} active, {} stopped, {} failed",
+        "tunnels: {} total, {} active, {} stopped, {} failed; ports {}/{} in use; {error_rate}",
         status.total_redirections,
         status.active_redirections,
         status.stopped_redirections,
-        status.failed_redirections
+        status.failed_redirections,
+        snapshot.ports.used,
+        snapshot.ports.size,
     );
     let cp = &health.control_plane;
     let reach = match cp.reachable {
@@ -308,7 +332,65 @@ async fn status(args: ClientArgs) -> Result<()> {
     if let Some(warning) = &health.names.warning {
         println!("warning: {warning}");
     }
+    if snapshot.pods.is_empty() {
+        return Ok(());
+    }
+    println!();
+    println!(
+        "{:<24} {:>6} {:>9} {:<8} {:>11} {:>19} {:>17} {:>6}",
+        "POD",
+        "PORT",
+        "NAME PORT",
+        "STATE",
+        "OPEN/TOTAL",
+        "TO/FROM POD",
+        "CONNECT P50/P99",
+        "ERRORS"
+    );
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), |v| format!("{v:.2}"));
+    for view in &snapshot.pods {
+        let (tunnel, activity) = (&view.tunnel, &view.activity);
+        println!(
+            "{:<24} {:>6} {:>9} {:<8} {:>11} {:>19} {:>17} {:>6}",
+            view.pod.name,
+            tunnel
+                .local_port
+                .map_or_else(|| "-".to_owned(), |p| p.to_string()),
+            tunnel
+                .name_port
+                .map_or_else(|| "-".to_owned(), |p| format!(":{p}")),
+            tunnel.status.as_str(),
+            format!("{}/{}", tunnel.open_connections, tunnel.total_connections),
+            format!(
+                "{}/{}",
+                human_bytes(tunnel.bytes_to_pod),
+                human_bytes(tunnel.bytes_from_pod)
+            ),
+            format!(
+                "{}/{} ms",
+                ms(activity.connect_p50_ms),
+                ms(activity.connect_p99_ms)
+            ),
+            activity.errors,
+        );
+    }
     Ok(())
+}
+
+/// Bytes in the largest unit that keeps the number small.
+fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KB", "MB", "GB", "TB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 async fn pods(args: ClientArgs) -> Result<()> {

@@ -155,6 +155,26 @@ fn the_cli_drives_a_running_agent() {
     let (ok, _, _) = cli(&["forward", "web-1", "on", "--agent-url", &url]).expect("forward on");
     assert!(ok);
     assert_eq!(read_from(port).expect("tunnel again"), "from the pod");
+    // The status table: a row per pod with its port, state, connections and
+    // the last minute's connect latency; the same figures as JSON.
+    let (ok, out, _) = cli(&["status", "--agent-url", &url]).expect("status");
+    assert!(ok);
+    assert!(out.contains("ports 1/20 in use"), "{out}");
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("web "))
+        .unwrap_or_else(|| panic!("no row for web:\n{out}"));
+    assert!(
+        row.contains(&port.to_string()) && row.contains("active"),
+        "{row}"
+    );
+    assert!(row.contains("0/2"), "two connections so far: {row}");
+    assert!(row.contains(" ms"), "{row}");
+    let (ok, out, _) = cli(&["status", "--agent-url", &url, "--json"]).expect("status --json");
+    assert!(ok);
+    let figures = json_of(&out);
+    assert_eq!(figures["ports"]["used"], 1);
+    assert_eq!(figures["activity"]["web-1"]["connections"], 2);
 
     let (ok, _, err) =
         cli(&["forward", "ghost", "on", "--agent-url", &url]).expect("forward ghost");
