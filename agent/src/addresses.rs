@@ -109,6 +109,44 @@ impl FromStr for AddressBlock {
     }
 }
 
+/// Why a pod's own port cannot listen on its address, with the one command
+/// that would let it (shared by the tunnel's status and `doctor`).
+pub fn why_cannot_listen(addr: std::net::SocketAddr, err: &std::io::Error) -> String {
+    match err.kind() {
+        std::io::ErrorKind::PermissionDenied => {
+            let binary = std::env::current_exe()
+                .map(|path| path.display().to_string())
+                .unwrap_or_else(|_| "k3s-local-agent".to_owned());
+            format!(
+                "cannot listen on {addr}: ports below {} need privileges; to allow it run \
+                 `sudo setcap cap_net_bind_service=+ep {binary}` (or `sudo sysctl -w \
+                 net.ipv4.ip_unprivileged_port_start={}`) and restart; until then use the \
+                 range port",
+                unprivileged_port_start().unwrap_or(1024),
+                addr.port()
+            )
+        }
+        std::io::ErrorKind::AddrNotAvailable => format!(
+            "cannot listen on {addr}: the address is not on the loopback interface; add it \
+             with `sudo ifconfig lo0 alias {} up` (macOS) and restart",
+            addr.ip()
+        ),
+        std::io::ErrorKind::AddrInUse => {
+            format!("cannot listen on {addr}: another process holds it; use the range port")
+        }
+        _ => format!("cannot listen on {addr}: {err}"),
+    }
+}
+
+/// The lowest port an unprivileged process may bind (Linux's sysctl).
+fn unprivileged_port_start() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// FNV-1a: a hash that is the same on every machine and release (std's
 /// hashers promise neither).
 fn fnv1a(bytes: &[u8]) -> u32 {

@@ -729,7 +729,7 @@ impl Agent {
             match listening {
                 Ok(listener) => entry.name_listeners.push(listener),
                 Err(err) => {
-                    let why = explain_name_port_error(addr, &err);
+                    let why = crate::addresses::why_cannot_listen(addr, &err);
                     tracing::warn!(pod_id = %entry.spec.id, "{why}");
                     if port == own {
                         entry.name_port_error = Some(why);
@@ -807,42 +807,4 @@ fn ports_in_use(map: &PodMap, except: Option<&str>) -> InUse {
         ports: others().filter_map(|(_, entry)| entry.local_port).collect(),
         addresses: others().filter_map(|(_, entry)| entry.address).collect(),
     }
-}
-
-/// Why a pod's own port cannot listen on its address, and the one command
-/// that would let it.
-fn explain_name_port_error(addr: SocketAddr, err: &std::io::Error) -> String {
-    match err.kind() {
-        std::io::ErrorKind::PermissionDenied => {
-            let binary = std::env::current_exe()
-                .map(|path| path.display().to_string())
-                .unwrap_or_else(|_| "k3s-local-agent".to_owned());
-            format!(
-                "cannot listen on {addr}: ports below {} need privileges; to allow it run \
-                 `sudo setcap cap_net_bind_service=+ep {binary}` (or `sudo sysctl -w \
-                 net.ipv4.ip_unprivileged_port_start={}`) and restart; until then use the \
-                 range port",
-                unprivileged_port_start().unwrap_or(1024),
-                addr.port()
-            )
-        }
-        std::io::ErrorKind::AddrNotAvailable => format!(
-            "cannot listen on {addr}: the address is not on the loopback interface; add it \
-             with `sudo ifconfig lo0 alias {} up` (macOS) and restart",
-            addr.ip()
-        ),
-        std::io::ErrorKind::AddrInUse => {
-            format!("cannot listen on {addr}: another process holds it; use the range port")
-        }
-        _ => format!("cannot listen on {addr}: {err}"),
-    }
-}
-
-/// The lowest port an unprivileged process may bind (Linux's sysctl).
-fn unprivileged_port_start() -> Option<u16> {
-    std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
 }

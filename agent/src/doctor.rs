@@ -324,21 +324,15 @@ pub fn name_ports(config: &crate::config::Config) -> Check {
                 config.address_block
             ),
         ),
-        Err(err) if err.kind() == std::io::ErrorKind::PermissionDenied => {
-            let binary = std::env::current_exe()
-                .map(|path| path.display().to_string())
-                .unwrap_or_else(|_| "k3s-local-agent".to_owned());
-            Check::ok(
-                "name ports",
-                format!(
-                    "limited: ports below 1024 cannot listen on pod addresses, so pods on port 80 \
-                     are reached by their range port only. To allow it: sudo setcap \
-                     cap_net_bind_service=+ep {binary}   (or: sudo sysctl -w \
-                     net.ipv4.ip_unprivileged_port_start=80)"
-                ),
-            )
-        }
-        Err(err) => Check::fail("name ports", format!("cannot listen on {probe}: {err}")),
+        // Without the privilege (or the alias) names still work with the
+        // range port: a limit worth knowing, not a failure.
+        Err(err) => Check::ok(
+            "name ports",
+            format!(
+                "limited: {}",
+                crate::addresses::why_cannot_listen(probe, &err)
+            ),
+        ),
     }
 }
 

@@ -346,3 +346,44 @@ pub fn curl(args: &[&str]) -> Result<(u16, String)> {
     let (body, code) = text.rsplit_once('\n').context("curl output")?;
     Ok((code.trim().parse()?, body.to_owned()))
 }
+
+/// Another program (python3) listening on a port, as a user's process might:
+/// killed when dropped.
+#[derive(Debug)]
+pub struct PortSquatter {
+    child: std::process::Child,
+}
+
+impl PortSquatter {
+    /// Starts it on `127.0.0.1:port` and waits until it listens.
+    pub fn on(port: u16) -> Result<Self> {
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); \
+                 s.listen(); print('ready', flush=True); sys.stdin.read()",
+                &port.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("running python3")?;
+        let mut ready = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut ready)?;
+        if ready.trim() != "ready" {
+            bail!("python3 could not listen on port {port}");
+        }
+        Ok(Self { child })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for PortSquatter {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

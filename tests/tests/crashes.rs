@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k3s_local_agent_e2e::{
-    greeting_server, read_from, wait_until, AgentProcess, Sandbox, FOREIGN_HOSTS,
+    greeting_server, read_from, wait_until, AgentProcess, PortSquatter, Sandbox, FOREIGN_HOSTS,
 };
 use serde_json::{json, Value};
 
@@ -278,24 +278,7 @@ fn a_port_taken_while_the_agent_was_down_moves_only_that_pod() {
 
     // Another program takes pod a's port while the agent is down.
     let taken = port_of(&before, "a");
-    let mut squatter = std::process::Command::new("python3")
-        .args([
-            "-c",
-            "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); \
-             s.listen(); print('ready', flush=True); sys.stdin.read()",
-            &taken.to_string(),
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(squatter.stdout.take().expect("stdout")),
-        &mut ready,
-    )
-    .expect("squatter says ready");
-    assert_eq!(ready.trim(), "ready");
+    let _squatter = PortSquatter::on(taken).expect("another program takes the port");
 
     let agent = AgentProcess::run(&args).expect("agent restarts");
     let after = agent.get_json("/api/v1/pods/status").expect("status");
@@ -322,8 +305,6 @@ fn a_port_taken_while_the_agent_was_down_moves_only_that_pod() {
         })
     })
     .expect("reported");
-    let _ = squatter.kill();
-    let _ = squatter.wait();
 }
 
 /// libfaketime, which shifts the wall clock of one process (Debian's

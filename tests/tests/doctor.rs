@@ -3,10 +3,9 @@
 //! said to be, and either makes the doctor exit non-zero; `--json` carries
 //! the same checks for machines.
 
-use std::io::BufRead;
-use std::process::{Command, Stdio};
-
-use k3s_local_agent_e2e::{cli, free_port, greeting_server, wait_until, AgentProcess, Sandbox};
+use k3s_local_agent_e2e::{
+    cli, free_port, greeting_server, wait_until, AgentProcess, PortSquatter, Sandbox,
+};
 use serde_json::{json, Value};
 
 #[test]
@@ -61,21 +60,7 @@ fn doctor_names_who_holds_a_tunnel_port_and_a_control_plane_that_is_down() {
         .as_u64()
         .expect("port")
         .to_string();
-    let mut squatter = Command::new("python3")
-        .args([
-            "-c",
-            "import socket,sys; s=socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1]))); \
-             s.listen(); print('ready', flush=True); sys.stdin.read()",
-            &port_b,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 runs");
-    let mut ready = String::new();
-    std::io::BufReader::new(squatter.stdout.take().expect("stdout"))
-        .read_line(&mut ready)
-        .expect("ready");
+    let squatter = PortSquatter::on(port_b.parse().expect("port")).expect("squatter");
     wait_until("the control plane outage to be noticed", || {
         agent
             .get_json("/health")
@@ -85,7 +70,7 @@ fn doctor_names_who_holds_a_tunnel_port_and_a_control_plane_that_is_down() {
 
     let (ok, out, err) = doctor(&[]);
     assert!(!ok, "the doctor must fail:\n{out}{err}");
-    let squatter_pid = squatter.id().to_string();
+    let squatter_pid = squatter.pid().to_string();
     let tunnel_line = out
         .lines()
         .find(|l| l.starts_with("tunnel") && l.contains(" FAIL "))
@@ -115,8 +100,7 @@ fn doctor_names_who_holds_a_tunnel_port_and_a_control_plane_that_is_down() {
             .is_some_and(|d| d.contains(&squatter_pid))));
 
     // With the port free again and the toggle back on, only the control plane fails.
-    let _ = squatter.kill();
-    let _ = squatter.wait();
+    drop(squatter);
     let (ok, _, _) = cli(&["forward", "b", "on", "--agent-url", &agent.base_url]).expect("forward");
     assert!(ok);
     let (_, out, _) = doctor(&[]);
