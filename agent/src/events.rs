@@ -48,6 +48,15 @@ pub struct EventBus {
     events: broadcast::Sender<AgentEvent>,
     revision: watch::Sender<u64>,
     traffic: watch::Sender<u64>,
+    connections: std::sync::Arc<ConnectionTally>,
+}
+
+/// Connections across every tunnel: how many ever opened, how many are open.
+/// Lets the throughput sampler skip its walk while nothing can have moved.
+#[derive(Debug, Default)]
+struct ConnectionTally {
+    opened: std::sync::atomic::AtomicU64,
+    open: std::sync::atomic::AtomicU64,
 }
 
 impl Default for EventBus {
@@ -65,6 +74,7 @@ impl EventBus {
             events,
             revision,
             traffic,
+            connections: std::sync::Arc::default(),
         }
     }
 
@@ -89,6 +99,28 @@ impl EventBus {
     /// so its subscribers throttle it, and it never triggers a status report.
     pub fn traffic_moved(&self) {
         self.traffic.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Counts a connection opening through any tunnel.
+    pub fn connection_opened(&self) {
+        use std::sync::atomic::Ordering;
+        self.connections.opened.fetch_add(1, Ordering::Relaxed);
+        self.connections.open.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a connection closing.
+    pub fn connection_closed(&self) {
+        use std::sync::atomic::Ordering;
+        self.connections.open.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// (connections ever opened, connections open now), across all tunnels.
+    pub fn connections(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (
+            self.connections.opened.load(Ordering::Relaxed),
+            self.connections.open.load(Ordering::Relaxed),
+        )
     }
 
     /// A receiver that wakes when counters moved.

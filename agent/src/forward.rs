@@ -100,7 +100,6 @@ const RECENT_CONNECTS: usize = 512;
 /// The last minute of a tunnel: throughput samples and connection outcomes.
 #[derive(Debug, Default)]
 struct Recent {
-    bytes_at_last_sample: u64,
     throughput: std::collections::VecDeque<u64>,
     /// When, how long the connect took (seconds), and whether it worked.
     connects: std::collections::VecDeque<(std::time::Instant, f64, bool)>,
@@ -189,6 +188,10 @@ pub struct TunnelShared {
     /// Time to reach the pod, one observation per connection.
     connect_latency: prometheus_client::metrics::histogram::Histogram,
     recent: Mutex<Recent>,
+    /// Bytes moved at the last throughput sample.
+    sampled_bytes: AtomicU64,
+    /// Whether every throughput sample of the last minute is zero.
+    quiet: AtomicBool,
     events: EventBus,
 }
 
@@ -212,6 +215,8 @@ impl TunnelShared {
                 crate::metrics::latency_buckets(),
             ),
             recent: Mutex::new(Recent::default()),
+            sampled_bytes: AtomicU64::new(0),
+            quiet: AtomicBool::new(true),
             events,
         })
     }
@@ -241,13 +246,18 @@ impl TunnelShared {
     }
 
     /// Takes a throughput sample (bytes per second since the last one);
-    /// returns whether anything moved.
-    pub fn sample_throughput(&self) -> bool {
+    /// returns whether the tunnel's line changed, and whether its last
+    /// minute is all zeros now.
+    pub fn sample_throughput(&self) -> (bool, bool) {
         let bytes = self.counters.to_pod.load(Ordering::Relaxed)
             + self.counters.from_pod.load(Ordering::Relaxed);
+        let moved = bytes.saturating_sub(self.sampled_bytes.swap(bytes, Ordering::Relaxed));
+        // An idle tunnel whose last minute is already all zeros has nothing
+        // to add: most tunnels, most of the time.
+        if moved == 0 && self.quiet.load(Ordering::Relaxed) {
+            return (false, true);
+        }
         let mut recent = self.lock_recent();
-        let moved = bytes.saturating_sub(recent.bytes_at_last_sample);
-        recent.bytes_at_last_sample = bytes;
         recent
             .throughput
             .push_back(moved / SAMPLE_EVERY.as_secs().max(1));
@@ -255,13 +265,10 @@ impl TunnelShared {
         while recent.throughput.len() > keep {
             recent.throughput.pop_front();
         }
-        moved > 0
-            || recent
-                .throughput
-                .iter()
-                .rev()
-                .nth(1)
-                .is_some_and(|b| *b > 0)
+        let quiet = recent.throughput.iter().all(|b| *b == 0);
+        self.quiet.store(quiet, Ordering::Relaxed);
+        // Moved now, or fell back to zero: either way the dashboard's line changed.
+        (true, quiet)
     }
 
     /// The last minute, for the dashboard.
@@ -533,6 +540,7 @@ struct OpenGuard<'a>(&'a TunnelShared);
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
         self.0.counters.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.events.connection_closed();
         self.0.events.traffic_moved();
     }
 }
@@ -540,6 +548,7 @@ impl Drop for OpenGuard<'_> {
 async fn serve_connection(mut client: TcpStream, shared: &TunnelShared) {
     shared.counters.total.fetch_add(1, Ordering::Relaxed);
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
+    shared.events.connection_opened();
     shared.events.traffic_moved();
     let _open = OpenGuard(shared);
 

@@ -223,17 +223,19 @@ impl Store {
     }
 
     /// Takes every tunnel's throughput sample; tells the dashboard's stream
-    /// when something moved.
-    pub fn sample_throughput(&self) {
-        // Every tunnel takes its sample (no short-circuit).
-        let moved = self
-            .read()
-            .values()
-            .filter(|entry| entry.tunnel.sample_throughput())
-            .count();
-        if moved > 0 {
+    /// when a line changed. Returns whether every tunnel's last minute is
+    /// all zeros.
+    pub fn sample_throughput(&self) -> bool {
+        let (mut changed, mut quiet) = (false, true);
+        for entry in self.read().values() {
+            let (moved, idle) = entry.tunnel.sample_throughput();
+            changed |= moved;
+            quiet &= idle;
+        }
+        if changed {
             self.events.traffic_moved();
         }
+        quiet
     }
 
     /// How many of the range's ports our tunnels hold.
