@@ -284,7 +284,7 @@ impl Agent {
             pods: self.pods(),
             ports: crate::model::PortUsage {
                 used: self.inner.store.ports_used(),
-                size: usize::from(range.end - range.start) + 1,
+                size: range.len(),
             },
         }
     }
@@ -417,7 +417,7 @@ impl Agent {
                 return Err(AgentError::UnknownPod(id.to_owned()));
             }
             if enabled {
-                let in_use = ports_in_use(&map, Some(id));
+                let in_use = held_by_others(&map, Some(id));
                 if let Some(entry) = map.get_mut(id) {
                     entry.forwarding = true;
                     if entry.listener.is_none() {
@@ -584,7 +584,7 @@ impl Agent {
             // Every remembered port is claimed before any is bound, so a pod
             // that must move cannot take another pod's remembered port.
             for id in &ids {
-                let in_use = ports_in_use(&map, Some(id));
+                let in_use = held_by_others(&map, Some(id));
                 if let Some(entry) = map.get_mut(id) {
                     if entry.forwarding {
                         self.open_listener(entry, &in_use);
@@ -639,7 +639,7 @@ impl Agent {
             name_port_error: None,
             mirror: None,
         };
-        let in_use = ports_in_use(map, None);
+        let in_use = held_by_others(map, None);
         self.open_listener(&mut entry, &in_use);
         map.insert(id, entry);
     }
@@ -652,7 +652,7 @@ impl Agent {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &failed {
-            let in_use = ports_in_use(map, Some(id));
+            let in_use = held_by_others(map, Some(id));
             if let Some(entry) = map.get_mut(id) {
                 self.open_listener(entry, &in_use);
             }
@@ -812,7 +812,7 @@ struct InUse {
 }
 
 /// The ports and addresses our pods hold, except `except`'s own.
-fn ports_in_use(map: &PodMap, except: Option<&str>) -> InUse {
+fn held_by_others(map: &PodMap, except: Option<&str>) -> InUse {
     let others = || map.iter().filter(|(id, _)| Some(id.as_str()) != except);
     InUse {
         ports: others().filter_map(|(_, entry)| entry.local_port).collect(),

@@ -116,7 +116,6 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
             .filter(|h| h.pid != agent_pid)
             .map(ToString::to_string)
             .collect();
-        let ours = holders.iter().any(|h| h.pid == agent_pid);
         match tunnel.status {
             TunnelState::Active if !others.is_empty() => problems.push(Check::fail(
                 "tunnel",
@@ -125,8 +124,9 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
                     others.join(", ")
                 ),
             )),
-            TunnelState::Active if !ours && !holders.is_empty() => {}
-            TunnelState::Active if holders.is_empty() && cfg!(target_os = "linux") => {
+            // Asked of the kernel's socket table, not of the holders found:
+            // another user's process hides its descriptors from us.
+            TunnelState::Active if cfg!(target_os = "linux") && !crate::sockets::is_listening(port) => {
                 problems.push(Check::fail(
                     "tunnel",
                     format!("{id}: port {port} is not listening; turn it off and on again"),
@@ -170,7 +170,7 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
 
 fn range_use(config: &crate::config::Config, status: &crate::model::StatusResponse) -> Check {
     let range = config.port_range;
-    let size = usize::from(range.end - range.start) + 1;
+    let size = range.len();
     let used = status
         .redirections
         .values()

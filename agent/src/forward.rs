@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use socket2::{Domain, Socket, Type};
 use std::task::Poll;
 
 use bytes::BytesMut;
+use chrono::{DateTime, Utc};
+use socket2::{Domain, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -184,7 +184,7 @@ pub struct TunnelShared {
     counters: Counters,
     errors: Mutex<Errors>,
     /// Failed connections by kind (indexed by `ConnectErrorKind`).
-    error_counts: [AtomicU64; 6],
+    error_counts: [AtomicU64; ConnectErrorKind::ALL.len()],
     /// Time to reach the pod, one observation per connection.
     connect_latency: prometheus_client::metrics::histogram::Histogram,
     recent: Mutex<Recent>,

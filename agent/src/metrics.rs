@@ -100,24 +100,19 @@ struct TunnelFigures {
 
 impl Collector for LiveCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let (tunnels, used_ports): (Vec<TunnelFigures>, usize) = {
-            let map = self.store.read();
-            let tunnels = map
-                .iter()
-                .map(|(id, entry)| TunnelFigures {
-                    id: id.clone(),
-                    name: entry.spec.name.clone(),
-                    state: entry.state(),
-                    stats: entry.tunnel.stats(),
-                    tunnel: Arc::clone(&entry.tunnel),
-                })
-                .collect();
-            let used = map
-                .values()
-                .filter(|entry| entry.local_port.is_some())
-                .count();
-            (tunnels, used)
-        };
+        let tunnels: Vec<TunnelFigures> = self
+            .store
+            .read()
+            .iter()
+            .map(|(id, entry)| TunnelFigures {
+                id: id.clone(),
+                name: entry.spec.name.clone(),
+                state: entry.state(),
+                stats: entry.tunnel.stats(),
+                tunnel: Arc::clone(&entry.tunnel),
+            })
+            .collect();
+        let used_ports = self.store.ports_used();
         let labels = |t: &TunnelFigures| [("pod_id", t.id.clone()), ("pod", t.name.clone())];
 
         let mut metric = encoder.encode_descriptor(
@@ -203,7 +198,7 @@ impl Collector for LiveCollector {
                 .encode(metric.encode_family(&labels)?)?;
         }
 
-        let range_size = usize::from(self.port_range.end - self.port_range.start) + 1;
+        let range_size = self.port_range.len();
         for (metric_name, help, value) in [
             (
                 "port_range_ports",

@@ -7,7 +7,6 @@
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
@@ -22,7 +21,6 @@ pub struct ForwardShards {
     handles: Vec<Handle>,
     loads: Arc<[AtomicUsize]>,
     stop: CancellationToken,
-    threads: Vec<JoinHandle<()>>,
 }
 
 /// How busy each shard is (open connections), so that a busier shard can let
@@ -75,7 +73,6 @@ impl ForwardShards {
             loads: (0..count).map(|_| AtomicUsize::new(0)).collect(),
             handles: Vec::with_capacity(count),
             stop: stop.clone(),
-            threads: Vec::with_capacity(count),
         };
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -83,10 +80,12 @@ impl ForwardShards {
                 .build()?;
             shards.handles.push(runtime.handle().clone());
             let stop = stop.clone();
-            let thread = std::thread::Builder::new()
+            // Not joined on drop (that may happen inside an async context,
+            // which must not block): each thread ends as soon as its runtime
+            // sees the token.
+            std::thread::Builder::new()
                 .name(format!("forward-{index}"))
                 .spawn(move || runtime.block_on(stop.cancelled()))?;
-            shards.threads.push(thread);
         }
         Ok(shards)
     }
@@ -116,9 +115,6 @@ impl ForwardShards {
 
 impl Drop for ForwardShards {
     fn drop(&mut self) {
-        // Not joined: this may run inside an async context, which must not
-        // block; each thread ends as soon as its runtime sees the token.
         self.stop.cancel();
-        self.threads.clear();
     }
 }

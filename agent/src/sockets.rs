@@ -60,6 +60,11 @@ pub fn listeners_on(port: u16) -> Vec<Holder> {
     holders.into_iter().collect()
 }
 
+/// Whether any socket listens on TCP `port`, whoever holds it.
+pub fn is_listening(port: u16) -> bool {
+    !listening_inodes(port).is_empty()
+}
+
 /// Inodes of sockets listening on `port`, from the kernel's TCP tables.
 fn listening_inodes(port: u16) -> BTreeSet<u64> {
     const LISTEN: &str = "0A";
