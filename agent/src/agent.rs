@@ -124,8 +124,10 @@ impl Agent {
         )
         .map_err(|err| AgentError::Reporter(err.to_string()))?;
 
+        let shards = ForwardShards::new(config.forward_threads).map_err(AgentError::Shards)?;
         let metrics = crate::metrics::registry(
             store.clone(),
+            shards.loads(),
             config.port_range,
             cluster.clone(),
             reporter.metrics(),
@@ -144,7 +146,7 @@ impl Agent {
                 control_plane,
                 cluster,
                 dialer: mirror.dialer(),
-                shards: ForwardShards::per_core().map_err(AgentError::Shards)?,
+                shards,
                 metrics,
                 ops: Mutex::new(()),
                 cancel: CancellationToken::new(),

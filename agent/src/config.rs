@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
@@ -22,6 +23,9 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_KUBE_CONTEXT: &str = "kind-staging-cluster";
 /// Default namespace of the local mirror (the seed's).
 pub const DEFAULT_NAMESPACE: &str = "staging";
+
+/// Most forwarding threads a setting may ask for.
+const MAX_FORWARD_THREADS: usize = 64;
 
 /// Default tunnel port range (the seed's).
 pub const DEFAULT_PORT_RANGE: PortRange = PortRange {
@@ -150,6 +154,9 @@ pub struct RunOverrides {
     /// and the pod's own port listening there [default: on].
     #[arg(long, env = "K3S_LOCAL_AGENT_NAME_PORTS")]
     pub name_ports: Option<Switch>,
+    /// Threads that forward tunnel traffic [default: one per core, at most 8].
+    #[arg(long, env = "K3S_LOCAL_AGENT_FORWARD_THREADS")]
+    pub forward_threads: Option<NonZeroUsize>,
     /// Hosts file for the pod names [default: /etc/hosts when writable, else <state-dir>/hosts].
     #[arg(long, env = "K3S_LOCAL_AGENT_HOSTS_FILE")]
     pub hosts_file: Option<PathBuf>,
@@ -186,6 +193,7 @@ pub struct FileSettings {
     pub local_host: Option<String>,
     pub address_block: Option<String>,
     pub name_ports: Option<Switch>,
+    pub forward_threads: Option<NonZeroUsize>,
     pub hosts_file: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub demo: Option<bool>,
@@ -223,6 +231,8 @@ pub struct Config {
     pub address_block: AddressBlock,
     /// Each pod on its own loopback address, with its own port there.
     pub name_ports: bool,
+    /// Forwarding threads (each a single-threaded runtime).
+    pub forward_threads: usize,
     pub hosts_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub demo: bool,
@@ -327,6 +337,19 @@ impl Config {
         };
         let name_ports = flags.name_ports.or(file.name_ports).unwrap_or(Switch::On) == Switch::On;
 
+        let forward_threads = flags
+            .forward_threads
+            .or(file.forward_threads)
+            .map_or_else(crate::shards::default_count, NonZeroUsize::get);
+        if forward_threads > MAX_FORWARD_THREADS {
+            return Err(ConfigError::Invalid {
+                setting: "forward_threads",
+                message: format!(
+                    "{forward_threads} is too many: at most {MAX_FORWARD_THREADS} (every tunnel listens once per thread)"
+                ),
+            });
+        }
+
         let state_dir = match flags.state_dir.clone().or_else(|| file.state_dir.clone()) {
             Some(dir) => dir,
             None => dirs::data_dir()
@@ -353,6 +376,7 @@ impl Config {
             local_host,
             address_block,
             name_ports,
+            forward_threads,
             hosts_file: flags.hosts_file.clone().or_else(|| file.hosts_file.clone()),
             state_dir,
             demo: flags.demo || file.demo.unwrap_or(false),
@@ -433,6 +457,26 @@ mod tests {
         assert!(config.cluster.enabled);
         assert_eq!(config.cluster.context, "kind-staging-cluster");
         assert_eq!(config.cluster.namespace, "staging");
+    }
+
+    #[test]
+    fn forward_threads_default_to_the_cores_and_are_bounded() {
+        let config = Config::layer(&flags(), &FileSettings::default()).expect("defaults");
+        assert_eq!(config.forward_threads, crate::shards::default_count());
+        assert!((1..=8).contains(&config.forward_threads));
+
+        let file: FileSettings = toml::from_str("forward_threads = 3").expect("toml");
+        let config = Config::layer(&flags(), &file).expect("from the file");
+        assert_eq!(config.forward_threads, 3);
+
+        let mut overrides = flags();
+        overrides.forward_threads = NonZeroUsize::new(65);
+        let err = Config::layer(&overrides, &FileSettings::default()).expect_err("too many");
+        assert!(err.to_string().contains("forward_threads"), "{err}");
+        assert!(err.to_string().contains("at most 64"), "{err}");
+
+        let zero = toml::from_str::<FileSettings>("forward_threads = 0");
+        assert!(zero.is_err(), "zero threads cannot forward anything");
     }
 
     #[test]

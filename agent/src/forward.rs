@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::events::{AgentEvent, EventBus};
 use crate::model::{TunnelState, TunnelTarget};
-use crate::shards::{Balance, ForwardShards};
+use crate::shards::{Balance, ForwardShards, LoadGuard};
 
 /// Pending connections the kernel queues per listener before refusing.
 pub const LISTEN_BACKLOG: i32 = 1024;
@@ -498,27 +498,23 @@ async fn accept_loop(
     cancel: CancellationToken,
 ) {
     loop {
-        if balance.others_are_quieter() {
-            // Every shard is woken for a new connection: give a quieter one
-            // the first go at it.
-            tokio::task::yield_now().await;
-        }
         let accepted = tokio::select! {
             _ = cancel.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((client, _peer)) => {
-                let shared = Arc::clone(&shared);
-                let cancel = cancel.clone();
-                let load = balance.carry();
-                tracker.spawn(async move {
-                    let _load = load;
-                    tokio::select! {
-                        _ = cancel.cancelled() => {}
-                        _ = serve_connection(client, &shared) => {}
+                let connection = Connection {
+                    shared: Arc::clone(&shared),
+                    cancel: cancel.clone(),
+                };
+                match balance.quieter_shard() {
+                    None => {
+                        let load = balance.carry(balance.me());
+                        tracker.spawn(connection.run(client, load));
                     }
-                });
+                    Some(quieter) => hand_over(client, connection, &balance, quieter, &tracker),
+                }
             }
             Err(err) => {
                 // Out of file descriptors or similar: the listener itself is
@@ -532,6 +528,54 @@ async fn accept_loop(
         }
     }
     // Dropping the listener here releases the port before `close` returns.
+}
+
+/// What a connection's task needs besides its socket.
+struct Connection {
+    shared: Arc<TunnelShared>,
+    cancel: CancellationToken,
+}
+
+impl Connection {
+    /// Serves `client` until either side ends or the tunnel stops; `load`
+    /// counts it on its shard meanwhile.
+    async fn run(self, client: TcpStream, load: LoadGuard) {
+        let _load = load;
+        tokio::select! {
+            _ = self.cancel.cancelled() => {}
+            _ = serve_connection(client, &self.shared) => {}
+        }
+    }
+}
+
+/// Moves a just-accepted connection to the quieter shard `to`: its socket
+/// leaves this shard's reactor and joins that one's, where it stays.
+fn hand_over(
+    client: TcpStream,
+    connection: Connection,
+    balance: &Balance,
+    to: usize,
+    tracker: &TaskTracker,
+) {
+    let client = match client.into_std() {
+        Ok(client) => client,
+        Err(err) => {
+            connection
+                .shared
+                .record_error(ConnectErrorKind::Other, format!("accept failed: {err}"));
+            return;
+        }
+    };
+    let load = balance.carry(to);
+    balance.handle(to).spawn(tracker.track_future(async move {
+        // Registering with the quieter shard's reactor needs its context: here.
+        match TcpStream::from_std(client) {
+            Ok(client) => connection.run(client, load).await,
+            Err(err) => connection
+                .shared
+                .record_error(ConnectErrorKind::Other, format!("accept failed: {err}")),
+        }
+    }));
 }
 
 /// Decrements the open-connection count however the connection ends.

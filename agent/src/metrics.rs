@@ -20,6 +20,7 @@ use crate::cluster::ClusterStatus;
 use crate::config::PortRange;
 use crate::forward::{ConnectErrorKind, TunnelShared, TunnelStats};
 use crate::model::TunnelState;
+use crate::shards::ShardLoads;
 use crate::store::Store;
 
 /// Prefix of every metric name (the registry adds it, collected ones too).
@@ -58,6 +59,7 @@ impl ReportMetrics {
 /// Builds the registry the `/metrics` endpoint encodes.
 pub fn registry(
     store: Store,
+    shard_loads: ShardLoads,
     port_range: PortRange,
     cluster: watch::Receiver<ClusterStatus>,
     reports: &ReportMetrics,
@@ -75,6 +77,7 @@ pub fn registry(
     );
     registry.register_collector(Box::new(LiveCollector {
         store,
+        shard_loads,
         port_range,
         cluster,
     }));
@@ -85,6 +88,7 @@ pub fn registry(
 #[derive(Debug)]
 struct LiveCollector {
     store: Store,
+    shard_loads: ShardLoads,
     port_range: PortRange,
     cluster: watch::Receiver<ClusterStatus>,
 }
@@ -213,6 +217,18 @@ impl Collector for LiveCollector {
         ] {
             let metric = encoder.encode_descriptor(metric_name, help, None, MetricType::Gauge)?;
             ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX)).encode(metric)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "forward_thread_connections",
+            "Connections each forwarding thread carries now",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (thread, load) in self.shard_loads.iter().enumerate() {
+            let labels = [("thread", thread.to_string())];
+            ConstGauge::new(i64::try_from(load).unwrap_or(i64::MAX))
+                .encode(metric.encode_family(&labels)?)?;
         }
 
         let mut metric = encoder.encode_descriptor(

@@ -1,8 +1,9 @@
-//! Forwarding threads: one single-threaded tokio runtime per core. Each
-//! tunnel listens on every shard, and a connection lives its whole life on
-//! the shard that accepted it, so its two sockets and its task never move
-//! between threads (the work-stealing scheduler's hand-offs were the largest
-//! user-space cost per request; see BENCHMARKS.md).
+//! Forwarding threads: one single-threaded tokio runtime per core (or as many
+//! as `--forward-threads` says). Each tunnel listens on every shard; a new
+//! connection is placed once, on the shard that accepted it or on a clearly
+//! quieter one, and lives its whole life there, so its two sockets and its
+//! task never move between threads afterwards (the work-stealing scheduler's
+//! hand-offs were the largest user-space cost per request; see BENCHMARKS.md).
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -11,74 +12,116 @@ use std::sync::Arc;
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-/// Most forwarding threads, however many cores there are.
-const MAX_SHARDS: usize = 8;
+/// Most forwarding threads by default, however many cores there are.
+const MAX_DEFAULT_SHARDS: usize = 8;
+
+/// The default number of forwarding threads: one per available core, at
+/// least one, at most eight.
+pub fn default_count() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, MAX_DEFAULT_SHARDS)
+}
 
 /// The forwarding runtimes, each on its own thread; they stop when this is
 /// dropped (the tasks still on them are dropped with them).
 #[derive(Debug)]
 pub struct ForwardShards {
-    handles: Vec<Handle>,
-    loads: Arc<[AtomicUsize]>,
+    shards: Arc<ShardSet>,
     stop: CancellationToken,
 }
 
-/// How busy each shard is (open connections), so that a busier shard can let
-/// a quieter one take the next connection: every shard is woken for each new
-/// connection and the first to call accept gets it, which alone can leave
-/// one core with most of a burst of long-lived connections.
+/// How busy each shard is (open connections), and where a connection one
+/// of them accepts should live. Every shard is woken for each new connection
+/// and the first to call accept gets it, which alone can leave one core with
+/// most of a burst of long-lived connections (seen as a keep-alive run whose
+/// req/s and p99 swung by a third from one run to the next); a shard that
+/// finds another clearly quieter hands the connection over, as haproxy does.
 #[derive(Debug, Clone)]
 pub struct Balance {
-    loads: Arc<[AtomicUsize]>,
+    shards: Arc<ShardSet>,
     me: usize,
 }
 
+#[derive(Debug)]
+struct ShardSet {
+    handles: Vec<Handle>,
+    loads: Vec<AtomicUsize>,
+}
+
+/// A read-only view of how many connections each shard carries (for
+/// `/metrics`).
+#[derive(Debug, Clone)]
+pub struct ShardLoads(Arc<ShardSet>);
+
+impl ShardLoads {
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.loads.iter().map(|load| load.load(Ordering::Relaxed))
+    }
+}
+
+/// How many more connections a shard must hold than the quietest before it
+/// hands a new one over. One would move connections back and forth on every
+/// short-lived burst; two keeps a long-lived set within one of even.
+const HANDOFF_IMBALANCE: usize = 2;
+
 impl Balance {
-    /// Whether another shard holds fewer connections than this one.
-    pub fn others_are_quieter(&self) -> bool {
-        let mine = self.loads[self.me].load(Ordering::Relaxed);
-        self.loads
+    /// The shard a connection accepted here should live on, when it is not
+    /// this one.
+    pub fn quieter_shard(&self) -> Option<usize> {
+        let loads = &self.shards.loads;
+        let mine = loads[self.me].load(Ordering::Relaxed);
+        let (quietest, load) = loads
             .iter()
-            .any(|load| load.load(Ordering::Relaxed) < mine)
+            .enumerate()
+            .map(|(index, load)| (index, load.load(Ordering::Relaxed)))
+            .min_by_key(|&(_, load)| load)?;
+        (load + HANDOFF_IMBALANCE <= mine).then_some(quietest)
     }
 
-    /// Counts a connection on this shard until the guard is dropped.
-    pub fn carry(&self) -> LoadGuard {
-        self.loads[self.me].fetch_add(1, Ordering::Relaxed);
-        LoadGuard(self.clone())
+    /// This shard's index.
+    pub fn me(&self) -> usize {
+        self.me
+    }
+
+    /// The runtime of shard `index`.
+    pub fn handle(&self, index: usize) -> &Handle {
+        &self.shards.handles[index]
+    }
+
+    /// Counts a connection on shard `index` until the guard is dropped.
+    pub fn carry(&self, index: usize) -> LoadGuard {
+        self.shards.loads[index].fetch_add(1, Ordering::Relaxed);
+        LoadGuard {
+            shards: Arc::clone(&self.shards),
+            index,
+        }
     }
 }
 
 /// One open connection on a shard.
 #[derive(Debug)]
-pub struct LoadGuard(Balance);
+pub struct LoadGuard {
+    shards: Arc<ShardSet>,
+    index: usize,
+}
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        self.0.loads[self.0.me].fetch_sub(1, Ordering::Relaxed);
+        self.shards.loads[self.index].fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 impl ForwardShards {
-    /// One shard per available core (at least one, at most eight).
-    pub fn per_core() -> io::Result<Self> {
-        let cores = std::thread::available_parallelism().map_or(1, usize::from);
-        Self::new(cores.clamp(1, MAX_SHARDS))
-    }
-
     pub fn new(count: usize) -> io::Result<Self> {
         let stop = CancellationToken::new();
         let count = count.max(1);
-        let mut shards = Self {
-            loads: (0..count).map(|_| AtomicUsize::new(0)).collect(),
-            handles: Vec::with_capacity(count),
-            stop: stop.clone(),
-        };
+        let mut handles = Vec::with_capacity(count);
         for index in 0..count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            shards.handles.push(runtime.handle().clone());
+            handles.push(runtime.handle().clone());
             let stop = stop.clone();
             // Not joined on drop (that may happen inside an async context,
             // which must not block): each thread ends as soon as its runtime
@@ -87,12 +130,24 @@ impl ForwardShards {
                 .name(format!("forward-{index}"))
                 .spawn(move || runtime.block_on(stop.cancelled()))?;
         }
-        Ok(shards)
+        Ok(Self {
+            shards: Arc::new(ShardSet {
+                loads: (0..count).map(|_| AtomicUsize::new(0)).collect(),
+                handles,
+            }),
+            stop,
+        })
+    }
+
+    /// Open connections on each shard, in shard order.
+    pub fn loads(&self) -> ShardLoads {
+        ShardLoads(Arc::clone(&self.shards))
     }
 
     /// Tasks alive on all shards (accept loops and connections).
     pub fn alive_tasks(&self) -> usize {
-        self.handles
+        self.shards
+            .handles
             .iter()
             .map(|handle| handle.metrics().num_alive_tasks())
             .sum()
@@ -101,11 +156,11 @@ impl ForwardShards {
     /// The runtimes to run a tunnel's accept loops on, one each, with the
     /// balance each of them accepts by.
     pub fn shards(&self) -> impl Iterator<Item = (&Handle, Balance)> {
-        self.handles.iter().enumerate().map(|(me, handle)| {
+        self.shards.handles.iter().enumerate().map(|(me, handle)| {
             (
                 handle,
                 Balance {
-                    loads: Arc::clone(&self.loads),
+                    shards: Arc::clone(&self.shards),
                     me,
                 },
             )

@@ -259,3 +259,74 @@ async fn metrics_need_the_token_beyond_loopback() {
     assert!(body.ends_with("# EOF\n"), "{body}");
     agent.agent.shutdown().await;
 }
+
+/// The open connections on each forwarding thread, by thread number.
+fn thread_loads(samples: &Samples) -> BTreeMap<String, f64> {
+    samples
+        .iter()
+        .filter(|((name, _), _)| name == "k3s_local_agent_forward_thread_connections")
+        .map(|((_, labels), value)| (labels["thread"].clone(), *value))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_long_lived_connections_spreads_evenly_over_the_forwarding_threads() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const CONNECTIONS: usize = 40;
+    let fx = Fixture::new(53).await;
+    let mut config = fx.config();
+    config.forward_threads = 4;
+    let agent = fx.start_with(config).await;
+    let echo = common::echo_server().await;
+    let (code, _) = agent
+        .push("create", json!([pod("held", "held", echo)]))
+        .await;
+    assert_eq!(code, 200);
+    let port = agent.port_of("held").await;
+
+    // All at once, as a browser or a connection pool opens them, and each
+    // proven to forward before it is held open.
+    let mut opening = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        opening.spawn(async move {
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect through the tunnel");
+            stream.write_all(b"ping").await.expect("write");
+            let mut answer = [0_u8; 4];
+            stream.read_exact(&mut answer).await.expect("echo");
+            assert_eq!(&answer, b"ping");
+            stream
+        });
+    }
+    let held = common::within("the connections to open", opening.join_all()).await;
+    wait_until("the tunnel to count every connection", || {
+        agent.agent.status().redirections["held"].open_connections == CONNECTIONS as u64
+    })
+    .await;
+
+    let loads = thread_loads(&scrape(&agent).await);
+    assert_eq!(
+        loads.len(),
+        4,
+        "one figure per forwarding thread: {loads:?}"
+    );
+    assert_eq!(loads.values().sum::<f64>(), CONNECTIONS as f64, "{loads:?}");
+    let busiest = loads.values().copied().fold(f64::MIN, f64::max);
+    let quietest = loads.values().copied().fold(f64::MAX, f64::min);
+    assert!(
+        busiest - quietest <= 2.0,
+        "the connections should be spread within two of even: {loads:?}"
+    );
+
+    // Every thread gives its count back as the connections close, those
+    // handed from one thread to another included.
+    drop(held);
+    wait_until("the connections to close", || {
+        agent.agent.status().redirections["held"].open_connections == 0
+    })
+    .await;
+    let loads = thread_loads(&scrape(&agent).await);
+    assert!(loads.values().all(|&load| load == 0.0), "{loads:?}");
+}
