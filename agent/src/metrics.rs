@@ -231,6 +231,14 @@ impl Collector for LiveCollector {
                 .encode(metric.encode_family(&labels)?)?;
         }
 
+        let metric = encoder.encode_descriptor(
+            "forward_handovers",
+            "New connections a forwarding thread passed to a quieter one",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.shard_loads.handed_over()).encode(metric)?;
+
         let mut metric = encoder.encode_descriptor(
             "cluster_status",
             "The local mirror cluster: 1 for its current status",

@@ -6,7 +6,7 @@
 //! hand-offs were the largest user-space cost per request; see BENCHMARKS.md).
 
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::runtime::Handle;
@@ -47,6 +47,8 @@ pub struct Balance {
 struct ShardSet {
     handles: Vec<Handle>,
     loads: Vec<AtomicUsize>,
+    /// Connections placed on a shard other than the one that accepted them.
+    handed_over: AtomicU64,
 }
 
 /// A read-only view of how many connections each shard carries (for
@@ -57,6 +59,11 @@ pub struct ShardLoads(Arc<ShardSet>);
 impl ShardLoads {
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.0.loads.iter().map(|load| load.load(Ordering::Relaxed))
+    }
+
+    /// Connections moved at accept to a quieter shard, since the start.
+    pub fn handed_over(&self) -> u64 {
+        self.0.handed_over.load(Ordering::Relaxed)
     }
 }
 
@@ -91,6 +98,9 @@ impl Balance {
 
     /// Counts a connection on shard `index` until the guard is dropped.
     pub fn carry(&self, index: usize) -> LoadGuard {
+        if index != self.me {
+            self.shards.handed_over.fetch_add(1, Ordering::Relaxed);
+        }
         self.shards.loads[index].fetch_add(1, Ordering::Relaxed);
         LoadGuard {
             shards: Arc::clone(&self.shards),
@@ -134,6 +144,7 @@ impl ForwardShards {
             shards: Arc::new(ShardSet {
                 loads: (0..count).map(|_| AtomicUsize::new(0)).collect(),
                 handles,
+                handed_over: AtomicU64::new(0),
             }),
             stop,
         })
