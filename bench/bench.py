@@ -4,9 +4,11 @@
 In one run, on one machine: direct loopback, socat (fork,reuseaddr; and with
 backlog=4096), haproxy (tcp mode) and our tunnel, each in front of the same
 upstream (iperf3 for throughput, nginx for HTTP). Every figure is the median
-of --runs runs; ratios to the peers are printed with it. Writes a markdown
-report (see BENCHMARKS.md). --quick proves the harness (short runs, one each):
-it checks that every figure was produced, never that a figure is fast.
+of --runs runs, taken in rounds (each peer once per round, so a change in
+the machine's load falls on all of them alike); ratios to the peers are
+printed with it. Writes a markdown report (see BENCHMARKS.md). --quick
+proves the harness (short runs, one each): it checks that every figure was
+produced, never that a figure is fast.
 
 Standard library only; the peers come from Debian (bench/run installs them).
 """
@@ -198,8 +200,13 @@ listen {name}
         return port
 
     # -- measurements ------------------------------------------------------
-    def median(self, measure):
-        return statistics.median(measure() for _ in range(self.args.runs))
+    def rounds(self, measure):
+        """--runs rounds of `measure(peer)` for every peer in turn: peer -> samples."""
+        samples = {peer: [] for peer in PEERS}
+        for _ in range(self.args.runs):
+            for peer in PEERS:
+                samples[peer].append(measure(peer))
+        return samples
 
     def iperf(self, port, streams):
         out = subprocess.run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t",
@@ -234,20 +241,24 @@ listen {name}
         http["tunnel"] = self.tunnel_to("http", self.http_port)
         r = self.results
 
+        # Round by round, every peer once per round, so a change in the
+        # machine's load during the run falls on all of them alike.
         for streams in (1, 8):
+            rounds = self.rounds(lambda peer: self.iperf(tcp[peer], streams)[0])
             for peer in PEERS:
-                r[f"tput{streams}/{peer}"] = self.median(lambda: self.iperf(tcp[peer], streams)[0])
+                r[f"tput{streams}/{peer}"] = statistics.median(rounds[peer])
         # Forwarder CPU per GB, on one stream through the tunnel.
         before = cpu_seconds(self.agent.pid)
         _, moved = self.iperf(tcp["tunnel"], 1)
         r["cpu_s_per_gb"] = (cpu_seconds(self.agent.pid) - before) / (moved / 1e9)
 
+        keep_alive = self.rounds(lambda peer: self.wrk(http[peer], close=False))
+        new_connections = self.rounds(lambda peer: self.wrk(http[peer], close=True)[0])
         for peer in PEERS:
-            samples = [self.wrk(http[peer], close=False) for _ in range(self.args.runs)]
-            r[f"http/{peer}"] = statistics.median(s[0] for s in samples)
-            r[f"p50/{peer}"] = statistics.median(s[1] for s in samples)
-            r[f"p99/{peer}"] = statistics.median(s[2] for s in samples)
-            r[f"conn/{peer}"] = self.median(lambda: self.wrk(http[peer], close=True)[0])
+            r[f"http/{peer}"] = statistics.median(s[0] for s in keep_alive[peer])
+            r[f"p50/{peer}"] = statistics.median(s[1] for s in keep_alive[peer])
+            r[f"p99/{peer}"] = statistics.median(s[2] for s in keep_alive[peer])
+            r[f"conn/{peer}"] = statistics.median(new_connections[peer])
 
         self.scale()
         return r
