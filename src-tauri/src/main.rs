@@ -17,6 +17,11 @@ use k3s_local_agent::persist::DesktopSettings;
 use k3s_local_agent::Agent;
 use tauri::{Manager, RunEvent, WindowEvent};
 
+/// The same allocator as the headless agent, for the same reason: glibc's
+/// malloc could spend tens of milliseconds building one status report.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// The dashboard window's label in tauri.conf.json.
 pub const MAIN_WINDOW: &str = "main";
 
