@@ -25,7 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::events::{AgentEvent, EventBus};
 use crate::model::{TunnelState, TunnelTarget};
-use crate::shards::{Balance, ForwardShards, LoadGuard};
+use crate::shards::{Balance, ForwardShards, LoadGuard, Pipes};
 
 /// Pending connections the kernel queues per listener before refusing.
 pub const LISTEN_BACKLOG: i32 = 1024;
@@ -507,6 +507,7 @@ async fn accept_loop(
                 let connection = Connection {
                     shared: Arc::clone(&shared),
                     cancel: cancel.clone(),
+                    pipes: balance.pipes(),
                 };
                 match balance.quieter_shard() {
                     None => {
@@ -534,6 +535,7 @@ async fn accept_loop(
 struct Connection {
     shared: Arc<TunnelShared>,
     cancel: CancellationToken,
+    pipes: Pipes,
 }
 
 impl Connection {
@@ -543,7 +545,7 @@ impl Connection {
         let _load = load;
         tokio::select! {
             _ = self.cancel.cancelled() => {}
-            _ = serve_connection(client, &self.shared) => {}
+            _ = serve_connection(client, &self.shared, &self.pipes) => {}
         }
     }
 }
@@ -589,7 +591,7 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-async fn serve_connection(mut client: TcpStream, shared: &TunnelShared) {
+async fn serve_connection(mut client: TcpStream, shared: &TunnelShared, pipes: &Pipes) {
     shared.counters.total.fetch_add(1, Ordering::Relaxed);
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
     shared.events.connection_opened();
@@ -641,13 +643,15 @@ async fn serve_connection(mut client: TcpStream, shared: &TunnelShared) {
             client_read,
             upstream_write,
             &shared.counters.to_pod,
-            &one_way_ended
+            &one_way_ended,
+            pipes,
         ),
         relay(
             upstream_read,
             client_write,
             &shared.counters.from_pod,
-            &one_way_ended
+            &one_way_ended,
+            pipes,
         ),
     );
     if let Err(err) = result {
@@ -726,8 +730,9 @@ async fn relay(
     mut to: WriteHalf<'_>,
     counter: &AtomicU64,
     one_way_ended: &AtomicBool,
+    pipes: &Pipes,
 ) -> io::Result<()> {
-    move_until_end(&mut from, &mut to, counter).await?;
+    move_until_end(&mut from, &mut to, counter, pipes).await?;
     if !one_way_ended.swap(true, Ordering::AcqRel) {
         socket2::SockRef::from(to.as_ref()).shutdown(std::net::Shutdown::Write)?;
     }
@@ -738,13 +743,14 @@ async fn move_until_end(
     from: &mut ReadHalf<'_>,
     to: &mut WriteHalf<'_>,
     counter: &AtomicU64,
+    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &Pipes,
 ) -> io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         if pump(from, to, counter, true).await? == PumpEnd::Closed {
             return Ok(());
         }
-        let spliced = crate::splice::pump(from.as_ref(), to.as_ref(), counter).await?;
+        let spliced = crate::splice::pump(from.as_ref(), to.as_ref(), counter, pipes).await?;
         if let crate::splice::Spliced::Done = spliced {
             return Ok(());
         }

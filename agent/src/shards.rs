@@ -43,8 +43,15 @@ pub struct Balance {
     me: usize,
 }
 
+/// The pipes bulk transfers borrow (Linux's splice path; nothing elsewhere).
+#[cfg(target_os = "linux")]
+pub type Pipes = Arc<crate::splice::PipePool>;
+#[cfg(not(target_os = "linux"))]
+pub type Pipes = Arc<()>;
+
 #[derive(Debug)]
 struct ShardSet {
+    pipes: Pipes,
     handles: Vec<Handle>,
     loads: Vec<AtomicUsize>,
     /// Connections placed on a shard other than the one that accepted them.
@@ -84,6 +91,11 @@ impl Balance {
             .map(|(index, load)| (index, load.load(Ordering::Relaxed)))
             .min_by_key(|&(_, load)| load)?;
         (load + HANDOFF_IMBALANCE <= mine).then_some(quietest)
+    }
+
+    /// The pipes every shard's bulk transfers borrow.
+    pub fn pipes(&self) -> Pipes {
+        Arc::clone(&self.shards.pipes)
     }
 
     /// This shard's index.
@@ -145,6 +157,7 @@ impl ForwardShards {
                 loads: (0..count).map(|_| AtomicUsize::new(0)).collect(),
                 handles,
                 handed_over: AtomicU64::new(0),
+                pipes: Pipes::default(),
             }),
             stop,
         })

@@ -1,0 +1,81 @@
+//! Bulk transfers borrow pipes from a pool shared by the forwarding threads:
+//! many transfers at once, round after round, arrive whole, and the
+//! process's descriptors settle where they were after the first round (the
+//! pool keeps a few empty pipes, never one per transfer). Alone in its test
+//! binary, so no other test moves the descriptor count.
+
+mod common;
+
+use common::{echo_server, pod, wait_until, Fixture};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Transfers at once: more than the pool keeps, and, both ways, more than
+/// the number of large pipes it allows.
+const TRANSFERS: usize = 24;
+const SIZE: usize = 2 * 1024 * 1024;
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
+}
+
+/// Sends `SIZE` bytes through the tunnel on `port` and reads the echo back.
+async fn echo_bulk(port: u16, payload: Vec<u8>) -> Vec<u8> {
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect through the tunnel");
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        write.write_all(&payload).await.expect("write");
+        write.shutdown().await.expect("half-close");
+    });
+    let mut back = Vec::with_capacity(SIZE);
+    read.read_to_end(&mut back).await.expect("read the echo");
+    writer.await.expect("writer");
+    back
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_bulk_transfers_share_a_few_pipes() {
+    let fx = Fixture::new(54).await;
+    let agent = fx.start().await;
+    let echo = echo_server().await;
+    let (code, _) = agent
+        .push("create", json!([pod("bulk", "bulk", echo)]))
+        .await;
+    assert_eq!(code, 200);
+    let port = agent.port_of("bulk").await;
+    let payload: Vec<u8> = (0..SIZE).map(|i| (i % 253) as u8).collect();
+
+    let mut settled = None;
+    for round in 0..3 {
+        let mut transfers = tokio::task::JoinSet::new();
+        for _ in 0..TRANSFERS {
+            transfers.spawn(echo_bulk(port, payload.clone()));
+        }
+        for back in common::within("the transfers", transfers.join_all()).await {
+            assert!(
+                back == payload,
+                "bytes changed or cut ({} of {SIZE})",
+                back.len()
+            );
+        }
+        wait_until("every connection to close", || {
+            agent.agent.status().redirections["bulk"].open_connections == 0
+        })
+        .await;
+        let fds = open_fds();
+        match settled {
+            // The first round fills the pool; later rounds reuse it.
+            None => settled = Some(fds),
+            Some(first) => assert!(
+                fds <= first,
+                "round {round}: {fds} descriptors open, {first} after the first round: pipes leak"
+            ),
+        }
+    }
+    let moved = agent.redirection("bulk").await;
+    assert_eq!(moved["bytes_to_pod"], (3 * TRANSFERS * SIZE) as u64);
+    assert_eq!(moved["bytes_from_pod"], (3 * TRANSFERS * SIZE) as u64);
+}
