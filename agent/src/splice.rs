@@ -16,9 +16,10 @@ use nix::unistd::pipe2;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-/// Bytes asked of one splice call, and the size of a large pipe. One stream
-/// moved 8 % more through 512 KiB pipes than through 256 KiB ones (and no
-/// more through 1 MiB); see BENCHMARKS.md.
+/// Bytes asked of one splice call, and the size of a large pipe: in one
+/// interleaved series one stream moved 8 % more through 512 KiB pipes than
+/// through 256 KiB ones (and no more through 1 MiB), in the next the two
+/// were even; see BENCHMARKS.md.
 const CHUNK: usize = 512 * 1024;
 
 /// Large pipes alive at most. The kernel charges pipe buffers to the user
