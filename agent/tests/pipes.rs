@@ -6,10 +6,8 @@
 
 mod common;
 
-use common::{echo_server, pod, wait_until, Fixture};
+use common::{echo_bulk, echo_server, pod, wait_until, Fixture};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 /// Transfers at once: more than the pool keeps, and, both ways, more than
 /// the number of large pipes it allows.
@@ -18,22 +16,6 @@ const SIZE: usize = 2 * 1024 * 1024;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
-}
-
-/// Sends `SIZE` bytes through the tunnel on `port` and reads the echo back.
-async fn echo_bulk(port: u16, payload: Vec<u8>) -> Vec<u8> {
-    let stream = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect through the tunnel");
-    let (mut read, mut write) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        write.write_all(&payload).await.expect("write");
-        write.shutdown().await.expect("half-close");
-    });
-    let mut back = Vec::with_capacity(SIZE);
-    read.read_to_end(&mut back).await.expect("read the echo");
-    writer.await.expect("writer");
-    back
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

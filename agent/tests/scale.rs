@@ -6,8 +6,6 @@ mod common;
 use common::{echo_server, greeting_server, read_all_from, refuses, Fixture};
 use k3s_local_agent::config::PortRange;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 fn pods(prefix: &str, count: usize, target: std::net::SocketAddr) -> Value {
     Value::Array(
@@ -70,20 +68,7 @@ async fn big_transfers_arrive_whole_both_ways_at_once() {
     let mut streams = Vec::new();
     for _ in 0..4 {
         let payload = payload.clone();
-        streams.push(tokio::spawn(async move {
-            let stream = TcpStream::connect(("127.0.0.1", port))
-                .await
-                .expect("connect");
-            let (mut read, mut write) = stream.into_split();
-            let writer = tokio::spawn(async move {
-                write.write_all(&payload).await.expect("write");
-                write.shutdown().await.expect("half-close");
-            });
-            let mut back = Vec::with_capacity(SIZE);
-            read.read_to_end(&mut back).await.expect("read");
-            writer.await.expect("writer");
-            back
-        }));
+        streams.push(tokio::spawn(common::echo_bulk(port, payload)));
     }
     for stream in streams {
         let back = common::within("a 16 MiB echo", stream).await.expect("task");

@@ -229,6 +229,23 @@ pub async fn echo_through(port: u16, payload: &[u8]) -> std::io::Result<Vec<u8>>
     Ok(back)
 }
 
+/// [`echo_through`] for payloads larger than the sockets' buffers: writes and
+/// reads at once, so neither side waits on the other.
+pub async fn echo_bulk(port: u16, payload: Vec<u8>) -> Vec<u8> {
+    let stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect through the tunnel");
+    let (mut read, mut write) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        write.write_all(&payload).await.expect("write");
+        write.shutdown().await.expect("half-close");
+    });
+    let mut back = Vec::new();
+    read.read_to_end(&mut back).await.expect("read the echo");
+    writer.await.expect("writer");
+    back
+}
+
 /// Whether a connection to `port` on loopback is refused.
 pub async fn refuses(port: u16) -> bool {
     matches!(
