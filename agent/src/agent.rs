@@ -385,11 +385,12 @@ impl Agent {
             listener.close().await;
         }
         let mut upserted = Vec::new();
+        let mut moved_away = Vec::new();
         {
             let mut map = self.inner.store.write();
             for spec in pods {
                 let id = spec.id.clone();
-                self.upsert(&mut map, spec);
+                moved_away.extend(self.upsert(&mut map, spec));
                 upserted.push(id.clone());
                 outcome.applied.push(id);
             }
@@ -397,6 +398,9 @@ impl Agent {
                 // Ports freed by removals may let failed tunnels listen now.
                 upserted.extend(self.retry_failed(&mut map));
             }
+        }
+        for listener in moved_away {
+            listener.close().await;
         }
         self.save(&upserted, &outcome.removed).await?;
         self.write_names().await;
@@ -609,16 +613,21 @@ impl Agent {
     }
 
     /// Inserts or updates one pod. An existing tunnel keeps its port and
-    /// listener; a new target applies to new connections.
-    fn upsert(&self, map: &mut PodMap, spec: PodSpec) {
+    /// listener; a new target applies to new connections, and a new pod
+    /// port moves the name listener (the old one, to close, is returned).
+    fn upsert(&self, map: &mut PodMap, spec: PodSpec) -> Option<RunningTunnel> {
         let target = SocketAddr::new(spec.ip, spec.staging_port());
         if let Some(entry) = map.get_mut(&spec.id) {
             if entry.target() != target {
                 tracing::info!(pod_id = %spec.id, %target, "pod moved; new connections go to its new address");
                 entry.tunnel.set_target(target);
             }
+            let old_own = entry.spec.staging_port();
             entry.spec = spec;
-            return;
+            if entry.spec.staging_port() != old_own {
+                return self.move_name_port(entry, old_own);
+            }
+            return None;
         }
         let id = spec.id.clone();
         let tunnel = TunnelShared::new(
@@ -644,6 +653,7 @@ impl Agent {
         let in_use = held_by_others(map, None);
         self.open_listener(&mut entry, &in_use);
         map.insert(id, entry);
+        None
     }
 
     /// Gives failed tunnels another try; returns the ids that changed.
@@ -729,8 +739,25 @@ impl Agent {
         let mut ports = vec![own];
         ports.extend(entry.local_port.filter(|port| *port != own));
         for port in ports {
-            let addr = SocketAddr::from((address, port));
-            let listening = forward::bind_listener(addr).and_then(|listener| {
+            match self.listen_by_name(entry, address, port) {
+                Ok(listener) => entry.name_listeners.push(listener),
+                Err(why) if port == own => entry.name_port_error = Some(why),
+                Err(_) => {}
+            }
+        }
+    }
+
+    /// One listener of the pod's on its own address; the reason, logged,
+    /// when the port cannot listen.
+    fn listen_by_name(
+        &self,
+        entry: &PodEntry,
+        address: Ipv4Addr,
+        port: u16,
+    ) -> Result<RunningTunnel, String> {
+        let addr = SocketAddr::from((address, port));
+        forward::bind_listener(addr)
+            .and_then(|listener| {
                 RunningTunnel::spawn(
                     listener,
                     Arc::clone(&entry.tunnel),
@@ -738,18 +765,44 @@ impl Agent {
                     &self.inner.tracker,
                     &self.inner.cancel,
                 )
-            });
-            match listening {
+            })
+            .map_err(|err| {
+                let why = crate::addresses::why_cannot_listen(addr, &err);
+                tracing::warn!(pod_id = %entry.spec.id, "{why}");
+                why
+            })
+    }
+
+    /// After an update changed the pod's own port: its name listener moves
+    /// from the old port to the new one, so `<name>-staging.local` keeps
+    /// reaching the pod's current port. Returns the listener to close.
+    fn move_name_port(&self, entry: &mut PodEntry, old_own: u16) -> Option<RunningTunnel> {
+        let address = entry.address?;
+        // Stopped or failed: it listens by name again when it listens at all.
+        entry.listener.as_ref()?;
+        // The old port stays open when it is also the pod's range port.
+        let old = (Some(old_own) != entry.local_port)
+            .then(|| {
+                entry
+                    .name_listeners
+                    .iter()
+                    .position(|listener| listener.local_addr().port() == old_own)
+            })
+            .flatten()
+            .map(|index| entry.name_listeners.remove(index));
+        let own = entry.spec.staging_port();
+        entry.name_port_error = None;
+        let listening = entry
+            .name_listeners
+            .iter()
+            .any(|listener| listener.local_addr().port() == own);
+        if !listening {
+            match self.listen_by_name(entry, address, own) {
                 Ok(listener) => entry.name_listeners.push(listener),
-                Err(err) => {
-                    let why = crate::addresses::why_cannot_listen(addr, &err);
-                    tracing::warn!(pod_id = %entry.spec.id, "{why}");
-                    if port == own {
-                        entry.name_port_error = Some(why);
-                    }
-                }
+                Err(why) => entry.name_port_error = Some(why),
             }
         }
+        old
     }
 
     /// Writes the named pods (and removals) to disk in one transaction.

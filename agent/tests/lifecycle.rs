@@ -286,3 +286,60 @@ async fn a_control_plane_answering_500_counts_as_down() {
     assert!(health.control_plane.last_sync.is_none());
     agent.agent.shutdown().await;
 }
+
+/// Everything a pod answers on `addr` (a pod's own address), until it closes.
+async fn read_all_at(addr: std::net::SocketAddr) -> std::io::Result<String> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let mut text = String::new();
+    common::within("the pod to answer", stream.read_to_string(&mut text)).await?;
+    Ok(text)
+}
+
+#[tokio::test]
+async fn an_update_that_changes_the_pod_port_moves_its_name_port() {
+    let fx = Fixture::new(55).await;
+    let agent = fx.start().await;
+    let before = greeting_server("before").await;
+    let after = greeting_server("after").await;
+    agent
+        .push("create", json!([pod("m", "mover", before)]))
+        .await;
+    let address: std::net::Ipv4Addr = agent.redirection("m").await["address"]
+        .as_str()
+        .expect("an address of its own")
+        .parse()
+        .expect("an IPv4 address");
+    let by_name = |port: u16| std::net::SocketAddr::from((address, port));
+    assert_eq!(
+        read_all_at(by_name(before.port())).await.expect("by name"),
+        "before"
+    );
+
+    // The pod comes back on another port: its name follows at once.
+    agent
+        .push("update", json!([pod("m", "mover", after)]))
+        .await;
+    let tunnel = agent.redirection("m").await;
+    assert_eq!(tunnel["name_port"], after.port(), "{tunnel}");
+    assert_eq!(
+        tunnel["name_port_error"],
+        serde_json::Value::Null,
+        "{tunnel}"
+    );
+    assert_eq!(
+        read_all_at(by_name(after.port()))
+            .await
+            .expect("by name, new port"),
+        "after"
+    );
+    assert!(
+        read_all_at(by_name(before.port())).await.is_err(),
+        "the old pod port no longer listens on the pod's address"
+    );
+    let range_port = agent.port_of("m").await;
+    assert_eq!(
+        read_all_from(range_port).await.expect("range port"),
+        "after"
+    );
+}
