@@ -49,6 +49,8 @@ pub type Pipes = Arc<crate::splice::PipePool>;
 #[cfg(not(target_os = "linux"))]
 pub type Pipes = Arc<()>;
 
+/// What the shards share: their runtimes, how many connections each holds,
+/// and the pipes their bulk transfers borrow.
 #[derive(Debug)]
 struct ShardSet {
     pipes: Pipes,
@@ -64,6 +66,7 @@ struct ShardSet {
 pub struct ShardLoads(Arc<ShardSet>);
 
 impl ShardLoads {
+    /// Open connections on each shard, in shard order.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.0.loads.iter().map(|load| load.load(Ordering::Relaxed))
     }
