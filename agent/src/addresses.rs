@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 
 /// A block of loopback addresses, `a.b.c.d/prefix`.
@@ -111,30 +111,53 @@ impl FromStr for AddressBlock {
 
 /// Why a pod's own port cannot listen on its address, with the one command
 /// that would let it (shared by the tunnel's status and `doctor`).
-pub fn why_cannot_listen(addr: std::net::SocketAddr, err: &std::io::Error) -> String {
-    match err.kind() {
-        std::io::ErrorKind::PermissionDenied => {
-            let binary = std::env::current_exe()
-                .map(|path| path.display().to_string())
-                .unwrap_or_else(|_| "k3s-local-agent".to_owned());
-            format!(
-                "cannot listen on {addr}: ports below {} need privileges; to allow it run \
-                 `sudo setcap cap_net_bind_service=+ep {binary}` (or `sudo sysctl -w \
-                 net.ipv4.ip_unprivileged_port_start={}`) and restart; until then use the \
-                 range port",
-                unprivileged_port_start().unwrap_or(1024),
-                addr.port()
-            )
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CannotListen {
+    #[error(
+        "cannot listen on {addr}: ports below {unprivileged_start} need privileges; to allow it \
+         run `sudo setcap cap_net_bind_service=+ep {binary}` (or `sudo sysctl -w \
+         net.ipv4.ip_unprivileged_port_start={port}`) and restart; until then use the range port"
+    )]
+    NeedsPrivilege {
+        addr: SocketAddr,
+        port: u16,
+        unprivileged_start: u16,
+        binary: String,
+    },
+    #[error(
+        "cannot listen on {addr}: the address is not on the loopback interface; add it with \
+         `sudo ifconfig lo0 alias {ip} up` (macOS) and restart"
+    )]
+    NotOnLoopback { addr: SocketAddr, ip: IpAddr },
+    #[error("cannot listen on {addr}: another process holds it; use the range port")]
+    Taken { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {message}")]
+    Other { addr: SocketAddr, message: String },
+}
+
+impl CannotListen {
+    /// What a failed bind of `addr` means for the user.
+    pub fn new(addr: SocketAddr, err: &std::io::Error) -> Self {
+        match err.kind() {
+            std::io::ErrorKind::PermissionDenied => Self::NeedsPrivilege {
+                addr,
+                port: addr.port(),
+                unprivileged_start: unprivileged_port_start().unwrap_or(1024),
+                binary: std::env::current_exe()
+                    .map(|path| path.display().to_string())
+                    .unwrap_or_else(|_| "k3s-local-agent".to_owned()),
+            },
+            std::io::ErrorKind::AddrNotAvailable => Self::NotOnLoopback {
+                addr,
+                ip: addr.ip(),
+            },
+            std::io::ErrorKind::AddrInUse => Self::Taken { addr },
+            _ => Self::Other {
+                addr,
+                message: err.to_string(),
+            },
         }
-        std::io::ErrorKind::AddrNotAvailable => format!(
-            "cannot listen on {addr}: the address is not on the loopback interface; add it \
-             with `sudo ifconfig lo0 alias {} up` (macOS) and restart",
-            addr.ip()
-        ),
-        std::io::ErrorKind::AddrInUse => {
-            format!("cannot listen on {addr}: another process holds it; use the range port")
-        }
-        _ => format!("cannot listen on {addr}: {err}"),
     }
 }
 
@@ -159,6 +182,33 @@ fn fnv1a(bytes: &[u8]) -> u32 {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_failed_bind_says_why_and_what_to_run() {
+        let addr: SocketAddr = "127.77.0.9:80".parse().expect("addr");
+        let denied = std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        let why = CannotListen::new(addr, &denied);
+        let text = why.to_string();
+        assert!(
+            text.starts_with("cannot listen on 127.77.0.9:80: ports below"),
+            "{text}"
+        );
+        assert!(text.contains("cap_net_bind_service"), "{text}");
+        assert!(text.contains("ip_unprivileged_port_start=80"), "{text}");
+        let json = serde_json::to_value(&why).expect("serializes");
+        assert_eq!(json["kind"], "needs_privilege");
+        assert_eq!(json["addr"], "127.77.0.9:80");
+
+        let taken = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        assert_eq!(
+            CannotListen::new(addr, &taken).to_string(),
+            "cannot listen on 127.77.0.9:80: another process holds it; use the range port"
+        );
+        let missing = std::io::Error::from(std::io::ErrorKind::AddrNotAvailable);
+        assert!(CannotListen::new(addr, &missing)
+            .to_string()
+            .contains("ifconfig lo0 alias 127.77.0.9 up"));
+    }
 
     #[test]
     fn blocks_parse_and_refuse_what_is_not_loopback() {

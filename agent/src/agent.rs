@@ -15,6 +15,7 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::addresses::CannotListen;
 use crate::cluster::{ClusterStatus, Mirror};
 use crate::config::Config;
 use crate::events::{AgentEvent, EventBus};
@@ -741,7 +742,7 @@ impl Agent {
         for port in ports {
             match self.listen_by_name(entry, address, port) {
                 Ok(listener) => entry.name_listeners.push(listener),
-                Err(why) if port == own => entry.name_port_error = Some(why),
+                Err(why) if port == own => entry.name_port_error = Some(why.to_string()),
                 Err(_) => {}
             }
         }
@@ -754,7 +755,7 @@ impl Agent {
         entry: &PodEntry,
         address: Ipv4Addr,
         port: u16,
-    ) -> Result<RunningTunnel, String> {
+    ) -> Result<RunningTunnel, CannotListen> {
         let addr = SocketAddr::from((address, port));
         forward::bind_listener(addr)
             .and_then(|listener| {
@@ -767,7 +768,7 @@ impl Agent {
                 )
             })
             .map_err(|err| {
-                let why = crate::addresses::why_cannot_listen(addr, &err);
+                let why = CannotListen::new(addr, &err);
                 tracing::warn!(pod_id = %entry.spec.id, "{why}");
                 why
             })
@@ -799,7 +800,7 @@ impl Agent {
         if !listening {
             match self.listen_by_name(entry, address, own) {
                 Ok(listener) => entry.name_listeners.push(listener),
-                Err(why) => entry.name_port_error = Some(why),
+                Err(why) => entry.name_port_error = Some(why.to_string()),
             }
         }
         old

@@ -330,7 +330,7 @@ pub fn name_ports(config: &crate::config::Config) -> Check {
             "name ports",
             format!(
                 "limited: {}",
-                crate::addresses::why_cannot_listen(probe, &err)
+                crate::addresses::CannotListen::new(probe, &err)
             ),
         ),
     }
