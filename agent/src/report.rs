@@ -37,6 +37,38 @@ pub enum ReportError {
     Client(#[from] reqwest::Error),
 }
 
+/// Why one status report did not reach the control plane. The control
+/// plane's health (`/health`, the dashboard) carries its message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum DeliveryError {
+    #[error("request timed out: no answer within {seconds}s")]
+    Timeout { seconds: u64 },
+    #[error("connection refused or unreachable")]
+    Unreachable,
+    #[error("control plane answered {status} {reason}")]
+    Refused { status: u16, reason: String },
+    #[error("{message}")]
+    Other { message: String },
+}
+
+impl From<reqwest::Error> for DeliveryError {
+    /// A short reason, without reqwest's nested noise.
+    fn from(err: reqwest::Error) -> Self {
+        if err.is_timeout() {
+            Self::Timeout {
+                seconds: REQUEST_TIMEOUT.as_secs(),
+            }
+        } else if err.is_connect() {
+            Self::Unreachable
+        } else {
+            Self::Other {
+                message: err.to_string(),
+            }
+        }
+    }
+}
+
 /// Sends status reports; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Reporter {
@@ -128,7 +160,7 @@ impl Reporter {
         &self.inner.metrics
     }
 
-    async fn send(&self, status: &str) -> Result<DateTime<Utc>, String> {
+    async fn send(&self, status: &str) -> Result<DateTime<Utc>, DeliveryError> {
         let started = std::time::Instant::now();
         let sent = self.send_once(status).await;
         self.inner
@@ -137,7 +169,7 @@ impl Reporter {
         sent
     }
 
-    async fn send_once(&self, status: &str) -> Result<DateTime<Utc>, String> {
+    async fn send_once(&self, status: &str) -> Result<DateTime<Utc>, DeliveryError> {
         let report = self.build_report(status);
         let response = self
             .inner
@@ -146,13 +178,15 @@ impl Reporter {
             .header("X-Agent-ID", &self.inner.agent_id)
             .json(&report)
             .send()
-            .await
-            .map_err(|err| describe(&err))?;
+            .await?;
         let code = response.status();
         if code.is_success() {
             Ok(report.timestamp)
         } else {
-            Err(format!("control plane answered {code}"))
+            Err(DeliveryError::Refused {
+                status: code.as_u16(),
+                reason: code.canonical_reason().unwrap_or_default().to_owned(),
+            })
         }
     }
 
@@ -210,18 +244,18 @@ impl Reporter {
                         );
                         self.inner.health.send_modify(|h| {
                             h.reachable = Some(false);
-                            h.last_error = Some(error.clone());
+                            h.last_error = Some(error.to_string());
                         });
                         self.events().publish(AgentEvent::ControlPlane {
                             reachable: false,
-                            error: Some(error),
+                            error: Some(error.to_string()),
                         });
                         changes.mark_unchanged();
                     } else {
                         tracing::debug!(%error, attempt = failures + 1, "status report failed again");
                         self.inner
                             .health
-                            .send_modify(|h| h.last_error = Some(error));
+                            .send_modify(|h| h.last_error = Some(error.to_string()));
                     }
                     failures = failures.saturating_add(1);
                     next = Instant::now() + backoff;
@@ -241,16 +275,26 @@ impl Reporter {
     }
 }
 
-/// A short reason for a failed request, without reqwest's nested noise.
-fn describe(err: &reqwest::Error) -> String {
-    if err.is_timeout() {
-        format!(
-            "request timed out: no answer within {}s",
-            REQUEST_TIMEOUT.as_secs()
-        )
-    } else if err.is_connect() {
-        "connection refused or unreachable".to_owned()
-    } else {
-        err.to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_report_names_the_status_and_serializes_by_kind() {
+        let refused = DeliveryError::Refused {
+            status: 500,
+            reason: "Internal Server Error".to_owned(),
+        };
+        assert_eq!(
+            refused.to_string(),
+            "control plane answered 500 Internal Server Error"
+        );
+        let json = serde_json::to_value(&refused).expect("serializes");
+        assert_eq!(json["kind"], "refused");
+        assert_eq!(json["status"], 500);
+        assert_eq!(
+            DeliveryError::Timeout { seconds: 10 }.to_string(),
+            "request timed out: no answer within 10s"
+        );
     }
 }
