@@ -86,12 +86,7 @@ async fn counters_move_by_the_traffic_sent_and_latency_counts_each_connection() 
     let fx = Fixture::new(51).await;
     let agent = fx.start().await;
     let echo = common::echo_server().await;
-    let refusing = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        drop(listener);
-        addr
-    };
+    let (_reserved, refusing) = common::refusing_address();
     let (code, _) = agent
         .push(
             "create",

@@ -86,11 +86,7 @@ async fn an_update_retargets_new_connections_without_closing_the_listener() {
 async fn a_refusing_pod_fails_its_connection_not_its_tunnel_or_others() {
     let fx = Fixture::new(12).await;
     let agent = fx.start().await;
-    // A port that nothing listens on: bind, note it, close.
-    let dead = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("addr")
-    };
+    let (reserved, dead) = common::refusing_address();
     let healthy = greeting_server("healthy").await;
     agent
         .push(
@@ -137,9 +133,7 @@ async fn a_refusing_pod_fails_its_connection_not_its_tunnel_or_others() {
     );
 
     // The pod comes back on the same address: the tunnel recovers by itself.
-    let revived = tokio::net::TcpListener::bind(dead)
-        .await
-        .expect("rebind the dead port");
+    let revived = reserved.listen(16).expect("listen on the dead port");
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = revived.accept().await {
             let _ = stream.write_all(b"back").await;

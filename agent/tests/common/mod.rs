@@ -246,6 +246,20 @@ pub async fn echo_bulk(port: u16, payload: Vec<u8>) -> Vec<u8> {
     back
 }
 
+/// An address on loopback that refuses connections for as long as the
+/// returned socket lives: bound, so no other test or outgoing connection can
+/// take the port, but never listening. (Binding a port and closing it again
+/// does not do: the port is free for the next `bind(0)` of a test running
+/// beside it, and the "refusing" pod then answers.)
+pub fn refusing_address() -> (tokio::net::TcpSocket, SocketAddr) {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket
+        .bind(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .expect("bind");
+    let addr = socket.local_addr().expect("addr");
+    (socket, addr)
+}
+
 /// Whether a connection to `port` on loopback is refused.
 pub async fn refuses(port: u16) -> bool {
     matches!(
