@@ -1,7 +1,7 @@
 //! Bulk transfers borrow pipes from a pool shared by the forwarding threads:
 //! many transfers at once, round after round, arrive whole, and the
-//! process's descriptors settle where they were after the first round (the
-//! pool keeps a few empty pipes, never one per transfer). Alone in its test
+//! process's descriptors settle near where they were after the first round
+//! (the pool keeps a few empty pipes, never one per transfer). Alone in its test
 //! binary, so no other test moves the descriptor count.
 
 mod common;
@@ -13,6 +13,9 @@ use serde_json::json;
 /// the number of large pipes it allows.
 const TRANSFERS: usize = 24;
 const SIZE: usize = 2 * 1024 * 1024;
+/// Descriptors of the empty pipes the pool keeps at most (eight pipes, two
+/// ends each).
+const POOL_CEILING_FDS: usize = 16;
 
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |dir| dir.count())
@@ -49,10 +52,12 @@ async fn many_bulk_transfers_share_a_few_pipes() {
         .await;
         let fds = open_fds();
         match settled {
-            // The first round fills the pool; later rounds reuse it.
+            // The first round fills the pool, mostly: how many empty pipes
+            // it keeps (up to its ceiling) depends on how many were lent at
+            // once. A descriptor per transfer would be 24 a round.
             None => settled = Some(fds),
             Some(first) => assert!(
-                fds <= first,
+                fds <= first + POOL_CEILING_FDS,
                 "round {round}: {fds} descriptors open, {first} after the first round: pipes leak"
             ),
         }
