@@ -511,8 +511,7 @@ struct SharedListener {
 impl SharedListener {
     /// Registers `listener` with the reactor of the runtime entered.
     fn register(listener: std::net::TcpListener) -> io::Result<Self> {
-        let descriptor = std::os::fd::OwnedFd::from(listener);
-        let readiness = TcpStream::from_std(std::net::TcpStream::from(descriptor))?;
+        let readiness = TcpStream::from_std(Socket::from(listener).into())?;
         Ok(Self { readiness })
     }
 
