@@ -303,6 +303,25 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
+/// A port on loopback that refuses connections for as long as the returned
+/// socket lives: bound, so nothing else takes it meanwhile, but never
+/// listening. ([`free_port`] is free only at the moment it is asked.)
+/// `listen` on the socket brings the port to life.
+pub fn refusing_port() -> (socket2::Socket, u16) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let port = socket
+        .local_addr()
+        .ok()
+        .and_then(|addr| addr.as_socket())
+        .expect("addr")
+        .port();
+    (socket, port)
+}
+
 /// A control plane stand-in on `listener` that answers every report 200, in a thread.
 pub fn serve_control_plane(listener: std::net::TcpListener) {
     std::thread::spawn(move || {

@@ -420,11 +420,9 @@ fn beyond_loopback_every_call_but_health_needs_the_token() {
 fn a_control_plane_outage_is_logged_once_and_recovery_is_noticed() {
     let sandbox = Sandbox::new().expect("sandbox");
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
-    // An address nothing serves yet.
-    let address = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free address");
-    let control_plane = format!("http://{address}");
+    // An address nothing serves yet (held, so it is still ours later).
+    let (reserved, port) = k3s_local_agent_e2e::refusing_port();
+    let control_plane = format!("http://127.0.0.1:{port}");
     let mut args = vec!["run"];
     args.extend(sandbox.args("21160-21179", &hosts, &state));
     args.extend([
@@ -454,8 +452,8 @@ fn a_control_plane_outage_is_logged_once_and_recovery_is_noticed() {
     );
 
     // The control plane comes up: the agent notices and reports.
-    let listener = std::net::TcpListener::bind(address).expect("control plane binds");
-    k3s_local_agent_e2e::serve_control_plane(listener);
+    reserved.listen(128).expect("control plane listens");
+    k3s_local_agent_e2e::serve_control_plane(reserved.into());
     wait_until("recovery to be logged", || {
         count("control plane reachable again") == 1
     })

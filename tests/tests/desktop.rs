@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use k3s_local_agent_e2e::desktop::{tray_binary, Desktop};
 use k3s_local_agent_e2e::{
-    free_port, greeting_server, read_from, refuses, serve_control_plane, wait_until, Sandbox,
-    DEADLINE,
+    free_port, greeting_server, read_from, refuses, refusing_port, serve_control_plane, wait_until,
+    Sandbox, DEADLINE,
 };
 use serde_json::{json, Value};
 
@@ -268,7 +268,7 @@ async fn the_window_shows_pods_live_and_its_buttons_work() {
     assert!(status(&agent).await["redirections"].get("api-1").is_none());
 
     // A failing upstream shows the failed state with its reason.
-    let dead = free_port();
+    let (_reserved, dead) = refusing_port();
     push(
         &agent,
         "create",
