@@ -567,6 +567,9 @@ async fn accept_loop(
                 };
                 place(client, connection, &balance, &tracker);
             }
+            // A client that gave up while queued: its problem, not the
+            // tunnel's; the next one may be waiting already.
+            Err(err) if gone_before_accept(&err) => {}
             Err(err) => {
                 // Out of file descriptors or similar: the listener itself is
                 // fine, so wait a moment and accept again.
@@ -579,6 +582,17 @@ async fn accept_loop(
         }
     }
     // Dropping the listener here releases the port before `close` returns.
+}
+
+/// Whether an accept failed only because that one connection was already
+/// gone (reset or aborted by the client while it waited in the queue).
+fn gone_before_accept(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+    )
 }
 
 /// What a connection's task needs besides its socket.
