@@ -679,7 +679,7 @@ impl Agent {
         let listen_ip = self.inner.listen_ip;
         let taken = |port: u16| in_use.ports.contains(&port);
         let allocation = self.inner.ports.allocate(entry.local_port, &taken, |port| {
-            forward::bind_listener(SocketAddr::new(listen_ip, port))
+            crate::listen::bind_listener(SocketAddr::new(listen_ip, port))
         });
         match allocation {
             Ok(allocation) => {
@@ -757,7 +757,7 @@ impl Agent {
         port: u16,
     ) -> Result<RunningTunnel, CannotListen> {
         let addr = SocketAddr::from((address, port));
-        forward::bind_listener(addr)
+        crate::listen::bind_listener(addr)
             .and_then(|listener| {
                 RunningTunnel::spawn(
                     listener,

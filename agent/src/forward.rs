@@ -1,5 +1,5 @@
-//! Tunnels: one loopback listener per pod, and the pumps that move bytes
-//! between each accepted connection and the pod's `ip:port`.
+//! Tunnels: one loopback listener per pod, where each accepted connection
+//! is placed and served (connect to the pod's `ip:port`, then `relay`).
 //!
 //! A tunnel's target and counters ([`TunnelShared`]) outlive its listener, so
 //! turning forwarding off and on, or changing the pod's address, keeps the
@@ -11,28 +11,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use std::task::Poll;
-
-use bytes::BytesMut;
 use chrono::{DateTime, Utc};
-use socket2::{Domain, Socket, Type};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{AgentEvent, EventBus};
+use crate::listen::{gone_before_accept, SharedListener};
 use crate::model::{TunnelState, TunnelTarget};
+use crate::relay::relay;
 use crate::shards::{Balance, ForwardShards, LoadGuard, Pipes};
 
-/// Pending connections the kernel queues per listener before refusing.
-pub const LISTEN_BACKLOG: i32 = 1024;
 /// How long a connection waits for the pod before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Bytes read per wake-up; allocated only once a connection carries data.
-const PUMP_BUFFER: usize = 16 * 1024;
 /// Pause after a failed accept (out of file descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -406,21 +398,6 @@ impl TunnelShared {
     }
 }
 
-/// Binds a listening socket for a tunnel: address reuse (so a toggle can
-/// re-listen at once despite connections in TIME_WAIT), a deep backlog, and
-/// `TCP_NODELAY`, which Linux hands down to every accepted connection (one
-/// system call per listener instead of one per connection). Fails with
-/// `AddrInUse` when another process holds the port.
-pub fn bind_listener(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
-    socket.set_reuse_address(true)?;
-    socket.set_tcp_nodelay(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(LISTEN_BACKLOG)?;
-    Ok(socket.into())
-}
-
 /// A tunnel's running listener. Closing it makes the port refuse connections
 /// and ends the connections it carried.
 #[derive(Debug)]
@@ -490,62 +467,6 @@ impl RunningTunnel {
     }
 }
 
-/// One shard's view of a tunnel's listening socket: woken by this shard's
-/// reactor when a connection waits, and accepting it *without* registering
-/// the new socket anywhere, so the shard the connection is placed on
-/// registers it once. (tokio's `TcpListener` registers every accepted socket
-/// with the accepting thread's reactor; placing it elsewhere then cost an
-/// `epoll_ctl` delete and a second add per moved connection, 3 to 5 % of the
-/// new-connection rate.)
-///
-/// tokio's one safe way to be told a descriptor is ready is through its own
-/// socket types (registering a bare descriptor is `unsafe`), and a
-/// `TcpStream`'s readiness is exactly epoll's readiness of the descriptor it
-/// holds: for a listening socket, "readable" means a connection waits. So
-/// the listening socket is held as one, and nothing of `TcpStream`'s own API
-/// but that readiness is used on it.
-struct SharedListener {
-    readiness: TcpStream,
-}
-
-impl SharedListener {
-    /// Registers `listener` with the reactor of the runtime entered.
-    fn register(listener: std::net::TcpListener) -> io::Result<Self> {
-        let readiness = TcpStream::from_std(Socket::from(listener).into())?;
-        Ok(Self { readiness })
-    }
-
-    /// Waits for a connection and accepts it, unregistered and non-blocking.
-    async fn accept(&self) -> io::Result<std::net::TcpStream> {
-        loop {
-            self.readiness.readable().await?;
-            match self
-                .readiness
-                .try_io(Interest::READABLE, || accept_unregistered(&self.readiness))
-            {
-                Err(err) if err.kind() == io::ErrorKind::WouldBlock => continue,
-                accepted => return accepted,
-            }
-        }
-    }
-}
-
-/// `accept4` with the new socket non-blocking from the start (one system call).
-#[cfg(target_os = "linux")]
-fn accept_unregistered(listener: &TcpStream) -> io::Result<std::net::TcpStream> {
-    use nix::sys::socket::{accept4, SockFlag};
-    let accepted = accept4(listener, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC)?;
-    Ok(std::net::TcpStream::from(accepted))
-}
-
-/// `accept`, then the new socket made non-blocking.
-#[cfg(not(target_os = "linux"))]
-fn accept_unregistered(listener: &TcpStream) -> io::Result<std::net::TcpStream> {
-    let (accepted, _peer) = socket2::SockRef::from(listener).accept()?;
-    accepted.set_nonblocking(true)?;
-    Ok(accepted.into())
-}
-
 async fn accept_loop(
     listener: SharedListener,
     shared: Arc<TunnelShared>,
@@ -582,17 +503,6 @@ async fn accept_loop(
         }
     }
     // Dropping the listener here releases the port before `close` returns.
-}
-
-/// Whether an accept failed only because that one connection was already
-/// gone (reset or aborted by the client while it waited in the queue).
-fn gone_before_accept(err: &io::Error) -> bool {
-    matches!(
-        err.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-    )
 }
 
 /// What a connection's task needs besides its socket.
@@ -763,116 +673,4 @@ async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
         }
     }
     drop(local.guard);
-}
-
-/// How a copy pump stopped.
-#[derive(Debug, PartialEq, Eq)]
-enum PumpEnd {
-    /// The source closed.
-    Closed,
-    /// A read filled the whole buffer: this is a bulk transfer, better spliced.
-    Bulk,
-}
-
-/// One direction of a connection. Small messages (requests, responses) are
-/// copied: one read and one write beat two splices and a pipe. Once a read
-/// fills the buffer the connection is moving bulk data, and on Linux the rest
-/// goes kernel to kernel with splice(2); elsewhere, and wherever the kernel
-/// will not splice, the copy carries on.
-///
-/// When `from` ends, the peer is told with a half-close, unless the other
-/// direction has already ended (`one_way_ended`): then both sockets close
-/// at once and the close says it, one system call fewer per connection.
-async fn relay(
-    mut from: ReadHalf<'_>,
-    mut to: WriteHalf<'_>,
-    counter: &AtomicU64,
-    one_way_ended: &AtomicBool,
-    pipes: &Pipes,
-) -> io::Result<()> {
-    move_until_end(&mut from, &mut to, counter, pipes).await?;
-    if !one_way_ended.swap(true, Ordering::AcqRel) {
-        socket2::SockRef::from(to.as_ref()).shutdown(std::net::Shutdown::Write)?;
-    }
-    Ok(())
-}
-
-async fn move_until_end(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
-    counter: &AtomicU64,
-    #[cfg_attr(not(target_os = "linux"), allow(unused_variables))] pipes: &Pipes,
-) -> io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        if pump(from, to, counter, true).await? == PumpEnd::Closed {
-            return Ok(());
-        }
-        let spliced = crate::splice::pump(from.as_ref(), to.as_ref(), counter, pipes).await?;
-        if let crate::splice::Spliced::Done = spliced {
-            return Ok(());
-        }
-    }
-    pump(from, to, counter, false).await.map(|_| ())
-}
-
-/// Moves bytes one way until `from` closes; with `stop_when_bulk`, hands
-/// over after the first read that fills the buffer.
-///
-/// The buffer exists only while data flows: readiness can be reported with
-/// nothing to read, so a read that finds nothing gives the buffer back, and
-/// idle connections cost no buffer memory. Reads go through tokio's
-/// `AsyncRead` rather than `try_read`: a read that returns less than asked
-/// tells tokio the socket is drained, which saves the `EAGAIN` read per
-/// message that a request/response exchange would otherwise pay each way.
-async fn pump(
-    from: &mut ReadHalf<'_>,
-    to: &mut WriteHalf<'_>,
-    counter: &AtomicU64,
-    stop_when_bulk: bool,
-) -> io::Result<PumpEnd> {
-    // Read into spare capacity (never zeroed) so a short connection pays
-    // for one allocation and nothing else.
-    let mut buffer = BytesMut::new();
-    loop {
-        buffer.clear();
-        let read = if buffer.capacity() == 0 {
-            let socket: &TcpStream = from.as_ref();
-            socket.readable().await?;
-            buffer = BytesMut::with_capacity(PUMP_BUFFER);
-            match read_if_ready(from, &mut buffer).await? {
-                Some(read) => read,
-                None => {
-                    buffer = BytesMut::new();
-                    continue;
-                }
-            }
-        } else {
-            from.read_buf(&mut buffer).await?
-        };
-        if read == 0 {
-            break;
-        }
-        to.write_all(&buffer).await?;
-        counter.fetch_add(read as u64, Ordering::Relaxed);
-        if stop_when_bulk && read == PUMP_BUFFER {
-            return Ok(PumpEnd::Bulk);
-        }
-    }
-    Ok(PumpEnd::Closed)
-}
-
-/// One read that does not wait: `None` when there was nothing to read after all.
-async fn read_if_ready(
-    from: &mut ReadHalf<'_>,
-    buffer: &mut BytesMut,
-) -> io::Result<Option<usize>> {
-    std::future::poll_fn(|cx| {
-        match tokio_util::io::poll_read_buf(std::pin::Pin::new(&mut *from), cx, buffer) {
-            Poll::Ready(Ok(read)) => Poll::Ready(Ok(Some(read))),
-            Poll::Ready(Err(err)) => Poll::Ready(Err(err)),
-            Poll::Pending => Poll::Ready(Ok(None)),
-        }
-    })
-    .await
 }
