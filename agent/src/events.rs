@@ -3,6 +3,8 @@
 //! revision counter on a watch channel for those that only need "something
 //! changed" (coalesced, so a burst of changes wakes them once).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use serde::Serialize;
 use tokio::sync::{broadcast, watch};
 
@@ -48,7 +50,35 @@ pub struct EventBus {
     events: broadcast::Sender<AgentEvent>,
     revision: watch::Sender<u64>,
     traffic: watch::Sender<u64>,
+    /// Whether a movement is already announced and not yet looked at by a
+    /// subscriber: while it is, further movements announce nothing. A
+    /// busy tunnel opens and closes thousands of connections a second on
+    /// every forwarding thread, and each announcement takes the watch's
+    /// locks (nine of them), which the threads would otherwise contend for.
+    traffic_pending: std::sync::Arc<AtomicBool>,
     connections: std::sync::Arc<ConnectionTally>,
+}
+
+/// Wakes its holder when tunnel counters moved since it last looked
+/// ([`TrafficWatch::mark_unchanged`]).
+#[derive(Debug)]
+pub struct TrafficWatch {
+    changes: watch::Receiver<u64>,
+    pending: std::sync::Arc<AtomicBool>,
+}
+
+impl TrafficWatch {
+    /// Waits for a movement; an error once the agent is gone.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        self.changes.changed().await
+    }
+
+    /// Marks what moved so far as seen: the next movement wakes again. Call
+    /// it before reading the counters, so a movement after is never missed.
+    pub fn mark_unchanged(&mut self) {
+        self.pending.store(false, Ordering::Release);
+        self.changes.mark_unchanged();
+    }
 }
 
 /// Connections across every tunnel: how many ever opened, how many are open.
@@ -74,6 +104,7 @@ impl EventBus {
             events,
             revision,
             traffic,
+            traffic_pending: std::sync::Arc::default(),
             connections: std::sync::Arc::default(),
         }
     }
@@ -98,25 +129,29 @@ impl EventBus {
     /// Kept apart from the revision: it can fire thousands of times a second,
     /// so its subscribers throttle it, and it never triggers a status report.
     pub fn traffic_moved(&self) {
+        // Reading first keeps the common case (already announced) a load of
+        // a cache line every thread shares, never a write to it.
+        if self.traffic_pending.load(Ordering::Acquire)
+            || self.traffic_pending.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
         self.traffic.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Counts a connection opening through any tunnel.
     pub fn connection_opened(&self) {
-        use std::sync::atomic::Ordering;
         self.connections.opened.fetch_add(1, Ordering::Relaxed);
         self.connections.open.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a connection closing.
     pub fn connection_closed(&self) {
-        use std::sync::atomic::Ordering;
         self.connections.open.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// (connections ever opened, connections open now), across all tunnels.
     pub fn connections(&self) -> (u64, u64) {
-        use std::sync::atomic::Ordering;
         (
             self.connections.opened.load(Ordering::Relaxed),
             self.connections.open.load(Ordering::Relaxed),
@@ -124,7 +159,42 @@ impl EventBus {
     }
 
     /// A receiver that wakes when counters moved.
-    pub fn watch_traffic(&self) -> watch::Receiver<u64> {
-        self.traffic.subscribe()
+    pub fn watch_traffic(&self) -> TrafficWatch {
+        TrafficWatch {
+            changes: self.traffic.subscribe(),
+            pending: std::sync::Arc::clone(&self.traffic_pending),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `watch` has a movement waiting, without waiting for one.
+    fn woken(watch: &mut TrafficWatch) -> bool {
+        watch.changes.has_changed().unwrap_or(false)
+    }
+
+    #[test]
+    fn a_burst_of_movements_wakes_every_watcher_once_and_a_look_rearms_it() {
+        let bus = EventBus::new();
+        let (mut tray, mut dashboard) = (bus.watch_traffic(), bus.watch_traffic());
+        assert!(!woken(&mut tray));
+
+        for _ in 0..1000 {
+            bus.traffic_moved();
+        }
+        assert!(woken(&mut tray) && woken(&mut dashboard));
+        assert_eq!(*bus.traffic.borrow(), 1, "a burst is announced once");
+
+        // The tray looks; the dashboard has not yet. A movement after the
+        // look wakes both again.
+        tray.mark_unchanged();
+        assert!(!woken(&mut tray));
+        bus.traffic_moved();
+        assert!(woken(&mut tray), "a movement after a look is never missed");
+        assert!(woken(&mut dashboard));
+        assert_eq!(*bus.traffic.borrow(), 2);
     }
 }

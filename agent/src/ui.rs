@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::agent::Agent;
+use crate::events::TrafficWatch;
 use crate::receiver::ApiError;
 
 /// The dashboard's files, by the name the page asks for.
@@ -115,7 +116,7 @@ pub const TRAFFIC_THROTTLE: Duration = Duration::from_millis(500);
 /// What one event stream waits on.
 struct Watches {
     revisions: watch::Receiver<u64>,
-    traffic: watch::Receiver<u64>,
+    traffic: TrafficWatch,
     last_sent: Instant,
 }
 
