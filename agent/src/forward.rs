@@ -106,6 +106,15 @@ struct Counters {
     from_pod: AtomicU64,
 }
 
+/// Where a tunnel's new connections go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    /// The staging pod's `ip:port`.
+    pub target: SocketAddr,
+    /// Straight to it, or through its local mirror.
+    pub mode: TunnelTarget,
+}
+
 /// A snapshot of a tunnel's counters and errors.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TunnelStats {
@@ -170,8 +179,12 @@ pub trait LocalDialer: Send + Sync + std::fmt::Debug {
 #[derive(Debug)]
 pub struct TunnelShared {
     pod_id: String,
-    target: RwLock<SocketAddr>,
-    mode: RwLock<TunnelTarget>,
+    /// Where new connections go; one lock for both halves, read once per
+    /// connection.
+    route: RwLock<Route>,
+    /// Whether `errors.current` holds a problem: a good connection only
+    /// takes the lock to clear one.
+    failing: AtomicBool,
     dialer: Arc<dyn LocalDialer>,
     counters: Counters,
     errors: Mutex<Errors>,
@@ -197,8 +210,8 @@ impl TunnelShared {
     ) -> Arc<Self> {
         Arc::new(Self {
             pod_id,
-            target: RwLock::new(target),
-            mode: RwLock::new(mode),
+            route: RwLock::new(Route { target, mode }),
+            failing: AtomicBool::new(false),
             dialer,
             counters: Counters::default(),
             errors: Mutex::new(Errors::default()),
@@ -304,36 +317,40 @@ impl TunnelShared {
         &self.connect_latency
     }
 
-    /// Where new connections go: the staging pod or its local mirror.
-    pub fn mode(&self) -> TunnelTarget {
-        match self.mode.read() {
+    /// Where new connections go: the staging pod's address, and whether they
+    /// reach it directly or through its local mirror.
+    pub fn route(&self) -> Route {
+        match self.route.read() {
             Ok(guard) => *guard,
             Err(poisoned) => *poisoned.into_inner(),
         }
+    }
+
+    fn change_route(&self, change: impl FnOnce(&mut Route)) {
+        match self.route.write() {
+            Ok(mut guard) => change(&mut guard),
+            Err(poisoned) => change(&mut poisoned.into_inner()),
+        }
+    }
+
+    /// Where new connections go: the staging pod or its local mirror.
+    pub fn mode(&self) -> TunnelTarget {
+        self.route().mode
     }
 
     /// Switches new connections between the staging pod and its mirror.
     pub fn set_mode(&self, mode: TunnelTarget) {
-        match self.mode.write() {
-            Ok(mut guard) => *guard = mode,
-            Err(poisoned) => *poisoned.into_inner() = mode,
-        }
+        self.change_route(|route| route.mode = mode);
     }
 
     /// Where new connections go.
     pub fn target(&self) -> SocketAddr {
-        match self.target.read() {
-            Ok(guard) => *guard,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
+        self.route().target
     }
 
     /// Points new connections at `target`; open ones keep their pod.
     pub fn set_target(&self, target: SocketAddr) {
-        match self.target.write() {
-            Ok(mut guard) => *guard = target,
-            Err(poisoned) => *poisoned.into_inner() = target,
-        }
+        self.change_route(|route| route.target = target);
     }
 
     pub fn stats(&self) -> TunnelStats {
@@ -364,6 +381,7 @@ impl TunnelShared {
             errors.last = Some((message.clone(), Utc::now()));
             let changed = errors.current.as_deref() != Some(message.as_str());
             errors.current = Some(message.clone());
+            self.failing.store(true, Ordering::Release);
             changed
         };
         if changed {
@@ -386,7 +404,14 @@ impl TunnelShared {
 
     /// Clears the current problem after a good connection.
     fn record_success(&self) {
-        let recovered = self.lock_errors().current.take().is_some();
+        if !self.failing.load(Ordering::Acquire) {
+            return;
+        }
+        let recovered = {
+            let mut errors = self.lock_errors();
+            self.failing.store(false, Ordering::Release);
+            errors.current.take().is_some()
+        };
         if recovered {
             tracing::info!(pod_id = %self.pod_id, "tunnel reaches its pod again");
             self.events.publish(AgentEvent::TunnelChanged {
@@ -566,8 +591,8 @@ async fn serve_connection(mut client: TcpStream, shared: &TunnelShared, pipes: &
     shared.events.traffic_moved();
     let _open = OpenGuard(shared);
 
-    let target = shared.target();
-    if shared.mode() == TunnelTarget::Local {
+    let Route { target, mode } = shared.route();
+    if mode == TunnelTarget::Local {
         serve_local(client, shared, target.port()).await;
         return;
     }
