@@ -160,8 +160,13 @@ impl EventBus {
 
     /// A receiver that wakes when counters moved.
     pub fn watch_traffic(&self) -> TrafficWatch {
+        let changes = self.traffic.subscribe();
+        // A watcher that went away without looking (a closed dashboard tab)
+        // may have left a movement pending; re-arm, after subscribing, so
+        // the next movement reaches this one.
+        self.traffic_pending.store(false, Ordering::Release);
         TrafficWatch {
-            changes: self.traffic.subscribe(),
+            changes,
             pending: std::sync::Arc::clone(&self.traffic_pending),
         }
     }
@@ -196,5 +201,21 @@ mod tests {
         assert!(woken(&mut tray), "a movement after a look is never missed");
         assert!(woken(&mut dashboard));
         assert_eq!(*bus.traffic.borrow(), 2);
+    }
+
+    #[test]
+    fn a_watcher_gone_without_looking_does_not_silence_the_next() {
+        let bus = EventBus::new();
+        let closed_tab = bus.watch_traffic();
+        bus.traffic_moved();
+        drop(closed_tab);
+
+        let mut new_tab = bus.watch_traffic();
+        assert!(!woken(&mut new_tab));
+        bus.traffic_moved();
+        assert!(
+            woken(&mut new_tab),
+            "the new watcher hears the next movement"
+        );
     }
 }
