@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{greeting_server, pod, refuses, within, Fixture};
+use common::{greeting_server, pod, read_all_from, refuses, within, Fixture};
 use serde_json::{json, Value};
 
 /// Reads server-sent events until one named `snapshot` satisfies `check`.
@@ -89,6 +89,46 @@ async fn the_event_stream_pushes_a_snapshot_on_every_change() {
     })
     .await;
     assert!(ended);
+}
+
+/// Opens the live event stream and reads its first snapshot.
+async fn open_stream(agent: &common::TestAgent) -> (reqwest::Response, String) {
+    let mut stream = agent
+        .http
+        .get(agent.url("/api/v1/events"))
+        .send()
+        .await
+        .expect("stream");
+    let mut buffer = String::new();
+    next_snapshot(&mut stream, &mut buffer, |_| true).await;
+    (stream, buffer)
+}
+
+#[tokio::test]
+async fn connections_reach_every_dashboard_even_after_one_closed_mid_update() {
+    let fx = Fixture::new(56).await;
+    let agent = fx.start().await;
+    let upstream = greeting_server("hi").await;
+    agent
+        .push("create", json!([pod("a", "my-app", upstream)]))
+        .await;
+    let port = agent.port_of("a").await;
+    let connections =
+        |count: u64| move |s: &Value| s["pods"][0]["tunnel"]["total_connections"] == count;
+
+    // Only a counter moves (no push, no toggle): the open tab hears it.
+    let (mut first_tab, mut buffer) = open_stream(&agent).await;
+    assert_eq!(read_all_from(port).await.expect("through the tunnel"), "hi");
+    next_snapshot(&mut first_tab, &mut buffer, connections(1)).await;
+
+    // A connection while the tab is still waiting out its throttle, and the
+    // tab closes before it looks: the next tab still hears what follows.
+    assert_eq!(read_all_from(port).await.expect("through the tunnel"), "hi");
+    drop(first_tab);
+    let (mut second_tab, mut buffer) = open_stream(&agent).await;
+    assert_eq!(read_all_from(port).await.expect("through the tunnel"), "hi");
+    next_snapshot(&mut second_tab, &mut buffer, connections(3)).await;
+    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
