@@ -11,25 +11,20 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
 use crate::cluster::ClusterStatus;
 use crate::config::PortRange;
-use crate::forward::{ConnectErrorKind, TunnelShared, TunnelStats};
+use crate::forward::{latency_buckets, ConnectErrorKind, TunnelShared, TunnelStats};
 use crate::model::TunnelState;
 use crate::shards::ShardLoads;
 use crate::store::Store;
 
 /// Prefix of every metric name (the registry adds it, collected ones too).
 const PREFIX: &str = "k3s_local_agent";
-
-/// Buckets for connect and report latencies: 100 µs to about 3.3 s.
-pub fn latency_buckets() -> impl Iterator<Item = f64> {
-    exponential_buckets(0.0001, 2.0, 16)
-}
 
 /// The status reporter's figures.
 #[derive(Debug, Clone)]
