@@ -7,6 +7,14 @@ use serde::Serialize;
 use tauri::{AppHandle, State};
 use tauri_plugin_opener::OpenerExt;
 
+/// Stops the agent cleanly (listeners, hosts block, last report), then exits.
+pub fn quit(app: AppHandle, agent: Agent) {
+    tauri::async_runtime::spawn(async move {
+        agent.shutdown().await;
+        app.exit(0);
+    });
+}
+
 /// Why a command failed, as the page sees it.
 #[derive(Debug, thiserror::Error)]
 pub enum CommandError {

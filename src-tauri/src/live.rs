@@ -26,7 +26,7 @@ pub fn spawn(app: AppHandle, agent: Agent, tray: Tray) {
     tauri::async_runtime::spawn(async move {
         wait_for_signal().await;
         tracing::info!("signal received: stopping");
-        quit(signals_app, signals_agent);
+        crate::commands::quit(signals_app, signals_agent);
     });
     tauri::async_runtime::spawn(follow(app, agent, tray));
 }
@@ -75,14 +75,6 @@ async fn follow(app: AppHandle, agent: Agent, tray: Tray) {
             }
         }
     }
-}
-
-/// Stops the agent cleanly (listeners, hosts block, last report), then exits.
-pub fn quit(app: AppHandle, agent: Agent) {
-    tauri::async_runtime::spawn(async move {
-        agent.shutdown().await;
-        app.exit(0);
-    });
 }
 
 async fn wait_for_signal() {

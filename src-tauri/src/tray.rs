@@ -285,7 +285,7 @@ fn on_menu_event(app: &AppHandle, event: MenuEvent) {
                 });
             }
             MUTE => app.state::<Tray>().toggle_mute(app),
-            QUIT => crate::live::quit(app.clone(), agent),
+            QUIT => commands::quit(app.clone(), agent),
             _ => {}
         }
     }
