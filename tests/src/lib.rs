@@ -295,17 +295,10 @@ pub fn greeting_server(text: &'static str) -> Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
-/// A port nothing listens on right now.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
-}
-
 /// A port on loopback that refuses connections for as long as the returned
 /// socket lives: bound, so nothing else takes it meanwhile, but never
-/// listening. ([`free_port`] is free only at the moment it is asked.)
+/// listening. (A port found free and released is free only at that
+/// moment: a test beside this one may take it next.)
 /// `listen` on the socket brings the port to life.
 pub fn refusing_port() -> (socket2::Socket, u16) {
     let socket =

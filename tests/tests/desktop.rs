@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use fantoccini::{Client, ClientBuilder, Locator};
 use k3s_local_agent_e2e::desktop::{tray_binary, Desktop};
 use k3s_local_agent_e2e::{
-    free_port, greeting_server, read_from, refuses, refusing_port, serve_control_plane, wait_until,
-    Sandbox, DEADLINE,
+    greeting_server, read_from, refuses, refusing_port, serve_control_plane, wait_until, Sandbox,
+    DEADLINE,
 };
 use serde_json::{json, Value};
 
@@ -130,15 +130,22 @@ impl Drop for Driver {
     }
 }
 
+/// Fixed ports for each test's agent API (and its WebDriver), below the
+/// kernel's ephemeral range (32768 and up), so no `bind(0)` or outgoing
+/// connection of a test running beside it can take one first, as a port
+/// found free and released could be.
+const WINDOW_TEST_PORTS: u16 = 21440;
+const MENU_TEST_PORTS: u16 = 21450;
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_window_shows_pods_live_and_its_buttons_work() {
     let desktop = Desktop::start(110).expect("a private desktop");
     let sandbox = Sandbox::new().expect("sandbox");
-    let agent_port = free_port();
+    let agent_port = WINDOW_TEST_PORTS;
     let agent = format!("http://127.0.0.1:{agent_port}");
     let args = app_args(&sandbox, agent_port, "21400-21419", control_plane());
 
-    let (driver_port, native_port) = (free_port(), free_port());
+    let (driver_port, native_port) = (WINDOW_TEST_PORTS + 1, WINDOW_TEST_PORTS + 2);
     let driver = desktop
         .command("tauri-driver")
         .args([
@@ -311,7 +318,7 @@ async fn the_window_shows_pods_live_and_its_buttons_work() {
 fn the_tray_menu_lists_toggles_opens_and_quits() {
     let desktop = Desktop::start(140).expect("a private desktop");
     let sandbox = Sandbox::new().expect("sandbox");
-    let agent_port = free_port();
+    let agent_port = MENU_TEST_PORTS;
     let agent = format!("http://127.0.0.1:{agent_port}");
     let args = app_args(&sandbox, agent_port, "21420-21439", control_plane());
     let mut app = desktop

@@ -3,16 +3,15 @@
 //! said to be, and either makes the doctor exit non-zero; `--json` carries
 //! the same checks for machines.
 
-use k3s_local_agent_e2e::{
-    cli, free_port, greeting_server, wait_until, AgentProcess, PortSquatter, Sandbox,
-};
+use k3s_local_agent_e2e::{cli, greeting_server, wait_until, AgentProcess, PortSquatter, Sandbox};
 use serde_json::{json, Value};
 
 #[test]
 fn doctor_names_who_holds_a_tunnel_port_and_a_control_plane_that_is_down() {
     let sandbox = Sandbox::new().expect("sandbox");
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
-    let control_plane = format!("http://127.0.0.1:{}", free_port());
+    let (_down, down_port) = k3s_local_agent_e2e::refusing_port();
+    let control_plane = format!("http://127.0.0.1:{down_port}");
     let range = "21920-21939";
     let mut args = sandbox.args(range, &hosts, &state);
     args.extend([
