@@ -94,3 +94,46 @@ pub fn gone_before_accept(err: &io::Error) -> bool {
             | io::ErrorKind::Interrupted
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn an_accepted_connection_is_non_blocking_and_carries_its_bytes() {
+        let listener = bind_listener(SocketAddr::from(([127, 0, 0, 1], 0))).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let shared = SharedListener::register(listener).expect("register");
+        let mut client = std::net::TcpStream::connect(addr).expect("connect");
+
+        let accepted = shared.accept().await.expect("accept");
+        // A blocking socket would stall the forwarding thread that reads it.
+        #[cfg(unix)]
+        assert!(socket2::SockRef::from(&accepted)
+            .nonblocking()
+            .expect("flags"));
+
+        client.write_all(b"hello").expect("send");
+        let registered = TcpStream::from_std(accepted).expect("register the connection");
+        let mut buffer = [0u8; 16];
+        registered.readable().await.expect("readable");
+        let read = registered.try_read(&mut buffer).expect("read");
+        assert_eq!(&buffer[..read], b"hello");
+    }
+
+    #[test]
+    fn only_a_client_that_gave_up_is_passed_over_quietly() {
+        for kind in [
+            io::ErrorKind::ConnectionAborted,
+            io::ErrorKind::ConnectionReset,
+            io::ErrorKind::Interrupted,
+        ] {
+            assert!(gone_before_accept(&io::Error::from(kind)), "{kind:?}");
+        }
+        // Out of descriptors is the agent's problem: reported, with a pause.
+        let no_descriptors = io::Error::from_raw_os_error(24);
+        assert!(!gone_before_accept(&no_descriptors));
+    }
+}
