@@ -41,20 +41,27 @@ async fn next_snapshot(
     .await
 }
 
-#[tokio::test]
-async fn the_event_stream_pushes_a_snapshot_on_every_change() {
-    let fx = Fixture::new(30).await;
-    let agent = fx.start().await;
+/// Opens the live event stream; returns it, what was read past the first
+/// snapshot, and that snapshot.
+async fn open_stream(agent: &common::TestAgent) -> (reqwest::Response, String, Value) {
     let mut stream = agent
         .http
         .get(agent.url("/api/v1/events"))
         .send()
         .await
         .expect("stream");
-    assert_eq!(stream.status(), 200);
-    assert_eq!(stream.headers()["content-type"], "text/event-stream");
     let mut buffer = String::new();
     let first = next_snapshot(&mut stream, &mut buffer, |_| true).await;
+    (stream, buffer, first)
+}
+
+#[tokio::test]
+async fn the_event_stream_pushes_a_snapshot_on_every_change() {
+    let fx = Fixture::new(30).await;
+    let agent = fx.start().await;
+    let (mut stream, mut buffer, first) = open_stream(&agent).await;
+    assert_eq!(stream.status(), 200);
+    assert_eq!(stream.headers()["content-type"], "text/event-stream");
     assert_eq!(first["health"]["agent_id"], "test-agent");
     assert_eq!(first["pods"], json!([]));
 
@@ -91,19 +98,6 @@ async fn the_event_stream_pushes_a_snapshot_on_every_change() {
     assert!(ended);
 }
 
-/// Opens the live event stream and reads its first snapshot.
-async fn open_stream(agent: &common::TestAgent) -> (reqwest::Response, String) {
-    let mut stream = agent
-        .http
-        .get(agent.url("/api/v1/events"))
-        .send()
-        .await
-        .expect("stream");
-    let mut buffer = String::new();
-    next_snapshot(&mut stream, &mut buffer, |_| true).await;
-    (stream, buffer)
-}
-
 #[tokio::test]
 async fn connections_reach_every_dashboard_even_after_one_closed_mid_update() {
     let fx = Fixture::new(56).await;
@@ -117,7 +111,7 @@ async fn connections_reach_every_dashboard_even_after_one_closed_mid_update() {
         |count: u64| move |s: &Value| s["pods"][0]["tunnel"]["total_connections"] == count;
 
     // Only a counter moves (no push, no toggle): the open tab hears it.
-    let (mut first_tab, mut buffer) = open_stream(&agent).await;
+    let (mut first_tab, mut buffer, _) = open_stream(&agent).await;
     assert_eq!(read_all_from(port).await.expect("through the tunnel"), "hi");
     next_snapshot(&mut first_tab, &mut buffer, connections(1)).await;
 
@@ -125,7 +119,7 @@ async fn connections_reach_every_dashboard_even_after_one_closed_mid_update() {
     // tab closes before it looks: the next tab still hears what follows.
     assert_eq!(read_all_from(port).await.expect("through the tunnel"), "hi");
     drop(first_tab);
-    let (mut second_tab, mut buffer) = open_stream(&agent).await;
+    let (mut second_tab, mut buffer, _) = open_stream(&agent).await;
     assert_eq!(read_all_from(port).await.expect("through the tunnel"), "hi");
     next_snapshot(&mut second_tab, &mut buffer, connections(3)).await;
     agent.agent.shutdown().await;
