@@ -189,9 +189,6 @@ pub struct TunnelShared {
     /// Where new connections go; one lock for both halves, read once per
     /// connection.
     route: RwLock<Route>,
-    /// Whether `errors.current` holds a problem: a good connection only
-    /// takes the lock to clear one.
-    failing: AtomicBool,
     dialer: Arc<dyn LocalDialer>,
     counters: Counters,
     errors: Mutex<Errors>,
@@ -218,7 +215,6 @@ impl TunnelShared {
         Arc::new(Self {
             pod_id,
             route: RwLock::new(Route { target, mode }),
-            failing: AtomicBool::new(false),
             dialer,
             counters: Counters::default(),
             errors: Mutex::new(Errors::default()),
@@ -388,7 +384,6 @@ impl TunnelShared {
             errors.last = Some((message.clone(), Utc::now()));
             let changed = errors.current.as_deref() != Some(message.as_str());
             errors.current = Some(message.clone());
-            self.failing.store(true, Ordering::Release);
             changed
         };
         if changed {
@@ -411,14 +406,7 @@ impl TunnelShared {
 
     /// Clears the current problem after a good connection.
     fn record_success(&self) {
-        if !self.failing.load(Ordering::Acquire) {
-            return;
-        }
-        let recovered = {
-            let mut errors = self.lock_errors();
-            self.failing.store(false, Ordering::Release);
-            errors.current.take().is_some()
-        };
+        let recovered = self.lock_errors().current.take().is_some();
         if recovered {
             tracing::info!(pod_id = %self.pod_id, "tunnel reaches its pod again");
             self.events.publish(AgentEvent::TunnelChanged {

@@ -287,15 +287,6 @@ async fn a_control_plane_answering_500_counts_as_down() {
     agent.agent.shutdown().await;
 }
 
-/// Everything a pod answers on `addr` (a pod's own address), until it closes.
-async fn read_all_at(addr: std::net::SocketAddr) -> std::io::Result<String> {
-    use tokio::io::AsyncReadExt;
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    let mut text = String::new();
-    common::within("the pod to answer", stream.read_to_string(&mut text)).await?;
-    Ok(text)
-}
-
 #[tokio::test]
 async fn an_update_that_changes_the_pod_port_moves_its_name_port() {
     let fx = Fixture::new(55).await;
@@ -312,7 +303,9 @@ async fn an_update_that_changes_the_pod_port_moves_its_name_port() {
         .expect("an IPv4 address");
     let by_name = |port: u16| std::net::SocketAddr::from((address, port));
     assert_eq!(
-        read_all_at(by_name(before.port())).await.expect("by name"),
+        common::read_all_at(by_name(before.port()))
+            .await
+            .expect("by name"),
         "before"
     );
 
@@ -328,13 +321,13 @@ async fn an_update_that_changes_the_pod_port_moves_its_name_port() {
         "{tunnel}"
     );
     assert_eq!(
-        read_all_at(by_name(after.port()))
+        common::read_all_at(by_name(after.port()))
             .await
             .expect("by name, new port"),
         "after"
     );
     assert!(
-        read_all_at(by_name(before.port())).await.is_err(),
+        common::read_all_at(by_name(before.port())).await.is_err(),
         "the old pod port no longer listens on the pod's address"
     );
     let range_port = agent.port_of("m").await;

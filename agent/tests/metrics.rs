@@ -266,8 +266,6 @@ fn thread_loads(samples: &Samples) -> BTreeMap<String, f64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_long_lived_connections_spreads_evenly_over_the_forwarding_threads() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
     const CONNECTIONS: usize = 40;
     let fx = Fixture::new(53).await;
     let mut config = fx.config();
@@ -284,16 +282,7 @@ async fn a_burst_of_long_lived_connections_spreads_evenly_over_the_forwarding_th
     // proven to forward before it is held open.
     let mut opening = tokio::task::JoinSet::new();
     for _ in 0..CONNECTIONS {
-        opening.spawn(async move {
-            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .expect("connect through the tunnel");
-            stream.write_all(b"ping").await.expect("write");
-            let mut answer = [0_u8; 4];
-            stream.read_exact(&mut answer).await.expect("echo");
-            assert_eq!(&answer, b"ping");
-            stream
-        });
+        opening.spawn(common::open_and_ping(port));
     }
     let held = common::within("the connections to open", opening.join_all()).await;
     wait_until("the tunnel to count every connection", || {

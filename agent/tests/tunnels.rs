@@ -10,7 +10,6 @@ use common::{
 use k3s_local_agent::events::AgentEvent;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 #[tokio::test]
 async fn bytes_flow_both_ways_and_are_counted() {
@@ -51,13 +50,7 @@ async fn an_update_retargets_new_connections_without_closing_the_listener() {
     let port = agent.port_of("p1").await;
 
     // A connection opened before the move stays with the old pod.
-    let mut early = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .expect("connect");
-    early.write_all(b"ping").await.expect("write");
-    let mut buf = [0u8; 4];
-    early.read_exact(&mut buf).await.expect("echo");
-    assert_eq!(&buf, b"ping");
+    let mut early = common::open_and_ping(port).await;
 
     let (code, _) = agent
         .push("update", json!([pod("p1", "moving", new_pod)]))
@@ -74,6 +67,7 @@ async fn an_update_retargets_new_connections_without_closing_the_listener() {
         .write_all(b"pong")
         .await
         .expect("old connection still open");
+    let mut buf = [0u8; 4];
     early
         .read_exact(&mut buf)
         .await

@@ -213,10 +213,28 @@ pub async fn greeting_server(greeting: &'static str) -> SocketAddr {
 
 /// Connects to a tunnel and reads everything the pod sends until it closes.
 pub async fn read_all_from(port: u16) -> std::io::Result<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
+    read_all_at(SocketAddr::from(([127, 0, 0, 1], port))).await
+}
+
+/// [`read_all_from`] at any address (a pod's own address, by name).
+pub async fn read_all_at(addr: SocketAddr) -> std::io::Result<String> {
+    let mut stream = TcpStream::connect(addr).await?;
     let mut text = String::new();
     within("tunnel to answer", stream.read_to_string(&mut text)).await?;
     Ok(text)
+}
+
+/// A connection through a tunnel to an echo pod, proven to forward (a ping
+/// comes back), and left open.
+pub async fn open_and_ping(port: u16) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect through the tunnel");
+    stream.write_all(b"ping").await.expect("write");
+    let mut answer = [0_u8; 4];
+    stream.read_exact(&mut answer).await.expect("echo");
+    assert_eq!(&answer, b"ping");
+    stream
 }
 
 /// Sends `payload` through a tunnel to an echo pod and returns what came back.
