@@ -63,11 +63,44 @@ pub struct Desktop {
 
 fn free_display(from: u32) -> Result<u32> {
     (from..from + 30)
-        .find(|n| {
-            !Path::new(&format!("/tmp/.X11-unix/X{n}")).exists()
-                && !Path::new(&format!("/tmp/.X{n}-lock")).exists()
-        })
+        .find(|&n| display_is_free(n))
         .with_context(|| format!("no free X display number in {from}-{}", from + 29))
+}
+
+/// Whether display `n` can be used: no live server holds its lock. A lock
+/// and socket left by a server that died without cleaning up (killed, or a
+/// crashed test) are removed here, or every such run would use a number up
+/// for good, and a stale socket would pass for a server that is ready.
+fn display_is_free(n: u32) -> bool {
+    let lock = PathBuf::from(format!("/tmp/.X{n}-lock"));
+    let socket = PathBuf::from(format!("/tmp/.X11-unix/X{n}"));
+    let holder = std::fs::read_to_string(&lock)
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    if holder.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists()) {
+        return false;
+    }
+    let _ = std::fs::remove_file(&lock);
+    let _ = std::fs::remove_file(&socket);
+    !lock.exists() && !socket.exists()
+}
+
+/// Stops `child` with SIGTERM, so a server removes its lock and socket,
+/// and kills it if it has not gone within the suite's deadline.
+fn stop(child: &mut Child) {
+    let asked = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .is_ok_and(|status| status.success());
+    let gone = asked
+        && wait_until("a desktop program to stop", || {
+            matches!(child.try_wait(), Ok(Some(_)))
+        })
+        .is_ok();
+    if !gone {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 impl Desktop {
@@ -310,8 +343,7 @@ impl Desktop {
 impl Drop for Desktop {
     fn drop(&mut self) {
         for child in self.children.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
+            stop(child);
         }
     }
 }
