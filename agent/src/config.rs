@@ -1,17 +1,16 @@
 //! The agent's settings: defaults from the seed, a TOML file, `K3S_LOCAL_AGENT_*`
 //! environment variables and command-line flags, layered in that order (flags win).
 
-use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
-use crate::addresses::AddressBlock;
+use crate::tunnel::AddressBlock;
+pub use crate::tunnel::PortRange;
 
 /// Default port of the agent's HTTP API (the seed's).
 pub const DEFAULT_AGENT_PORT: u16 = 8082;
@@ -50,64 +49,6 @@ pub enum ConfigError {
     },
     #[error("no data directory found for the state dir; pass --state-dir")]
     NoStateDir,
-}
-
-/// An inclusive range of local ports, written `A-B`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PortRange {
-    pub start: u16,
-    pub end: u16,
-}
-
-impl PortRange {
-    /// How many ports the range holds.
-    pub fn len(&self) -> usize {
-        usize::from(self.end - self.start) + 1
-    }
-
-    /// Always false: a range holds at least one port.
-    pub fn is_empty(&self) -> bool {
-        false
-    }
-
-    pub fn contains(&self, port: u16) -> bool {
-        (self.start..=self.end).contains(&port)
-    }
-}
-
-impl fmt::Display for PortRange {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.start, self.end)
-    }
-}
-
-impl FromStr for PortRange {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let (start, end) = text
-            .split_once('-')
-            .ok_or_else(|| format!("port range {text:?} is not of the form A-B"))?;
-        let parse = |part: &str| {
-            part.trim()
-                .parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| format!("port {part:?} in range {text:?} is not in 1-65535"))
-        };
-        let (start, end) = (parse(start)?, parse(end)?);
-        if start > end {
-            return Err(format!("port range {text:?} starts after it ends"));
-        }
-        Ok(Self { start, end })
-    }
-}
-
-impl<'de> Deserialize<'de> for PortRange {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
 }
 
 /// An on/off setting, spelled as the flag takes it.
@@ -327,7 +268,7 @@ impl Config {
             (None, Some(text)) => {
                 text.parse()
                     .map_err(
-                        |err: crate::addresses::AddressBlockError| ConfigError::Invalid {
+                        |err: crate::tunnel::AddressBlockError| ConfigError::Invalid {
                             setting: "address_block",
                             message: err.to_string(),
                         },
@@ -340,7 +281,7 @@ impl Config {
         let forward_threads = flags
             .forward_threads
             .or(file.forward_threads)
-            .map_or_else(crate::shards::default_count, NonZeroUsize::get);
+            .map_or_else(crate::tunnel::default_forward_threads, NonZeroUsize::get);
         if forward_threads > MAX_FORWARD_THREADS {
             return Err(ConfigError::Invalid {
                 setting: "forward_threads",
@@ -462,7 +403,10 @@ mod tests {
     #[test]
     fn forward_threads_default_to_the_cores_and_are_bounded() {
         let config = Config::layer(&flags(), &FileSettings::default()).expect("defaults");
-        assert_eq!(config.forward_threads, crate::shards::default_count());
+        assert_eq!(
+            config.forward_threads,
+            crate::tunnel::default_forward_threads()
+        );
         assert!((1..=8).contains(&config.forward_threads));
 
         let file: FileSettings = toml::from_str("forward_threads = 3").expect("toml");

@@ -8,10 +8,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use k3s_local_agent::client::AgentClient;
 use k3s_local_agent::config::{Config, RunOverrides, DEFAULT_AGENT_PORT};
 use k3s_local_agent::model::{Redirection, TunnelState, TunnelTarget};
-use k3s_local_agent::persist::Identity;
+use k3s_local_agent::ops::AgentClient;
+use k3s_local_agent::state::Identity;
 use k3s_local_agent::Agent;
 
 /// glibc's allocator spent up to 90 ms in one `malloc` building a status
@@ -183,9 +183,9 @@ async fn dispatch(command: Command) -> Result<()> {
             );
             let token = Identity::read_token(&config.state_dir).ok();
             let client = AgentClient::new(&url, token)?;
-            let mut checks = k3s_local_agent::doctor::agent(&config, &client).await;
-            checks.push(k3s_local_agent::doctor::name_ports(&config));
-            checks.extend(k3s_local_agent::doctor::diagnose(&config.cluster).await);
+            let mut checks = k3s_local_agent::ops::doctor::agent(&config, &client).await;
+            checks.push(k3s_local_agent::ops::doctor::name_ports(&config));
+            checks.extend(k3s_local_agent::ops::doctor::diagnose(&config.cluster).await);
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
@@ -212,7 +212,7 @@ async fn dispatch(command: Command) -> Result<()> {
 async fn run(overrides: RunOverrides) -> Result<()> {
     let config = Config::resolve(&overrides)?;
     let with_demo = config.demo;
-    let (agent, demo_pods) = k3s_local_agent::demo::launch(config, with_demo).await?;
+    let (agent, demo_pods) = k3s_local_agent::launch(config, with_demo).await?;
     if with_demo {
         println!(
             "DEMO MODE: {} demo pods, served through tunnels:",

@@ -11,11 +11,16 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::Histogram;
+
 use crate::cluster::ClusterStatus;
 use crate::config::Config;
 use crate::events::{AgentEvent, EventBus};
 use crate::model::{ControlPlaneHealth, StatusReport, TunnelState};
-use crate::store::Store;
+use crate::state::Store;
+use crate::tunnel::latency_buckets;
 
 /// Path of the status endpoint on the control plane.
 pub const STATUS_PATH: &str = "api/v1/staging/status";
@@ -85,7 +90,7 @@ struct ReporterInner {
     store: Store,
     health: watch::Sender<ControlPlaneHealth>,
     cluster: watch::Receiver<ClusterStatus>,
-    metrics: crate::metrics::ReportMetrics,
+    metrics: ReportMetrics,
 }
 
 impl Reporter {
@@ -125,7 +130,7 @@ impl Reporter {
                     store,
                     health,
                     cluster,
-                    metrics: crate::metrics::ReportMetrics::default(),
+                    metrics: ReportMetrics::default(),
                 }),
             },
             health_rx,
@@ -156,7 +161,7 @@ impl Reporter {
     }
 
     /// The reporter's counters and latency histogram, for `/metrics`.
-    pub fn metrics(&self) -> &crate::metrics::ReportMetrics {
+    pub fn metrics(&self) -> &ReportMetrics {
         &self.inner.metrics
     }
 
@@ -272,6 +277,31 @@ impl Reporter {
             Ok(Err(error)) => tracing::debug!(%error, "final status report not delivered"),
             Err(_) => tracing::debug!("final status report timed out"),
         }
+    }
+}
+
+/// The status reporter's figures.
+#[derive(Debug, Clone)]
+pub struct ReportMetrics {
+    pub(crate) outcomes: Family<[(&'static str, &'static str); 1], Counter>,
+    pub(crate) latency: Histogram,
+}
+
+impl Default for ReportMetrics {
+    fn default() -> Self {
+        Self {
+            outcomes: Family::default(),
+            latency: Histogram::new(latency_buckets()),
+        }
+    }
+}
+
+impl ReportMetrics {
+    /// Counts one report and how long the control plane took.
+    pub fn observe(&self, delivered: bool, seconds: f64) {
+        let result = if delivered { "success" } else { "failure" };
+        self.outcomes.get_or_create(&[("result", result)]).inc();
+        self.latency.observe(seconds);
     }
 }
 

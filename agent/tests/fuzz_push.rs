@@ -8,9 +8,9 @@
 //! CI runs the default 256 cases per property; for a longer hunt:
 //! `PROPTEST_CASES=200000 cargo test -p k3s-local-agent --test fuzz_push`.
 
+use k3s_local_agent::api::{parse_push, ParsedPush};
 use k3s_local_agent::model::{validate_pod_id, validate_pod_name};
 use k3s_local_agent::names::{render, HostEntry};
-use k3s_local_agent::receiver::{parse_push, ParsedPush};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 

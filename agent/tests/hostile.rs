@@ -8,8 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{echo_server, pod, within, Fixture, TestAgent};
-use k3s_local_agent::receiver::{MAX_BODY_BYTES, MAX_PODS_PER_PUSH};
-use k3s_local_agent::serve::HEADER_READ_TIMEOUT;
+use k3s_local_agent::api::HEADER_READ_TIMEOUT;
+use k3s_local_agent::api::{MAX_BODY_BYTES, MAX_PODS_PER_PUSH};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

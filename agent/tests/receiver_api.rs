@@ -10,7 +10,7 @@ use axum::extract::connect_info::MockConnectInfo;
 use axum::http::{Request, StatusCode};
 use common::{echo_server, pod, Fixture};
 use http_body_util::BodyExt;
-use k3s_local_agent::receiver;
+use k3s_local_agent::api;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 
@@ -93,7 +93,7 @@ async fn health_and_status_keep_the_seed_shape() {
 
 /// Sends `body` to `POST /api/v1/pods` through the router; returns code and JSON.
 async fn push_via_router(agent: &common::TestAgent, body: impl Into<Body>) -> (StatusCode, Value) {
-    let app = receiver::router(agent.agent.clone())
+    let app = api::router(agent.agent.clone())
         .layer(MockConnectInfo(SocketAddr::from(([127, 0, 0, 1], 40000))));
     let response = app
         .oneshot(
@@ -201,7 +201,7 @@ async fn oversized_body_is_413_with_json() {
     let agent = fx.start().await;
     let huge = format!(
         r#"{{"agent_id":"test-agent","action":"create","pods":[],"pad":"{}"}}"#,
-        "x".repeat(receiver::MAX_BODY_BYTES + 1)
+        "x".repeat(api::MAX_BODY_BYTES + 1)
     );
     let (status, answer) = push_via_router(&agent, huge.clone()).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
@@ -409,7 +409,7 @@ async fn local_endpoints_refuse_remote_peers_and_foreign_pages() {
         .push("create", json!([pod("a", "app-a", upstream)]))
         .await;
     let toggle = |peer: [u8; 4], host: &str, origin: Option<&str>| {
-        let app = receiver::router(agent.agent.clone())
+        let app = api::router(agent.agent.clone())
             .layer(MockConnectInfo(SocketAddr::from((peer, 40000))));
         let mut request = Request::post("/api/v1/pods/a/forwarding")
             .header("host", host)

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use k3s_local_agent::config::{Config, RunOverrides};
-use k3s_local_agent::persist::DesktopSettings;
+use k3s_local_agent::state::DesktopSettings;
 use k3s_local_agent::Agent;
 use tauri::{Manager, RunEvent, WindowEvent};
 
@@ -47,7 +47,7 @@ fn under_automation() -> bool {
 /// Starts the agent, with the demo when no control plane is configured.
 async fn start_agent(config: Config) -> anyhow::Result<Agent> {
     let with_demo = config.demo || !config.control_plane_configured;
-    let (agent, _demo_pods) = k3s_local_agent::demo::launch(config, with_demo).await?;
+    let (agent, _demo_pods) = k3s_local_agent::launch(config, with_demo).await?;
     Ok(agent)
 }
 

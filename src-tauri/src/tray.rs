@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use k3s_local_agent::model::Snapshot;
 use k3s_local_agent::notices::Glance;
-use k3s_local_agent::persist::DesktopSettings;
+use k3s_local_agent::state::DesktopSettings;
 use k3s_local_agent::Agent;
 use tauri::image::Image;
 use tauri::menu::{

@@ -1,6 +1,23 @@
-//! The cluster: the local staging mirror (moved here whole from `cluster.rs`;
-//! the next commit splits it by concern).
+//! The cluster: the local staging mirror. Every pod the agent holds is
+//! server-side applied as a Pod in a local cluster (Kind, k3s, any kube
+//! context), garbage-collected when it goes, and watched so its local phase,
+//! IP and restarts show beside its tunnel; `local` tunnels reach mirrors
+//! through the API server's port-forward.
+//!
+//! May use: `state` (the store it mirrors and annotates), `tunnel` (the
+//! dialer contract it fulfils), `config`, `events`, `model`. Must never
+//! touch: the HTTP API, the operator's tools. A cluster fault stops nothing
+//! outside this folder.
 
+mod connection;
+mod dialer;
+mod manifest;
 mod mirror;
 
-pub use mirror::*;
+pub use connection::{ClusterError, ClusterStatus};
+pub use dialer::MirrorDialer;
+pub use manifest::{
+    agent_label_value, mirror_manifest, selector, AGENT_LABEL, FIELD_MANAGER, MANAGED_BY_LABEL,
+    MANAGED_BY_VALUE, POD_ID_ANNOTATION,
+};
+pub use mirror::Mirror;

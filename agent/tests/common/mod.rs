@@ -335,7 +335,9 @@ impl Fixture {
 
     pub async fn start_with(&self, config: Config) -> TestAgent {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind agent");
-        let agent = Agent::start(config, listener).await.expect("agent starts");
+        let agent = k3s_local_agent::start(config, listener)
+            .await
+            .expect("agent starts");
         TestAgent::new(agent)
     }
 

@@ -8,8 +8,8 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use crate::fsio;
 use crate::model::NamesHealth;
+use crate::state::fsio;
 
 /// First line of our block.
 pub const BLOCK_BEGIN: &str =

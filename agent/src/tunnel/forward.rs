@@ -18,10 +18,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{AgentEvent, EventBus};
-use crate::listen::{gone_before_accept, SharedListener};
 use crate::model::{TunnelState, TunnelTarget};
-use crate::relay::relay;
-use crate::shards::{Balance, ForwardShards, LoadGuard, Pipes};
+use crate::tunnel::listen::{gone_before_accept, SharedListener};
+use crate::tunnel::relay::relay;
+use crate::tunnel::shards::{Balance, ForwardShards, LoadGuard, Pipes};
 
 /// How long a connection waits for the pod before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);

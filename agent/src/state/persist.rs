@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::fsio;
 use crate::model::{PodSpec, TunnelTarget};
+use crate::state::fsio;
 
 const AGENT_ID_FILE: &str = "agent-id";
 const TOKEN_FILE: &str = "token";

@@ -11,9 +11,9 @@ use chrono::Utc;
 
 use crate::events::AgentEvent;
 use crate::events::EventBus;
-use crate::forward::{RunningTunnel, TunnelShared};
 use crate::model::{MirrorView, PodSpec, PodView, Redirection, StatusResponse, TunnelState};
-use crate::persist::StoredPod;
+use crate::state::persist::StoredPod;
+use crate::tunnel::{RunningTunnel, TunnelShared};
 
 /// One pod and everything about its tunnel.
 #[derive(Debug)]

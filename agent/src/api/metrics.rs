@@ -6,59 +6,58 @@
 
 use std::sync::Arc;
 
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use prometheus_client::encoding::text::encode;
+
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
+use super::ApiError;
+use crate::agent::Agent;
 use crate::cluster::ClusterStatus;
 use crate::config::PortRange;
-use crate::forward::{latency_buckets, ConnectErrorKind, TunnelShared, TunnelStats};
 use crate::model::TunnelState;
-use crate::shards::ShardLoads;
-use crate::store::Store;
+use crate::state::Store;
+use crate::tunnel::ShardLoads;
+use crate::tunnel::{ConnectErrorKind, TunnelShared, TunnelStats};
 
 /// Prefix of every metric name (the registry adds it, collected ones too).
 const PREFIX: &str = "k3s_local_agent";
 
-/// The status reporter's figures.
-#[derive(Debug, Clone)]
-pub struct ReportMetrics {
-    outcomes: Family<[(&'static str, &'static str); 1], Counter>,
-    latency: Histogram,
+/// Prometheus metrics in the OpenMetrics text format; like every endpoint
+/// but `/health`, it needs the token beyond loopback.
+pub(super) async fn endpoint(registry: Arc<Registry>) -> Result<Response, ApiError> {
+    let mut text = String::new();
+    encode(&mut text, &registry).map_err(|err| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {err}"),
+        )
+    })?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
-impl Default for ReportMetrics {
-    fn default() -> Self {
-        Self {
-            outcomes: Family::default(),
-            latency: Histogram::new(latency_buckets()),
-        }
-    }
-}
-
-impl ReportMetrics {
-    /// Counts one report and how long the control plane took.
-    pub fn observe(&self, delivered: bool, seconds: f64) {
-        let result = if delivered { "success" } else { "failure" };
-        self.outcomes.get_or_create(&[("result", result)]).inc();
-        self.latency.observe(seconds);
-    }
-}
-
-/// Builds the registry the `/metrics` endpoint encodes.
-pub fn registry(
-    store: Store,
-    shard_loads: ShardLoads,
-    port_range: PortRange,
-    cluster: watch::Receiver<ClusterStatus>,
-    reports: &ReportMetrics,
-) -> Registry {
+/// Builds the registry the `/metrics` endpoint encodes: the reporter's own
+/// figures as they are, and collectors over the agent's live state.
+pub(super) fn registry(agent: &Agent) -> Registry {
+    let store = agent.store().clone();
+    let shard_loads = agent.shard_loads();
+    let port_range = agent.config().port_range;
+    let cluster = agent.cluster_status();
+    let reports = agent.report_metrics();
     let mut registry = Registry::with_prefix(PREFIX);
     registry.register(
         "reports",

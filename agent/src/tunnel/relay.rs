@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use crate::shards::Pipes;
+use crate::tunnel::shards::Pipes;
 
 /// Bytes read per wake-up; allocated only once a connection carries data.
 const PUMP_BUFFER: usize = 16 * 1024;
@@ -59,8 +59,9 @@ async fn move_until_end(
         if pump(from, to, counter, true).await? == PumpEnd::Closed {
             return Ok(());
         }
-        let spliced = crate::splice::pump(from.as_ref(), to.as_ref(), counter, pipes).await?;
-        if let crate::splice::Spliced::Done = spliced {
+        let spliced =
+            crate::tunnel::splice::pump(from.as_ref(), to.as_ref(), counter, pipes).await?;
+        if let crate::tunnel::splice::Spliced::Done = spliced {
             return Ok(());
         }
     }

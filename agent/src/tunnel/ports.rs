@@ -7,9 +7,69 @@
 //! (no check-then-bind race).
 
 use std::collections::BTreeSet;
+use std::fmt;
 use std::io;
+use std::str::FromStr;
 
-use crate::config::PortRange;
+use serde::Deserialize;
+
+/// An inclusive range of local ports, written `A-B`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    /// How many ports the range holds.
+    pub fn len(&self) -> usize {
+        usize::from(self.end - self.start) + 1
+    }
+
+    /// Always false: a range holds at least one port.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn contains(&self, port: u16) -> bool {
+        (self.start..=self.end).contains(&port)
+    }
+}
+
+impl fmt::Display for PortRange {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}-{}", self.start, self.end)
+    }
+}
+
+impl FromStr for PortRange {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (start, end) = text
+            .split_once('-')
+            .ok_or_else(|| format!("port range {text:?} is not of the form A-B"))?;
+        let parse = |part: &str| {
+            part.trim()
+                .parse::<u16>()
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| format!("port {part:?} in range {text:?} is not in 1-65535"))
+        };
+        let (start, end) = (parse(start)?, parse(end)?);
+        if start > end {
+            return Err(format!("port range {text:?} starts after it ends"));
+        }
+        Ok(Self { start, end })
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 /// Why no port could be had.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -56,7 +56,7 @@ fn kind_hint(context: &str) -> String {
 /// that the control plane takes reports, and the open-file limit.
 pub async fn agent(
     config: &crate::config::Config,
-    client: &crate::client::AgentClient,
+    client: &crate::ops::client::AgentClient,
 ) -> Vec<Check> {
     let health = match client.health().await {
         Ok(health) => health,
@@ -110,7 +110,7 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
             ));
             continue;
         };
-        let holders = crate::sockets::listeners_on(port);
+        let holders = crate::ops::sockets::listeners_on(port);
         let others: Vec<String> = holders
             .iter()
             .filter(|h| h.pid != agent_pid)
@@ -126,7 +126,7 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
             )),
             // Asked of the kernel's socket table, not of the holders found:
             // another user's process hides its descriptors from us.
-            TunnelState::Active if cfg!(target_os = "linux") && !crate::sockets::is_listening(port) => {
+            TunnelState::Active if cfg!(target_os = "linux") && !crate::ops::sockets::is_listening(port) => {
                 problems.push(Check::fail(
                     "tunnel",
                     format!("{id}: port {port} is not listening; turn it off and on again"),
@@ -328,10 +328,7 @@ pub fn name_ports(config: &crate::config::Config) -> Check {
         // range port: a limit worth knowing, not a failure.
         Err(err) => Check::ok(
             "name ports",
-            format!(
-                "limited: {}",
-                crate::addresses::CannotListen::new(probe, &err)
-            ),
+            format!("limited: {}", crate::tunnel::CannotListen::new(probe, &err)),
         ),
     }
 }

@@ -15,7 +15,6 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentError};
-use crate::config::Config;
 use crate::model::{Action, PodSpec};
 
 /// The demo's pods: name and what the page says about it.
@@ -32,55 +31,6 @@ pub enum DemoError {
     Bind(#[from] std::io::Error),
     #[error("cannot push the demo pods: {0}")]
     Push(#[from] AgentError),
-}
-
-/// Why the agent could not be started.
-#[derive(Debug, thiserror::Error)]
-pub enum LaunchError {
-    #[error(
-        "cannot listen on {address}: {source}; is another agent running? \
-         Choose another port with --agent-port"
-    )]
-    Listen {
-        address: SocketAddr,
-        source: std::io::Error,
-    },
-    #[error("invalid demo control plane URL {0}")]
-    Url(String),
-    #[error(transparent)]
-    Demo(#[from] DemoError),
-    #[error(transparent)]
-    Agent(#[from] AgentError),
-}
-
-/// Starts the agent on its configured address, the way both faces do: with
-/// `with_demo`, behind the built-in stand-in control plane, in the demo's own
-/// state dir (its pods never mix with real ones), with the demo pods pushed.
-/// Returns the agent and the demo pods (none without the demo).
-pub async fn launch(
-    mut config: Config,
-    with_demo: bool,
-) -> Result<(Agent, Vec<PodSpec>), LaunchError> {
-    let demo = if with_demo {
-        let demo = Demo::bind().await?;
-        let url = demo.control_plane_url()?;
-        config.control_plane_url = url.parse().map_err(|_| LaunchError::Url(url))?;
-        config.state_dir = config.state_dir.join("demo");
-        config.demo = true;
-        Some(demo)
-    } else {
-        None
-    };
-    let address = SocketAddr::new(config.bind, config.agent_port);
-    let listener = TcpListener::bind(address)
-        .await
-        .map_err(|source| LaunchError::Listen { address, source })?;
-    let agent = Agent::start(config, listener).await?;
-    let pods = match demo {
-        Some(demo) => demo.start(&agent).await?,
-        None => Vec::new(),
-    };
-    Ok((agent, pods))
 }
 
 /// The demo's sockets, bound before the agent starts so that the agent can be

@@ -45,7 +45,7 @@ pub struct Balance {
 
 /// The pipes bulk transfers borrow (Linux's splice path; nothing elsewhere).
 #[cfg(target_os = "linux")]
-pub type Pipes = Arc<crate::splice::PipePool>;
+pub type Pipes = Arc<crate::tunnel::splice::PipePool>;
 #[cfg(not(target_os = "linux"))]
 pub type Pipes = Arc<()>;
 

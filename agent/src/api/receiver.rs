@@ -2,6 +2,7 @@
 //! that names whatever is wrong, and JSON errors for every failure.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -14,12 +15,12 @@ use axum::{middleware, Json, Router};
 use serde_json::{json, Value};
 use tower_http::timeout::TimeoutLayer;
 
+use super::{auth, metrics, ui};
 use crate::agent::{Agent, AgentError};
 use crate::model::{
     parse_pod, parse_pod_id_only, Action, ForwardingRequest, PodList, PodRejection, PodSpec,
     PushResponse, TargetRequest,
 };
-use crate::{auth, ui};
 
 /// Largest request body accepted (1 MiB).
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
@@ -89,6 +90,7 @@ impl From<AgentError> for ApiError {
 /// Builds the agent's router. State-changing local endpoints are behind
 /// [`auth::local_only`]; everything is behind [`auth::check_caller`].
 pub fn router(agent: Agent) -> Router {
+    let registry = Arc::new(metrics::registry(&agent));
     let local = Router::new()
         .route("/api/v1/pods/{id}/forwarding", post(set_forwarding))
         .route("/api/v1/pods/{id}/stop", post(stop_tunnel))
@@ -96,7 +98,10 @@ pub fn router(agent: Agent) -> Router {
         .route_layer(middleware::from_fn(auth::local_only));
     Router::new()
         .route("/health", get(health))
-        .route("/metrics", get(metrics))
+        .route(
+            "/metrics",
+            get(move || metrics::endpoint(Arc::clone(&registry))),
+        )
         .route("/api/v1/pods", post(push_pods).get(list_pods))
         .route("/api/v1/pods/status", get(pod_status))
         .route("/api/v1/pods/{id}", get(one_pod))
@@ -118,25 +123,6 @@ pub fn router(agent: Agent) -> Router {
 
 async fn health(State(agent): State<Agent>) -> Response {
     Json(agent.health()).into_response()
-}
-
-/// Prometheus metrics in the OpenMetrics text format; like every endpoint
-/// but `/health`, it needs the token beyond loopback.
-async fn metrics(State(agent): State<Agent>) -> Result<Response, ApiError> {
-    let text = agent.metrics_text().map_err(|err| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot encode metrics: {err}"),
-        )
-    })?;
-    Ok((
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        text,
-    )
-        .into_response())
 }
 
 async fn pod_status(State(agent): State<Agent>) -> Response {

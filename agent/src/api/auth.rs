@@ -14,7 +14,7 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use crate::agent::Agent;
-use crate::receiver::ApiError;
+use crate::api::receiver::ApiError;
 
 /// Paths anyone may read without the token (liveness checks).
 const OPEN_PATHS: [&str; 1] = ["/health"];

@@ -16,8 +16,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::agent::Agent;
+use crate::api::receiver::ApiError;
 use crate::events::TrafficWatch;
-use crate::receiver::ApiError;
 
 /// The dashboard's files, by the name the page asks for.
 const ASSETS: [(&str, &str, &str); 4] = [

@@ -1,0 +1,244 @@
+//! The operations callers ask of the agent: a push (create, update, delete,
+//! sync), a toggle, a target switch, a stop. Each holds the operations lock
+//! from start to end, so each sees the last one's result, and keeps the
+//! store, the listeners, the state on disk and the names in step.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::IpAddr;
+
+use super::tunnels::held_by_others;
+use super::{Agent, AgentError, ApplyOutcome};
+use crate::events::AgentEvent;
+use crate::model::{Action, PodSpec, Redirection, TunnelTarget};
+use crate::names::{HostEntry, NamesError};
+use crate::state::PodEntry;
+use crate::state::StoredPod;
+use crate::tunnel::RunningTunnel;
+
+impl Agent {
+    /// Applies a push: upserts for create/update/sync, removals for delete,
+    /// and for sync the removal of every pod not listed and not in `keep`
+    /// (ids of pods rejected from this push, which must not be lost).
+    pub async fn apply(
+        &self,
+        action: Action,
+        pods: Vec<PodSpec>,
+        delete_ids: Vec<String>,
+        keep: BTreeSet<String>,
+    ) -> Result<ApplyOutcome, AgentError> {
+        let _op = self.inner.ops.lock().await;
+        let mut outcome = ApplyOutcome::default();
+        // Removals first, and their ports released, so that pods in this
+        // same push (or failed ones) can use the freed ports.
+        let closing: Vec<RunningTunnel> = {
+            let mut map = self.inner.store.write();
+            let doomed: Vec<String> = match action {
+                Action::Delete => delete_ids,
+                Action::Sync => {
+                    let wanted: HashSet<&str> = pods.iter().map(|p| p.id.as_str()).collect();
+                    map.keys()
+                        .filter(|id| !wanted.contains(id.as_str()) && !keep.contains(*id))
+                        .cloned()
+                        .collect()
+                }
+                Action::Create | Action::Update => Vec::new(),
+            };
+            doomed
+                .into_iter()
+                .filter_map(|id| {
+                    let mut entry = map.remove(&id)?;
+                    outcome.removed.push(id);
+                    Some(entry.take_listeners())
+                })
+                .flatten()
+                .collect::<Vec<RunningTunnel>>()
+        };
+        for listener in closing {
+            listener.close().await;
+        }
+        let mut upserted = Vec::new();
+        let mut moved_away = Vec::new();
+        {
+            let mut map = self.inner.store.write();
+            for spec in pods {
+                let id = spec.id.clone();
+                moved_away.extend(self.upsert(&mut map, spec));
+                upserted.push(id.clone());
+                outcome.applied.push(id);
+            }
+            if !outcome.removed.is_empty() {
+                // Ports freed by removals may let failed tunnels listen now.
+                upserted.extend(self.retry_failed(&mut map));
+            }
+        }
+        for listener in moved_away {
+            listener.close().await;
+        }
+        self.save(&upserted, &outcome.removed).await?;
+        self.write_names().await;
+        if !(outcome.applied.is_empty() && outcome.removed.is_empty()) {
+            self.events().publish(AgentEvent::PodsChanged {
+                applied: outcome.applied.clone(),
+                removed: outcome.removed.clone(),
+            });
+        }
+        Ok(outcome)
+    }
+
+    /// Stops a tunnel for good: closes its port, removes the pod and its name.
+    /// (A control plane that pushes it again brings it back.)
+    pub async fn stop_tunnel(&self, id: &str) -> Result<(), AgentError> {
+        if self.inner.store.pod_view(id).is_none() {
+            return Err(AgentError::UnknownPod(id.to_owned()));
+        }
+        let outcome = self
+            .apply(
+                Action::Delete,
+                Vec::new(),
+                vec![id.to_owned()],
+                BTreeSet::new(),
+            )
+            .await?;
+        if outcome.removed.is_empty() {
+            return Err(AgentError::UnknownPod(id.to_owned()));
+        }
+        tracing::info!(pod_id = %id, "tunnel stopped by the user");
+        Ok(())
+    }
+
+    /// Turns forwarding for one pod on (listen again, on its own port when
+    /// free) or off (close the port and its connections).
+    pub async fn set_forwarding(&self, id: &str, enabled: bool) -> Result<Redirection, AgentError> {
+        let _op = self.inner.ops.lock().await;
+        let closing = {
+            let mut map = self.inner.store.write();
+            if !map.contains_key(id) {
+                return Err(AgentError::UnknownPod(id.to_owned()));
+            }
+            if enabled {
+                let in_use = held_by_others(&map, Some(id));
+                if let Some(entry) = map.get_mut(id) {
+                    entry.forwarding = true;
+                    if entry.listener.is_none() {
+                        self.open_listener(entry, &in_use);
+                    }
+                }
+                Vec::new()
+            } else {
+                map.get_mut(id)
+                    .map(|entry| {
+                        entry.forwarding = false;
+                        entry.failure = None;
+                        entry.name_port_error = None;
+                        entry.take_listeners()
+                    })
+                    .unwrap_or_default()
+            }
+        };
+        for listener in closing {
+            listener.close().await;
+        }
+        tracing::info!(pod_id = %id, enabled, "forwarding toggled");
+        self.save_and_announce(id).await
+    }
+
+    /// Turns forwarding on or off for every pod (the tray's Pause all /
+    /// Resume all); returns how many pods changed.
+    pub async fn set_forwarding_all(&self, enabled: bool) -> Result<usize, AgentError> {
+        let ids: Vec<String> = self
+            .inner
+            .store
+            .read()
+            .iter()
+            .filter(|(_, entry)| entry.forwarding != enabled)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            match self.set_forwarding(id, enabled).await {
+                // Removed meanwhile by a push: nothing to pause.
+                Ok(_) | Err(AgentError::UnknownPod(_)) => {}
+                Err(other) => return Err(other),
+            }
+        }
+        Ok(ids.len())
+    }
+
+    /// Points one pod's tunnel at the staging pod or its local mirror; new
+    /// connections follow at once, the listener and the name stay. Kept on disk.
+    pub async fn set_target(
+        &self,
+        id: &str,
+        target: TunnelTarget,
+    ) -> Result<Redirection, AgentError> {
+        let _op = self.inner.ops.lock().await;
+        {
+            let map = self.inner.store.read();
+            let entry = map
+                .get(id)
+                .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
+            entry.tunnel.set_mode(target);
+        }
+        tracing::info!(pod_id = %id, target = target.as_str(), "tunnel target switched");
+        self.save_and_announce(id).await
+    }
+
+    /// After a change to one tunnel: keeps it on disk, tells subscribers, and
+    /// returns how it looks now.
+    async fn save_and_announce(&self, id: &str) -> Result<Redirection, AgentError> {
+        self.save(&[id.to_owned()], &[]).await?;
+        let view = self
+            .inner
+            .store
+            .pod_view(id)
+            .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
+        self.events().publish(AgentEvent::TunnelChanged {
+            pod_id: id.to_owned(),
+            state: view.tunnel.status,
+            error: view.tunnel.error.clone(),
+        });
+        Ok(view.tunnel)
+    }
+
+    /// Writes the named pods (and removals) to disk in one transaction.
+    pub(super) async fn save(&self, ids: &[String], removed: &[String]) -> Result<(), AgentError> {
+        let upserts: Vec<StoredPod> = {
+            let map = self.inner.store.read();
+            ids.iter()
+                .filter_map(|id| map.get(id).map(PodEntry::stored))
+                .collect()
+        };
+        if upserts.is_empty() && removed.is_empty() {
+            return Ok(());
+        }
+        self.inner.db.save(upserts, removed.to_vec()).await?;
+        Ok(())
+    }
+
+    /// Makes the hosts block list every pod we hold. A failure is logged,
+    /// not fatal: tunnels work by port without names.
+    pub(super) async fn write_names(&self) {
+        let ip = self.inner.listen_ip;
+        let entries: Vec<HostEntry> = self
+            .inner
+            .store
+            .read()
+            .values()
+            .map(|entry| HostEntry {
+                ip: entry.address.map_or(ip, IpAddr::V4),
+                names: vec![entry.spec.dns_name(), entry.spec.localhost_name()],
+            })
+            .collect();
+        let hosts = self.inner.hosts.clone();
+        let written = tokio::task::spawn_blocking(move || hosts.write(&entries))
+            .await
+            .unwrap_or_else(|err| {
+                Err(NamesError::Write {
+                    path: self.inner.hosts.path().to_owned(),
+                    source: std::io::Error::other(err.to_string()),
+                })
+            });
+        if let Err(err) = written {
+            tracing::error!(error = %err, "could not write pod names");
+        }
+    }
+}

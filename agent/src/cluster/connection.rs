@@ -1,0 +1,119 @@
+//! A session with the local cluster: connecting to the configured context,
+//! why a session could not start or ended, and the cluster's status as the
+//! agent shows it.
+
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+use serde::Serialize;
+
+use crate::config::ClusterSettings;
+
+/// Why a session with the cluster could not start or ended.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClusterError {
+    #[error("no kubeconfig: {0}")]
+    NoKubeconfig(String),
+    #[error("cannot read kubeconfig {path}: {message}")]
+    Kubeconfig { path: String, message: String },
+    #[error(
+        "context {context:?} is not in the kubeconfig; create the Kind cluster with \
+         `kind create cluster --name {cluster}`"
+    )]
+    ContextMissing { context: String, cluster: String },
+    #[error("cannot build a client for context {context:?}: {message}")]
+    Client { context: String, message: String },
+    #[error("cannot create namespace {namespace}: {message}")]
+    Namespace { namespace: String, message: String },
+    #[error("{0}")]
+    Api(String),
+    #[error("watch failed: {0}")]
+    Watch(String),
+    #[error("watch ended")]
+    WatchEnded,
+}
+
+/// Whether the local cluster can be used.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum ClusterStatus {
+    /// `--no-cluster`.
+    Disabled,
+    /// Not tried yet.
+    Connecting,
+    /// Connected; mirrors are applied.
+    Ready,
+    /// No kubeconfig, context missing, API unreachable, forbidden: the reason says which.
+    Unavailable(String),
+}
+
+impl ClusterStatus {
+    /// The report's `kind_cluster_status` word.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Self::Disabled => "disabled",
+            Self::Connecting | Self::Unavailable(_) => "unavailable",
+            Self::Ready => "ready",
+        }
+    }
+
+    pub fn reason(&self) -> Option<String> {
+        match self {
+            Self::Connecting => Some("connecting".to_owned()),
+            Self::Unavailable(reason) => Some(reason.clone()),
+            Self::Disabled | Self::Ready => None,
+        }
+    }
+}
+
+/// A short reason for a kube error, as the status shows it.
+pub(super) fn describe(err: &kube::Error) -> String {
+    match err {
+        kube::Error::Api(status) if status.code == 403 => format!("forbidden: {}", status.message),
+        kube::Error::Api(status) => format!("{} ({})", status.message, status.code),
+        other => other.to_string(),
+    }
+}
+
+/// Errors that end a session (the cluster is away) rather than one pod's apply.
+pub(super) fn is_cluster_fault(err: &kube::Error) -> bool {
+    match err {
+        kube::Error::Api(status) => status.code >= 500 || status.code == 401 || status.code == 403,
+        _ => true,
+    }
+}
+
+/// Connects to the configured context.
+pub(super) async fn connect(settings: &ClusterSettings) -> Result<Client, ClusterError> {
+    let kubeconfig = match &settings.kubeconfig {
+        Some(path) => Kubeconfig::read_from(path).map_err(|err| ClusterError::Kubeconfig {
+            path: path.display().to_string(),
+            message: err.to_string(),
+        })?,
+        None => Kubeconfig::read().map_err(|err| ClusterError::NoKubeconfig(err.to_string()))?,
+    };
+    if !kubeconfig
+        .contexts
+        .iter()
+        .any(|c| c.name == settings.context)
+    {
+        return Err(ClusterError::ContextMissing {
+            context: settings.context.clone(),
+            cluster: settings
+                .context
+                .strip_prefix("kind-")
+                .unwrap_or(&settings.context)
+                .to_owned(),
+        });
+    }
+    let options = KubeConfigOptions {
+        context: Some(settings.context.clone()),
+        ..KubeConfigOptions::default()
+    };
+    let client_error = |message: String| ClusterError::Client {
+        context: settings.context.clone(),
+        message,
+    };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|err| client_error(err.to_string()))?;
+    Client::try_from(config).map_err(|err| client_error(err.to_string()))
+}

@@ -1,0 +1,168 @@
+//! What the agent applies to the local cluster and what it reads back: the
+//! labels and annotation that mark a mirror as ours, the Pod manifest made
+//! from a staging pod, and the view of a mirror that shows beside its tunnel.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec as K8sPodSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+use crate::model::{MirrorView, PodSpec};
+
+/// Label every mirror carries, with [`MANAGED_BY_VALUE`].
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "k3s-local-agent";
+/// Label naming the agent that owns a mirror (its id, or a hash when the id is
+/// not a valid label value).
+pub const AGENT_LABEL: &str = "k3s-local-agent.dev/agent";
+/// Annotation carrying the staging pod id (ids need not be valid label values).
+pub const POD_ID_ANNOTATION: &str = "k3s-local-agent.dev/staging-pod-id";
+/// Our field manager for server-side apply.
+pub const FIELD_MANAGER: &str = "k3s-local-agent";
+
+/// A label value for `agent_id`: itself when valid, else a stable hash.
+pub fn agent_label_value(agent_id: &str) -> String {
+    let valid = !agent_id.is_empty()
+        && agent_id.len() <= 63
+        && agent_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && agent_id.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && agent_id.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        return agent_id.to_owned();
+    }
+    // FNV-1a: stable across runs and versions, unlike std's hasher.
+    let hash = agent_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("agent-{hash:016x}")
+}
+
+/// The label selector matching every mirror of this agent.
+pub fn selector(agent_label: &str) -> String {
+    format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{AGENT_LABEL}={agent_label}")
+}
+
+/// The Pod we apply for a staging pod: its image and ports, its labels plus ours.
+pub fn mirror_manifest(spec: &PodSpec, agent_label: &str, namespace: &str) -> Pod {
+    let mut labels: BTreeMap<String, String> = spec.labels.clone();
+    labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
+    labels.insert(AGENT_LABEL.to_owned(), agent_label.to_owned());
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(spec.name.clone()),
+            namespace: Some(namespace.to_owned()),
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([(
+                POD_ID_ANNOTATION.to_owned(),
+                spec.id.clone(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(K8sPodSpec {
+            containers: vec![Container {
+                name: "app".to_owned(),
+                image: Some(spec.image.clone()),
+                ports: Some(
+                    spec.ports
+                        .iter()
+                        .map(|port| ContainerPort {
+                            container_port: i32::from(*port),
+                            ..ContainerPort::default()
+                        })
+                        .collect(),
+                ),
+                ..Container::default()
+            }],
+            ..K8sPodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// What the cluster says of one mirror.
+pub(super) fn view_of(pod: &Pod) -> MirrorView {
+    let status = pod.status.as_ref();
+    MirrorView {
+        name: pod.metadata.name.clone().unwrap_or_default(),
+        phase: status.and_then(|s| s.phase.clone()),
+        pod_ip: status.and_then(|s| s.pod_ip.clone()),
+        restarts: status
+            .and_then(|s| s.container_statuses.as_ref())
+            .map_or(0, |all| all.iter().map(|c| c.restart_count).sum()),
+        last_event: last_event_of(pod),
+        error: None,
+    }
+}
+
+/// What a user would look for with `kubectl describe`: a container's waiting
+/// or terminated reason, else the message of a condition that is not true.
+fn last_event_of(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let from_container = status.container_statuses.iter().flatten().find_map(|c| {
+        let state = c.state.as_ref()?;
+        let (reason, message) = match (&state.waiting, &state.terminated) {
+            (Some(waiting), _) => (waiting.reason.clone(), waiting.message.clone()),
+            (None, Some(terminated)) => (terminated.reason.clone(), terminated.message.clone()),
+            (None, None) => return None,
+        };
+        let reason = reason?;
+        Some(match message {
+            Some(message) if !message.is_empty() => format!("{reason}: {message}"),
+            _ => reason,
+        })
+    });
+    from_container.or_else(|| {
+        status.conditions.iter().flatten().find_map(|c| {
+            (c.status != "True")
+                .then(|| c.message.clone().or_else(|| c.reason.clone()))
+                .flatten()
+        })
+    })
+}
+
+pub(super) fn pod_id_of(pod: &Pod) -> Option<String> {
+    pod.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(POD_ID_ANNOTATION).cloned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::parse_pod;
+
+    #[test]
+    fn manifests_carry_our_labels_and_the_pod_id() {
+        let spec = parse_pod(
+            0,
+            serde_json::json!({"id": "pod:1", "name": "my-app", "ip": "10.0.0.1",
+                               "image": "nginx:1", "ports": [80, 9090], "labels": {"app": "my-app"}}),
+        )
+        .expect("pod");
+        let pod = mirror_manifest(&spec, "agent-a", "staging");
+        let labels = pod.metadata.labels.clone().expect("labels");
+        assert_eq!(labels["app"], "my-app");
+        assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
+        assert_eq!(labels[AGENT_LABEL], "agent-a");
+        assert_eq!(pod_id_of(&pod).as_deref(), Some("pod:1"));
+        let container = &pod.spec.expect("spec").containers[0];
+        assert_eq!(container.image.as_deref(), Some("nginx:1"));
+        assert_eq!(container.ports.as_ref().map(Vec::len), Some(2));
+    }
+
+    #[test]
+    fn agent_ids_become_valid_label_values() {
+        assert_eq!(
+            agent_label_value("staging-agent-box-1"),
+            "staging-agent-box-1"
+        );
+        let long = "x".repeat(80);
+        let hashed = agent_label_value(&long);
+        assert!(hashed.starts_with("agent-") && hashed.len() <= 63);
+        assert_eq!(hashed, agent_label_value(&long), "stable");
+        assert_ne!(agent_label_value("a:b"), "a:b");
+    }
+}

@@ -1,0 +1,28 @@
+//! Tunnels: everything between a local port and a pod. This subsystem owns
+//! the listening sockets, the forwarding threads (one runtime per core), each
+//! connection's bytes (copy for small messages, splice for bulk), and the two
+//! policies that place a tunnel: its port in the range and its own loopback
+//! address in the block.
+//!
+//! May use: `events` (a tunnel announces its state and its traffic) and
+//! `model`. Must never touch: the store or the disk (`state`), the names, the
+//! cluster client (a `local` tunnel reaches its mirror only through the
+//! [`LocalDialer`] it is given), the HTTP API or the operator's tools.
+
+mod addresses;
+mod forward;
+mod listen;
+mod ports;
+mod relay;
+mod shards;
+#[cfg(target_os = "linux")]
+mod splice;
+
+pub use addresses::{AddressBlock, AddressBlockError, CannotListen};
+pub use forward::{
+    latency_buckets, ConnectErrorKind, DialError, LocalDialer, LocalStream, RunningTunnel,
+    TunnelShared, TunnelStats, SAMPLE_EVERY,
+};
+pub use listen::bind_listener;
+pub use ports::{PortPlan, PortRange};
+pub use shards::{default_count as default_forward_threads, ForwardShards, ShardLoads};
