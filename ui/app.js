@@ -246,6 +246,18 @@ function renderHeader(health) {
   cluster.textContent = `cluster · ${health.cluster_status}`;
   cluster.className = health.cluster_status === 'ready' ? 'pill ok' : 'pill';
 
+  // Where the names go and why: the NSS module, /etc/hosts, or a private file.
+  const names = $('names');
+  const where = {
+    'nss-module': 'system resolver',
+    'system-hosts': '/etc/hosts',
+    'private-file': 'private file',
+    file: 'hosts file',
+  }[health.names.mode] || health.names.mode;
+  names.textContent = `names · ${where}`;
+  names.className = health.names.system_wide ? 'pill ok' : 'pill';
+  names.title = [health.names.hosts_file, health.names.why].filter(Boolean).join(': ');
+
   const warning = $('names-warning');
   warning.textContent = health.names.warning || '';
   warning.hidden = !health.names.warning;

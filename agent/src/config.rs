@@ -98,9 +98,15 @@ pub struct RunOverrides {
     /// Threads that forward tunnel traffic [default: one per core, at most 8].
     #[arg(long, env = "K3S_LOCAL_AGENT_FORWARD_THREADS")]
     pub forward_threads: Option<NonZeroUsize>,
-    /// Hosts file for the pod names [default: /etc/hosts when writable, else <state-dir>/hosts].
+    /// Hosts file for the pod names [default: the NSS module's file when the
+    /// package is installed, else /etc/hosts when writable, else <state-dir>/hosts].
     #[arg(long, env = "K3S_LOCAL_AGENT_HOSTS_FILE")]
     pub hosts_file: Option<PathBuf>,
+    /// The helper that binds a pod's own port below 1024 when the agent may
+    /// not [default: the package's, /usr/libexec/k3s-local-agent/k3s-local-agent-bind,
+    /// else k3s-local-agent-bind beside this program].
+    #[arg(long, env = "K3S_LOCAL_AGENT_BIND_HELPER")]
+    pub bind_helper: Option<PathBuf>,
     /// Where the agent keeps its id, token and pods [default: <data dir>/k3s-local-agent].
     #[arg(long, env = "K3S_LOCAL_AGENT_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -136,6 +142,7 @@ pub struct FileSettings {
     pub name_ports: Option<Switch>,
     pub forward_threads: Option<NonZeroUsize>,
     pub hosts_file: Option<PathBuf>,
+    pub bind_helper: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
     pub demo: Option<bool>,
     pub kube_context: Option<String>,
@@ -175,6 +182,8 @@ pub struct Config {
     /// Forwarding threads (each a single-threaded runtime).
     pub forward_threads: usize,
     pub hosts_file: Option<PathBuf>,
+    /// The low-port bind helper, when one is installed or named.
+    pub bind_helper: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub demo: bool,
     /// Whether a control plane URL was given at all (flag, env or file): the
@@ -319,6 +328,11 @@ impl Config {
             name_ports,
             forward_threads,
             hosts_file: flags.hosts_file.clone().or_else(|| file.hosts_file.clone()),
+            bind_helper: flags
+                .bind_helper
+                .clone()
+                .or_else(|| file.bind_helper.clone())
+                .or_else(installed_bind_helper),
             state_dir,
             demo: flags.demo || file.demo.unwrap_or(false),
             control_plane_configured,
@@ -366,6 +380,22 @@ fn listen_ip_for(local_host: &str) -> Result<IpAddr, ConfigError> {
             message: format!("{other:?} is neither localhost nor an IP address"),
         }),
     }
+}
+
+/// Where the package puts the low-port bind helper.
+pub const PACKAGED_BIND_HELPER: &str = "/usr/libexec/k3s-local-agent/k3s-local-agent-bind";
+
+/// The package's bind helper, else one beside this program (a build tree).
+fn installed_bind_helper() -> Option<PathBuf> {
+    let packaged = PathBuf::from(PACKAGED_BIND_HELPER);
+    if packaged.is_file() {
+        return Some(packaged);
+    }
+    let beside = std::env::current_exe()
+        .ok()?
+        .parent()?
+        .join("k3s-local-agent-bind");
+    beside.is_file().then_some(beside)
 }
 
 #[cfg(test)]

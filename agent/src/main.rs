@@ -75,6 +75,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Make (install) or undo (remove) the package's system changes: the
+    /// k3slocal NSS module on the hosts line of /etc/nsswitch.conf, and the
+    /// bind helper's capability. The package's maintainer scripts run this.
+    SystemSetup {
+        action: SetupAction,
+        /// The root of the system to change.
+        #[arg(long, default_value = "/")]
+        root: PathBuf,
+    },
     /// Print the bearer token a remote control plane must send.
     Token {
         /// The agent's state dir [default: <data dir>/k3s-local-agent].
@@ -89,6 +98,12 @@ enum TargetArg {
     Staging,
     /// The mirror in the local cluster, through the Kubernetes API.
     Local,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum SetupAction {
+    Install,
+    Remove,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -196,6 +211,22 @@ async fn dispatch(command: Command) -> Result<()> {
             }
             if checks.iter().any(|c| !c.ok) {
                 bail!("something above needs fixing");
+            }
+            Ok(())
+        }
+        Command::SystemSetup { action, root } => {
+            use k3s_local_agent::ops::system_setup;
+            let steps = match action {
+                SetupAction::Install => system_setup::install(&root)?,
+                SetupAction::Remove => system_setup::remove(&root)?,
+            };
+            for step in steps {
+                let word = if step.changed {
+                    "changed"
+                } else {
+                    "already so"
+                };
+                println!("{word:<10}  {}", step.what);
             }
             Ok(())
         }

@@ -468,10 +468,45 @@ pub struct PodList {
 /// Where names are written and whether the system resolver sees them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct NamesHealth {
+    /// The file the names are written to.
     pub hosts_file: String,
+    /// Whether every program of this user resolves them.
     pub system_wide: bool,
+    /// Which of the places was chosen.
+    #[serde(default)]
+    pub mode: NamesMode,
+    /// Why that place: what was found on this machine.
+    #[serde(default)]
+    pub why: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<String>,
+}
+
+/// Where the agent writes its names.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum NamesMode {
+    /// This user's file, answered by the package's NSS module.
+    NssModule,
+    /// A block of the system hosts file.
+    #[default]
+    SystemHosts,
+    /// A private file in the state dir that the system resolver does not read.
+    PrivateFile,
+    /// The file `--hosts-file` names.
+    File,
+}
+
+impl NamesMode {
+    /// How the dashboard and `doctor` say it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::NssModule => "the system resolver, through the k3slocal NSS module",
+            Self::SystemHosts => "the system hosts file",
+            Self::PrivateFile => "a private file the system resolver does not read",
+            Self::File => "the file --hosts-file names",
+        }
+    }
 }
 
 /// Whether the control plane took our last report.

@@ -254,6 +254,8 @@ mod tests {
                 names: NamesHealth {
                     hosts_file: "/etc/hosts".into(),
                     system_wide: true,
+                    mode: crate::model::NamesMode::SystemHosts,
+                    why: String::new(),
                     warning: None,
                 },
                 control_plane: ControlPlaneHealth {

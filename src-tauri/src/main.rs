@@ -62,18 +62,16 @@ fn main() -> ExitCode {
         }
     };
     let settings = DesktopSettings::load(&config.state_dir);
-    let agent = match tauri::async_runtime::block_on(start_agent(config)) {
-        Ok(agent) => agent,
-        Err(err) => {
-            eprintln!("error: {err:#}");
-            return ExitCode::FAILURE;
-        }
-    };
 
     let app = tauri::Builder::default()
+        // First, so that a second launch hands over to the running app (its
+        // window shows) and exits 0 before it starts an agent of its own.
+        .plugin(tauri_plugin_single_instance::init(|app, _argv, _cwd| {
+            tracing::info!("launched again: showing the running app's window");
+            tray::show_dashboard(app);
+        }))
         .plugin(tauri_plugin_opener::init())
         .plugin(tauri_plugin_positioner::init())
-        .manage(agent.clone())
         .invoke_handler(tauri::generate_handler![
             commands::snapshot,
             commands::set_forwarding,
@@ -82,6 +80,8 @@ fn main() -> ExitCode {
             commands::open_pod,
         ])
         .setup(move |app| {
+            let agent = tauri::async_runtime::block_on(start_agent(config))?;
+            app.manage(agent.clone());
             let tray = tray::Tray::install(app.handle(), settings.clone(), &agent.snapshot())?;
             live::spawn(app.handle().clone(), agent.clone(), tray);
             if under_automation() {

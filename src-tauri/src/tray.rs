@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use k3s_local_agent::model::Snapshot;
 use k3s_local_agent::notices::Glance;
+use k3s_local_agent::ops::autostart;
 use k3s_local_agent::state::DesktopSettings;
 use k3s_local_agent::Agent;
 use tauri::image::Image;
@@ -26,6 +27,7 @@ const DASHBOARD: &str = "dashboard";
 const PAUSE_ALL: &str = "pause-all";
 const RESUME_ALL: &str = "resume-all";
 const MUTE: &str = "mute";
+const AUTOSTART: &str = "autostart";
 const QUIT: &str = "quit";
 
 fn icon_for(glance: Glance) -> tauri::Result<Image<'static>> {
@@ -166,6 +168,14 @@ impl Tray {
             true,
             None::<&str>,
         )?));
+        items.push(Box::new(CheckMenuItem::with_id(
+            app,
+            AUTOSTART,
+            "Start at login",
+            autostart::autostart_dir().is_some(),
+            autostart::autostart_dir().is_some_and(|dir| autostart::is_enabled(&dir)),
+            None::<&str>,
+        )?));
         let any_forwarding = snapshot.pods.iter().any(|v| v.tunnel.forwarding);
         let (pause_id, pause_text) = if any_forwarding || snapshot.pods.is_empty() {
             (PAUSE_ALL, "Pause all")
@@ -222,6 +232,30 @@ impl Tray {
         if let Err(err) = self.show(app, &snapshot) {
             tracing::warn!(error = %err, "cannot update the tray menu");
         }
+    }
+}
+
+/// Turns start at login on or off (the autostart entry is the setting),
+/// then shows the new state in the menu.
+fn toggle_autostart(app: &AppHandle) {
+    let Some(dir) = autostart::autostart_dir() else {
+        return;
+    };
+    let result = if autostart::is_enabled(&dir) {
+        autostart::disable(&dir)
+    } else {
+        std::env::current_exe().and_then(|exe| autostart::enable(&dir, &exe))
+    };
+    match result {
+        Ok(()) => tracing::info!(
+            enabled = autostart::is_enabled(&dir),
+            "start at login toggled"
+        ),
+        Err(err) => tracing::warn!(error = %err, "cannot change start at login"),
+    }
+    let snapshot = app.state::<Agent>().snapshot();
+    if let Err(err) = app.state::<Tray>().show(app, &snapshot) {
+        tracing::warn!(error = %err, "cannot update the tray menu");
     }
 }
 
@@ -285,6 +319,7 @@ fn on_menu_event(app: &AppHandle, event: MenuEvent) {
                 });
             }
             MUTE => app.state::<Tray>().toggle_mute(app),
+            AUTOSTART => toggle_autostart(app),
             QUIT => commands::quit(app.clone(), agent),
             _ => {}
         }

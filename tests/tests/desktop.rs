@@ -136,6 +136,7 @@ impl Drop for Driver {
 /// found free and released could be.
 const WINDOW_TEST_PORTS: u16 = 21440;
 const MENU_TEST_PORTS: u16 = 21450;
+const INSTANCE_TEST_PORTS: u16 = 21460;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_window_shows_pods_live_and_its_buttons_work() {
@@ -463,4 +464,83 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
         !sandbox.hosts_text().contains("one-staging.local"),
         "names removed on quit"
     );
+}
+
+#[test]
+fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
+    let desktop = Desktop::start(170).expect("a private desktop");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let config_home = sandbox.dir.path().join("config");
+    let agent_port = INSTANCE_TEST_PORTS;
+    let args = app_args(&sandbox, agent_port, "21470-21479", control_plane());
+    let launch = || {
+        let mut command = desktop.command(tray_binary());
+        command
+            .args(&args)
+            .env("XDG_CONFIG_HOME", &config_home)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command
+    };
+    let mut first = launch().spawn().expect("the app starts");
+    wait_until("the agent in the app", || {
+        std::net::TcpStream::connect(("127.0.0.1", agent_port)).is_ok()
+    })
+    .expect("agent up");
+    // Wait for the tray icon too: the app has finished setting up.
+    desktop.open_tray_menu().expect("menu opens");
+    desktop.press(&["Escape"]).expect("close the menu");
+    assert!(
+        !desktop.window_visible("K3s Local Agent"),
+        "the window starts hidden"
+    );
+
+    // A second launch (the app menu's entry, clicked again) hands over to
+    // the running app and ends with success; the first one's window shows.
+    let mut second = launch().spawn().expect("the second launch starts");
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the second launch did not exit");
+        std::thread::park_timeout(Duration::from_millis(50));
+    };
+    assert!(status.success(), "the second launch exits 0: {status}");
+    wait_until("the first app's window", || {
+        desktop.window_visible("K3s Local Agent")
+    })
+    .expect("the running app shows its window");
+    assert!(
+        first.try_wait().expect("wait").is_none(),
+        "the first app keeps running"
+    );
+    desktop
+        .screenshot(&screenshots().join("13-second-launch.png"))
+        .expect("screenshot");
+
+    // "Start at login" (third from the bottom with no pods: Quit, Mute, and
+    // it; "Pause all" is disabled and skipped) writes the XDG autostart
+    // entry that runs this app; choosing it again removes it.
+    let entry = config_home.join("autostart/k3s-local-agent.desktop");
+    desktop
+        .tray_menu_keys(&["Up", "Up", "Up", "Return"])
+        .expect("menu");
+    wait_until("the autostart entry", || entry.is_file()).expect("start at login on");
+    let text = std::fs::read_to_string(&entry).expect("read the entry");
+    assert!(
+        text.contains(&format!("\nExec={}\n", tray_binary().display())),
+        "{text}"
+    );
+    desktop
+        .tray_menu_keys(&["Up", "Up", "Up", "Return"])
+        .expect("menu");
+    wait_until("the autostart entry to go", || !entry.exists()).expect("start at login off");
+
+    desktop.tray_menu_keys(&["Up", "Return"]).expect("quit");
+    let deadline = Instant::now() + DEADLINE;
+    while first.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "the app did not quit");
+        std::thread::park_timeout(Duration::from_millis(50));
+    }
 }

@@ -15,12 +15,12 @@ use super::{Agent, AgentError, Inner};
 use crate::cluster::Mirror;
 use crate::config::Config;
 use crate::events::{AgentEvent, EventBus};
-use crate::names::HostsFile;
+use crate::names::Names;
 use crate::report::Reporter;
 use crate::state::{Identity, StateDb, StoredPod};
 use crate::state::{PodEntry, Store};
-use crate::tunnel::ForwardShards;
 use crate::tunnel::PortPlan;
+use crate::tunnel::{AddressPorts, ForwardShards};
 use crate::tunnel::{RunningTunnel, TunnelShared};
 
 /// How long shutdown waits for tasks before giving up on them.
@@ -36,7 +36,7 @@ impl Agent {
         raise_open_file_limit();
         let identity = Identity::load_or_create(&config.state_dir, config.agent_id.as_deref())?;
         let db = StateDb::open(&config.state_dir)?;
-        let hosts = HostsFile::choose(config.hosts_file.clone(), &config.state_dir);
+        let hosts = Names::choose(config.hosts_file.clone(), &config.state_dir);
         if let Some(warning) = hosts.warning() {
             tracing::warn!("{warning}");
         }
@@ -66,6 +66,7 @@ impl Agent {
         .map_err(|err| AgentError::Reporter(err.to_string()))?;
 
         let shards = ForwardShards::new(config.forward_threads).map_err(AgentError::Shards)?;
+        let address_ports = AddressPorts::new(config.bind_helper.clone());
         let agent = Self {
             inner: Arc::new(Inner {
                 listen_ip: config.listen_ip(),
@@ -81,6 +82,7 @@ impl Agent {
                 cluster,
                 dialer: mirror.dialer(),
                 shards,
+                address_ports,
                 ops: Mutex::new(()),
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),

@@ -23,13 +23,13 @@ use crate::cluster::ClusterStatus;
 use crate::config::Config;
 use crate::events::EventBus;
 use crate::model::{ControlPlaneHealth, HealthResponse, PodView, Snapshot, StatusResponse};
-use crate::names::HostsFile;
+use crate::names::Names;
 use crate::report::{ReportMetrics, Reporter};
 use crate::state::Store;
 use crate::state::{Identity, PersistError, StateDb};
 use crate::tunnel::LocalDialer;
 use crate::tunnel::PortPlan;
-use crate::tunnel::{ForwardShards, ShardLoads};
+use crate::tunnel::{AddressPorts, ForwardShards, ShardLoads};
 
 /// Why the agent could not start or carry out an operation.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,7 @@ struct Inner {
     listen_ip: IpAddr,
     store: Store,
     db: StateDb,
-    hosts: HostsFile,
+    hosts: Names,
     ports: PortPlan,
     reporter: Reporter,
     control_plane: watch::Receiver<ControlPlaneHealth>,
@@ -77,6 +77,8 @@ struct Inner {
     dialer: Arc<dyn LocalDialer>,
     /// The per-core runtimes every tunnel's connections run on.
     shards: ForwardShards,
+    /// Binds ports on pod addresses, through the bind helper when privileged.
+    address_ports: AddressPorts,
     /// Serializes the operations that change state, so each sees the last one's result.
     ops: Mutex<()>,
     cancel: CancellationToken,

@@ -160,7 +160,9 @@ impl Agent {
         port: u16,
     ) -> Result<RunningTunnel, CannotListen> {
         let addr = SocketAddr::from((address, port));
-        crate::tunnel::bind_listener(addr)
+        self.inner
+            .address_ports
+            .bind(addr)
             .and_then(|listener| {
                 RunningTunnel::spawn(
                     listener,
@@ -169,12 +171,9 @@ impl Agent {
                     &self.inner.tracker,
                     &self.inner.cancel,
                 )
+                .map_err(|err| CannotListen::new(addr, &err))
             })
-            .map_err(|err| {
-                let why = CannotListen::new(addr, &err);
-                tracing::warn!(pod_id = %entry.spec.id, "{why}");
-                why
-            })
+            .inspect_err(|why| tracing::warn!(pod_id = %entry.spec.id, "{why}"))
     }
 
     /// After an update changed the pod's own port: its name listener moves

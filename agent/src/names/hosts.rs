@@ -5,10 +5,9 @@
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
-use crate::model::NamesHealth;
+use super::{HostEntry, NamesError};
 use crate::state::fsio;
 
 /// First line of our block.
@@ -16,26 +15,6 @@ pub const BLOCK_BEGIN: &str =
     "# BEGIN k3s-local-agent: staging pod names, managed by the agent; edits are lost";
 /// Last line of our block.
 pub const BLOCK_END: &str = "# END k3s-local-agent";
-/// The system hosts file, used when we may write it.
-pub const SYSTEM_HOSTS: &str = "/etc/hosts";
-
-/// Why the names could not be written.
-#[derive(Debug, thiserror::Error)]
-pub enum NamesError {
-    #[error("cannot read hosts file {path}: {source}")]
-    Read { path: PathBuf, source: io::Error },
-    #[error("hosts file {path} is not UTF-8 text; refusing to rewrite it")]
-    NotText { path: PathBuf },
-    #[error("cannot write hosts file {path}: {source}")]
-    Write { path: PathBuf, source: io::Error },
-}
-
-/// One line of our block: an address and the names that resolve to it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HostEntry {
-    pub ip: IpAddr,
-    pub names: Vec<String>,
-}
 
 /// Returns `text` with every block of ours removed (a stale one from a crash
 /// included), and the byte offset where the first one stood.
@@ -127,72 +106,19 @@ pub fn count_blocks(text: &str) -> usize {
     text.lines().filter(|l| l.trim_end() == BLOCK_BEGIN).count()
 }
 
-/// The hosts file the agent writes its names to.
+/// A hosts file the agent writes its names to, in one marked block.
 #[derive(Debug, Clone)]
 pub struct HostsFile {
     path: PathBuf,
-    system_wide: bool,
-    warning: Option<String>,
 }
 
 impl HostsFile {
-    /// `explicit` when given; else `/etc/hosts` when we may write it; else
-    /// `<state_dir>/hosts`, with a warning that names are not system-wide.
-    pub fn choose(explicit: Option<PathBuf>, state_dir: &Path) -> Self {
-        Self::choose_among(explicit, Path::new(SYSTEM_HOSTS), state_dir)
-    }
-
-    fn choose_among(explicit: Option<PathBuf>, system: &Path, state_dir: &Path) -> Self {
-        let path = match explicit {
-            Some(path) => path,
-            None if is_writable(system) => system.to_owned(),
-            None => {
-                let fallback = state_dir.join("hosts");
-                let warning = format!(
-                    "{} is not writable, so pod names go to {}, which the system resolver \
-                     does not read: `.local` names work only where that file is used; \
-                     `<name>-staging.localhost` still works in browsers. Run with write \
-                     access to {} (or pass --hosts-file) for system-wide names.",
-                    system.display(),
-                    fallback.display(),
-                    system.display()
-                );
-                return Self {
-                    path: fallback,
-                    system_wide: false,
-                    warning: Some(warning),
-                };
-            }
-        };
-        let system_wide = path == system;
-        let warning = (!system_wide).then(|| {
-            format!(
-                "pod names are written to {}, not {}: the system resolver does not see them",
-                path.display(),
-                system.display()
-            )
-        });
-        Self {
-            path,
-            system_wide,
-            warning,
-        }
+    pub fn at(path: PathBuf) -> Self {
+        Self { path }
     }
 
     pub fn path(&self) -> &Path {
         &self.path
-    }
-
-    pub fn warning(&self) -> Option<&str> {
-        self.warning.as_deref()
-    }
-
-    pub fn health(&self) -> NamesHealth {
-        NamesHealth {
-            hosts_file: self.path.display().to_string(),
-            system_wide: self.system_wide,
-            warning: self.warning.clone(),
-        }
     }
 
     /// Makes our block say exactly `entries` (none: no block at all).
@@ -232,23 +158,12 @@ impl HostsFile {
     }
 }
 
-/// Whether we may replace `path`: the file opens for writing and its folder
-/// takes a new file (the atomic replace needs both).
-fn is_writable(path: &Path) -> bool {
-    let file_ok = fs::OpenOptions::new().append(true).open(path).is_ok();
-    let dir_ok = path
-        .parent()
-        .and_then(|dir| tempfile::tempfile_in(dir).ok())
-        .is_some();
-    file_ok && dir_ok
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::model::validate_pod_name;
     use proptest::prelude::*;
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
 
     fn entry(name: &str) -> HostEntry {
         HostEntry {
@@ -294,27 +209,11 @@ mod tests {
     }
 
     #[test]
-    fn fallback_warns_when_system_file_is_not_writable() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let missing = dir.path().join("no-such-dir").join("hosts");
-        let hosts = HostsFile::choose_among(None, &missing, dir.path());
-        assert_eq!(hosts.path(), dir.path().join("hosts"));
-        assert!(!hosts.health().system_wide);
-        assert!(hosts.warning().expect("warning").contains("not writable"));
-        let system = dir.path().join("system-hosts");
-        fs::write(&system, FOREIGN).expect("write");
-        let hosts = HostsFile::choose_among(None, &system, dir.path());
-        assert_eq!(hosts.path(), system);
-        assert!(hosts.health().system_wide);
-        assert!(hosts.warning().is_none());
-    }
-
-    #[test]
     fn write_and_clear_a_real_file() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("hosts");
         fs::write(&path, FOREIGN).expect("write");
-        let hosts = HostsFile::choose(Some(path.clone()), dir.path());
+        let hosts = HostsFile::at(path.clone());
         hosts.write(&[entry("my-app")]).expect("write names");
         let text = fs::read_to_string(&path).expect("read");
         assert!(text.contains("127.0.0.1 my-app-staging.local my-app-staging.localhost\n"));

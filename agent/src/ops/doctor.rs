@@ -202,9 +202,10 @@ async fn names(
         return Check::ok(
             "names",
             format!(
-                "limited: names go to {}, which the system resolver does not read (run the \
-                 agent as root to use /etc/hosts); browsers still reach <name>-staging.localhost",
-                health.names.hosts_file
+                "limited: names go to {}, which the system resolver does not read ({}). \
+                 Install the package: its NSS module gives this user system-wide names with \
+                 no root. Browsers still reach <name>-staging.localhost",
+                health.names.hosts_file, health.names.why
             ),
         );
     }
@@ -232,7 +233,8 @@ async fn names(
         Check::ok(
             "names",
             format!(
-                "{checked} names resolve to their pods (hosts file {})",
+                "{checked} names resolve to their pods, through {} ({})",
+                health.names.mode.describe(),
                 health.names.hosts_file
             ),
         )
@@ -316,20 +318,27 @@ pub fn name_ports(config: &crate::config::Config) -> Check {
         );
     };
     let probe = std::net::SocketAddr::from((address, 80));
-    match std::net::TcpListener::bind(probe) {
+    // The same path a tunnel takes: a direct bind, else the bind helper.
+    let ports = crate::tunnel::AddressPorts::new(config.bind_helper.clone());
+    let how = match &config.bind_helper {
+        Some(helper) => format!(
+            " (through the bind helper {} when needed)",
+            helper.display()
+        ),
+        None => String::new(),
+    };
+    match ports.bind(probe) {
         Ok(_) => Check::ok(
             "name ports",
             format!(
-                "pods get their own address in {} and their own port there (port 80 can listen)",
+                "pods get their own address in {} and their own port there (port 80 can \
+                 listen{how})",
                 config.address_block
             ),
         ),
         // Without the privilege (or the alias) names still work with the
         // range port: a limit worth knowing, not a failure.
-        Err(err) => Check::ok(
-            "name ports",
-            format!("limited: {}", crate::tunnel::CannotListen::new(probe, &err)),
-        ),
+        Err(why) => Check::ok("name ports", format!("limited: {why}")),
     }
 }
 

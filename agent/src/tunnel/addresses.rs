@@ -161,6 +161,27 @@ impl CannotListen {
     }
 }
 
+impl CannotListen {
+    /// The same reason, when the bind helper at `helper` tried: the
+    /// capability belongs on the helper, not on the agent.
+    pub fn via_helper(self, helper: &std::path::Path) -> Self {
+        match self {
+            Self::NeedsPrivilege {
+                addr,
+                port,
+                unprivileged_start,
+                ..
+            } => Self::NeedsPrivilege {
+                addr,
+                port,
+                unprivileged_start,
+                binary: helper.display().to_string(),
+            },
+            other => other,
+        }
+    }
+}
+
 /// The lowest port an unprivileged process may bind (Linux's sysctl).
 fn unprivileged_port_start() -> Option<u16> {
     std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")

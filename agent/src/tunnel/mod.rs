@@ -9,6 +9,7 @@
 //! cluster client (a `local` tunnel reaches its mirror only through the
 //! [`LocalDialer`] it is given), the HTTP API or the operator's tools.
 
+mod address_ports;
 mod addresses;
 mod forward;
 mod listen;
@@ -18,6 +19,7 @@ mod shards;
 #[cfg(target_os = "linux")]
 mod splice;
 
+pub use address_ports::AddressPorts;
 pub use addresses::{AddressBlock, AddressBlockError, CannotListen};
 pub use forward::{
     latency_buckets, ConnectErrorKind, DialError, LocalDialer, LocalStream, RunningTunnel,

@@ -1,0 +1,388 @@
+//! The NSS module `libnss_k3slocal.so.2` answers through the real glibc
+//! resolver (`getent`, what every program uses): the test re-runs itself under
+//! `unshare --mount`, and in that private mount namespace bind-mounts a temp
+//! nsswitch.conf (`hosts: files k3slocal dns`) and resolv.conf over /etc and a
+//! tmpfs over /run/user, then resolves names as other users with `setpriv`.
+//! The machine's own /etc and /run/user are never touched. Needs root (CI runs
+//! as root); without it the test fails and says why.
+//!
+//! At the end, the agent itself (run as a user with a runtime dir, and the
+//! module on the hosts line) picks the module's file for its names, and
+//! `getent` as that user finds its pod.
+
+use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use k3s_local_agent_e2e::{agent_binary, wait_until, AgentProcess};
+
+/// Set in the re-run of this test inside the private mount namespace.
+const INNER: &str = "K3S_NSS_E2E_INNER";
+/// This test's name, for libtest's `--exact`.
+const TEST_NAME: &str = "the_nss_module_answers_each_user_from_its_own_names_file";
+/// A user with a names file (nobody) and one without.
+const A: u32 = 65534;
+const B: u32 = 65533;
+const LINE: &str = "127.77.0.9 web-staging.local web-staging-staging-staging.local\n";
+
+/// The built module: `K3S_LOCAL_AGENT_NSS`, else beside this test's target dir.
+fn nss_module() -> PathBuf {
+    if let Some(path) = std::env::var_os("K3S_LOCAL_AGENT_NSS") {
+        return PathBuf::from(path);
+    }
+    // target/debug/deps/<test> -> target/debug/libnss_k3slocal.so
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let module = profile_dir.join("libnss_k3slocal.so");
+    assert!(
+        module.exists(),
+        "{} is missing: build it first with `cargo build -p nss-k3slocal` \
+         (the test script does)",
+        module.display()
+    );
+    module
+}
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|err| panic!("running {program}: {err}"));
+    assert!(status.success(), "{program} {args:?} failed: {status}");
+}
+
+/// `getent ARGS` as `uid` (no groups) with the module on the library path:
+/// exit code and stdout.
+fn getent_as(lib_dir: &Path, uid: u32, args: &[&str]) -> (i32, String) {
+    let id = uid.to_string();
+    let output = Command::new("setpriv")
+        .args([
+            &format!("--reuid={id}"),
+            &format!("--regid={id}"),
+            "--clear-groups",
+            "timeout",
+            "10",
+            "getent",
+        ])
+        .args(args)
+        .env("LD_LIBRARY_PATH", lib_dir)
+        .output()
+        .expect("setpriv (util-linux) is installed");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+/// The address `getent hosts NAME` prints for `uid`, `None` when not found.
+fn address_for(lib_dir: &Path, uid: u32, name: &str) -> Option<String> {
+    let (code, out) = getent_as(lib_dir, uid, &["hosts", name]);
+    match code {
+        0 => out.split_whitespace().next().map(str::to_owned),
+        2 => {
+            assert!(out.is_empty(), "{out}");
+            None
+        }
+        other => panic!("getent hosts {name} as {uid} exited {other}: {out}"),
+    }
+}
+
+fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
+
+/// `/run/user/UID/k3s-local-agent` (dirs 0700, owned by UID); the names
+/// file in it removed.
+fn agent_dir(uid: u32) -> PathBuf {
+    let run = PathBuf::from(format!("/run/user/{uid}"));
+    let dir = run.join("k3s-local-agent");
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    for path in [&run, &dir] {
+        chown(path, Some(uid), Some(uid)).expect("chown");
+        chmod(path, 0o700);
+    }
+    let _ = std::fs::remove_file(dir.join("names"));
+    dir
+}
+
+/// Writes UID's names file with `text`, owned by `owner`, with `mode`.
+fn write_names(uid: u32, owner: u32, mode: u32, text: &str) {
+    let names = agent_dir(uid).join("names");
+    std::fs::write(&names, text).expect("write names");
+    chown(&names, Some(owner), Some(owner)).expect("chown");
+    chmod(&names, mode);
+}
+
+#[test]
+fn the_nss_module_answers_each_user_from_its_own_names_file() {
+    if std::env::var_os(INNER).is_some() {
+        inside_private_mount_namespace();
+        return;
+    }
+    let probe = Command::new("unshare")
+        .args(["--mount", "true"])
+        .output()
+        .expect("unshare (util-linux) is installed");
+    assert!(
+        probe.status.success(),
+        "this test needs a private mount namespace (run as root, as CI does): {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+    let module = nss_module();
+    let real_nsswitch = std::fs::read("/etc/nsswitch.conf").expect("read /etc/nsswitch.conf");
+    let exe = std::env::current_exe().expect("test executable path");
+    // Re-run just this test in a private mount namespace with private
+    // propagation: its mounts are invisible outside it and vanish with it.
+    let output = Command::new("unshare")
+        .args(["--mount", "--propagation", "private"])
+        .arg(&exe)
+        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
+        .env(INNER, "1")
+        .env("K3S_LOCAL_AGENT_NSS", &module)
+        .output()
+        .expect("re-run under unshare");
+    assert!(
+        output.status.success(),
+        "inner run failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("1 passed"),
+        "the inner run ran the test"
+    );
+    assert_eq!(
+        std::fs::read("/etc/nsswitch.conf").expect("read /etc/nsswitch.conf"),
+        real_nsswitch,
+        "the machine's own nsswitch.conf is untouched"
+    );
+    assert!(
+        !Path::new(&format!("/run/user/{B}/k3s-local-agent")).exists(),
+        "the machine's own /run/user is untouched"
+    );
+}
+
+fn inside_private_mount_namespace() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lib_dir = dir.path().join("lib");
+    std::fs::create_dir(&lib_dir).expect("mkdir");
+    // getent runs as other users: they must reach the module.
+    chmod(dir.path(), 0o755);
+    chmod(&lib_dir, 0o755);
+    std::fs::copy(nss_module(), lib_dir.join("libnss_k3slocal.so.2")).expect("copy module");
+
+    let real = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
+    let mut nsswitch: String = real
+        .lines()
+        .filter(|line| !line.starts_with("hosts:"))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    nsswitch.push_str("hosts: files k3slocal dns\n");
+    let nsswitch_path = dir.path().join("nsswitch.conf");
+    std::fs::write(&nsswitch_path, nsswitch).expect("write nsswitch.conf");
+    // Hermetic DNS: nothing listens on 127.0.0.1:53, so the dns module fails
+    // at once instead of leaving the machine.
+    let resolv_path = dir.path().join("resolv.conf");
+    std::fs::write(
+        &resolv_path,
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    )
+    .expect("write resolv.conf");
+    for (file, target) in [
+        (&nsswitch_path, "/etc/nsswitch.conf"),
+        (&resolv_path, "/etc/resolv.conf"),
+    ] {
+        run("mount", &["--bind", &file.display().to_string(), target]);
+    }
+    run(
+        "mount",
+        &["-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run/user"],
+    );
+    let lib = lib_dir.as_path();
+
+    // User A's own file answers A, by every glibc path.
+    write_names(A, A, 0o600, &format!("# k3s-local-agent names\n{LINE}"));
+    let (code, out) = getent_as(lib, A, &["hosts", "web-staging.local"]);
+    assert_eq!(code, 0, "{out}");
+    let fields: Vec<&str> = out.split_whitespace().collect();
+    assert_eq!(
+        fields,
+        [
+            "127.77.0.9",
+            "web-staging.local",
+            "web-staging-staging-staging.local"
+        ]
+    );
+    for database in ["ahosts", "ahostsv4"] {
+        let (code, out) = getent_as(lib, A, &[database, "web-staging.local"]);
+        assert_eq!(code, 0, "{database}: {out}");
+        assert!(
+            out.starts_with("127.77.0.9 ") && out.contains("STREAM web-staging.local"),
+            "{database}: {out}"
+        );
+    }
+    // No IPv6 answer of its own: ahostsv6 (AI_V4MAPPED) sees only the mapping.
+    let (code, out) = getent_as(lib, A, &["ahostsv6", "web-staging.local"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.lines()
+            .all(|line| line.starts_with("::ffff:127.77.0.9 ")),
+        "{out}"
+    );
+    let expected = Some("127.77.0.9".to_owned());
+    assert_eq!(address_for(lib, A, "WEB-Staging.LOCAL."), expected);
+    assert_eq!(
+        address_for(lib, A, "web-staging-staging-staging.local"),
+        expected
+    );
+    assert_eq!(address_for(lib, A, "other-staging.local"), None);
+    assert_eq!(
+        address_for(lib, A, "localhost").as_deref(),
+        Some("127.0.0.1")
+    );
+    assert_eq!(address_for(lib, A, "unrelated.example"), None);
+
+    // Nobody else sees A's names.
+    assert_eq!(
+        address_for(lib, B, "web-staging.local"),
+        None,
+        "B has no file"
+    );
+    let (code, _) = getent_as(lib, B, &["ahosts", "web-staging.local"]);
+    assert_eq!(code, 2);
+    assert_eq!(
+        address_for(lib, 0, "web-staging.local"),
+        None,
+        "root has no file"
+    );
+
+    // B's file, in every shape the module must refuse.
+    let b_dir = agent_dir(B);
+    let names = b_dir.join("names");
+    std::fs::write(b_dir.join("real"), LINE).expect("write");
+    chown(b_dir.join("real"), Some(B), Some(B)).expect("chown");
+    chmod(&b_dir.join("real"), 0o600);
+    symlink("real", &names).expect("symlink");
+    lchown(&names, Some(B), Some(B)).expect("lchown");
+    assert_eq!(address_for(lib, B, "web-staging.local"), None, "symlink");
+    write_names(B, A, 0o644, LINE);
+    assert_eq!(address_for(lib, B, "web-staging.local"), None, "owned by A");
+    write_names(B, B, 0o620, LINE);
+    assert_eq!(
+        address_for(lib, B, "web-staging.local"),
+        None,
+        "group-writable"
+    );
+    write_names(B, B, 0o602, LINE);
+    assert_eq!(
+        address_for(lib, B, "web-staging.local"),
+        None,
+        "other-writable"
+    );
+    std::fs::remove_file(&names).expect("rm");
+    run("mkfifo", &["-m", "0600", &names.display().to_string()]);
+    chown(&names, Some(B), Some(B)).expect("chown");
+    assert_eq!(
+        address_for(lib, B, "web-staging.local"),
+        None,
+        "FIFO, no hang"
+    );
+    write_names(B, B, 0o600, &format!("{LINE}{}\n", "#".repeat(1024 * 1024)));
+    assert_eq!(address_for(lib, B, "web-staging.local"), None, "over 1 MiB");
+
+    // Control: B's own good file answers B; malformed lines and foreign names
+    // are skipped.
+    write_names(
+        B,
+        B,
+        0o600,
+        "999.1.2.3 web-staging.local\nnot-an-address web-staging.local\n\
+         127.77.0.5 evil.example\n127.77.0.10 web-staging.local\n",
+    );
+    assert_eq!(
+        address_for(lib, B, "web-staging.local").as_deref(),
+        Some("127.77.0.10")
+    );
+    assert_eq!(address_for(lib, B, "evil.example"), None);
+    assert_eq!(address_for(lib, A, "web-staging.local"), expected);
+
+    the_agent_writes_its_users_names_for_the_module(lib);
+}
+
+/// The agent, run as user B with B's runtime dir and the module on the
+/// hosts line, writes its names to B's file: `getent` as B finds B's pod
+/// at its own address, and A does not.
+fn the_agent_writes_its_users_names_for_the_module(lib: &Path) {
+    let state = tempfile::tempdir().expect("tempdir");
+    chown(state.path(), Some(B), Some(B)).expect("chown");
+    chmod(state.path(), 0o700);
+    // The agent makes the folder itself.
+    let _ = std::fs::remove_dir_all(format!("/run/user/{B}/k3s-local-agent"));
+    let id = B.to_string();
+    let agent = AgentProcess::run_command(
+        Command::new("setpriv")
+            .args([
+                format!("--reuid={id}").as_str(),
+                &format!("--regid={id}"),
+                "--clear-groups",
+            ])
+            .arg(agent_binary())
+            .args([
+                "run",
+                "--agent-port",
+                "0",
+                "--no-cluster",
+                "--port-range",
+                "18760-18780",
+                "--state-dir",
+            ])
+            .arg(state.path().join("state")),
+    )
+    .expect("the agent starts as B");
+    let health = agent.get_json("/health").expect("health");
+    assert_eq!(health["names"]["mode"], "nss-module", "{health}");
+    let agent_id = agent.agent_id().expect("agent id");
+    let (code, answer) = agent
+        .push(&serde_json::json!({
+            "agent_id": agent_id,
+            "action": "create",
+            "pods": [{"id": "db-1", "name": "db", "namespace": "staging",
+                      "image": "postgres", "status": "running", "ip": "127.0.0.1", "port": 5432}],
+        }))
+        .expect("push");
+    assert_eq!(code, 200, "{answer}");
+    let mut address = String::new();
+    wait_until("the pod's address", || {
+        address = agent
+            .get_json("/api/v1/pods/status")
+            .ok()
+            .and_then(|status| {
+                status["redirections"]["db-1"]["address"]
+                    .as_str()
+                    .map(str::to_owned)
+            })
+            .unwrap_or_default();
+        !address.is_empty()
+    })
+    .expect("the pod gets an address");
+    let mut found = None;
+    wait_until("the name to resolve for B", || {
+        found = address_for(lib, B, "db-staging.local");
+        found.is_some()
+    })
+    .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_lines().join("\n")));
+    assert_eq!(found.as_deref(), Some(address.as_str()));
+    assert_eq!(
+        address_for(lib, A, "db-staging.local"),
+        None,
+        "A does not see B's pod"
+    );
+    agent.terminate().expect("stop the agent");
+    wait_until("the agent to take its names away", || {
+        address_for(lib, B, "db-staging.local").is_none()
+    })
+    .expect("names are removed at shutdown");
+}
