@@ -23,6 +23,18 @@ pub const DEFAULT_KUBE_CONTEXT: &str = "kind-staging-cluster";
 /// Default namespace of the local mirror (the seed's).
 pub const DEFAULT_NAMESPACE: &str = "staging";
 
+/// Default cap on the pods held at once: ten times the default port range,
+/// so every realistic staging set fits, and a runaway control plane cannot
+/// fill memory, the disk and the hosts file without bound.
+pub const DEFAULT_MAX_PODS: usize = 10_000;
+/// Default cap on connections open at once through one tunnel port: far
+/// beyond what a developer opens, low enough that a loop (a target that is
+/// one of our own ports, through another forwarder) cannot take every
+/// descriptor from the other tunnels.
+pub const DEFAULT_MAX_TUNNEL_CONNECTIONS: usize = 4096;
+/// Default cap on dashboard event streams open at once.
+pub const DEFAULT_MAX_EVENT_STREAMS: usize = 64;
+
 /// Most forwarding threads a setting may ask for.
 const MAX_FORWARD_THREADS: usize = 64;
 
@@ -98,6 +110,16 @@ pub struct RunOverrides {
     /// Threads that forward tunnel traffic [default: one per core, at most 8].
     #[arg(long, env = "K3S_LOCAL_AGENT_FORWARD_THREADS")]
     pub forward_threads: Option<NonZeroUsize>,
+    /// Most pods the agent holds; a push past it is refused whole [default: 10000].
+    #[arg(long, env = "K3S_LOCAL_AGENT_MAX_PODS")]
+    pub max_pods: Option<NonZeroUsize>,
+    /// Most connections open at once through one tunnel port; more wait for
+    /// one to close [default: 4096].
+    #[arg(long, env = "K3S_LOCAL_AGENT_MAX_TUNNEL_CONNECTIONS")]
+    pub max_tunnel_connections: Option<NonZeroUsize>,
+    /// Most dashboard event streams open at once; more are refused 503 [default: 64].
+    #[arg(long, env = "K3S_LOCAL_AGENT_MAX_EVENT_STREAMS")]
+    pub max_event_streams: Option<NonZeroUsize>,
     /// Hosts file for the pod names [default: the NSS module's file when the
     /// package is installed, else /etc/hosts when writable, else <state-dir>/hosts].
     #[arg(long, env = "K3S_LOCAL_AGENT_HOSTS_FILE")]
@@ -141,6 +163,9 @@ pub struct FileSettings {
     pub address_block: Option<String>,
     pub name_ports: Option<Switch>,
     pub forward_threads: Option<NonZeroUsize>,
+    pub max_pods: Option<NonZeroUsize>,
+    pub max_tunnel_connections: Option<NonZeroUsize>,
+    pub max_event_streams: Option<NonZeroUsize>,
     pub hosts_file: Option<PathBuf>,
     pub bind_helper: Option<PathBuf>,
     pub state_dir: Option<PathBuf>,
@@ -181,6 +206,12 @@ pub struct Config {
     pub name_ports: bool,
     /// Forwarding threads (each a single-threaded runtime).
     pub forward_threads: usize,
+    /// Most pods held at once.
+    pub max_pods: usize,
+    /// Most connections open at once through one tunnel port.
+    pub max_tunnel_connections: usize,
+    /// Most dashboard event streams open at once.
+    pub max_event_streams: usize,
     pub hosts_file: Option<PathBuf>,
     /// The low-port bind helper, when one is installed or named.
     pub bind_helper: Option<PathBuf>,
@@ -327,6 +358,18 @@ impl Config {
             address_block,
             name_ports,
             forward_threads,
+            max_pods: flags
+                .max_pods
+                .or(file.max_pods)
+                .map_or(DEFAULT_MAX_PODS, NonZeroUsize::get),
+            max_tunnel_connections: flags
+                .max_tunnel_connections
+                .or(file.max_tunnel_connections)
+                .map_or(DEFAULT_MAX_TUNNEL_CONNECTIONS, NonZeroUsize::get),
+            max_event_streams: flags
+                .max_event_streams
+                .or(file.max_event_streams)
+                .map_or(DEFAULT_MAX_EVENT_STREAMS, NonZeroUsize::get),
             hosts_file: flags.hosts_file.clone().or_else(|| file.hosts_file.clone()),
             bind_helper: flags
                 .bind_helper

@@ -12,9 +12,9 @@ use crate::config::Config;
 use crate::model::PodSpec;
 use crate::ops::{Demo, DemoError};
 
-/// Starts the agent and serves its HTTP API on `listener` (bound by the
-/// caller, so tests can pass port 0). Everything stops with
-/// [`Agent::shutdown`].
+/// Starts the agent, serves its HTTP API on `listener` (bound by the
+/// caller, so tests can pass port 0), then brings back the pods on disk.
+/// Everything stops with [`Agent::shutdown`].
 pub async fn start(config: Config, listener: TcpListener) -> Result<Agent, AgentError> {
     let local_addr = listener.local_addr().map_err(AgentError::Listener)?;
     let agent = Agent::start(config, local_addr).await?;
@@ -23,6 +23,9 @@ pub async fn start(config: Config, listener: TcpListener) -> Result<Agent, Agent
         agent_id = %agent.agent_id(),
         "listening on http://{local_addr}",
     );
+    // After the API listens: it answers (`restoring`) however many pods
+    // come back from disk.
+    agent.restore().await?;
     Ok(agent)
 }
 

@@ -410,6 +410,13 @@ pub struct Redirection {
     /// `http://<dns_name>/` while the name port listens.
     #[serde(default)]
     pub name_url: Option<String>,
+    /// The `.local` names that resolve to this pod (the first to use).
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Why `dns_name` is not this pod's (another pod holds it), and what to
+    /// use instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name_note: Option<String>,
 }
 
 /// `GET /api/v1/pods/status`.
@@ -465,8 +472,18 @@ pub struct PodList {
     pub timestamp: DateTime<Utc>,
 }
 
+/// The names one pod answers to (decided over every pod by
+/// `names::assign`), and why it lacks one it might expect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AssignedNames {
+    /// `.local` names that resolve to this pod, the one to show first.
+    pub names: Vec<String>,
+    /// Why `<name>-staging.local` is not this pod's, when it is not.
+    pub note: Option<String>,
+}
+
 /// Where names are written and whether the system resolver sees them.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct NamesHealth {
     /// The file the names are written to.
     pub hosts_file: String,
@@ -537,6 +554,22 @@ pub struct HealthResponse {
     /// Why the cluster is unavailable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_reason: Option<String>,
+}
+
+impl HealthResponse {
+    /// What a caller that is not trusted may see: that the agent lives, and
+    /// its id (which a push must carry anyway), but no pods, no names, no
+    /// control plane.
+    pub fn for_strangers(self) -> Self {
+        Self {
+            pid: 0,
+            pod_count: 0,
+            names: NamesHealth::default(),
+            control_plane: ControlPlaneHealth::default(),
+            cluster_reason: None,
+            ..self
+        }
+    }
 }
 
 /// Everything the dashboard shows, in one value: sent whole on every change

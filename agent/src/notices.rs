@@ -6,8 +6,12 @@
 //! app shows these; this module decides them.
 
 use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
 use crate::model::{PodView, Snapshot, TunnelState};
+
+/// Changes closer together than this make one notice: what they add up to.
+pub const COALESCE: Duration = Duration::from_secs(2);
 
 /// More tunnels than this changing at once are summarised in one notice.
 pub const SUMMARY_THRESHOLD: usize = 3;
@@ -114,6 +118,8 @@ pub fn between(before: Option<&Snapshot>, after: &Snapshot) -> Vec<Notice> {
         let was = old.get(view.pod.id.as_str());
         match (&now, was) {
             (Health::Up, Some(Health::Up)) => {}
+            // Turned back on by the user: not a new tunnel, not news.
+            (Health::Up, Some(Health::Off)) => {}
             (Health::Up, _) => came_up.push(view),
             (Health::Broken(reason), Some(Health::Broken(old_reason))) if reason == old_reason => {}
             (Health::Broken(reason), _) => broke.push((view, reason.clone())),
@@ -192,6 +198,63 @@ pub fn between(before: Option<&Snapshot>, after: &Snapshot) -> Vec<Notice> {
     notices
 }
 
+/// Holds notices back for [`COALESCE`] after the first change, then tells
+/// what the changes added up to: a pod that fails right after it appears is
+/// one "broken" notice, not "up" and then "broken"; a flapping tunnel that
+/// ends as it began says nothing. Time is given, not read, so tests are
+/// exact.
+#[derive(Debug, Default)]
+pub struct Coalescer {
+    /// What the user was last told about (or the first snapshot seen).
+    told: Option<Snapshot>,
+    /// The latest snapshot, not yet told.
+    latest: Option<Snapshot>,
+    /// When the first untold change arrived.
+    since: Option<Instant>,
+}
+
+impl Coalescer {
+    /// Takes a new snapshot at `now`; returns what is due now.
+    pub fn observe(&mut self, snapshot: Snapshot, now: Instant) -> Vec<Notice> {
+        if self.told.is_none() {
+            // The first snapshot: what is already up is not news.
+            self.told = Some(snapshot);
+            return Vec::new();
+        }
+        self.latest = Some(snapshot);
+        self.since.get_or_insert(now);
+        self.flush(now)
+    }
+
+    /// Takes a snapshot as told without telling it (notifications muted):
+    /// what changed meanwhile is never announced later.
+    pub fn absorb(&mut self, snapshot: Snapshot) {
+        self.told = Some(snapshot);
+        self.latest = None;
+        self.since = None;
+    }
+
+    /// When the held notices are due (`None`: nothing held).
+    pub fn due(&self) -> Option<Instant> {
+        self.since.map(|since| since + COALESCE)
+    }
+
+    /// The notices for the changes held, once [`COALESCE`] has passed.
+    pub fn flush(&mut self, now: Instant) -> Vec<Notice> {
+        match self.due() {
+            Some(due) if now >= due => {}
+            _ => return Vec::new(),
+        }
+        let Some(latest) = self.latest.take() else {
+            return Vec::new();
+        };
+        self.since = None;
+        let notices = between(self.told.as_ref(), &latest);
+        self.told = Some(latest);
+        notices
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,6 +296,8 @@ mod tests {
             name_port: None,
             name_port_error: None,
             name_url: None,
+            names: Vec::new(),
+            name_note: None,
         };
         PodView {
             pod,
@@ -292,6 +357,77 @@ mod tests {
             Glance::of(&snapshot(vec![up, broken], Some(false))),
             Glance::ControlPlaneUnreachable
         );
+    }
+
+    #[test]
+    fn a_pod_that_fails_right_after_it_appears_is_one_broken_notice() {
+        let start = Instant::now();
+        let mut coalescer = Coalescer::default();
+        assert!(coalescer
+            .observe(snapshot(vec![], Some(true)), start)
+            .is_empty());
+        let up = snapshot(vec![view("a", TunnelState::Active, None)], Some(true));
+        assert!(coalescer.observe(up, start).is_empty(), "held back");
+        let failing = snapshot(
+            vec![view("a", TunnelState::Active, Some("connection refused"))],
+            Some(true),
+        );
+        let half = start + COALESCE / 2;
+        assert!(coalescer.observe(failing, half).is_empty(), "still held");
+        assert_eq!(coalescer.due(), Some(start + COALESCE));
+        let told = coalescer.flush(start + COALESCE);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].summary, "Tunnel broken: a");
+        assert!(told[0].urgent);
+        assert_eq!(coalescer.due(), None);
+    }
+
+    #[test]
+    fn turning_a_tunnel_back_on_is_not_announced() {
+        let start = Instant::now();
+        let mut coalescer = Coalescer::default();
+        let up = || snapshot(vec![view("a", TunnelState::Active, None)], Some(true));
+        coalescer.observe(up(), start);
+        let off = snapshot(vec![view("a", TunnelState::Stopped, None)], Some(true));
+        coalescer.observe(off, start);
+        assert!(coalescer.flush(start + COALESCE).is_empty());
+        // Off for a while, then on again: still not a new tunnel.
+        let later = start + COALESCE * 5;
+        coalescer.observe(up(), later);
+        assert!(coalescer.flush(later + COALESCE).is_empty());
+        // A brand-new pod is news.
+        let both = snapshot(
+            vec![
+                view("a", TunnelState::Active, None),
+                view("b", TunnelState::Active, None),
+            ],
+            Some(true),
+        );
+        let later = later + COALESCE * 5;
+        coalescer.observe(both, later);
+        let told = coalescer.flush(later + COALESCE);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].summary, "Tunnel up: b");
+    }
+
+    #[test]
+    fn what_changes_while_muted_is_never_told() {
+        let start = Instant::now();
+        let mut coalescer = Coalescer::default();
+        coalescer.observe(snapshot(vec![], Some(true)), start);
+        let two = snapshot(vec![view("two", TunnelState::Active, None)], Some(true));
+        coalescer.absorb(two);
+        let three = snapshot(
+            vec![
+                view("two", TunnelState::Active, None),
+                view("three", TunnelState::Active, None),
+            ],
+            Some(true),
+        );
+        coalescer.observe(three, start);
+        let told = coalescer.flush(start + COALESCE);
+        assert_eq!(told.len(), 1, "{told:?}");
+        assert_eq!(told[0].summary, "Tunnel up: three");
     }
 
     #[test]

@@ -6,7 +6,7 @@ mod common;
 use common::{greeting_server, pod, read_all_from, refuses, ControlPlane, Fixture, FOREIGN_HOSTS};
 use k3s_local_agent::events::AgentEvent;
 use k3s_local_agent::names::{count_blocks, BLOCK_BEGIN, BLOCK_END};
-use serde_json::json;
+use serde_json::{json, Value};
 
 #[tokio::test]
 async fn names_follow_the_pods_and_leave_other_lines_alone() {
@@ -335,4 +335,62 @@ async fn an_update_that_changes_the_pod_port_moves_its_name_port() {
         read_all_from(range_port).await.expect("range port"),
         "after"
     );
+}
+
+/// A pod pushed with a creation time: newer pods win shared names.
+fn pod_created(id: &str, name: &str, target: std::net::SocketAddr, created: &str) -> Value {
+    let mut pod = pod(id, name, target);
+    pod["created_at"] = json!(created);
+    pod["updated_at"] = json!(created);
+    pod
+}
+
+#[tokio::test]
+async fn two_ids_with_one_name_give_the_name_to_the_newest_whatever_the_order() {
+    let fx = Fixture::new(64).await;
+    let agent = fx.start().await;
+    let upstream = greeting_server("hi").await;
+    let old = pod_created("old-id", "same", upstream, "2024-01-15T10:00:00Z");
+    let new = pod_created("new-id", "same", upstream, "2024-01-15T11:00:00Z");
+    // The replacement arrives before the old pod is deleted, in either order.
+    for order in [[&old, &new], [&new, &old]] {
+        agent.push("sync", json!([])).await;
+        for pod in order {
+            agent.push("create", json!([pod])).await;
+        }
+        let text = fx.hosts_text();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains(" same-staging.local "))
+            .collect();
+        let newest = agent.redirection("new-id").await;
+        let address = newest["address"].as_str().expect("address");
+        assert_eq!(
+            lines,
+            [format!(
+                "{address} same-staging.local same-staging.localhost"
+            )],
+            "one name, one address: the newest pod's\n{text}"
+        );
+        let older = agent.redirection("old-id").await;
+        assert!(
+            older["local_port"].is_u64(),
+            "the older pod keeps its range port"
+        );
+        assert!(
+            older["name_note"]
+                .as_str()
+                .is_some_and(|note| note.contains("new-id")),
+            "{older}"
+        );
+        assert_eq!(older["names"], json!([]), "{older}");
+    }
+    // The newer one goes: the name moves to the one left.
+    agent.push("delete", json!([{"id": "new-id"}])).await;
+    let left = agent.redirection("old-id").await;
+    let address = left["address"].as_str().expect("address");
+    assert!(fx.hosts_text().contains(&format!(
+        "{address} same-staging.local same-staging.localhost\n"
+    )));
+    agent.agent.shutdown().await;
 }

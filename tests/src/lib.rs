@@ -158,7 +158,15 @@ impl AgentProcess {
     /// returns the HTTP code and the JSON answer.
     pub fn push(&self, request: &serde_json::Value) -> Result<(u16, serde_json::Value)> {
         let body = request.to_string();
-        let (code, answer) = curl(&["-X", "POST", "-d", &body, &self.url("/api/v1/pods")])?;
+        let (code, answer) = curl(&[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            &body,
+            &self.url("/api/v1/pods"),
+        ])?;
         Ok((
             code,
             serde_json::from_str(&answer).with_context(|| format!("push answer: {answer}"))?,

@@ -3,6 +3,7 @@
 //! stopped, the names removed, a last report sent).
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::tunnels::held_by_others;
+use super::tunnels::InUse;
 use super::{Agent, AgentError, Inner};
 use crate::cluster::Mirror;
 use crate::config::Config;
@@ -23,20 +24,25 @@ use crate::tunnel::PortPlan;
 use crate::tunnel::{AddressPorts, ForwardShards};
 use crate::tunnel::{RunningTunnel, TunnelShared};
 
+/// Pods brought back under one hold of the store's lock.
+const RESTORE_BATCH: usize = 256;
+
 /// How long shutdown waits for tasks before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 impl Agent {
-    /// Opens the state dir, brings back every tunnel it recorded, and starts
-    /// the status reporter, the mirror and the throughput sampler. The
-    /// caller serves the HTTP API at `local_addr` (a port no tunnel may
-    /// take); see [`crate::start`]. Everything stops when
-    /// [`Agent::shutdown`] runs.
+    /// Opens the state dir and starts the status reporter, the mirror and
+    /// the throughput sampler. The caller serves the HTTP API at
+    /// `local_addr` (a port no tunnel may take), then calls
+    /// [`Agent::restore`] to bring back every tunnel on disk, so the API
+    /// answers (`restoring`) however many there are; see [`crate::start`].
+    /// Everything stops when [`Agent::shutdown`] runs.
     pub async fn start(config: Config, local_addr: SocketAddr) -> Result<Self, AgentError> {
         raise_open_file_limit();
         let identity = Identity::load_or_create(&config.state_dir, config.agent_id.as_deref())?;
         let db = StateDb::open(&config.state_dir)?;
         let hosts = Names::choose(config.hosts_file.clone(), &config.state_dir);
+        hosts.check()?;
         if let Some(warning) = hosts.warning() {
             tracing::warn!("{warning}");
         }
@@ -84,11 +90,11 @@ impl Agent {
                 shards,
                 address_ports,
                 ops: Mutex::new(()),
+                restoring: AtomicBool::new(true),
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
         };
-        agent.restore().await?;
 
         let inner = &agent.inner;
         let reporter = inner.reporter.clone();
@@ -175,8 +181,9 @@ impl Agent {
     }
 
     /// Brings back the pods on disk, each on its remembered port, and
-    /// rewrites the hosts file (dropping a stale block from a crash).
-    async fn restore(&self) -> Result<(), AgentError> {
+    /// rewrites the hosts file (dropping a stale block from a crash). Until
+    /// it is done, `/health` says `restoring` and pushes wait their turn.
+    pub async fn restore(&self) -> Result<(), AgentError> {
         let _op = self.inner.ops.lock().await;
         let stored = self.inner.db.load().await?;
         let mut ids = Vec::with_capacity(stored.len());
@@ -197,6 +204,7 @@ impl Agent {
                     target,
                     Arc::clone(&self.inner.dialer),
                     self.events().clone(),
+                    self.inner.config.max_tunnel_connections,
                 );
                 map.insert(
                     id.clone(),
@@ -212,26 +220,36 @@ impl Agent {
                         name_listeners: Vec::new(),
                         name_port_error: None,
                         mirror: None,
+                        names: Default::default(),
                     },
                 );
                 ids.push(id);
             }
-            // Every remembered port is claimed before any is bound, so a pod
-            // that must move cannot take another pod's remembered port.
-            for id in &ids {
-                let in_use = held_by_others(&map, Some(id));
-                if let Some(entry) = map.get_mut(id) {
-                    if entry.forwarding {
-                        self.open_listener(entry, &in_use);
+        }
+        // Every remembered port is claimed before any is bound, so a pod
+        // that must move cannot take another pod's remembered port.
+        let mut in_use = InUse::of(&self.inner.store.read());
+        for batch in ids.chunks(RESTORE_BATCH) {
+            {
+                let mut map = self.inner.store.write();
+                for id in batch {
+                    if let Some(entry) = map.get_mut(id) {
+                        if entry.forwarding {
+                            self.open_listener(entry, &mut in_use);
+                        }
                     }
                 }
             }
+            tokio::task::yield_now().await;
         }
         if !ids.is_empty() {
             tracing::info!(pods = ids.len(), "restored pods from the state dir");
         }
         self.save(&ids, &[]).await?;
         self.write_names().await;
+        self.inner
+            .restoring
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         if !ids.is_empty() {
             self.events().publish(AgentEvent::PodsChanged {
                 applied: ids,

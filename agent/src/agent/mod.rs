@@ -44,6 +44,13 @@ pub enum AgentError {
     Reporter(String),
     #[error("cannot start the forwarding threads: {0}")]
     Shards(std::io::Error),
+    #[error(transparent)]
+    Names(#[from] crate::names::NamesError),
+    #[error(
+        "this push would make the agent hold {would_hold} pods; it holds at most {limit} \
+         (--max-pods): nothing was changed"
+    )]
+    TooManyPods { would_hold: usize, limit: usize },
 }
 
 /// The outcome of a push, by pod id.
@@ -81,6 +88,8 @@ struct Inner {
     address_ports: AddressPorts,
     /// Serializes the operations that change state, so each sees the last one's result.
     ops: Mutex<()>,
+    /// True from start until the pods on disk are back (`/health` says so).
+    restoring: std::sync::atomic::AtomicBool,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -194,7 +203,17 @@ impl Agent {
 
     pub fn health(&self) -> HealthResponse {
         HealthResponse {
-            status: "healthy".to_owned(),
+            // Serving before the pods on disk are back: it says so.
+            status: if self
+                .inner
+                .restoring
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                "restoring"
+            } else {
+                "healthy"
+            }
+            .to_owned(),
             agent_id: self.inner.identity.agent_id.clone(),
             pid: std::process::id(),
             timestamp: chrono::Utc::now(),

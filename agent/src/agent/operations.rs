@@ -6,16 +6,64 @@
 use std::collections::{BTreeSet, HashSet};
 use std::net::IpAddr;
 
-use super::tunnels::held_by_others;
+use super::tunnels::InUse;
 use super::{Agent, AgentError, ApplyOutcome};
+
+/// Pods upserted under one hold of the store's lock; between batches the
+/// operation yields, so a push of thousands never stalls the readers.
+const BATCH: usize = 256;
 use crate::events::AgentEvent;
 use crate::model::{Action, PodSpec, Redirection, TunnelTarget};
-use crate::names::{HostEntry, NamesError};
+use crate::names::{assign, Claimant, HostEntry, NamesError};
 use crate::state::PodEntry;
 use crate::state::StoredPod;
 use crate::tunnel::RunningTunnel;
 
 impl Agent {
+    /// Why a pod's target leads back into this agent (its API, a tunnel
+    /// port, a pod address of its own): a tunnel there would connect to
+    /// itself, again and again, until every descriptor is gone. The field
+    /// to fix and why; `None` for a target elsewhere.
+    pub fn target_loops_back(&self, spec: &PodSpec) -> Option<(&'static str, String)> {
+        let config = &self.inner.config;
+        let (ip, port) = (spec.ip, spec.staging_port());
+        if let IpAddr::V4(v4) = ip {
+            if config.address_block.contains(v4) {
+                return Some((
+                    "ip",
+                    format!(
+                        "{ip} is in this agent's own address block {}: the tunnel would \
+                         connect to itself",
+                        config.address_block
+                    ),
+                ));
+            }
+        }
+        // A listener on `on` takes connections to `ip` when they are the
+        // same, or either is a wildcard (loopback for a wildcard listener).
+        let reaches = |on: IpAddr| {
+            ip == on || ip.is_unspecified() || (on.is_unspecified() && ip.is_loopback())
+        };
+        let api = self.inner.local_addr;
+        if reaches(api.ip()) && port == api.port() {
+            return Some((
+                "port",
+                format!("{ip}:{port} is this agent's own API: the tunnel would connect to itself"),
+            ));
+        }
+        if reaches(self.inner.listen_ip) && config.port_range.contains(port) {
+            return Some((
+                "port",
+                format!(
+                    "{ip}:{port} is in this agent's tunnel range {}: the tunnel would connect \
+                     to a tunnel of its own",
+                    config.port_range
+                ),
+            ));
+        }
+        None
+    }
+
     /// Applies a push: upserts for create/update/sync, removals for delete,
     /// and for sync the removal of every pod not listed and not in `keep`
     /// (ids of pods rejected from this push, which must not be lost).
@@ -28,10 +76,8 @@ impl Agent {
     ) -> Result<ApplyOutcome, AgentError> {
         let _op = self.inner.ops.lock().await;
         let mut outcome = ApplyOutcome::default();
-        // Removals first, and their ports released, so that pods in this
-        // same push (or failed ones) can use the freed ports.
-        let closing: Vec<RunningTunnel> = {
-            let mut map = self.inner.store.write();
+        let doomed: Vec<String> = {
+            let map = self.inner.store.read();
             let doomed: Vec<String> = match action {
                 Action::Delete => delete_ids,
                 Action::Sync => {
@@ -43,6 +89,29 @@ impl Agent {
                 }
                 Action::Create | Action::Update => Vec::new(),
             };
+            // The cap on the total, checked before anything changes: a push
+            // past it is refused whole.
+            let doomed_held: HashSet<&str> = doomed
+                .iter()
+                .map(String::as_str)
+                .filter(|id| map.contains_key(*id))
+                .collect();
+            let new_ids: HashSet<&str> = pods
+                .iter()
+                .map(|spec| spec.id.as_str())
+                .filter(|id| !map.contains_key(*id))
+                .collect();
+            let would_hold = map.len() - doomed_held.len() + new_ids.len();
+            let limit = self.inner.config.max_pods;
+            if would_hold > limit && would_hold > map.len() {
+                return Err(AgentError::TooManyPods { would_hold, limit });
+            }
+            doomed
+        };
+        // Removals first, and their ports released, so that pods in this
+        // same push (or failed ones) can use the freed ports.
+        let closing: Vec<RunningTunnel> = {
+            let mut map = self.inner.store.write();
             doomed
                 .into_iter()
                 .filter_map(|id| {
@@ -56,20 +125,27 @@ impl Agent {
         for listener in closing {
             listener.close().await;
         }
-        let mut upserted = Vec::new();
+        let mut upserted = Vec::with_capacity(pods.len());
         let mut moved_away = Vec::new();
-        {
+        let mut in_use = InUse::of(&self.inner.store.read());
+        let mut pods = pods.into_iter().peekable();
+        while pods.peek().is_some() {
+            {
+                let mut map = self.inner.store.write();
+                for spec in pods.by_ref().take(BATCH) {
+                    let id = spec.id.clone();
+                    moved_away.extend(self.upsert(&mut map, spec, &mut in_use));
+                    upserted.push(id.clone());
+                    outcome.applied.push(id);
+                }
+            }
+            // Readers (status, the dashboard) get the lock between batches.
+            tokio::task::yield_now().await;
+        }
+        if !outcome.removed.is_empty() {
+            // Ports freed by removals may let failed tunnels listen now.
             let mut map = self.inner.store.write();
-            for spec in pods {
-                let id = spec.id.clone();
-                moved_away.extend(self.upsert(&mut map, spec));
-                upserted.push(id.clone());
-                outcome.applied.push(id);
-            }
-            if !outcome.removed.is_empty() {
-                // Ports freed by removals may let failed tunnels listen now.
-                upserted.extend(self.retry_failed(&mut map));
-            }
+            upserted.extend(self.retry_failed(&mut map));
         }
         for listener in moved_away {
             listener.close().await;
@@ -116,11 +192,11 @@ impl Agent {
                 return Err(AgentError::UnknownPod(id.to_owned()));
             }
             if enabled {
-                let in_use = held_by_others(&map, Some(id));
+                let mut in_use = InUse::of(&map);
                 if let Some(entry) = map.get_mut(id) {
                     entry.forwarding = true;
                     if entry.listener.is_none() {
-                        self.open_listener(entry, &in_use);
+                        self.open_listener(entry, &mut in_use);
                     }
                 }
                 Vec::new()
@@ -218,16 +294,36 @@ impl Agent {
     /// not fatal: tunnels work by port without names.
     pub(super) async fn write_names(&self) {
         let ip = self.inner.listen_ip;
-        let entries: Vec<HostEntry> = self
-            .inner
-            .store
-            .read()
-            .values()
-            .map(|entry| HostEntry {
-                ip: entry.address.map_or(ip, IpAddr::V4),
-                names: vec![entry.spec.dns_name(), entry.spec.localhost_name()],
-            })
-            .collect();
+        let own_namespace = &self.inner.config.cluster.namespace;
+        let entries: Vec<HostEntry> = {
+            let mut map = self.inner.store.write();
+            let claims: Vec<Claimant<'_>> = map
+                .values()
+                .map(|entry| Claimant {
+                    id: &entry.spec.id,
+                    name: &entry.spec.name,
+                    namespace: &entry.spec.namespace,
+                    created_at: entry.spec.created_at,
+                    updated_at: entry.spec.updated_at,
+                })
+                .collect();
+            let mut assigned = assign(&claims, own_namespace);
+            for (id, entry) in map.iter_mut() {
+                entry.names = assigned.remove(id).unwrap_or_default();
+            }
+            // One line per name the pod holds (the short one as it always
+            // was, then the long one), each also as `.localhost`, which
+            // browsers resolve to loopback with no setup.
+            map.values()
+                .flat_map(|entry| {
+                    let ip = entry.address.map_or(ip, IpAddr::V4);
+                    entry.names.names.iter().map(move |name| HostEntry {
+                        ip,
+                        names: vec![name.clone(), format!("{name}host")],
+                    })
+                })
+                .collect()
+        };
         let hosts = self.inner.hosts.clone();
         let written = tokio::task::spawn_blocking(move || hosts.write(&entries))
             .await

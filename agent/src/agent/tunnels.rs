@@ -19,7 +19,12 @@ impl Agent {
     /// Inserts or updates one pod. An existing tunnel keeps its port and
     /// listener; a new target applies to new connections, and a new pod
     /// port moves the name listener (the old one, to close, is returned).
-    pub(super) fn upsert(&self, map: &mut PodMap, spec: PodSpec) -> Option<RunningTunnel> {
+    pub(super) fn upsert(
+        &self,
+        map: &mut PodMap,
+        spec: PodSpec,
+        in_use: &mut InUse,
+    ) -> Option<RunningTunnel> {
         let target = SocketAddr::new(spec.ip, spec.staging_port());
         if let Some(entry) = map.get_mut(&spec.id) {
             if entry.target() != target {
@@ -40,6 +45,7 @@ impl Agent {
             TunnelTarget::Staging,
             Arc::clone(&self.inner.dialer),
             self.events().clone(),
+            self.inner.config.max_tunnel_connections,
         );
         let mut entry = PodEntry {
             spec,
@@ -53,9 +59,9 @@ impl Agent {
             name_listeners: Vec::new(),
             name_port_error: None,
             mirror: None,
+            names: Default::default(),
         };
-        let in_use = held_by_others(map, None);
-        self.open_listener(&mut entry, &in_use);
+        self.open_listener(&mut entry, in_use);
         map.insert(id, entry);
         None
     }
@@ -67,10 +73,10 @@ impl Agent {
             .filter(|(_, e)| e.forwarding && e.listener.is_none())
             .map(|(id, _)| id.clone())
             .collect();
+        let mut in_use = InUse::of(map);
         for id in &failed {
-            let in_use = held_by_others(map, Some(id));
             if let Some(entry) = map.get_mut(id) {
-                self.open_listener(entry, &in_use);
+                self.open_listener(entry, &mut in_use);
             }
         }
         failed
@@ -78,9 +84,11 @@ impl Agent {
 
     /// Binds a port for `entry` (its remembered one first) and starts its
     /// listener, or records why it could not.
-    pub(super) fn open_listener(&self, entry: &mut PodEntry, in_use: &InUse) {
+    pub(super) fn open_listener(&self, entry: &mut PodEntry, in_use: &mut InUse) {
         let listen_ip = self.inner.listen_ip;
-        let taken = |port: u16| in_use.ports.contains(&port);
+        // Another pod's port is taken; the pod's own remembered one is not.
+        let own = entry.local_port;
+        let taken = |port: u16| Some(port) != own && in_use.ports.contains(&port);
         let allocation = self.inner.ports.allocate(entry.local_port, &taken, |port| {
             crate::tunnel::bind_listener(SocketAddr::new(listen_ip, port))
         });
@@ -98,11 +106,12 @@ impl Agent {
                     &self.inner.cancel,
                 ) {
                     Ok(listener) => {
+                        in_use.ports.insert(allocation.port);
                         entry.local_port = Some(allocation.port);
                         entry.port_note = note;
                         entry.failure = None;
                         entry.listener = Some(listener);
-                        self.open_name_listeners(entry, &in_use.addresses);
+                        self.open_name_listeners(entry, &mut in_use.addresses);
                     }
                     Err(err) => {
                         entry.failure =
@@ -128,16 +137,21 @@ impl Agent {
     /// listens there on the pod's own port and on its range port, so both
     /// `<name>-staging.local` and `<name>-staging.local:<range port>` work.
     /// A port that cannot listen is noted with the reason, never fatal.
-    fn open_name_listeners(&self, entry: &mut PodEntry, taken: &HashSet<Ipv4Addr>) {
+    fn open_name_listeners(&self, entry: &mut PodEntry, taken: &mut HashSet<Ipv4Addr>) {
         entry.name_port_error = None;
         if !self.inner.config.name_ports {
             return;
         }
         let block = self.inner.config.address_block;
-        let Some(address) = block.allocate(&entry.spec.id, entry.address, taken) else {
+        // The pod's own remembered address is not taken from it.
+        let own = entry.address.filter(|own| taken.remove(own));
+        let allocated = block.allocate(&entry.spec.id, entry.address, taken);
+        taken.extend(own);
+        let Some(address) = allocated else {
             entry.name_port_error = Some(format!("every address in {block} is taken"));
             return;
         };
+        taken.insert(address);
         entry.address = Some(address);
         let own = entry.spec.staging_port();
         let mut ports = vec![own];
@@ -209,18 +223,21 @@ impl Agent {
     }
 }
 
-/// What our other pods hold: their ports and their addresses.
+/// The ports and addresses our pods hold: gathered once per operation (a
+/// walk over the pods) and kept up to date as the operation hands out more,
+/// so each pod costs O(1) however many there are. A pod's own port and
+/// address count as free for it.
 #[derive(Debug, Default)]
 pub(super) struct InUse {
     ports: HashSet<u16>,
     addresses: HashSet<Ipv4Addr>,
 }
 
-/// The ports and addresses our pods hold, except `except`'s own.
-pub(super) fn held_by_others(map: &PodMap, except: Option<&str>) -> InUse {
-    let others = || map.iter().filter(|(id, _)| Some(id.as_str()) != except);
-    InUse {
-        ports: others().filter_map(|(_, entry)| entry.local_port).collect(),
-        addresses: others().filter_map(|(_, entry)| entry.address).collect(),
+impl InUse {
+    pub(super) fn of(map: &PodMap) -> Self {
+        Self {
+            ports: map.values().filter_map(|entry| entry.local_port).collect(),
+            addresses: map.values().filter_map(|entry| entry.address).collect(),
+        }
     }
 }

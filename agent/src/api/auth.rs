@@ -1,8 +1,14 @@
-//! Who may call the agent: the bearer token (required when the receiver
-//! listens beyond loopback, compared in constant time), and the loopback-only
-//! guard for endpoints that change local state; foreign `Origin` headers are
-//! refused everywhere and foreign `Host` headers on loopback, so no web page
-//! can drive the agent (cross-site requests, DNS rebinding).
+//! Who may call the agent. A loopback caller is known by the user who owns
+//! its socket (the kernel's socket table, looked up by the server): this
+//! agent's user and root are trusted as they are; any other local user, and
+//! any caller beyond loopback when the agent listens there, needs the bearer
+//! token (compared in constant time) for every endpoint but `/health`, which
+//! then shows no pods. A browser is trusted only from the agent's own pages
+//! (same origin) or the tray app's webview: every other `Origin`, a page
+//! served through one of our own tunnels included, is refused; on loopback a
+//! foreign `Host` is refused (DNS rebinding); and a state change never comes
+//! with a form's content type. Endpoints that change local state answer
+//! loopback callers only.
 
 use std::net::SocketAddr;
 
@@ -19,6 +25,54 @@ use crate::api::receiver::ApiError;
 /// Paths anyone may read without the token (liveness checks).
 const OPEN_PATHS: [&str; 1] = ["/health"];
 
+/// The user who owns a loopback caller's socket, as the server found it
+/// (`None`: the kernel's table did not show it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerUser {
+    pub uid: Option<u32>,
+}
+
+/// What a request may see, as [`check_caller`] decided; handlers read it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// This agent's user, root, or a holder of the token.
+    Trusted,
+    /// Anyone else, allowed on the open paths only (which then show no pods).
+    Stranger,
+}
+
+/// Content types an HTML form (or a `no-cors` fetch) can send without the
+/// browser asking first: a state change never comes as one of these.
+const FORM_TYPES: [&str; 3] = [
+    "application/x-www-form-urlencoded",
+    "multipart/form-data",
+    "text/plain",
+];
+
+/// Whether `headers` carry a content type a web form could have sent.
+pub fn has_form_content_type(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .map(|value| {
+            value
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|media| FORM_TYPES.contains(&media.as_str()))
+}
+
+/// The answer to a state change sent with a form's content type.
+pub fn form_refused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "state changes must be sent as Content-Type: application/json",
+    )
+}
+
 /// Whether `presented` equals `expected`, in time independent of where they differ.
 pub fn token_matches(presented: &str, expected: &str) -> bool {
     presented.as_bytes().ct_eq(expected.as_bytes()).into()
@@ -31,52 +85,90 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Middleware on every request. A browser's `Origin`, when sent, must be a
-/// page of this machine: the control plane sends none, and a page elsewhere
-/// could otherwise push with a "simple" (unpreflighted) POST. Beyond loopback:
-/// every request but the open paths must carry the bearer token. On loopback:
-/// the `Host` must be local, so a web page whose name was rebound to
-/// 127.0.0.1 cannot read or push.
-pub async fn check_caller(State(agent): State<Agent>, request: Request, next: Next) -> Response {
-    if let Some(origin) = request.headers().get(header::ORIGIN) {
-        if !OPEN_PATHS.contains(&request.uri().path())
-            && !origin.to_str().is_ok_and(is_local_origin)
+/// Middleware on every request: a browser's `Origin` must be one of the
+/// agent's own pages; on loopback the `Host` must be local; then who the
+/// caller is (its socket's user, or the token) decides what it may do.
+pub async fn check_caller(
+    State(agent): State<Agent>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let open = OPEN_PATHS.contains(&request.uri().path());
+    let headers = request.headers();
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        if !open
+            && !origin
+                .to_str()
+                .is_ok_and(|origin| is_own_origin(origin, host))
         {
             return ApiError::new(
                 StatusCode::FORBIDDEN,
-                "requests from pages of other sites are refused",
+                "requests from pages other than the agent's own are refused",
             )
             .into_response();
         }
     }
-    if agent.token_required() {
-        if !OPEN_PATHS.contains(&request.uri().path()) {
-            match bearer(request.headers()) {
-                Some(token) if token_matches(token, agent.token()) => {}
-                Some(_) => {
-                    return ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token")
-                        .into_response()
-                }
-                None => {
-                    return ApiError::new(
-                        StatusCode::UNAUTHORIZED,
-                        "missing bearer token: this agent listens beyond loopback, send \
-                         `Authorization: Bearer <token>` (see `k3s-local-agent token`)",
-                    )
-                    .into_response()
-                }
+    if !agent.token_required() {
+        if let Some(host) = headers.get(header::HOST) {
+            if !host.to_str().is_ok_and(is_local_host) {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "Host header must name localhost or a loopback address",
+                )
+                .into_response();
             }
         }
-    } else if let Some(host) = request.headers().get(header::HOST) {
-        if !host.to_str().is_ok_and(is_local_host) {
+    }
+    let token = match bearer(headers) {
+        Some(token) if token_matches(token, agent.token()) => true,
+        Some(_) => {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "invalid bearer token").into_response()
+        }
+        None => false,
+    };
+    let caller = if token {
+        Caller::Trusted
+    } else if agent.token_required() {
+        if !open {
             return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "Host header must name localhost or a loopback address",
+                StatusCode::UNAUTHORIZED,
+                "missing bearer token: this agent listens beyond loopback, send \
+                 `Authorization: Bearer <token>` (see `k3s-local-agent token`)",
             )
             .into_response();
         }
-    }
+        Caller::Stranger
+    } else {
+        match request.extensions().get::<PeerUser>() {
+            // Not through the server: an in-process caller of the router.
+            None => Caller::Trusted,
+            Some(peer) if is_own_user(peer.uid) => Caller::Trusted,
+            Some(_) if open => Caller::Stranger,
+            Some(_) => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "this agent belongs to another user of this machine: send its bearer \
+                     token (`Authorization: Bearer <token>`; its user can print it with \
+                     `k3s-local-agent token`)",
+                )
+                .into_response()
+            }
+        }
+    };
+    request.extensions_mut().insert(caller);
     next.run(request).await
+}
+
+/// Whether the socket's user may use the agent without the token: the
+/// agent's own user, or root. Where the kernel cannot tell (not Linux), the
+/// loopback caller is trusted, as before.
+fn is_own_user(uid: Option<u32>) -> bool {
+    match (uid, crate::ops::own_uid()) {
+        (Some(uid), Some(own)) => uid == own || uid == 0,
+        (None, Some(_)) => false,
+        (_, None) => true,
+    }
 }
 
 /// Whether a `Host` header value names this machine's loopback.
@@ -100,20 +192,24 @@ fn is_local_host(value: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// Whether an `Origin` header value is a page served from this machine.
-fn is_local_origin(value: &str) -> bool {
-    if value == "null" {
-        return false;
+/// Whether an `Origin` is one of the agent's own pages: the origin the
+/// request itself was sent to (`http://` + its `Host`: only the agent serves
+/// on its port), on a loopback name, or the tray app's webview. A page of a
+/// tunnel (`http://web-staging.localhost:8085`) is another origin.
+fn is_own_origin(origin: &str, host: Option<&str>) -> bool {
+    match origin {
+        // The desktop app's webview (Linux and macOS; Windows).
+        "tauri://localhost" | "http://tauri.localhost" => return true,
+        "null" => return false,
+        _ => {}
     }
-    let Some((scheme, rest)) = value.split_once("://") else {
+    let Some(rest) = origin.strip_prefix("http://") else {
         return false;
     };
-    match scheme {
-        "http" | "https" => is_local_host(rest.trim_end_matches('/')),
-        // The desktop app's own webview.
-        "tauri" => rest == "localhost",
-        _ => false,
-    }
+    let Some(host) = host else {
+        return false;
+    };
+    rest.eq_ignore_ascii_case(host) && is_local_host(rest)
 }
 
 /// Middleware for endpoints that change local state: loopback callers only,
@@ -144,13 +240,20 @@ pub async fn local_only(
         .into_response();
     }
     if let Some(origin) = headers.get(header::ORIGIN) {
-        if !origin.to_str().is_ok_and(is_local_origin) {
+        let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+        if !origin
+            .to_str()
+            .is_ok_and(|origin| is_own_origin(origin, host))
+        {
             return ApiError::new(
                 StatusCode::FORBIDDEN,
                 "requests from other sites may not change the agent's state",
             )
             .into_response();
         }
+    }
+    if has_form_content_type(headers) {
+        return form_refused().into_response();
     }
     next.run(request).await
 }
@@ -187,10 +290,38 @@ mod tests {
         ] {
             assert!(!is_local_host(bad), "{bad}");
         }
-        assert!(is_local_origin("http://localhost:8082"));
-        assert!(is_local_origin("tauri://localhost"));
-        assert!(!is_local_origin("http://evil.com"));
-        assert!(!is_local_origin("null"));
-        assert!(!is_local_origin("file://localhost"));
+        let own = Some("localhost:8082");
+        assert!(is_own_origin("http://localhost:8082", own));
+        assert!(is_own_origin("tauri://localhost", own));
+        assert!(!is_own_origin("http://evil.com", own));
+        assert!(!is_own_origin("null", own));
+        assert!(!is_own_origin("file://localhost", own));
+        // A page served through a tunnel is another origin, on every name.
+        assert!(!is_own_origin("http://localhost:8085", own));
+        assert!(!is_own_origin("http://evil-staging.localhost:8081", own));
+        assert!(!is_own_origin(
+            "http://evil-staging.localhost:8081",
+            Some("evil-staging.localhost:8082")
+        ));
+        assert!(!is_own_origin("http://127.0.0.1:8082", None));
+        // A rebound name is not local even when it is the same origin.
+        assert!(!is_own_origin(
+            "http://evil.com:8082",
+            Some("evil.com:8082")
+        ));
+    }
+
+    #[test]
+    fn form_content_types_are_spotted() {
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONTENT_TYPE, value.parse().expect("header"));
+            has_form_content_type(&headers)
+        };
+        assert!(with("application/x-www-form-urlencoded"));
+        assert!(with("text/plain;charset=UTF-8"));
+        assert!(with("Multipart/Form-Data; boundary=x"));
+        assert!(!with("application/json"));
+        assert!(!has_form_content_type(&HeaderMap::new()));
     }
 }

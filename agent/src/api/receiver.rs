@@ -8,10 +8,10 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{Method, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{middleware, Json, Router};
+use axum::{middleware, Extension, Json, Router};
 use serde_json::{json, Value};
 use tower_http::timeout::TimeoutLayer;
 
@@ -76,6 +76,12 @@ impl IntoResponse for ApiError {
 impl From<AgentError> for ApiError {
     fn from(err: AgentError) -> Self {
         match err {
+            AgentError::TooManyPods { would_hold, limit } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                AgentError::TooManyPods { would_hold, limit }.to_string(),
+            )
+            .with("field", "pods")
+            .with("limit", limit),
             AgentError::UnknownPod(id) => {
                 Self::new(StatusCode::NOT_FOUND, format!("no pod with id {id:?}")).with("id", id)
             }
@@ -106,7 +112,7 @@ pub fn router(agent: Agent) -> Router {
         .route("/api/v1/pods/status", get(pod_status))
         .route("/api/v1/pods/{id}", get(one_pod))
         .merge(local)
-        .merge(ui::routes())
+        .merge(ui::routes(&agent))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(
@@ -121,8 +127,15 @@ pub fn router(agent: Agent) -> Router {
         .with_state(agent)
 }
 
-async fn health(State(agent): State<Agent>) -> Response {
-    Json(agent.health()).into_response()
+/// The seed's health check; a caller that is not trusted (another user of
+/// this machine without the token) learns that the agent lives, not what it
+/// holds.
+async fn health(State(agent): State<Agent>, caller: Option<Extension<auth::Caller>>) -> Response {
+    let health = agent.health();
+    match caller {
+        Some(Extension(auth::Caller::Stranger)) => Json(health.for_strangers()).into_response(),
+        _ => Json(health).into_response(),
+    }
 }
 
 async fn pod_status(State(agent): State<Agent>) -> Response {
@@ -216,8 +229,31 @@ fn body_error(rejection: BytesRejection) -> ApiError {
 pub struct ParsedPush {
     pub action: Action,
     pub upserts: Vec<PodSpec>,
+    /// Where each of `upserts` stood in the pushed list.
+    pub indices: Vec<usize>,
     pub delete_ids: Vec<String>,
     pub rejected: Vec<PodRejection>,
+}
+
+/// Moves the pods whose target is the agent itself (a loop) from the
+/// upserts to the rejected, each naming the field to fix.
+fn refuse_loops(agent: &Agent, parsed: &mut ParsedPush) {
+    let upserts = std::mem::take(&mut parsed.upserts);
+    let indices = std::mem::take(&mut parsed.indices);
+    for (spec, index) in upserts.into_iter().zip(indices) {
+        match agent.target_loops_back(&spec) {
+            Some((field, error)) => parsed.rejected.push(PodRejection {
+                id: Some(spec.id.clone()),
+                index,
+                field: Some(field.to_owned()),
+                error,
+            }),
+            None => {
+                parsed.upserts.push(spec);
+                parsed.indices.push(index);
+            }
+        }
+    }
 }
 
 /// Parses a `PodUpdateRequest`. Errors that spoil the whole request (bad JSON,
@@ -294,6 +330,7 @@ pub fn parse_push(body: &[u8], our_agent_id: &str) -> Result<ParsedPush, ApiErro
     let mut parsed = ParsedPush {
         action,
         upserts: Vec::new(),
+        indices: Vec::new(),
         delete_ids: Vec::new(),
         rejected: Vec::new(),
     };
@@ -325,7 +362,10 @@ pub fn parse_push(body: &[u8], our_agent_id: &str) -> Result<ParsedPush, ApiErro
         }
         first_seen.insert(id, index);
         match item {
-            Ok(spec) => parsed.upserts.push(spec),
+            Ok(spec) => {
+                parsed.upserts.push(spec);
+                parsed.indices.push(index);
+            }
             Err(id) => parsed.delete_ids.push(id),
         }
     }
@@ -334,10 +374,18 @@ pub fn parse_push(body: &[u8], our_agent_id: &str) -> Result<ParsedPush, ApiErro
 
 async fn push_pods(
     State(agent): State<Agent>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let parsed = parse_push(&body, agent.agent_id())?;
+    // Who first (a wrong agent id is 401 however it was sent), then how: a
+    // page could post a form with the right id, which is public.
+    if auth::has_form_content_type(&headers) {
+        return Err(auth::form_refused());
+    }
+    let mut parsed = parsed;
+    refuse_loops(&agent, &mut parsed);
     // A rejected pod's id must survive a sync: losing it would punish a
     // typo with a deleted tunnel.
     let keep: BTreeSet<String> = parsed
@@ -346,9 +394,23 @@ async fn push_pods(
         .filter_map(|r| r.id.clone())
         .collect();
     let total = parsed.upserts.len() + parsed.delete_ids.len() + parsed.rejected.len();
-    let outcome = agent
-        .apply(parsed.action, parsed.upserts, parsed.delete_ids, keep)
-        .await?;
+    // The push runs to its end as a task of the agent's own, off this
+    // request: a client that gives up, or the request timeout, cannot stop
+    // it between the disk and the names.
+    let applying = {
+        let applier = agent.clone();
+        agent.tracker().spawn(async move {
+            applier
+                .apply(parsed.action, parsed.upserts, parsed.delete_ids, keep)
+                .await
+        })
+    };
+    let outcome = applying.await.map_err(|err| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the push stopped: {err}"),
+        )
+    })??;
     for rejection in &parsed.rejected {
         tracing::warn!(
             pod_id = rejection.id.as_deref().unwrap_or("?"),

@@ -7,6 +7,7 @@
 //! Handlers have their own deadline (the router's `TimeoutLayer`).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -18,6 +19,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::auth::PeerUser;
+use super::ui::ConnectionCloser;
+
 /// How long a client may take to send a request's line and headers.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (out of file descriptors), so the loop does not spin.
@@ -25,7 +29,8 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Serves `router` on `listener` until `cancel` fires, then lets the open
 /// requests finish. Each request carries the peer's address as
-/// [`ConnectInfo`], as `into_make_service_with_connect_info` would.
+/// [`ConnectInfo`], as `into_make_service_with_connect_info` would, and, on
+/// loopback, the user who owns the peer's socket as [`PeerUser`].
 pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationToken) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -46,19 +51,53 @@ pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationTo
                 }
             }
         };
+        let local = stream.local_addr().ok();
         let router = router.clone();
+        // Lets a handler drop this connection (a dashboard stream whose
+        // client stopped reading), which the server would otherwise keep.
+        let closer = CancellationToken::new();
+        let request_closer = ConnectionCloser(closer.clone());
+        // Whose the connection is, looked up once (the kernel's socket
+        // table), when a request first needs it.
+        let owner = Arc::new(tokio::sync::OnceCell::new());
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
-            request
-                .extensions_mut()
-                .insert(ConnectInfo::<SocketAddr>(peer));
-            router.clone().oneshot(request)
+            let router = router.clone();
+            let owner = Arc::clone(&owner);
+            let closer = request_closer.clone();
+            async move {
+                request
+                    .extensions_mut()
+                    .insert(ConnectInfo::<SocketAddr>(peer));
+                request.extensions_mut().insert(closer);
+                if let (true, Some(local)) = (peer.ip().is_loopback(), local) {
+                    let found = *owner
+                        .get_or_init(|| async move {
+                            let uid = tokio::task::spawn_blocking(move || {
+                                crate::ops::connection_owner(peer, local)
+                            })
+                            .await
+                            .ok()
+                            .flatten();
+                            PeerUser { uid }
+                        })
+                        .await;
+                    request.extensions_mut().insert(found);
+                }
+                router.oneshot(request).await
+            }
         });
         // No upgrades: nothing here speaks WebSocket, and a plain
         // connection is what graceful shutdown knows how to end.
         let connection = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
         tokio::spawn(async move {
-            if let Err(err) = connection.await {
-                tracing::debug!(%peer, error = %err, "API connection ended with an error");
+            tokio::select! {
+                ended = connection => {
+                    if let Err(err) = ended {
+                        tracing::debug!(%peer, error = %err, "API connection ended with an error");
+                    }
+                }
+                // Dropping the connection closes its socket.
+                _ = closer.cancelled() => tracing::debug!(%peer, "API connection dropped"),
             }
         });
     }

@@ -10,11 +10,13 @@
 //! - `hosts` again, in a private file in the state dir, which only the
 //!   agent's own views read (the `.localhost` names still work in browsers).
 //!
-//! `nsswitch` reads (and, for the installer, edits) the `hosts:` line.
+//! `nsswitch` reads (and, for the installer, edits) the `hosts:` line;
+//! `assign` decides which pod answers to which name.
 //!
 //! May use: `state` (crash-safe file writes) and `model`. Must never touch:
 //! the store, the tunnels, the cluster, the HTTP API.
 
+mod assign;
 mod hosts;
 pub mod nsswitch;
 mod user_file;
@@ -23,6 +25,7 @@ use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
+pub use assign::{assign, long_name, short_name, Assigned, Claimant};
 pub use hosts::{count_blocks, parse_block, render, HostsFile, BLOCK_BEGIN, BLOCK_END};
 pub use user_file::{render_user_file, UserNamesFile, USER_DIR, USER_FILE};
 
@@ -217,6 +220,29 @@ impl Names {
 
     pub fn health(&self) -> NamesHealth {
         self.health.clone()
+    }
+
+    /// Checks, before the agent starts, that the file its names go to was
+    /// not planted: in the state dir or the runtime dir it must be ours and
+    /// not a link (the system hosts file and `--hosts-file` are the user's
+    /// own choice).
+    pub fn check(&self) -> Result<(), NamesError> {
+        let path = match (&self.target, self.health.mode) {
+            (Target::User(file), _) => return file.check(),
+            (Target::Hosts(hosts), NamesMode::PrivateFile) => hosts.path(),
+            _ => return Ok(()),
+        };
+        match crate::state::fsio::check_own_file(path) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(NamesError::Unsafe {
+                path: path.to_owned(),
+                why: why.to_string(),
+            }),
+            Err(source) => Err(NamesError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
     }
 
     /// Makes the names say exactly `entries`.

@@ -42,6 +42,25 @@ impl UserNamesFile {
         &self.path
     }
 
+    /// Checks an existing folder and file: ours, and not links.
+    pub fn check(&self) -> Result<(), NamesError> {
+        if fs::symlink_metadata(&self.dir).is_err() {
+            return Ok(());
+        }
+        self.own_folder()?;
+        match crate::state::fsio::check_own_file(&self.path) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(why)) => Err(NamesError::Unsafe {
+                path: self.path.clone(),
+                why: why.to_string(),
+            }),
+            Err(source) => Err(NamesError::Read {
+                path: self.path.clone(),
+                source,
+            }),
+        }
+    }
+
     /// Makes the file list exactly `entries`.
     pub fn write(&self, entries: &[HostEntry]) -> Result<(), NamesError> {
         self.own_folder()?;

@@ -17,3 +17,4 @@ pub mod system_setup;
 
 pub use client::{AgentClient, ClientError};
 pub use demo::{Demo, DemoError, DEMO_PODS};
+pub(crate) use sockets::{connection_owner, own_uid};

@@ -1,5 +1,9 @@
 //! Crash-safe file replacement, shared by the hosts file and the state dir:
 //! a reader sees the old file or the new one, never an empty or torn one.
+//! And the rule for the agent's own files: a folder or file it adopts must
+//! be the running user's and not a link, checked on the open descriptor
+//! (`O_NOFOLLOW`, `fstat`), never on the path, so a file planted by someone
+//! else (a link to a victim, a token of an attacker's) is refused by name.
 
 use std::fs;
 use std::io::{self, Write};
@@ -88,9 +92,18 @@ pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)
 }
 
-/// Makes an existing file readable and writable by its owner only.
+/// Makes an existing file of ours readable and writable by its owner only,
+/// through a descriptor opened without following links (a `chmod` of the
+/// path would change whatever a planted link points at).
 pub fn make_private(path: &Path) -> io::Result<()> {
-    set_mode(&fs::File::open(path)?, 0o600)
+    match open_own(path)? {
+        Some(Ok(file)) => set_mode(&file, 0o600),
+        Some(Err(why)) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("refusing {}: {why}", path.display()),
+        )),
+        None => Err(io::Error::from(io::ErrorKind::NotFound)),
+    }
 }
 
 /// The permission bits of an existing file, for keeping them on replace.
@@ -105,6 +118,123 @@ pub fn mode_of(path: &Path) -> Option<u32> {
 #[cfg(not(unix))]
 pub fn mode_of(_path: &Path) -> Option<u32> {
     None
+}
+
+/// Why a folder or file of the agent's own cannot be used as it is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotOurs {
+    #[error("it is a symbolic link; remove it (and let the agent make a real one)")]
+    Link,
+    #[error("it is not a regular file; remove it")]
+    NotAFile,
+    #[error("it is not a directory")]
+    NotADir,
+    #[error(
+        "it belongs to uid {owner}, not to this user (uid {us}); remove it, or run as its owner"
+    )]
+    Owner { owner: u32, us: u32 },
+    #[error("every user may write to it (mode {mode:o}); `chmod o-w` it")]
+    OpenToAll { mode: u32 },
+}
+
+/// The effective uid the agent's files must belong to (`None` where the
+/// platform gives no owners to compare).
+fn our_uid() -> Option<u32> {
+    #[cfg(target_os = "linux")]
+    {
+        Some(nix::unistd::geteuid().as_raw())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
+#[cfg(unix)]
+fn check_meta(meta: &fs::Metadata) -> Result<(), NotOurs> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(us) = our_uid() {
+        if meta.uid() != us {
+            return Err(NotOurs::Owner {
+                owner: meta.uid(),
+                us,
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_meta(_meta: &fs::Metadata) -> Result<(), NotOurs> {
+    Ok(())
+}
+
+/// Checks a folder the agent keeps its files in: a real directory (not a
+/// link), ours, and not writable by every user (who could plant files).
+pub fn check_own_dir(dir: &Path) -> Result<(), NotOurs> {
+    let meta = fs::symlink_metadata(dir).map_err(|_| NotOurs::NotADir)?;
+    if meta.file_type().is_symlink() {
+        return Err(NotOurs::Link);
+    }
+    if !meta.is_dir() {
+        return Err(NotOurs::NotADir);
+    }
+    check_meta(&meta)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o002 != 0 {
+            return Err(NotOurs::OpenToAll { mode });
+        }
+    }
+    Ok(())
+}
+
+/// Opens one of the agent's own files for reading without following a link,
+/// and checks the open descriptor: a regular file of ours. `Ok(None)` when
+/// there is no such file.
+pub fn open_own(path: &Path) -> io::Result<Option<Result<fs::File, NotOurs>>> {
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NOFOLLOW: a link is refused by the kernel (ELOOP), not followed;
+        // O_NONBLOCK: a planted FIFO cannot hang the open.
+        options.custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    let file = match options.open(path) {
+        Ok(file) => file,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(err) if is_link_refusal(&err) => return Ok(Some(Err(NotOurs::Link))),
+        Err(err) => return Err(err),
+    };
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Ok(Some(Err(NotOurs::NotAFile)));
+    }
+    Ok(Some(check_meta(&meta).map(|()| file)))
+}
+
+/// Checks an existing file of the agent's without opening it through a
+/// link: `Ok(())` also when it does not exist.
+pub fn check_own_file(path: &Path) -> io::Result<Result<(), NotOurs>> {
+    Ok(match open_own(path)? {
+        None | Some(Ok(_)) => Ok(()),
+        Some(Err(why)) => Err(why),
+    })
+}
+
+/// `O_NOFOLLOW` refuses a link with `ELOOP` (Linux) or `EMLINK` (BSDs).
+#[cfg(unix)]
+fn is_link_refusal(err: &io::Error) -> bool {
+    matches!(err.raw_os_error(), Some(code) if code == libc::ELOOP || code == libc::EMLINK)
+}
+
+#[cfg(not(unix))]
+fn is_link_refusal(_err: &io::Error) -> bool {
+    false
 }
 
 #[cfg(test)]

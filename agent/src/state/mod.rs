@@ -12,4 +12,4 @@ mod persist;
 mod store;
 
 pub use persist::{DesktopSettings, Identity, PersistError, StateDb, StoredPod};
-pub use store::{PodEntry, PodMap, Store};
+pub use store::{PodEntry, PodMap, Store, StoreWrite};

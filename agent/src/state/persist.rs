@@ -3,7 +3,6 @@
 //! so every acknowledged push survives a `kill -9` and a restart brings back
 //! every tunnel).
 
-use std::fs;
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -36,6 +35,8 @@ pub enum PersistError {
     BadPod { id: String, message: String },
     #[error("state database task failed: {0}")]
     Task(String),
+    #[error("refusing to use {path}: {why}")]
+    NotOurs { path: PathBuf, why: fsio::NotOurs },
 }
 
 /// Who this agent is: made once, then read back on every start.
@@ -117,6 +118,12 @@ fn ensure_dir(dir: &Path) -> Result<(), PersistError> {
         path: dir.to_owned(),
         source,
     })?;
+    // A folder someone else owns (or anyone may write to) could hold files
+    // planted for us: a link to a victim file, a token of theirs.
+    fsio::check_own_dir(dir).map_err(|why| PersistError::NotOurs {
+        path: dir.to_owned(),
+        why,
+    })?;
     if let Some(mode) = fsio::mode_of(dir).filter(|mode| mode & 0o077 != 0) {
         tracing::warn!(
             path = %dir.display(),
@@ -127,15 +134,26 @@ fn ensure_dir(dir: &Path) -> Result<(), PersistError> {
     Ok(())
 }
 
+/// Reads one of our small files, trimmed; refused when it is not ours or a
+/// link (checked on the open descriptor).
 fn read_trimmed(path: &Path) -> Result<Option<String>, PersistError> {
-    match fs::read_to_string(path) {
-        Ok(text) => Ok(Some(text.trim().to_owned()).filter(|t| !t.is_empty())),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(PersistError::File {
-            path: path.to_owned(),
-            source,
-        }),
-    }
+    let file_err = |source| PersistError::File {
+        path: path.to_owned(),
+        source,
+    };
+    let file = match fsio::open_own(path).map_err(file_err)? {
+        None => return Ok(None),
+        Some(Err(why)) => {
+            return Err(PersistError::NotOurs {
+                path: path.to_owned(),
+                why,
+            })
+        }
+        Some(Ok(file)) => file,
+    };
+    let mut text = String::new();
+    io::Read::read_to_string(&mut &file, &mut text).map_err(file_err)?;
+    Ok(Some(text.trim().to_owned()).filter(|t| !t.is_empty()))
 }
 
 fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), PersistError> {
@@ -160,8 +178,9 @@ impl DesktopSettings {
     /// The stored settings; defaults when none were saved (or the file is unreadable,
     /// which only costs a preference).
     pub fn load(state_dir: &Path) -> Self {
-        fs::read_to_string(state_dir.join(DESKTOP_SETTINGS_FILE))
+        read_trimmed(&state_dir.join(DESKTOP_SETTINGS_FILE))
             .ok()
+            .flatten()
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default()
     }
@@ -200,6 +219,16 @@ impl StateDb {
     pub fn open(state_dir: &Path) -> Result<Self, PersistError> {
         ensure_dir(state_dir)?;
         let path = state_dir.join(DB_FILE);
+        // The database and its journal files are opened by path (SQLite's
+        // own open): each must be ours and not a link before it is.
+        for file in [DB_FILE, "state.db-wal", "state.db-shm"] {
+            let file = state_dir.join(file);
+            match fsio::check_own_file(&file) {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => return Err(PersistError::NotOurs { path: file, why }),
+                Err(source) => return Err(PersistError::File { path: file, source }),
+            }
+        }
         let db_err = |source| PersistError::Db {
             path: path.clone(),
             source,

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use chrono::Utc;
@@ -40,6 +41,8 @@ pub struct PodEntry {
     pub name_port_error: Option<String>,
     /// The pod's mirror in the local cluster, as last seen.
     pub mirror: Option<MirrorView>,
+    /// The names it answers to (decided over every pod when names are written).
+    pub names: crate::model::AssignedNames,
 }
 
 impl PodEntry {
@@ -74,9 +77,10 @@ impl PodEntry {
         if !self.name_port_listening() {
             return None;
         }
+        let name = self.names.names.first()?;
         Some(match self.spec.staging_port() {
-            80 => format!("http://{}/", self.spec.dns_name()),
-            port => format!("http://{}:{port}/", self.spec.dns_name()),
+            80 => format!("http://{name}/"),
+            port => format!("http://{name}:{port}/"),
         })
     }
 
@@ -135,6 +139,8 @@ impl PodEntry {
             name_port: self.name_port_listening().then(|| self.spec.staging_port()),
             name_port_error: self.name_port_error.clone(),
             name_url: self.name_url(),
+            names: self.names.names.clone(),
+            name_note: self.names.note.clone(),
         }
     }
 }
@@ -146,14 +152,45 @@ pub type PodMap = BTreeMap<String, PodEntry>;
 #[derive(Debug, Clone)]
 pub struct Store {
     pods: Arc<RwLock<PodMap>>,
+    /// How many pods the map holds, as of the last write: read without the
+    /// lock, so `/health` answers while a large push holds it.
+    count: Arc<AtomicUsize>,
     local_host: Arc<str>,
     events: EventBus,
+}
+
+/// Write access to the pod map; keeps the lock-free count in step when
+/// it is let go.
+#[derive(Debug)]
+pub struct StoreWrite<'a> {
+    map: RwLockWriteGuard<'a, PodMap>,
+    count: &'a AtomicUsize,
+}
+
+impl std::ops::Deref for StoreWrite<'_> {
+    type Target = PodMap;
+    fn deref(&self) -> &PodMap {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for StoreWrite<'_> {
+    fn deref_mut(&mut self) -> &mut PodMap {
+        &mut self.map
+    }
+}
+
+impl Drop for StoreWrite<'_> {
+    fn drop(&mut self) {
+        self.count.store(self.map.len(), Ordering::Relaxed);
+    }
 }
 
 impl Store {
     pub fn new(local_host: &str, events: EventBus) -> Self {
         Self {
             pods: Arc::new(RwLock::new(PodMap::new())),
+            count: Arc::new(AtomicUsize::new(0)),
             local_host: Arc::from(local_host),
             events,
         }
@@ -172,19 +209,24 @@ impl Store {
     }
 
     /// Write access for the agent's operations; never held across an await.
-    pub fn write(&self) -> RwLockWriteGuard<'_, PodMap> {
-        match self.pods.write() {
+    pub fn write(&self) -> StoreWrite<'_> {
+        let map = match self.pods.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
+        };
+        StoreWrite {
+            map,
+            count: &self.count,
         }
     }
 
+    /// How many pods are held (as of the last write; takes no lock).
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.count.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.read().is_empty()
+        self.len() == 0
     }
 
     /// Every tunnel, keyed by pod id.

@@ -190,6 +190,9 @@ pub struct TunnelShared {
     /// connection.
     route: RwLock<Route>,
     dialer: Arc<dyn LocalDialer>,
+    /// Most connections open at once through this tunnel; more are closed
+    /// at accept, so a loop cannot eat every descriptor.
+    limit: u64,
     counters: Counters,
     errors: Mutex<Errors>,
     /// Failed connections by kind (indexed by `ConnectErrorKind`).
@@ -211,11 +214,13 @@ impl TunnelShared {
         mode: TunnelTarget,
         dialer: Arc<dyn LocalDialer>,
         events: EventBus,
+        limit: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             pod_id,
             route: RwLock::new(Route { target, mode }),
             dialer,
+            limit: u64::try_from(limit).unwrap_or(u64::MAX),
             counters: Counters::default(),
             errors: Mutex::new(Errors::default()),
             error_counts: Default::default(),
@@ -500,6 +505,18 @@ async fn accept_loop(
             accepted = listener.accept() => accepted,
         };
         match accepted {
+            Ok(client) if shared.counters.open.load(Ordering::Relaxed) >= shared.limit => {
+                // Closed at once: its descriptor is back before the next accept.
+                drop(client);
+                shared.record_error(
+                    ConnectErrorKind::Other,
+                    format!(
+                        "more than {} connections open at once: new ones are closed until some \
+                         end (does the pod's target lead back into this tunnel?)",
+                        shared.limit
+                    ),
+                );
+            }
             Ok(client) => {
                 let connection = Connection {
                     shared: Arc::clone(&shared),

@@ -433,3 +433,44 @@ pub fn pod(id: &str, name: &str, target: SocketAddr) -> Value {
         "created_at": "2024-01-15T10:30:00Z", "updated_at": "2024-01-15T10:30:00Z"
     })
 }
+
+/// Opens an event stream with a tiny receive buffer and never reads it;
+/// returns the socket and the status line's code.
+pub async fn silent_subscriber(api: SocketAddr) -> (TcpStream, u16) {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket.set_recv_buffer_size(1024).expect("rcvbuf");
+    socket.connect(&api.into()).expect("connect");
+    socket.set_nonblocking(true).expect("nonblocking");
+    let mut stream = TcpStream::from_std(socket.into()).expect("tokio");
+    stream
+        .write_all(b"GET /api/v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        .await
+        .expect("ask");
+    let mut head = [0u8; 12];
+    within("the status line", stream.read_exact(&mut head))
+        .await
+        .expect("status line");
+    let code = std::str::from_utf8(&head[9..12])
+        .ok()
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (stream, code)
+}
+
+/// Asks for an event stream until one is granted (200), within `limit`.
+pub async fn wait_for_a_place(api: SocketAddr, limit: Duration) {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let (_stream, code) = silent_subscriber(api).await;
+        if code == 200 {
+            return;
+        }
+        assert_eq!(code, 503);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no event stream was granted within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -1,0 +1,77 @@
+//! Silent dashboards: 500 event streams whose clients never read, with a
+//! snapshot of about a megabyte and changes arriving, hold one shared copy
+//! of the snapshot (not one each), and are dropped once they have taken
+//! nothing for 30 s. Alone in its test binary, so the process's memory is
+//! this test's.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{echo_server, pod, silent_subscriber, wait_for_a_place, Fixture};
+use serde_json::Value;
+
+fn many_pods(prefix: &str, count: usize, target: std::net::SocketAddr) -> Value {
+    Value::Array(
+        (0..count)
+            .map(|i| pod(&format!("{prefix}-{i}"), &format!("{prefix}-{i}"), target))
+            .collect(),
+    )
+}
+
+/// `VmRSS` of this process, in KiB.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kib| kib.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_dashboards_share_one_snapshot_and_are_dropped() {
+    let fx = Fixture::new(62).await;
+    let mut config = fx.config();
+    config.name_ports = false;
+    config.max_event_streams = 500;
+    let agent = fx.start_with(config).await;
+    let upstream = echo_server().await;
+    // About a megabyte of snapshot.
+    let (code, _) = agent
+        .push("create", many_pods("big", 2_000, upstream))
+        .await;
+    assert_eq!(code, 200);
+    let snapshot = agent.get("/api/v1/snapshot").await.to_string();
+    assert!(snapshot.len() > 500_000, "{}", snapshot.len());
+    let api = agent.agent.local_addr();
+
+    let before = rss_kib();
+    let mut silent = Vec::new();
+    for _ in 0..500 {
+        let (stream, code) = silent_subscriber(api).await;
+        assert_eq!(code, 200);
+        silent.push(stream);
+    }
+    // Changes: every stream wants the new snapshot, none reads it.
+    for round in ["more", "again"] {
+        let (code, _) = agent.push("create", many_pods(round, 10, upstream)).await;
+        assert_eq!(code, 200);
+    }
+    let grown_mib = rss_kib().saturating_sub(before) / 1024;
+    // Each holding its own copy would be about 500 MiB.
+    assert!(
+        grown_mib < 100,
+        "500 silent dashboards took {grown_mib} MiB"
+    );
+
+    // Streams that take nothing for 30 s are dropped: with all 500 places
+    // held, a new stream gets one only once they are.
+    wait_for_a_place(api, Duration::from_secs(60)).await;
+    drop(silent);
+    agent.agent.shutdown().await;
+}
