@@ -114,16 +114,65 @@ function copyButton(text) {
   return button;
 }
 
-function podRow({ pod, tunnel, activity }) {
-  const row = el('tr', { 'data-pod-id': pod.id, 'data-state': tunnel.status });
+// Rows whose details are open, and the row that had the keyboard: kept
+// across renders, which replace every row on each snapshot.
+const openRows = new Set();
+let focusedRow = null;
 
-  const podCell = el('td', {}, [
-    el('div', { class: 'name', text: pod.name }),
-    el('div', { class: 'sub', text: [pod.namespace, pod.status].filter(Boolean).join(' · ') }),
-  ]);
+function podRow({ pod, tunnel, activity }) {
+  const row = el('tr', { 'data-pod-id': pod.id, 'data-state': tunnel.status, tabIndex: 0 });
+  if (openRows.has(pod.id)) row.classList.add('open');
+  row.setAttribute('aria-expanded', String(openRows.has(pod.id)));
+  row.setAttribute('aria-label', `${pod.name}: ${tunnel.status}${tunnel.forwarding ? '' : ', forwarding off'}`);
 
   const local = tunnel.local_port ? `:${tunnel.local_port}` : 'no port';
-  const tunnelCell = el('td', {}, [
+  // The name that resolves to this pod: its short one, or its long one
+  // when another pod holds the short one.
+  const name = (tunnel.names && tunnel.names[0]) || tunnel.dns_name;
+  // The one address a person would use: the name alone when it resolves
+  // and the pod's own port listens there, else localhost and the range port.
+  const usable = tunnel.name_url && latest && latest.health.names.system_wide
+    ? tunnel.name_url.replace(/^http:\/\//, '').replace(/\/$/, '')
+    : tunnel.local_port ? `localhost:${tunnel.local_port}` : '';
+  const dot = el('span', {
+    class: `dot ${tunnel.status}${tunnel.error ? ' erroring' : ''}`,
+    title: tunnel.error || `tunnel ${tunnel.status}`,
+  });
+  dot.setAttribute('role', 'img');
+  dot.setAttribute('aria-label', tunnel.error ? `${tunnel.status}, failing` : tunnel.status);
+  const address = el('span', { class: 'address' });
+  if (usable) {
+    const link = el('a', { class: 'mono', href: podUrl(tunnel), text: usable, title: `Open ${usable}` });
+    link.addEventListener('click', (event) => {
+      event.preventDefault();
+      event.stopPropagation();
+      agent.openPod(pod.id, podUrl(tunnel)).catch((error) => showError(error.message));
+    });
+    const copy = el('button', { class: 'copy-address', text: 'copy', title: 'Copy the address' });
+    copy.setAttribute('aria-label', `Copy ${usable}`);
+    copy.addEventListener('click', async (event) => {
+      event.stopPropagation();
+      try {
+        await navigator.clipboard.writeText(usable);
+        copy.textContent = 'copied';
+      } catch {
+        copy.textContent = 'failed';
+      }
+      setTimeout(() => { copy.textContent = 'copy'; }, 1200);
+    });
+    address.append(link, copy);
+  } else {
+    address.append(el('span', { class: 'muted', text: 'no port' }));
+  }
+
+  const podCell = el('td', { class: 'pod' }, [
+    dot,
+    el('div', { class: 'name', text: pod.name, title: pod.name }),
+    address,
+    el('div', { class: 'sub detail', text: [pod.namespace, pod.status].filter(Boolean).join(' · ') }),
+  ]);
+
+  const tunnelCell = el('td', { class: 'tunnel detail-cell' }, [
     el('span', {
       class: `state ${tunnel.status}${tunnel.error ? ' erroring' : ''}`,
       text: tunnel.status,
@@ -131,11 +180,11 @@ function podRow({ pod, tunnel, activity }) {
     }),
     ' ',
     el('span', { class: 'mono port', text: local }),
-    el('div', {}, [copyButton(tunnel.dns_name)]),
+    el('div', {}, [copyButton(name)]),
     el('div', { class: 'sub mono ways' }, [
       el('span', { class: 'way-range', text: tunnel.local_port ? `localhost:${tunnel.local_port}` : '' }),
       tunnel.name_port
-        ? el('span', { class: 'way-name', text: ` · ${tunnel.dns_name}:${tunnel.name_port}` })
+        ? el('span', { class: 'way-name', text: ` · ${name}:${tunnel.name_port}` })
         : '',
     ]),
     el('div', { class: 'sub mono', text: `→ ${tunnel.staging_pod_ip}:${tunnel.staging_port}` }),
@@ -145,6 +194,9 @@ function podRow({ pod, tunnel, activity }) {
   }
   if (tunnel.name_port_error) {
     tunnelCell.append(el('div', { class: 'sub name-port-error', text: tunnel.name_port_error }));
+  }
+  if (tunnel.name_note) {
+    tunnelCell.append(el('div', { class: 'sub name-note', text: tunnel.name_note }));
   }
   if (tunnel.port_note) {
     tunnelCell.append(el('div', { class: 'sub', text: tunnel.port_note }));
@@ -162,7 +214,7 @@ function podRow({ pod, tunnel, activity }) {
     }
   }
 
-  const traffic = el('td', { class: 'num traffic' }, [
+  const traffic = el('td', { class: 'num traffic detail-cell' }, [
     el('div', { text: `${tunnel.open_connections} open · ${tunnel.total_connections}` }),
     el('div', { class: 'sub', text: `↑ ${bytes(tunnel.bytes_to_pod)} ↓ ${bytes(tunnel.bytes_from_pod)}` }),
   ]);
@@ -187,6 +239,7 @@ function podRow({ pod, tunnel, activity }) {
     title: tunnel.forwarding ? 'Forwarding: on' : 'Forwarding: off',
     'data-role': 'toggle',
   });
+  toggle.addEventListener('click', (event) => event.stopPropagation());
   toggle.setAttribute('aria-label', `Forward ${pod.name}`);
   toggle.addEventListener('change', () =>
     act(toggle, () => agent.setForwarding(pod.id, toggle.checked)));
@@ -207,14 +260,70 @@ function podRow({ pod, tunnel, activity }) {
   const stop = el('button', { class: 'stop', text: 'Stop', title: 'Remove this tunnel' });
   stop.addEventListener('click', () => act(stop, () => agent.stopTunnel(pod.id)));
 
+  const details = el('button', { class: 'details-toggle', text: openRows.has(pod.id) ? '▾' : '▸' });
+  details.setAttribute('aria-label', `Details of ${pod.name}`);
+  details.setAttribute('aria-expanded', String(openRows.has(pod.id)));
+  details.addEventListener('click', (event) => {
+    event.stopPropagation();
+    toggleDetails(pod.id);
+  });
+  for (const button of [open, via, stop]) {
+    button.addEventListener('click', (event) => event.stopPropagation());
+  }
+
   const actions = el('td', { class: 'actions' }, [
-    el('label', { class: 'switch' }, [toggle, el('span', { class: 'slider' })]),
-    el('div', { class: 'row-actions' }, [open, stop]),
-    el('div', { class: 'row-actions' }, [via]),
+    el('label', { class: 'switch', title: 'Forwarding' }, [toggle, el('span', { class: 'slider' })]),
+    details,
+    el('div', { class: 'row-actions detail' }, [open, stop]),
+    el('div', { class: 'row-actions detail' }, [via]),
   ]);
 
   row.append(podCell, tunnelCell, traffic, actions);
+  row.addEventListener('click', (event) => {
+    // A control's own click (the toggle's label, a link, a button) is not a
+    // click on the row.
+    if (event.target.closest('button, a, input, label')) return;
+    toggleDetails(pod.id);
+  });
+  row.addEventListener('focus', () => { focusedRow = pod.id; });
+  row.addEventListener('keydown', (event) => rowKey(event, row, pod, tunnel, toggle));
   return row;
+}
+
+function toggleDetails(id) {
+  if (openRows.has(id)) openRows.delete(id);
+  else openRows.add(id);
+  focusedRow = id;
+  render();
+}
+
+// The keyboard on a row: arrows move between rows, space toggles
+// forwarding, Enter opens the pod, right and left open and close details.
+function rowKey(event, row, pod, tunnel, toggle) {
+  if (event.target !== row) return;
+  const rows = [...document.querySelectorAll('#pods tbody tr')];
+  const at = rows.indexOf(row);
+  const move = (to) => {
+    const next = rows[Math.max(0, Math.min(rows.length - 1, to))];
+    if (next) next.focus();
+  };
+  switch (event.key) {
+    case 'ArrowDown': move(at + 1); break;
+    case 'ArrowUp': move(at - 1); break;
+    case 'Home': move(0); break;
+    case 'End': move(rows.length - 1); break;
+    case ' ':
+      toggle.checked = !toggle.checked;
+      act(toggle, () => agent.setForwarding(pod.id, toggle.checked));
+      break;
+    case 'Enter':
+      if (tunnel.local_port) agent.openPod(pod.id, podUrl(tunnel)).catch((error) => showError(error.message));
+      break;
+    case 'ArrowRight': if (!openRows.has(pod.id)) toggleDetails(pod.id); break;
+    case 'ArrowLeft': if (openRows.has(pod.id)) toggleDetails(pod.id); break;
+    default: return;
+  }
+  event.preventDefault();
 }
 
 function matches(view, filter) {
@@ -297,11 +406,26 @@ function render() {
   $('empty').hidden = pods.length > 0;
   $('pods').hidden = shown.length === 0;
   $('no-match').hidden = !(pods.length > 0 && shown.length === 0);
+  const hadFocus = document.activeElement && document.activeElement.matches('#pods tbody tr');
   $('pods').querySelector('tbody').replaceChildren(...shown.map(podRow));
+  // The row that had the keyboard keeps it across the re-render.
+  if (hadFocus && focusedRow) {
+    const row = document.querySelector(`#pods tbody tr[data-pod-id="${CSS.escape(focusedRow)}"]`);
+    if (row) row.focus();
+  }
 }
 
 function start() {
   $('filter').addEventListener('input', render);
+  // "/" jumps to the filter, as in most tools; Escape leaves it.
+  document.addEventListener('keydown', (event) => {
+    if (event.key === '/' && document.activeElement !== $('filter')) {
+      event.preventDefault();
+      $('filter').focus();
+    } else if (event.key === 'Escape' && document.activeElement === $('filter')) {
+      $('filter').blur();
+    }
+  });
   agent.subscribe(
     (snapshot) => { latest = snapshot; render(); },
     (connected) => { $('link').hidden = connected; },

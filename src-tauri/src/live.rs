@@ -1,11 +1,10 @@
 //! Pushes every change of the agent to the desktop: a fresh snapshot to the
 //! window (the `snapshot` event), the tray menu and icon, and notifications
-//! for what changed. Driven by the agent's change channels, never a timer;
+//! for what changed, coalesced over two seconds. Driven by the agent's change channels, never a timer;
 //! counter-only movements reach the window throttled and skip the rest.
 
 use std::time::Duration;
 
-use k3s_local_agent::model::Snapshot;
 use k3s_local_agent::notices;
 use k3s_local_agent::Agent;
 use tauri::{AppHandle, Emitter};
@@ -35,7 +34,7 @@ async fn follow(app: AppHandle, agent: Agent, tray: Tray) {
     let mut revisions = agent.events().watch_revision();
     let mut traffic = agent.events().watch_traffic();
     let mut notifier = Notifier::default();
-    let mut previous: Option<Snapshot> = None;
+    let mut coalescer = notices::Coalescer::default();
     loop {
         let snapshot = agent.snapshot();
         let _ = app.emit(SNAPSHOT_EVENT, &snapshot);
@@ -43,13 +42,13 @@ async fn follow(app: AppHandle, agent: Agent, tray: Tray) {
         if let Err(err) = tray.show(&app, &snapshot) {
             tracing::warn!(error = %err, "cannot update the tray");
         }
-        let found = notices::between(previous.as_ref(), &snapshot);
-        if !tray.notifications_muted() {
-            for notice in found {
-                notifier.send(notice).await;
-            }
+        if tray.notifications_muted() {
+            // Muted: what changes now is never told, not even later.
+            coalescer.absorb(snapshot);
+        } else {
+            let found = coalescer.observe(snapshot, std::time::Instant::now());
+            announce(&tray, &mut notifier, found).await;
         }
-        previous = Some(snapshot);
 
         // Wait for the next real change; counter movements meanwhile only
         // refresh the window, at most every TRAFFIC_THROTTLE.
@@ -63,6 +62,11 @@ async fn follow(app: AppHandle, agent: Agent, tray: Tray) {
                     revisions.mark_unchanged();
                     break;
                 }
+                // Changes held back to coalesce are due: tell what they added up to.
+                _ = sleep_until_due(coalescer.due()) => {
+                    let found = coalescer.flush(std::time::Instant::now());
+                    announce(&tray, &mut notifier, found).await;
+                }
                 changed = traffic.changed() => {
                     if changed.is_err() {
                         return;
@@ -74,6 +78,24 @@ async fn follow(app: AppHandle, agent: Agent, tray: Tray) {
                 }
             }
         }
+    }
+}
+
+/// Shows `found`, unless the user muted notifications.
+async fn announce(tray: &Tray, notifier: &mut Notifier, found: Vec<notices::Notice>) {
+    if tray.notifications_muted() {
+        return;
+    }
+    for notice in found {
+        notifier.send(notice).await;
+    }
+}
+
+/// Sleeps until `due`, or forever when nothing is held.
+async fn sleep_until_due(due: Option<std::time::Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(Instant::from_std(due)).await,
+        None => std::future::pending().await,
     }
 }
 

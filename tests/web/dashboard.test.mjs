@@ -5,49 +5,25 @@
 
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
 import http from 'node:http';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
-import { mkdtempSync, mkdirSync, writeFileSync, readFileSync } from 'node:fs';
-import { fileURLToPath } from 'node:url';
-import { chromium } from 'playwright-core';
-
-const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-const binary = process.env.K3S_LOCAL_AGENT_BIN || path.join(root, 'target/debug/k3s-local-agent');
-const shots = path.join(root, 'target/ui-screenshots');
-const chromiumPath = process.env.CHROMIUM_PATH || '/usr/bin/chromium';
-const DEADLINE_MS = 15000;
+import { mkdirSync, readFileSync } from 'node:fs';
+import {
+  DEADLINE_MS, launchBrowser, shots, startAgent, startPod as startPodOn, waitFor,
+} from './harness.mjs';
 
 let agent;
 let baseUrl;
 let agentId;
+let sandbox;
 let browser;
 let page;
-let sandbox;
 const servers = [];
-
-/** Polls `condition` until it is truthy or the deadline passes. */
-async function waitFor(what, condition) {
-  const deadline = Date.now() + DEADLINE_MS;
-  for (;;) {
-    const value = await condition();
-    if (value) return value;
-    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
-    await new Promise((resolve) => setImmediate(resolve));
-  }
-}
 
 /** A loopback HTTP server playing a pod: answers every request with `text`. */
 function startPod(text) {
-  return new Promise((resolve) => {
-    const server = http.createServer((_, response) => response.end(text));
-    server.listen(0, '127.0.0.1', () => {
-      servers.push(server);
-      resolve(server.address().port);
-    });
-  });
+  return startPodOn(servers, text);
 }
 
 /** 'open' or 'refused' for a TCP connection to a local port. */
@@ -124,32 +100,10 @@ async function shot(name) {
 
 before(async () => {
   mkdirSync(shots, { recursive: true });
-  sandbox = mkdtempSync(path.join(os.tmpdir(), 'k3s-local-agent-web-'));
-  writeFileSync(path.join(sandbox, 'hosts'), '127.0.0.1 localhost\n');
-  agent = spawn(binary, [
-    'run', '--agent-port', '0', '--port-range', '21300-21319',
-    '--hosts-file', path.join(sandbox, 'hosts'), '--state-dir', path.join(sandbox, 'state'),
-    '--no-cluster',
-  ], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RUST_LOG: 'info' } });
-  let log = '';
-  baseUrl = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`agent did not start:\n${log}`)), DEADLINE_MS);
-    agent.stderr.on('data', (chunk) => {
-      log += chunk;
-      const found = /listening on (http:\/\/\S+)/.exec(log);
-      if (found) { clearTimeout(timer); resolve(found[1]); }
-    });
-    agent.once('exit', (code) => reject(new Error(`agent exited (${code}):\n${log}`)));
-  });
-  agentId = (await (await fetch(`${baseUrl}/health`)).json()).agent_id;
-
-  browser = await chromium.launch({
-    executablePath: chromiumPath,
-    headless: true,
-    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-      '--disable-background-networking', '--disable-component-update', '--disable-sync'],
-  });
-  page = await browser.newPage({ viewport: { width: 480, height: 600 } });
+  ({ proc: agent, baseUrl, agentId, sandbox } = await startAgent('21300-21319'));
+  browser = await launchBrowser();
+  // A wide tab: the full table (the tray-sized window has its own suite).
+  page = await browser.newPage({ viewport: { width: 1280, height: 800 } });
   page.setDefaultTimeout(DEADLINE_MS);
 });
 
@@ -288,6 +242,50 @@ test('a foreign page cannot change the agent', async () => {
   const rebound = await rawRequest('GET', '/api/v1/pods', { Host: 'evil.example' });
   assert.equal(rebound.status, 403, rebound.text);
   assert.equal((await status()).redirections['web-1'].status, 'active');
+});
+
+test('a page served through one of our own tunnels cannot drive the agent', async () => {
+  // A staging pod whose page tries every state change, as a hostile page
+  // would: no-cors fetches (which need no permission to be sent) and a push.
+  const attack = `<!doctype html><title>loading</title><script>
+    const agent = ${JSON.stringify(baseUrl)};
+    const post = (path, body, type) => fetch(agent + path, {
+      method: 'POST', mode: 'no-cors',
+      headers: type ? { 'Content-Type': type } : {},
+      body,
+    }).catch(() => {});
+    Promise.all([
+      post('/api/v1/pods/web-1/forwarding', JSON.stringify({ enabled: false }), 'text/plain'),
+      post('/api/v1/pods/web-1/target', JSON.stringify({ target: 'local' })),
+      post('/api/v1/pods/web-1/stop'),
+      post('/api/v1/pods', JSON.stringify({ agent_id: ${JSON.stringify(agentId)}, action: 'sync', pods: [] }), 'text/plain'),
+    ]).finally(() => { document.title = 'done'; });
+  </script>`;
+  const evil = await new Promise((resolve) => {
+    const server = http.createServer((_, response) => {
+      response.setHeader('Content-Type', 'text/html');
+      response.end(attack);
+    });
+    server.listen(0, '127.0.0.1', () => { servers.push(server); resolve(server.address().port); });
+  });
+  await push('create', [{ id: 'evil-1', name: 'evil', ip: '127.0.0.1', port: evil }]);
+  const before = await status();
+  const tab = await browser.newPage();
+  await tab.goto(`http://evil-staging.localhost:${await portOf('evil-1')}/`);
+  await waitFor('the page to try everything', async () => (await tab.title()) === 'done');
+  await tab.close();
+  const after = await status();
+  assert.equal(after.total_redirections, before.total_redirections, 'nothing was pushed away');
+  assert.equal(after.redirections['web-1'].status, 'active');
+  assert.equal(after.redirections['web-1'].target, before.redirections['web-1'].target);
+  // The same from outside a browser: a tunnel's origin is not the agent's.
+  const body = JSON.stringify({ agent_id: agentId, action: 'sync', pods: [] });
+  const pushed = await rawRequest('POST', '/api/v1/pods', {
+    'Content-Type': 'application/json', Origin: 'http://my-app-staging.localhost:8085',
+    'Content-Length': body.length,
+  }, body);
+  assert.equal(pushed.status, 403, pushed.text);
+  assert.equal((await status()).total_redirections, before.total_redirections);
 });
 
 test('the dashboard reads well in the dark theme', async () => {
