@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::VecDeque;
 
-use common::{read_all_from, refuses, wait_until, Fixture};
+use common::{read_all_from, refuses, rss_kib, wait_until, Fixture};
 use k3s_local_agent::config::PortRange;
 use serde_json::{json, Value};
 
@@ -21,19 +21,6 @@ const ROUNDS: usize = 50;
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-/// Resident memory of this process, in KiB.
-fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        })
         .unwrap_or(0)
 }
 

@@ -407,3 +407,38 @@ impl Drop for PortSquatter {
         let _ = self.child.wait();
     }
 }
+
+/// An HTTP server on `addr` answering every request with `body`, in a thread.
+pub fn http_pod(addr: std::net::SocketAddr, body: &'static str) {
+    use std::io::{Read, Write};
+    let listener =
+        std::net::TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = [0u8; 4096];
+            let _ = stream.read(&mut request);
+            let _ = stream.write_all(
+                format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+}
+
+/// Fails the test, saying why, where no private mount namespace can be made
+/// (the tests that need one run as root, as CI does).
+pub fn require_mount_namespace() {
+    let probe = Command::new("unshare")
+        .args(["--mount", "true"])
+        .output()
+        .expect("unshare (util-linux) is installed");
+    assert!(
+        probe.status.success(),
+        "this test needs a private mount namespace (run as root, as CI does): {}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+}

@@ -5,32 +5,13 @@
 //! unprivileged user the agent keeps the range port and says how to enable
 //! the name port.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use k3s_local_agent_e2e::{agent_binary, wait_until, AgentProcess, FOREIGN_HOSTS};
+use k3s_local_agent_e2e::{agent_binary, http_pod, wait_until, AgentProcess, FOREIGN_HOSTS};
 use serde_json::{json, Value};
-
-/// An HTTP server on `addr` answering every request with `body`, in a thread.
-fn http_pod(addr: SocketAddr, body: &'static str) {
-    let listener = TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"));
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            let _ = stream.write_all(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            );
-        }
-    });
-}
 
 /// A TCP server on `addr` that greets every connection, in a thread.
 fn tcp_pod(addr: SocketAddr, greeting: &'static str) {

@@ -122,15 +122,7 @@ fn the_nss_module_answers_each_user_from_its_own_names_file() {
         inside_private_mount_namespace();
         return;
     }
-    let probe = Command::new("unshare")
-        .args(["--mount", "true"])
-        .output()
-        .expect("unshare (util-linux) is installed");
-    assert!(
-        probe.status.success(),
-        "this test needs a private mount namespace (run as root, as CI does): {}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
+    k3s_local_agent_e2e::require_mount_namespace();
     let module = nss_module();
     let real_nsswitch = std::fs::read("/etc/nsswitch.conf").expect("read /etc/nsswitch.conf");
     let exe = std::env::current_exe().expect("test executable path");

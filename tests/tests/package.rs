@@ -9,12 +9,12 @@
 //! was. Upgrading keeps the user's state; purging gives `/etc/nsswitch.conf`
 //! back byte for byte. Needs root, as CI has.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener};
+use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use k3s_local_agent_e2e::{wait_until, AgentProcess};
+use k3s_local_agent_e2e::{http_pod, wait_until, AgentProcess};
 use serde_json::{json, Value};
 
 /// A desktop machine's hosts line: mDNS would swallow every `.local` name
@@ -167,25 +167,6 @@ impl Drop for Overlay {
         let _ = self.holder.kill();
         let _ = self.holder.wait();
     }
-}
-
-/// An HTTP server answering every request with `body`, in a thread.
-fn http_pod(addr: SocketAddr, body: &'static str) {
-    let listener = TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"));
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut request = [0u8; 4096];
-            let _ = stream.read(&mut request);
-            let _ = stream.write_all(
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-                .as_bytes(),
-            );
-        }
-    });
 }
 
 #[test]

@@ -30,15 +30,7 @@ fn getent_in(pid: u32, name: &str) -> Option<String> {
 
 #[test]
 fn names_resolve_through_the_system_resolver_in_a_private_mount_namespace() {
-    let probe = Command::new("unshare")
-        .args(["--mount", "true"])
-        .output()
-        .expect("unshare (util-linux) is installed");
-    assert!(
-        probe.status.success(),
-        "this test needs a private mount namespace (run as root, as CI does): {}",
-        String::from_utf8_lossy(&probe.stderr)
-    );
+    k3s_local_agent_e2e::require_mount_namespace();
     let real_hosts_before = std::fs::read_to_string("/etc/hosts").expect("read /etc/hosts");
 
     let dir = tempfile::tempdir().expect("tempdir");

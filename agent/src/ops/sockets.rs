@@ -100,11 +100,17 @@ fn listening_inodes(port: u16) -> BTreeSet<u64> {
 /// connection accepted on loopback, the user who made it. `None` when the
 /// kernel's tables do not show it (not Linux, or the peer already left).
 pub fn connection_owner(peer: SocketAddr, ours: SocketAddr) -> Option<u32> {
+    use std::io::BufRead;
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
+        let Ok(file) = std::fs::File::open(table) else {
             continue;
         };
-        for line in text.lines().skip(1) {
+        // Line by line: with thousands of tunnels the table is large, and
+        // this runs once per API connection.
+        for line in std::io::BufReader::new(file).lines().skip(1) {
+            let Ok(line) = line else {
+                break;
+            };
             let fields: Vec<&str> = line.split_whitespace().collect();
             // sl local_address rem_address st tx:rx tr:when retrnsmt uid ...
             let (Some(local), Some(remote), Some(uid)) =

@@ -474,3 +474,16 @@ pub async fn wait_for_a_place(api: SocketAddr, limit: Duration) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Resident memory of this process, in KiB.
+pub fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
