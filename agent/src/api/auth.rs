@@ -19,8 +19,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
+use super::error::ApiError;
 use crate::agent::Agent;
-use crate::api::receiver::ApiError;
 
 /// Paths anyone may read without the token (liveness checks).
 const OPEN_PATHS: [&str; 1] = ["/health"];

@@ -18,7 +18,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 
-use super::ApiError;
+use super::error::ApiError;
 use crate::agent::Agent;
 use crate::cluster::ClusterStatus;
 use crate::config::PortRange;

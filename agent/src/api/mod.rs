@@ -9,6 +9,7 @@
 //! this on a listener of its own ([`serve`]).
 
 mod auth;
+mod error;
 mod metrics;
 mod receiver;
 mod server;
@@ -18,8 +19,9 @@ use tokio::net::TcpListener;
 
 use crate::agent::Agent;
 
+pub use error::ApiError;
 pub use receiver::{
-    parse_push, router, ApiError, ParsedPush, MAX_BODY_BYTES, MAX_PODS_PER_PUSH, REQUEST_TIMEOUT,
+    parse_push, router, ParsedPush, MAX_BODY_BYTES, MAX_PODS_PER_PUSH, REQUEST_TIMEOUT,
 };
 pub use server::HEADER_READ_TIMEOUT;
 

@@ -15,6 +15,7 @@ use axum::{middleware, Extension, Json, Router};
 use serde_json::{json, Value};
 use tower_http::timeout::TimeoutLayer;
 
+use super::error::ApiError;
 use super::{auth, metrics, ui};
 use crate::agent::{Agent, AgentError};
 use crate::model::{
@@ -29,69 +30,6 @@ pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 pub const MAX_PODS_PER_PUSH: usize = 5_000;
 /// Longest a request may take before it is answered 408.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A JSON error response: `{"error": "...", ...details}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    body: serde_json::Map<String, Value>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        let mut body = serde_json::Map::new();
-        body.insert("error".into(), Value::String(message.into()));
-        Self { status, body }
-    }
-
-    /// Adds a detail field (the bad field, the valid actions, ...).
-    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
-        self.body.insert(key.into(), value.into());
-        self
-    }
-
-    pub fn status(&self) -> StatusCode {
-        self.status
-    }
-
-    /// The `error` text the caller reads.
-    pub fn message(&self) -> &str {
-        self.body
-            .get("error")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-    }
-
-    fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.status, Json(Value::Object(self.body))).into_response()
-    }
-}
-
-impl From<AgentError> for ApiError {
-    fn from(err: AgentError) -> Self {
-        match err {
-            AgentError::TooManyPods { would_hold, limit } => Self::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                AgentError::TooManyPods { would_hold, limit }.to_string(),
-            )
-            .with("field", "pods")
-            .with("limit", limit),
-            AgentError::UnknownPod(id) => {
-                Self::new(StatusCode::NOT_FOUND, format!("no pod with id {id:?}")).with("id", id)
-            }
-            other => {
-                tracing::error!(error = %other, "request failed");
-                Self::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
-            }
-        }
-    }
-}
 
 /// Builds the agent's router. State-changing local endpoints are behind
 /// [`auth::local_only`]; everything is behind [`auth::check_caller`].

@@ -20,8 +20,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::error::ApiError;
 use crate::agent::Agent;
-use crate::api::receiver::ApiError;
 use crate::events::TrafficWatch;
 
 /// The dashboard's files, by the name the page asks for.
