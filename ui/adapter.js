@@ -55,6 +55,11 @@ export function stopTunnel(podId) {
   return inApp ? call('stop_tunnel', { podId }) : http('POST', podPath(podId, 'stop'));
 }
 
+/** Hides the tray app's window (Escape); a browser tab stays as it is. */
+export function hideWindow() {
+  return inApp ? call('hide_window') : Promise.resolve();
+}
+
 /** Opens a pod in the default browser (a new tab when already in one). */
 export function openPod(podId, url) {
   if (inApp) {

@@ -424,6 +424,9 @@ function start() {
       $('filter').focus();
     } else if (event.key === 'Escape' && document.activeElement === $('filter')) {
       $('filter').blur();
+    } else if (event.key === 'Escape') {
+      // The tray window goes away as a popover does.
+      agent.hideWindow().catch((error) => showError(error.message));
     }
   });
   agent.subscribe(

@@ -26,6 +26,8 @@ pub enum CommandError {
     Open { url: String, message: String },
     #[error("{0}")]
     Agent(String),
+    #[error("cannot hide the window: {0}")]
+    Window(String),
 }
 
 impl CommandError {
@@ -35,6 +37,7 @@ impl CommandError {
             Self::NoPort(_) => "no_port",
             Self::Open { .. } => "open",
             Self::Agent(_) => "agent",
+            Self::Window(_) => "window",
         }
     }
 }
@@ -110,4 +113,13 @@ pub fn open_in_browser(app: &AppHandle, agent: &Agent, pod_id: &str) -> Result<(
             url,
             message: err.to_string(),
         })
+}
+
+/// Hides the dashboard window (Escape), as a popover goes away; the tray
+/// brings it back.
+#[tauri::command]
+pub fn hide_window(window: tauri::WebviewWindow) -> Result<(), CommandError> {
+    window
+        .hide()
+        .map_err(|err| CommandError::Window(err.to_string()))
 }

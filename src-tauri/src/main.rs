@@ -78,6 +78,7 @@ fn main() -> ExitCode {
             commands::set_target,
             commands::stop_tunnel,
             commands::open_pod,
+            commands::hide_window,
         ])
         .setup(move |app| {
             let agent = tauri::async_runtime::block_on(start_agent(config))?;

@@ -7,6 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
@@ -312,23 +313,42 @@ impl Desktop {
         self.press(keys)
     }
 
-    /// Clicks the tray icon and waits until its menu is on screen.
-    pub fn open_tray_menu(&self) -> Result<()> {
-        let app_windows = || {
-            self.xdotool(&["search", "--onlyvisible", "--class", "k3s-local-agent-tray"])
-                .map(|out| out.lines().count())
-                .unwrap_or(0)
-        };
-        // The icon is embedded by the tray host once the app has set up.
+    /// Waits until the app's icon is in the tray host: the tray host embeds
+    /// it once the app has set up.
+    pub fn wait_for_tray_icon(&self) -> Result<()> {
         wait_until("the tray icon", || {
             self.xdotool(&["search", "--onlyvisible", "--class", "tray-icon tray app"])
                 .is_ok_and(|out| !out.trim().is_empty())
-        })?;
+        })
+    }
+
+    /// Clicks the tray icon and waits until its menu is on screen.
+    pub fn open_tray_menu(&self) -> Result<()> {
+        let app_windows = || -> std::collections::BTreeSet<String> {
+            self.xdotool(&["search", "--onlyvisible", "--class", "k3s-local-agent-tray"])
+                .map(|out| out.lines().map(str::to_owned).collect())
+                .unwrap_or_default()
+        };
+        self.wait_for_tray_icon()?;
+        // A menu is a window that was not there before the click (the one
+        // just closed may still be on its way out, so counting would lie).
         let before = app_windows();
         let (x, y) = TRAY_ICON_AT;
-        self.xdotool(&["mousemove", &x.to_string(), &y.to_string(), "click", "1"])?;
-        // The menu is a new window of the app; it grabs the keyboard once mapped.
-        wait_until("the tray menu to open", || app_windows() > before)
+        let click = || self.xdotool(&["mousemove", &x.to_string(), &y.to_string(), "click", "1"]);
+        click()?;
+        let mut clicked_at = Instant::now();
+        wait_until("the tray menu to open", || {
+            if app_windows().difference(&before).next().is_some() {
+                return true;
+            }
+            // A click that came while the tray host was busy is lost: click
+            // again, now and then (never while a menu is open).
+            if clicked_at.elapsed() > Duration::from_secs(4) {
+                let _ = click();
+                clicked_at = Instant::now();
+            }
+            false
+        })
     }
 
     /// Presses keys in whatever has the keyboard (an open menu).

@@ -355,6 +355,19 @@ async fn the_window_shows_pods_live_and_its_buttons_work() {
     desktop
         .screenshot(&screenshots().join("05-desktop.png"))
         .expect("desktop screenshot");
+
+    // Escape puts the window away, as a popover goes.
+    client
+        .find(Locator::Css("body"))
+        .await
+        .expect("the page")
+        .send_keys("\u{e00c}")
+        .await
+        .expect("press Escape");
+    eventually("the window to hide", || async {
+        !desktop.window_visible("K3s Local Agent")
+    })
+    .await;
     client.close().await.expect("end the session");
 }
 
@@ -531,8 +544,7 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
     })
     .expect("agent up");
     // Wait for the tray icon too: the app has finished setting up.
-    desktop.open_tray_menu().expect("menu opens");
-    desktop.press(&["Escape"]).expect("close the menu");
+    desktop.wait_for_tray_icon().expect("the tray icon");
     assert!(
         !desktop.window_visible("K3s Local Agent"),
         "the window starts hidden"
