@@ -301,37 +301,6 @@ impl Desktop {
         seen
     }
 
-    /// How much the pixels of the visible window titled `title` vary (the
-    /// standard deviation of its grey levels, 0 to 1): a page that has not
-    /// painted yet is one flat colour, 0. Saves the picture at `path`.
-    pub fn window_picture(&self, title: &str, path: &Path) -> Result<f64> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let id = self
-            .xdotool(&["search", "--onlyvisible", "--name", &format!("^{title}$")])?
-            .lines()
-            .next()
-            .map(str::to_owned)
-            .context("no such window")?;
-        let status = self
-            .command("import")
-            .args(["-window", &id])
-            .arg(path)
-            .status()?;
-        if !status.success() {
-            bail!("capturing window {id} failed");
-        }
-        let output = Command::new("identify")
-            .args(["-colorspace", "gray", "-format", "%[fx:standard_deviation]"])
-            .arg(path)
-            .output()?;
-        String::from_utf8_lossy(&output.stdout)
-            .trim()
-            .parse()
-            .context("identify's answer")
-    }
-
     /// Whether a visible window has exactly this title.
     pub fn window_visible(&self, title: &str) -> bool {
         self.xdotool(&["search", "--onlyvisible", "--name", &format!("^{title}$")])
