@@ -15,7 +15,6 @@ use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 use k3s_local_agent_bind::protocol::read_reply;
 use k3s_local_agent_bind::{bind_via_helper, BindHelper, BindHelperError};
@@ -294,16 +293,15 @@ fn assert_set_up_like_the_agents_own(listener: &TcpListener) {
 
 fn accepts_a_real_connection(listener: &TcpListener, addr: SocketAddrV4) {
     let mut client = TcpStream::connect(addr).expect("connect");
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let (mut server, peer) = loop {
-        match listener.accept() {
-            Ok(accepted) => break accepted,
-            Err(err) if err.kind() == ErrorKind::WouldBlock && Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(err) => panic!("accept: {err}"),
-        }
-    };
+    // The listener is non-blocking: wait for the connection with poll(2),
+    // within a deadline.
+    let mut ready = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(listener),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let waited = nix::poll::poll(&mut ready, nix::poll::PollTimeout::from(5_000u16)).expect("poll");
+    assert_eq!(waited, 1, "no connection within 5 s");
+    let (mut server, peer) = listener.accept().expect("accept");
     assert_eq!(peer, client.local_addr().expect("client addr"));
     server.set_nonblocking(false).expect("blocking");
     client.write_all(b"ping").expect("write");

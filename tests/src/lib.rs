@@ -18,23 +18,28 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 
 /// The agent binary: `K3S_LOCAL_AGENT_BIN`, else beside this test's target dir.
 pub fn agent_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("K3S_LOCAL_AGENT_BIN") {
+    built_artifact("K3S_LOCAL_AGENT_BIN", "k3s-local-agent", "k3s-local-agent")
+}
+
+/// A file the workspace builds: the path in `env` when set, else `file`
+/// beside this test's target dir (target/<profile>/deps/<test> ->
+/// target/<profile>/<file>), which must exist (`package` says what builds it).
+pub fn built_artifact(env: &str, file: &str, package: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
         return PathBuf::from(path);
     }
-    // target/debug/deps/<test> -> target/debug/k3s-local-agent
     let exe = std::env::current_exe().expect("test executable path");
-    let debug_dir = exe
+    let profile_dir = exe
         .parent()
         .and_then(Path::parent)
         .expect("test binary lives in target/<profile>/deps");
-    let binary = debug_dir.join("k3s-local-agent");
+    let artifact = profile_dir.join(file);
     assert!(
-        binary.exists(),
-        "{} is missing: build it first with `cargo build -p k3s-local-agent` \
-         (the test script does)",
-        binary.display()
+        artifact.exists(),
+        "{} is missing: build it first with `cargo build -p {package}` (the test script does)",
+        artifact.display()
     );
-    binary
+    artifact
 }
 
 /// Polls `condition` until it holds or the deadline passes.

@@ -14,7 +14,7 @@ use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k3s_local_agent_e2e::{agent_binary, wait_until, AgentProcess};
+use k3s_local_agent_e2e::{agent_binary, built_artifact, wait_until, AgentProcess};
 
 /// Set in the re-run of this test inside the private mount namespace.
 const INNER: &str = "K3S_NSS_E2E_INNER";
@@ -27,23 +27,7 @@ const LINE: &str = "127.77.0.9 web-staging.local web-staging-staging-staging.loc
 
 /// The built module: `K3S_LOCAL_AGENT_NSS`, else beside this test's target dir.
 fn nss_module() -> PathBuf {
-    if let Some(path) = std::env::var_os("K3S_LOCAL_AGENT_NSS") {
-        return PathBuf::from(path);
-    }
-    // target/debug/deps/<test> -> target/debug/libnss_k3slocal.so
-    let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary lives in target/<profile>/deps");
-    let module = profile_dir.join("libnss_k3slocal.so");
-    assert!(
-        module.exists(),
-        "{} is missing: build it first with `cargo build -p nss-k3slocal` \
-         (the test script does)",
-        module.display()
-    );
-    module
+    built_artifact("K3S_LOCAL_AGENT_NSS", "libnss_k3slocal.so", "nss-k3slocal")
 }
 
 fn run(program: &str, args: &[&str]) {

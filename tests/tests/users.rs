@@ -77,26 +77,20 @@ fn another_local_user_needs_the_token_for_everything_but_health() {
     let retarget = json!({"agent_id": agent_id, "action": "update",
                           "pods": [{"id": "pod-123", "name": "my-app", "ip": "127.0.0.1", "port": 9}]})
     .to_string();
-    let json_type = "Content-Type: application/json";
-    let (code, body) = curl_as_nobody(&[
-        "-X",
-        "POST",
-        "-H",
-        json_type,
-        "-d",
-        &retarget,
-        &agent.url("/api/v1/pods"),
-    ]);
+    let post = |path: &str, body: &str| {
+        curl_as_nobody(&[
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "-d",
+            body,
+            &agent.url(path),
+        ])
+    };
+    let (code, body) = post("/api/v1/pods", &retarget);
     assert_eq!(code, 401, "{body}");
-    let (code, body) = curl_as_nobody(&[
-        "-X",
-        "POST",
-        "-H",
-        json_type,
-        "-d",
-        "{}",
-        &agent.url("/api/v1/pods/pod-123/stop"),
-    ]);
+    let (code, body) = post("/api/v1/pods/pod-123/stop", "{}");
     assert_eq!(code, 401, "{body}");
     let status = agent
         .get_json("/api/v1/pods/status")

@@ -461,7 +461,9 @@ pub async fn silent_subscriber(api: SocketAddr) -> (TcpStream, u16) {
 /// Asks for an event stream until one is granted (200), within `limit`.
 pub async fn wait_for_a_place(api: SocketAddr, limit: Duration) {
     let deadline = tokio::time::Instant::now() + limit;
+    let mut poll = tokio::time::interval(Duration::from_millis(200));
     loop {
+        poll.tick().await;
         let (_stream, code) = silent_subscriber(api).await;
         if code == 200 {
             return;
@@ -471,7 +473,6 @@ pub async fn wait_for_a_place(api: SocketAddr, limit: Duration) {
             tokio::time::Instant::now() < deadline,
             "no event stream was granted within {limit:?}"
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
