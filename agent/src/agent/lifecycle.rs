@@ -91,6 +91,7 @@ impl Agent {
                 address_ports,
                 ops: Mutex::new(()),
                 restoring: AtomicBool::new(true),
+                restored: CancellationToken::new(),
                 cancel: CancellationToken::new(),
                 tracker: TaskTracker::new(),
             }),
@@ -99,11 +100,17 @@ impl Agent {
         let inner = &agent.inner;
         let reporter = inner.reporter.clone();
         let cancel = inner.cancel.clone();
-        inner
-            .tracker
-            .spawn(async move { reporter.run(cancel).await });
+        inner.tracker.spawn(after_restore(
+            inner.restored.clone(),
+            cancel.clone(),
+            async move { reporter.run(cancel).await },
+        ));
         let cancel = inner.cancel.clone();
-        inner.tracker.spawn(async move { mirror.run(cancel).await });
+        inner.tracker.spawn(after_restore(
+            inner.restored.clone(),
+            cancel.clone(),
+            async move { mirror.run(cancel).await },
+        ));
         let (store, cancel) = (inner.store.clone(), inner.cancel.clone());
         inner.tracker.spawn(async move {
             let mut every = tokio::time::interval(crate::tunnel::SAMPLE_EVERY);
@@ -250,6 +257,7 @@ impl Agent {
         self.inner
             .restoring
             .store(false, std::sync::atomic::Ordering::Relaxed);
+        self.inner.restored.cancel();
         if !ids.is_empty() {
             self.events().publish(AgentEvent::PodsChanged {
                 applied: ids,
@@ -257,6 +265,18 @@ impl Agent {
             });
         }
         Ok(())
+    }
+}
+
+/// Runs `task` once the restore is done, unless the agent stops first.
+async fn after_restore(
+    restored: CancellationToken,
+    cancel: CancellationToken,
+    task: impl std::future::Future<Output = ()>,
+) {
+    tokio::select! {
+        _ = restored.cancelled() => task.await,
+        _ = cancel.cancelled() => {}
     }
 }
 

@@ -90,6 +90,10 @@ struct Inner {
     ops: Mutex<()>,
     /// True from start until the pods on disk are back (`/health` says so).
     restoring: std::sync::atomic::AtomicBool,
+    /// Fired once the restore is done: the reporter and the mirror wait for
+    /// it, so no report carries half the pods and no garbage collection
+    /// removes the mirror of a pod not yet back.
+    restored: CancellationToken,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
