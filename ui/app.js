@@ -407,11 +407,48 @@ function render() {
   $('pods').hidden = shown.length === 0;
   $('no-match').hidden = !(pods.length > 0 && shown.length === 0);
   const hadFocus = document.activeElement && document.activeElement.matches('#pods tbody tr');
-  $('pods').querySelector('tbody').replaceChildren(...shown.map(podRow));
-  // The row that had the keyboard keeps it across the re-render.
+  const present = new Set(pods.map((view) => view.pod.id));
+  for (const id of renderedRows.keys()) {
+    if (!present.has(id)) renderedRows.delete(id);
+  }
+  placeRows($('pods').querySelector('tbody'), shown.map(rowOf));
+  // The row that had the keyboard keeps it when it was drawn anew.
   if (hadFocus && focusedRow) {
     const row = document.querySelector(`#pods tbody tr[data-pod-id="${CSS.escape(focusedRow)}"]`);
-    if (row) row.focus();
+    if (row && row !== document.activeElement) row.focus();
+  }
+}
+
+// Rows drawn, by pod id, with what they were drawn from. A row is drawn anew
+// only when its pod changed: a row replaced under the pointer between press
+// and release loses the click, and snapshots come many times a minute.
+const renderedRows = new Map();
+
+function rowOf(view) {
+  const drawnFrom = JSON.stringify([view, openRows.has(view.pod.id), latest.health.names.system_wide]);
+  const drawn = renderedRows.get(view.pod.id);
+  if (drawn && drawn.from === drawnFrom) return drawn.row;
+  const row = podRow(view);
+  renderedRows.set(view.pod.id, { from: drawnFrom, row });
+  return row;
+}
+
+// Puts `rows` in `tbody` in order, moving only what is out of place: a row
+// that stays is never taken out of the page (that would drop its focus and
+// any click under way).
+function placeRows(tbody, rows) {
+  let at = tbody.firstChild;
+  for (const row of rows) {
+    if (row === at) {
+      at = at.nextSibling;
+    } else {
+      tbody.insertBefore(row, at);
+    }
+  }
+  while (at) {
+    const next = at.nextSibling;
+    at.remove();
+    at = next;
   }
 }
 

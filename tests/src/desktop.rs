@@ -6,20 +6,29 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::wait_until;
+use crate::{wait_until, wait_until_within};
 
 /// Size of the virtual screen.
 pub const SCREEN: &str = "1280x800x24";
-/// Where the tray host puts the (only) icon: the middle of its first slot.
-pub const TRAY_ICON_AT: (u32, u32) = (16, 16);
+/// How long a menu choice may take to show its effect before the choice
+/// is made again (a key or click that came while the menu was not yet
+/// taking input is lost, more often on a loaded machine).
+const MENU_CHOICE_TIMEOUT: Duration = Duration::from_secs(8);
+/// How many times a menu choice is made before the test fails.
+const MENU_CHOICE_ATTEMPTS: u32 = 3;
+
+/// One desktop at a time in a test binary: a tray app, a webview and a
+/// WebDriver each are heavy on two cores, and three desktops at once made
+/// menus too slow to take clicks and keys.
+static ONE_DESKTOP_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// What each program comes from, for the failure message.
-const TOOLS: [(&str, &str); 7] = [
+const TOOLS: [(&str, &str); 8] = [
     ("Xvfb", "xvfb"),
     ("dbus-daemon", "dbus"),
     ("dbus-monitor", "dbus"),
@@ -27,6 +36,7 @@ const TOOLS: [(&str, &str); 7] = [
     ("trayer", "trayer"),
     ("xdotool", "xdotool"),
     ("import", "imagemagick"),
+    ("identify", "imagemagick"),
 ];
 
 /// The app binary: `K3S_LOCAL_AGENT_TRAY_BIN`, else beside the agent binary.
@@ -60,6 +70,8 @@ pub struct Desktop {
     bus: String,
     children: Vec<Child>,
     monitor_lines: Arc<Mutex<Vec<String>>>,
+    /// Held while this desktop runs (dropped after its programs stop).
+    _turn: MutexGuard<'static, ()>,
 }
 
 fn free_display(from: u32) -> Result<u32> {
@@ -117,6 +129,10 @@ impl Desktop {
                 bail!("{program} is missing: install Debian's {package} (scripts/test does)");
             }
         }
+        // A test that failed while holding the turn has still given it back.
+        let turn = ONE_DESKTOP_AT_A_TIME
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let dir = tempfile::tempdir()?;
         let number = free_display(first_display)?;
         let display = format!(":{number}");
@@ -126,6 +142,7 @@ impl Desktop {
             display,
             children: Vec::new(),
             monitor_lines: Arc::new(Mutex::new(Vec::new())),
+            _turn: turn,
         };
         let xvfb = Command::new("Xvfb")
             .args([&desktop.display, "-screen", "0", SCREEN, "-nolisten", "tcp"])
@@ -167,16 +184,35 @@ impl Desktop {
         });
         desktop.children.push(monitor);
 
-        let dunst = desktop
-            .command("dunst")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting dunst")?;
+        // dunst gives up when the display is not yet taking clients (a
+        // loaded machine): start it again until it holds its bus name.
+        let start_dunst = || {
+            desktop
+                .command("dunst")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting dunst")
+        };
+        let mut dunst = start_dunst()?;
+        let mut restart_failed = None;
+        let ready = wait_until("the notification daemon", || {
+            if desktop.name_has_owner("org.freedesktop.Notifications") {
+                return true;
+            }
+            if matches!(dunst.try_wait(), Ok(Some(_))) {
+                match start_dunst() {
+                    Ok(again) => dunst = again,
+                    Err(error) => restart_failed = Some(error),
+                }
+            }
+            restart_failed.is_some()
+        });
         desktop.children.push(dunst);
-        wait_until("the notification daemon", || {
-            desktop.name_has_owner("org.freedesktop.Notifications")
-        })?;
+        if let Some(error) = restart_failed {
+            return Err(error);
+        }
+        ready?;
 
         let trayer = desktop
             .command("trayer")
@@ -303,52 +339,153 @@ impl Desktop {
 
     /// Whether a visible window has exactly this title.
     pub fn window_visible(&self, title: &str) -> bool {
-        self.xdotool(&["search", "--onlyvisible", "--name", &format!("^{title}$")])
-            .is_ok_and(|out| !out.trim().is_empty())
+        self.window_titled(title).is_some()
     }
 
-    /// Opens the tray icon's menu and presses `keys` in it (Down, Up, Return).
-    pub fn tray_menu_keys(&self, keys: &[&str]) -> Result<()> {
-        self.open_tray_menu()?;
-        self.press(keys)
+    /// Chooses an item of the tray icon's menu: opens the menu, presses
+    /// `keys` in it (Down, Up, Return) and waits until `done` holds. A key
+    /// or click lost while the menu was not yet taking input leaves `done`
+    /// false: the menu is closed, `done` looked at once more (a slow effect
+    /// is not a lost one), and the choice made again, a few times at most.
+    pub fn choose_in_tray_menu(
+        &self,
+        keys: &[&str],
+        what: &str,
+        mut done: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let mut last_error = None;
+        for _ in 0..MENU_CHOICE_ATTEMPTS {
+            let outcome = self
+                .open_tray_menu()
+                .and_then(|_menu| self.press(keys))
+                .and_then(|()| wait_until_within(MENU_CHOICE_TIMEOUT, what, &mut done));
+            match outcome {
+                Ok(()) => return Ok(()),
+                Err(error) => last_error = Some(error),
+            }
+            self.close_menus()?;
+            if done() {
+                return Ok(());
+            }
+        }
+        let error = last_error.context("no attempt made")?;
+        Err(error.context(format!(
+            "{what}: the menu choice had no effect after {MENU_CHOICE_ATTEMPTS} tries"
+        )))
+    }
+
+    /// The app's windows on screen now (its menus among them).
+    fn app_windows(&self) -> std::collections::BTreeSet<String> {
+        self.xdotool(&["search", "--onlyvisible", "--class", "k3s-local-agent-tray"])
+            .map(|out| out.lines().map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    /// Presses Escape until no menu of the app is open (the main window,
+    /// when shown, is not a menu and stays).
+    pub fn close_menus(&self) -> Result<()> {
+        let main_window = self.window_titled("K3s Local Agent");
+        let menus_open = || {
+            self.app_windows()
+                .iter()
+                .any(|id| Some(id) != main_window.as_ref())
+        };
+        wait_until("the tray menu to close", || {
+            if !menus_open() {
+                return true;
+            }
+            let _ = self.press(&["Escape"]);
+            !menus_open()
+        })
     }
 
     /// Waits until the app's icon is in the tray host: the tray host embeds
     /// it once the app has set up.
     pub fn wait_for_tray_icon(&self) -> Result<()> {
-        wait_until("the tray icon", || {
-            self.xdotool(&["search", "--onlyvisible", "--class", "tray-icon tray app"])
-                .is_ok_and(|out| !out.trim().is_empty())
-        })
+        wait_until("the tray icon", || self.tray_icon().is_some())
     }
 
-    /// Clicks the tray icon and waits until its menu is on screen.
-    pub fn open_tray_menu(&self) -> Result<()> {
-        let app_windows = || -> std::collections::BTreeSet<String> {
-            self.xdotool(&["search", "--onlyvisible", "--class", "k3s-local-agent-tray"])
-                .map(|out| out.lines().map(str::to_owned).collect())
-                .unwrap_or_default()
+    /// The middle of the app's icon in the tray host, if it is there.
+    fn tray_icon(&self) -> Option<(i64, i64)> {
+        let found = self
+            .xdotool(&["search", "--onlyvisible", "--class", "tray-icon tray app"])
+            .ok()?;
+        let window = found.lines().next()?.trim().to_owned();
+        let geometry = self
+            .xdotool(&["getwindowgeometry", "--shell", &window])
+            .ok()?;
+        let field = |name: &str| -> Option<i64> {
+            geometry
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}=")))
+                .and_then(|value| value.trim().parse().ok())
         };
+        let (x, y, width, height) = (field("X")?, field("Y")?, field("WIDTH")?, field("HEIGHT")?);
+        (width > 0 && height > 0).then_some((x + width / 2, y + height / 2))
+    }
+
+    /// Clicks the tray icon and waits until its menu is on screen and
+    /// drawn; returns the menu's window id.
+    pub fn open_tray_menu(&self) -> Result<String> {
         self.wait_for_tray_icon()?;
         // A menu is a window that was not there before the click (the one
         // just closed may still be on its way out, so counting would lie).
-        let before = app_windows();
-        let (x, y) = TRAY_ICON_AT;
-        let click = || self.xdotool(&["mousemove", &x.to_string(), &y.to_string(), "click", "1"]);
+        let before = self.app_windows();
+        let click = || -> Result<()> {
+            let (x, y) = self.tray_icon().context("the tray icon went away")?;
+            self.xdotool(&["mousemove", &x.to_string(), &y.to_string(), "click", "1"])?;
+            Ok(())
+        };
         click()?;
-        let mut clicked_at = Instant::now();
-        wait_until("the tray menu to open", || {
-            if app_windows().difference(&before).next().is_some() {
-                return true;
-            }
-            // A click that came while the tray host was busy is lost: click
-            // again, now and then (never while a menu is open).
-            if clicked_at.elapsed() > Duration::from_secs(4) {
-                let _ = click();
-                clicked_at = Instant::now();
-            }
-            false
+        let mut menu = None;
+        wait_until_within(MENU_CHOICE_TIMEOUT, "the tray menu to open", || {
+            menu = self.app_windows().difference(&before).next().cloned();
+            menu.is_some()
+        })?;
+        let menu = menu.context("the menu went away")?;
+        // Mapped is not yet drawn, nor yet taking keys: wait for its items.
+        self.wait_painted(&menu, "the tray menu")?;
+        Ok(menu)
+    }
+
+    /// Waits until window `id` shows something: a window not yet drawn is
+    /// one flat colour.
+    pub fn wait_painted(&self, id: &str, what: &str) -> Result<()> {
+        wait_until(&format!("{what} to be drawn"), || {
+            self.pixel_spread(id).is_ok_and(|spread| spread > 0.0)
         })
+    }
+
+    /// How much the pixels of window `id` vary: the standard deviation of
+    /// its grey levels, 0 (one colour) to 1.
+    fn pixel_spread(&self, id: &str) -> Result<f64> {
+        let picture = self.dir.path().join("window.png");
+        let captured = self
+            .command("import")
+            .args(["-window", id])
+            .arg(&picture)
+            .stderr(Stdio::null())
+            .status()?;
+        if !captured.success() {
+            bail!("capturing window {id} failed");
+        }
+        let output = Command::new("identify")
+            .args(["-colorspace", "gray", "-format", "%[fx:standard_deviation]"])
+            .arg(&picture)
+            .output()?;
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .context("identify's answer")
+    }
+
+    /// The id of the visible window titled exactly `title`.
+    pub fn window_titled(&self, title: &str) -> Option<String> {
+        self.xdotool(&["search", "--onlyvisible", "--name", &format!("^{title}$")])
+            .ok()?
+            .lines()
+            .next()
+            .map(str::to_owned)
     }
 
     /// Presses keys in whatever has the keyboard (an open menu).

@@ -43,11 +43,20 @@ pub fn built_artifact(env: &str, file: &str, package: &str) -> PathBuf {
 }
 
 /// Polls `condition` until it holds or the deadline passes.
-pub fn wait_until(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + DEADLINE;
+pub fn wait_until(what: &str, condition: impl FnMut() -> bool) -> Result<()> {
+    wait_until_within(DEADLINE, what, condition)
+}
+
+/// Polls `condition` until it holds or `within` has passed.
+pub fn wait_until_within(
+    within: Duration,
+    what: &str,
+    mut condition: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + within;
     while !condition() {
         if Instant::now() > deadline {
-            bail!("timed out after {DEADLINE:?} waiting for {what}");
+            bail!("timed out after {within:?} waiting for {what}");
         }
         std::thread::park_timeout(Duration::from_millis(20));
     }
