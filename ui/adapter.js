@@ -1,6 +1,7 @@
 // The one place that knows where the dashboard runs: inside the tray app
 // (Tauri `invoke`/`listen`) or in a browser against the agent's HTTP API
-// (`fetch`/`EventSource`). Everything else in the UI calls these functions.
+// (`fetch`, its event stream read as it comes). Everything else in the UI
+// calls these functions.
 
 const tauri = window.__TAURI__;
 
@@ -16,17 +17,55 @@ async function call(command, args) {
   }
 }
 
-async function http(method, path, body) {
-  const response = await fetch(path, {
-    method,
-    headers: body ? { 'Content-Type': 'application/json' } : {},
-    body: body ? JSON.stringify(body) : undefined,
-  });
-  const answer = await response.json().catch(() => ({}));
-  if (!response.ok) {
-    throw new Error(answer.error || `${method} ${path} answered ${response.status}`);
+// Beyond loopback the agent asks for its bearer token. The page asks the
+// person once (through `askToken`, set by the app) and keeps it for this tab
+// only, in sessionStorage: it never goes into a URL or a cookie.
+const TOKEN_KEY = 'k3s-local-agent.token';
+let token = sessionStorage.getItem(TOKEN_KEY) || '';
+let askToken = null;
+let asking = null;
+
+/**
+ * Sets how the page asks for the token: `ask(reason)` resolves to what the
+ * person typed. Without it, a 401 is an error like any other.
+ */
+export function onTokenNeeded(ask) {
+  askToken = ask;
+}
+
+// One question at a time, however many requests were refused at once.
+function needToken(reason) {
+  if (!asking) {
+    asking = askToken(reason).then((typed) => {
+      token = typed.trim();
+      sessionStorage.setItem(TOKEN_KEY, token);
+      asking = null;
+    });
   }
-  return answer;
+  return asking;
+}
+
+function headers(extra = {}) {
+  return token ? { ...extra, Authorization: `Bearer ${token}` } : extra;
+}
+
+async function http(method, path, body) {
+  for (;;) {
+    const response = await fetch(path, {
+      method,
+      headers: headers(body ? { 'Content-Type': 'application/json' } : {}),
+      body: body ? JSON.stringify(body) : undefined,
+    });
+    const answer = await response.json().catch(() => ({}));
+    if (response.status === 401 && askToken) {
+      await needToken(answer.error || 'this agent asks for its token');
+      continue;
+    }
+    if (!response.ok) {
+      throw new Error(answer.error || `${method} ${path} answered ${response.status}`);
+    }
+    return answer;
+  }
 }
 
 const podPath = (id, action) => `/api/v1/pods/${encodeURIComponent(id)}/${action}`;
@@ -55,6 +94,11 @@ export function stopTunnel(podId) {
   return inApp ? call('stop_tunnel', { podId }) : http('POST', podPath(podId, 'stop'));
 }
 
+/** Calls onPod(id) when the tray app asks to show one pod (a notification's click). */
+export function onFocusPod(onPod) {
+  if (inApp) tauri.event.listen('focus-pod', (event) => onPod(event.payload));
+}
+
 /** Hides the tray app's window (Escape); a browser tab stays as it is. */
 export function hideWindow() {
   return inApp ? call('hide_window') : Promise.resolve();
@@ -79,11 +123,59 @@ export function subscribe(onSnapshot, onConnected) {
     onConnected(true);
     return;
   }
-  const source = new EventSource('/api/v1/events');
-  source.addEventListener('snapshot', (event) => {
-    onConnected(true);
-    onSnapshot(JSON.parse(event.data));
-  });
-  // EventSource reconnects by itself; say so meanwhile.
-  source.onerror = () => onConnected(false);
+  follow(onSnapshot, onConnected);
+}
+
+// The agent's event stream, read with fetch rather than EventSource, which
+// cannot send the token. Reconnects as EventSource would, backing off to 5 s.
+async function follow(onSnapshot, onConnected) {
+  let retry = 250;
+  for (;;) {
+    try {
+      const response = await fetch('/api/v1/events', { headers: headers({ Accept: 'text/event-stream' }) });
+      if (response.status === 401 && askToken) {
+        const answer = await response.json().catch(() => ({}));
+        await needToken(answer.error || 'this agent asks for its token');
+        continue;
+      }
+      if (!response.ok || !response.body) throw new Error(`events answered ${response.status}`);
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value.replace(/\r\n?/g, '\n');
+        let end;
+        while ((end = buffer.indexOf('\n\n')) >= 0) {
+          const event = parseEvent(buffer.slice(0, end));
+          buffer = buffer.slice(end + 2);
+          if (event.name === 'snapshot') {
+            retry = 250;
+            onConnected(true);
+            onSnapshot(JSON.parse(event.data));
+          }
+        }
+      }
+    } catch {
+      // Said below: the link is down until the next snapshot.
+    }
+    onConnected(false);
+    await new Promise((resolve) => setTimeout(resolve, retry));
+    retry = Math.min(retry * 2, 5000);
+  }
+}
+
+// One server-sent event: its name and its data lines joined.
+function parseEvent(block) {
+  let name = 'message';
+  const data = [];
+  for (const line of block.split('\n')) {
+    if (line.startsWith(':')) continue;
+    const colon = line.indexOf(':');
+    const field = colon < 0 ? line : line.slice(0, colon);
+    const value = colon < 0 ? '' : line.slice(colon + 1).replace(/^ /, '');
+    if (field === 'event') name = value;
+    else if (field === 'data') data.push(value);
+  }
+  return { name, data: data.join('\n') };
 }

@@ -452,11 +452,48 @@ function placeRows(tbody, rows) {
   }
 }
 
+// Shows one pod: its details open, its row in view and holding the keyboard
+// (a notification about it was clicked). The filter gives way if it hid it.
+function showPod(id) {
+  const view = latest && latest.pods.find((candidate) => candidate.pod.id === id);
+  if (view && !matches(view, $('filter').value.trim().toLowerCase())) $('filter').value = '';
+  openRows.add(id);
+  focusedRow = id;
+  render();
+  const row = document.querySelector(`#pods tbody tr[data-pod-id="${CSS.escape(id)}"]`);
+  if (row) {
+    row.scrollIntoView({ block: 'nearest' });
+    row.focus();
+  }
+}
+
+// Asks for the agent's token in the page (never a blocking prompt): resolves
+// with what the person typed; `reason` is the agent's own words.
+function askToken(reason) {
+  const form = $('token-form');
+  const input = $('token-input');
+  $('token-reason').textContent = reason;
+  input.value = '';
+  form.hidden = false;
+  input.focus();
+  return new Promise((resolve) => {
+    form.onsubmit = (event) => {
+      event.preventDefault();
+      const typed = input.value.trim();
+      if (!typed) return;
+      form.hidden = true;
+      resolve(typed);
+    };
+  });
+}
+
 function start() {
   $('filter').addEventListener('input', render);
+  agent.onTokenNeeded(askToken);
+  agent.onFocusPod(showPod);
   // "/" jumps to the filter, as in most tools; Escape leaves it.
   document.addEventListener('keydown', (event) => {
-    if (event.key === '/' && document.activeElement !== $('filter')) {
+    if (event.key === '/' && !event.target.closest('input, textarea')) {
       event.preventDefault();
       $('filter').focus();
     } else if (event.key === 'Escape' && document.activeElement === $('filter')) {

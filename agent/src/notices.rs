@@ -23,6 +23,9 @@ pub struct Notice {
     pub body: String,
     /// Problems stay on screen longer than good news.
     pub urgent: bool,
+    /// The one pod it is about, if it is about one (a click on it then
+    /// shows that pod).
+    pub pod_id: Option<String>,
 }
 
 /// The tray icon's one-word state, worst first.
@@ -136,6 +139,7 @@ pub fn between(before: Option<&Snapshot>, after: &Snapshot) -> Vec<Notice> {
                     summary: format!("Tunnel up: {}", view.pod.name),
                     body: format!("http://{}/", address(view)),
                     urgent: false,
+                    pod_id: Some(view.pod.id.clone()),
                 });
             }
         }
@@ -147,6 +151,7 @@ pub fn between(before: Option<&Snapshot>, after: &Snapshot) -> Vec<Notice> {
                 .collect::<Vec<_>>()
                 .join(", "),
             urgent: false,
+            pod_id: None,
         }),
     }
     match broke.as_slice() {
@@ -157,6 +162,7 @@ pub fn between(before: Option<&Snapshot>, after: &Snapshot) -> Vec<Notice> {
                     summary: format!("Tunnel broken: {}", view.pod.name),
                     body: reason.clone(),
                     urgent: true,
+                    pod_id: Some(view.pod.id.clone()),
                 });
             }
         }
@@ -168,6 +174,7 @@ pub fn between(before: Option<&Snapshot>, after: &Snapshot) -> Vec<Notice> {
                 .collect::<Vec<_>>()
                 .join(", "),
             urgent: true,
+            pod_id: None,
         }),
     }
 
@@ -187,11 +194,13 @@ pub fn between(before: Option<&Snapshot>, after: &Snapshot) -> Vec<Notice> {
                     .unwrap_or("no answer")
             ),
             urgent: true,
+            pod_id: None,
         }),
         (Some(false), Some(true)) => notices.push(Notice {
             summary: "Control plane reachable again".to_owned(),
             body: after.health.control_plane.url.clone(),
             urgent: false,
+            pod_id: None,
         }),
         _ => {}
     }

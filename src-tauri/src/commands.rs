@@ -4,11 +4,16 @@
 use k3s_local_agent::model::{Redirection, Snapshot, TunnelTarget};
 use k3s_local_agent::{Agent, AgentError};
 use serde::Serialize;
-use tauri::{AppHandle, State};
+use tauri::{AppHandle, Manager, State};
 use tauri_plugin_opener::OpenerExt;
 
 /// Stops the agent cleanly (listeners, hosts block, last report), then exits.
 pub fn quit(app: AppHandle, agent: Agent) {
+    if let Some(window) = app.get_webview_window(crate::MAIN_WINDOW) {
+        if window.is_visible().unwrap_or(false) {
+            crate::window::remember_size(&window.as_ref().window());
+        }
+    }
     tauri::async_runtime::spawn(async move {
         agent.shutdown().await;
         app.exit(0);
@@ -118,8 +123,6 @@ pub fn open_in_browser(app: &AppHandle, agent: &Agent, pod_id: &str) -> Result<(
 /// Hides the dashboard window (Escape), as a popover goes away; the tray
 /// brings it back.
 #[tauri::command]
-pub fn hide_window(window: tauri::WebviewWindow) -> Result<(), CommandError> {
-    window
-        .hide()
-        .map_err(|err| CommandError::Window(err.to_string()))
+pub fn hide_window(window: tauri::Window) -> Result<(), CommandError> {
+    crate::window::hide(&window).map_err(|err| CommandError::Window(err.to_string()))
 }

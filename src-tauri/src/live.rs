@@ -33,7 +33,7 @@ pub fn spawn(app: AppHandle, agent: Agent, tray: Tray) {
 async fn follow(app: AppHandle, agent: Agent, tray: Tray) {
     let mut revisions = agent.events().watch_revision();
     let mut traffic = agent.events().watch_traffic();
-    let mut notifier = Notifier::default();
+    let mut notifier = Notifier::new(app.clone());
     let mut coalescer = notices::Coalescer::default();
     loop {
         let snapshot = agent.snapshot();

@@ -7,15 +7,18 @@
 mod commands;
 mod live;
 mod notify;
+mod preferences;
 mod tray;
+mod window;
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use k3s_local_agent::config::{Config, RunOverrides};
-use k3s_local_agent::state::DesktopSettings;
 use k3s_local_agent::Agent;
-use tauri::{Manager, RunEvent, WindowEvent};
+use tauri::{Manager, RunEvent};
+
+use crate::preferences::Preferences;
 
 /// The same allocator as the headless agent, for the same reason: glibc's
 /// malloc could spend tens of milliseconds building one status report.
@@ -38,12 +41,6 @@ struct Cli {
     run: RunOverrides,
 }
 
-/// Whether WebDriver drives the app: then the window shows at start, since a
-/// hidden window takes no input.
-fn under_automation() -> bool {
-    std::env::var("TAURI_WEBVIEW_AUTOMATION").is_ok_and(|v| v == "true")
-}
-
 /// Starts the agent, with the demo when no control plane is configured.
 async fn start_agent(config: Config) -> anyhow::Result<Agent> {
     let with_demo = config.demo || !config.control_plane_configured;
@@ -61,14 +58,14 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let settings = DesktopSettings::load(&config.state_dir);
+    let preferences = Preferences::load(config.state_dir.clone());
 
     let app = tauri::Builder::default()
         // First, so that a second launch hands over to the running app (its
         // window shows) and exits 0 before it starts an agent of its own.
         .plugin(tauri_plugin_single_instance::init(|app, _argv, _cwd| {
             tracing::info!("launched again: showing the running app's window");
-            tray::show_dashboard(app);
+            window::show(app);
         }))
         .plugin(tauri_plugin_opener::init())
         .plugin(tauri_plugin_positioner::init())
@@ -83,22 +80,14 @@ fn main() -> ExitCode {
         .setup(move |app| {
             let agent = tauri::async_runtime::block_on(start_agent(config))?;
             app.manage(agent.clone());
-            let tray = tray::Tray::install(app.handle(), settings.clone(), &agent.snapshot())?;
+            app.manage(preferences.clone());
+            app.manage(window::Popover::default());
+            window::restore_size(app.handle());
+            let tray = tray::Tray::install(app.handle(), preferences.clone(), &agent.snapshot())?;
             live::spawn(app.handle().clone(), agent.clone(), tray);
-            if under_automation() {
-                if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
-                    window.show()?;
-                }
-            }
             Ok(())
         })
-        .on_window_event(|window, event| {
-            // Closing the dashboard keeps the app in the tray.
-            if let WindowEvent::CloseRequested { api, .. } = event {
-                api.prevent_close();
-                let _ = window.hide();
-            }
-        })
+        .on_window_event(window::on_event)
         .build(tauri::generate_context!("../tauri.conf.json"));
     let app = match app {
         Ok(app) => app,

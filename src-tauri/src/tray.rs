@@ -1,10 +1,9 @@
 //! The tray icon and its menu. On Linux a click on the icon opens the menu,
 //! so the menu is the first view: a check item per tunnel that toggles it, a
-//! submenu to open pods in the browser, then the dashboard, pause/resume all,
-//! mute, quit. The menu is rebuilt in place on every change (AppIndicator
-//! cannot swap a menu once set), and the icon shows health at a glance.
-
-use std::sync::{Arc, Mutex};
+//! submenu to open pods in the browser, then the dashboard, pin, start at
+//! login, pause/resume all, mute, quit. The menu is rebuilt in place on
+//! every change (AppIndicator cannot swap a menu once set), and the icon
+//! shows health at a glance.
 
 use k3s_local_agent::model::Snapshot;
 use k3s_local_agent::notices::Glance;
@@ -18,12 +17,14 @@ use tauri::menu::{
 use tauri::tray::{MouseButton, MouseButtonState, TrayIcon, TrayIconBuilder, TrayIconEvent};
 use tauri::{AppHandle, Manager, Wry};
 
-use crate::{commands, MAIN_WINDOW};
+use crate::preferences::Preferences;
+use crate::{commands, window};
 
 const TRAY_ID: &str = "main";
 const TOGGLE_PREFIX: &str = "pod:";
 const OPEN_PREFIX: &str = "open:";
 const DASHBOARD: &str = "dashboard";
+const PIN: &str = "pin";
 const PAUSE_ALL: &str = "pause-all";
 const RESUME_ALL: &str = "resume-all";
 const MUTE: &str = "mute";
@@ -45,11 +46,7 @@ fn icon_for(glance: Glance) -> tauri::Result<Image<'static>> {
 pub struct Tray {
     icon: TrayIcon<Wry>,
     menu: Menu<Wry>,
-    state: Arc<Mutex<TrayState>>,
-}
-
-struct TrayState {
-    settings: DesktopSettings,
+    preferences: Preferences,
 }
 
 impl std::fmt::Debug for Tray {
@@ -64,7 +61,7 @@ impl Tray {
     /// hosts keep the image an icon had when they embedded it.)
     pub fn install(
         app: &AppHandle,
-        settings: DesktopSettings,
+        preferences: Preferences,
         initial: &Snapshot,
     ) -> tauri::Result<Self> {
         let menu = Menu::new(app)?;
@@ -85,28 +82,21 @@ impl Tray {
                     ..
                 } = event
                 {
-                    show_dashboard_near_tray(tray.app_handle());
+                    window::show(tray.app_handle());
                 }
             })
             .build(app)?;
         let tray = Self {
             icon,
             menu,
-            state: Arc::new(Mutex::new(TrayState { settings })),
+            preferences,
         };
         app.manage(tray.clone());
         Ok(tray)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, TrayState> {
-        match self.state.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
-    }
-
     pub fn notifications_muted(&self) -> bool {
-        self.lock().settings.notifications_muted
+        self.preferences.get().notifications_muted
     }
 
     /// Rebuilds the menu for `snapshot` and sets the icon and tooltip.
@@ -115,7 +105,7 @@ impl Tray {
         // Set on every change, not only when the glance changes: a tray host
         // that embeds the icon late shows the last image it was given.
         self.icon.set_icon(Some(icon_for(glance)?))?;
-        let muted = self.lock().settings.notifications_muted;
+        let preferences = self.preferences.get();
         self.icon.set_tooltip(Some(glance.describe(snapshot)))?;
 
         let mut items: Vec<Box<dyn IsMenuItem<Wry>>> = Vec::new();
@@ -170,6 +160,14 @@ impl Tray {
         )?));
         items.push(Box::new(CheckMenuItem::with_id(
             app,
+            PIN,
+            "Pin window",
+            true,
+            preferences.pinned,
+            None::<&str>,
+        )?));
+        items.push(Box::new(CheckMenuItem::with_id(
+            app,
             AUTOSTART,
             "Start at login",
             autostart::autostart_dir().is_some(),
@@ -194,7 +192,7 @@ impl Tray {
             MUTE,
             "Mute notifications",
             true,
-            muted,
+            preferences.notifications_muted,
             None::<&str>,
         )?));
         items.push(Box::new(PredefinedMenuItem::separator(app)?));
@@ -213,22 +211,19 @@ impl Tray {
         Ok(())
     }
 
-    fn toggle_mute(&self, app: &AppHandle) {
-        let settings = {
-            let mut state = self.lock();
-            state.settings.notifications_muted = !state.settings.notifications_muted;
-            state.settings.clone()
-        };
-        let agent = app.state::<Agent>();
-        if let Err(err) = settings.save(&agent.config().state_dir) {
-            tracing::warn!(error = %err, "cannot save the mute setting");
-        }
+    /// Flips one preference (mute, pin) and shows it in the menu at once.
+    fn toggle(&self, app: &AppHandle, what: &str, flag: fn(&mut DesktopSettings) -> &mut bool) {
+        let settings = self.preferences.update(|settings| {
+            let value = flag(settings);
+            *value = !*value;
+        });
+        let mut settings = settings;
         tracing::info!(
-            muted = settings.notifications_muted,
-            "notifications toggled"
+            preference = what,
+            on = *flag(&mut settings),
+            "preference toggled"
         );
-        // The menu shows the new state at once.
-        let snapshot = agent.snapshot();
+        let snapshot = app.state::<Agent>().snapshot();
         if let Err(err) = self.show(app, &snapshot) {
             tracing::warn!(error = %err, "cannot update the tray menu");
         }
@@ -269,27 +264,6 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// Shows and focuses the dashboard window.
-pub fn show_dashboard(app: &AppHandle) {
-    if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
-        let _ = window.unminimize();
-        let _ = window.show();
-        let _ = window.set_focus();
-    }
-}
-
-/// Shows the dashboard next to the tray icon (where the platform tells us
-/// where the icon is: macOS and Windows deliver clicks).
-fn show_dashboard_near_tray(app: &AppHandle) {
-    use tauri_plugin_positioner::{Position, WindowExt};
-    if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
-        if let Err(err) = window.as_ref().window().move_window(Position::TrayCenter) {
-            tracing::debug!(error = %err, "cannot place the window by the tray");
-        }
-    }
-    show_dashboard(app);
-}
-
 fn on_menu_event(app: &AppHandle, event: MenuEvent) {
     let id = event.id().as_ref().to_owned();
     let agent = app.state::<Agent>().inner().clone();
@@ -309,7 +283,10 @@ fn on_menu_event(app: &AppHandle, event: MenuEvent) {
         }
     } else {
         match id.as_str() {
-            DASHBOARD => show_dashboard(app),
+            DASHBOARD => window::show(app),
+            PIN => app
+                .state::<Tray>()
+                .toggle(app, "pin window", |s| &mut s.pinned),
             PAUSE_ALL | RESUME_ALL => {
                 let enabled = id == RESUME_ALL;
                 tauri::async_runtime::spawn(async move {
@@ -318,7 +295,9 @@ fn on_menu_event(app: &AppHandle, event: MenuEvent) {
                     }
                 });
             }
-            MUTE => app.state::<Tray>().toggle_mute(app),
+            MUTE => app
+                .state::<Tray>()
+                .toggle(app, "mute notifications", |s| &mut s.notifications_muted),
             AUTOSTART => toggle_autostart(app),
             QUIT => commands::quit(app.clone(), agent),
             _ => {}

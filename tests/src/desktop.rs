@@ -15,6 +15,8 @@ use crate::{wait_until, wait_until_within};
 
 /// Size of the virtual screen.
 pub const SCREEN: &str = "1280x800x24";
+/// Its width in pixels.
+pub const SCREEN_WIDTH: i64 = 1280;
 /// How long a menu choice may take to show its effect before the choice
 /// is made again (a key or click that came while the menu was not yet
 /// taking input is lost, more often on a loaded machine).
@@ -411,16 +413,7 @@ impl Desktop {
             .xdotool(&["search", "--onlyvisible", "--class", "tray-icon tray app"])
             .ok()?;
         let window = found.lines().next()?.trim().to_owned();
-        let geometry = self
-            .xdotool(&["getwindowgeometry", "--shell", &window])
-            .ok()?;
-        let field = |name: &str| -> Option<i64> {
-            geometry
-                .lines()
-                .find_map(|line| line.strip_prefix(&format!("{name}=")))
-                .and_then(|value| value.trim().parse().ok())
-        };
-        let (x, y, width, height) = (field("X")?, field("Y")?, field("WIDTH")?, field("HEIGHT")?);
+        let (x, y, width, height) = self.window_geometry(&window).ok()?;
         (width > 0 && height > 0).then_some((x + width / 2, y + height / 2))
     }
 
@@ -477,6 +470,59 @@ impl Desktop {
             .trim()
             .parse()
             .context("identify's answer")
+    }
+
+    /// Where window `id` is and how big: x, y, width, height.
+    pub fn window_geometry(&self, id: &str) -> Result<(i64, i64, i64, i64)> {
+        let geometry = self.xdotool(&["getwindowgeometry", "--shell", id])?;
+        let field = |name: &str| -> Result<i64> {
+            geometry
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("{name}=")))
+                .and_then(|value| value.trim().parse().ok())
+                .with_context(|| format!("no {name} in {geometry:?}"))
+        };
+        Ok((field("X")?, field("Y")?, field("WIDTH")?, field("HEIGHT")?))
+    }
+
+    /// Gives window `id` the keyboard focus, as a click into it would, and
+    /// waits until it has held it for a moment (a popover takes only a
+    /// settled focus for the user's: see the app's `window` module).
+    pub fn focus_window(&self, id: &str) -> Result<()> {
+        const SETTLED: Duration = Duration::from_millis(400);
+        let mut held_since: Option<std::time::Instant> = None;
+        wait_until("the window to hold the focus", || {
+            let focused = self
+                .xdotool(&["getwindowfocus"])
+                .is_ok_and(|out| out.trim() == id);
+            if !focused {
+                held_since = None;
+                let _ = self.xdotool(&["windowfocus", id]);
+                return false;
+            }
+            held_since
+                .get_or_insert_with(std::time::Instant::now)
+                .elapsed()
+                >= SETTLED
+        })
+    }
+
+    /// Gives the keyboard focus to the tray host's window, as a click on
+    /// another application would.
+    pub fn focus_elsewhere(&self) -> Result<()> {
+        let host = self.xdotool(&["search", "--onlyvisible", "--class", "trayer"])?;
+        let host = host.lines().next().context("no tray host window")?;
+        self.xdotool(&["windowfocus", host])?;
+        Ok(())
+    }
+
+    /// Runs dunstctl against this desktop's notification daemon.
+    pub fn dunstctl(&self, args: &[&str]) -> Result<()> {
+        let status = self.command("dunstctl").args(args).status()?;
+        if !status.success() {
+            bail!("dunstctl {args:?} failed: {status}");
+        }
+        Ok(())
     }
 
     /// The id of the visible window titled exactly `title`.

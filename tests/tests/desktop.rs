@@ -9,7 +9,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use fantoccini::{Client, ClientBuilder, Locator};
-use k3s_local_agent_e2e::desktop::{tray_binary, Desktop};
+use k3s_local_agent_e2e::desktop::{tray_binary, Desktop, SCREEN_WIDTH};
 use k3s_local_agent_e2e::{
     greeting_server, read_from, refuses, refusing_port, serve_control_plane, wait_until, Sandbox,
     DEADLINE,
@@ -217,10 +217,30 @@ async fn the_window_shows_pods_live_and_its_buttons_work() {
         json!({"application": tray_binary(), "args": args}),
     );
     capabilities.insert("browserName".into(), json!("wry"));
-    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
-        .capabilities(capabilities)
-        .connect(&format!("http://127.0.0.1:{driver_port}"))
+    let connecting = tokio::spawn(async move {
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities)
+            .connect(&format!("http://127.0.0.1:{driver_port}"))
+            .await
+    });
+    // The window starts hidden, WebDriver or not: while the session waits
+    // for it, a person opens it from the tray menu, whose first item it is
+    // with no pods.
+    tokio::task::block_in_place(|| {
+        desktop.wait_for_tray_icon().expect("the tray icon");
+        assert!(
+            !desktop.window_visible("K3s Local Agent"),
+            "the window starts hidden"
+        );
+        desktop
+            .choose_in_tray_menu(&["Down", "Return"], "the window to show", || {
+                desktop.window_visible("K3s Local Agent")
+            })
+            .expect("Open dashboard shows the window");
+    });
+    let client = connecting
         .await
+        .expect("the session task")
         .expect("a WebDriver session on the app");
 
     // A newcomer sees how to push a pod.
@@ -375,6 +395,50 @@ async fn the_window_shows_pods_live_and_its_buttons_work() {
         !desktop.window_visible("K3s Local Agent")
     })
     .await;
+
+    // A click on a notice about one pod brings the window back at that
+    // pod: its details open and its row holding the keyboard. (The
+    // notification daemon invokes the notice's default action, as a click
+    // on it does.)
+    desktop.dunstctl(&["close-all"]).expect("clear the notices");
+    let late = greeting_server("late").expect("pod");
+    push(
+        &agent,
+        "create",
+        json!([{"id": "late-1", "name": "late", "ip": "127.0.0.1", "port": late.port()}]),
+    )
+    .await;
+    eventually("the notice for late", || async {
+        desktop
+            .notifications()
+            .iter()
+            .any(|n| n.summary == "Tunnel up: late")
+    })
+    .await;
+    desktop
+        .dunstctl(&["action", "0"])
+        .expect("click the notice");
+    eventually("the window to come back", || async {
+        desktop.window_visible("K3s Local Agent")
+    })
+    .await;
+    client
+        .wait()
+        .at_most(DEADLINE)
+        .for_element(Locator::Css("tr.open[data-pod-id=\"late-1\"]"))
+        .await
+        .expect("the pod's details open");
+    eventually("the pod's row to hold the keyboard", || async {
+        client
+            .execute(
+                "return document.activeElement && document.activeElement.dataset.podId",
+                vec![],
+            )
+            .await
+            .is_ok_and(|id| id == json!("late-1"))
+    })
+    .await;
+    shot(&client, "06-notice-clicked").await;
     client.close().await.expect("end the session");
 }
 
@@ -448,9 +512,45 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
     desktop
         .screenshot(&screenshots().join("11-dashboard.png"))
         .expect("screenshot");
+    // Placed by the tray the first time: where the tray does not say where
+    // it is (Linux), at the screen's top-right corner.
+    let geometry = desktop.window_geometry(&window).expect("geometry");
+    let (x, y, width, _) = geometry;
+    assert_eq!(
+        (x + width, y),
+        (SCREEN_WIDTH, 0),
+        "the window sits top-right: {geometry:?}"
+    );
+
+    // Unpinned, the window goes away when another window takes the focus,
+    // as a popover does.
+    desktop.focus_window(&window).expect("focus the window");
+    desktop.focus_elsewhere().expect("focus the tray host");
+    wait_until("the unpinned window to hide", || {
+        !desktop.window_visible("K3s Local Agent")
+    })
+    .expect("a popover hides on focus loss");
+
+    // "Pin window" (just below "Open dashboard") keeps it open, and is kept.
+    let settings = std::path::Path::new(&sandbox.state_dir()).join("desktop.json");
+    desktop
+        .choose_in_tray_menu(
+            &["Down", "Down", "Down", "Down", "Return"],
+            "the pin to be saved",
+            || std::fs::read_to_string(&settings).is_ok_and(|t| t.contains("\"pinned\": true")),
+        )
+        .expect("pinned");
+    desktop
+        .choose_in_tray_menu(
+            &["Down", "Down", "Down", "Return"],
+            "the dashboard window",
+            || desktop.window_visible("K3s Local Agent"),
+        )
+        .expect("Open dashboard shows the window again");
+    desktop.focus_window(&window).expect("focus the window");
+    desktop.focus_elsewhere().expect("focus the tray host");
 
     // Mute (second from the bottom) silences notifications, and is kept.
-    let settings = std::path::Path::new(&sandbox.state_dir()).join("desktop.json");
     desktop
         .choose_in_tray_menu(
             &["Up", "Up", "Return"],
@@ -461,6 +561,12 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
             },
         )
         .expect("muted");
+    // The app took the menu's keys after the focus moved: a pinned window
+    // that was to hide would have hidden by now.
+    assert!(
+        desktop.window_visible("K3s Local Agent"),
+        "a pinned window stays when it loses focus"
+    );
     let two = greeting_server("two").expect("pod");
     runtime.block_on(push(
         &agent,
@@ -592,6 +698,16 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
     desktop
         .screenshot(&screenshots().join("13-second-launch.png"))
         .expect("screenshot");
+    // The user makes the window bigger: the next start gives that size back.
+    desktop
+        .xdotool(&["windowsize", &window, "520", "700"])
+        .expect("resize the window");
+    wait_until("the window to take its new size", || {
+        desktop
+            .window_geometry(&window)
+            .is_ok_and(|(_, _, width, height)| (width, height) == (520, 700))
+    })
+    .expect("resized");
 
     // "Start at login" (third from the bottom with no pods: Quit, Mute, and
     // it; "Pause all" is disabled and skipped) writes the XDG autostart
@@ -618,6 +734,30 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
     desktop
         .choose_in_tray_menu(&["Up", "Return"], "the app to quit", || {
             first.try_wait().expect("wait").is_some()
+        })
+        .expect("quit");
+
+    // Started again, and shown (by a second launch): the size it was left at.
+    let mut again = launch().spawn().expect("the app starts again");
+    desktop.wait_for_tray_icon().expect("the tray icon");
+    let mut shower = launch().spawn().expect("a second launch");
+    let mut status = None;
+    wait_until("the second launch to hand over", || {
+        status = shower.try_wait().expect("wait");
+        status.is_some()
+    })
+    .expect("the second launch ends");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    wait_until("the window", || desktop.window_visible("K3s Local Agent"))
+        .expect("the window shows");
+    let window = desktop
+        .window_titled("K3s Local Agent")
+        .expect("the window");
+    let (_, _, width, height) = desktop.window_geometry(&window).expect("geometry");
+    assert_eq!((width, height), (520, 700), "the size is remembered");
+    desktop
+        .choose_in_tray_menu(&["Up", "Return"], "the app to quit", || {
+            again.try_wait().expect("wait").is_some()
         })
         .expect("quit");
 }

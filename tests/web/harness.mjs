@@ -28,14 +28,18 @@ export async function waitFor(what, condition) {
   }
 }
 
-/** Starts the agent on a free port with tunnels in `range` ("A-B"). */
-export async function startAgent(range) {
+/**
+ * Starts the agent on a free port with tunnels in `range` ("A-B"), with
+ * `extra` flags. The base URL is always a loopback one (an agent bound to
+ * every address is reached on 127.0.0.1: tests talk to loopback only).
+ */
+export async function startAgent(range, extra = []) {
   const sandbox = mkdtempSync(path.join(os.tmpdir(), 'k3s-local-agent-web-'));
   writeFileSync(path.join(sandbox, 'hosts'), '127.0.0.1 localhost\n');
   const proc = spawn(binary, [
     'run', '--agent-port', '0', '--port-range', range,
     '--hosts-file', path.join(sandbox, 'hosts'), '--state-dir', path.join(sandbox, 'state'),
-    '--no-cluster',
+    '--no-cluster', ...extra,
   ], { stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, RUST_LOG: 'info' } });
   let log = '';
   const baseUrl = await new Promise((resolve, reject) => {
@@ -43,7 +47,7 @@ export async function startAgent(range) {
     proc.stderr.on('data', (chunk) => {
       log += chunk;
       const found = /listening on (http:\/\/\S+)/.exec(log);
-      if (found) { clearTimeout(timer); resolve(found[1]); }
+      if (found) { clearTimeout(timer); resolve(found[1].replace('//0.0.0.0:', '//127.0.0.1:')); }
     });
     proc.once('exit', (code) => reject(new Error(`agent exited (${code}):\n${log}`)));
   });

@@ -3,7 +3,8 @@
 //! agent's user and root are trusted as they are; any other local user, and
 //! any caller beyond loopback when the agent listens there, needs the bearer
 //! token (compared in constant time) for every endpoint but `/health`, which
-//! then shows no pods. A browser is trusted only from the agent's own pages
+//! then shows no pods, and the dashboard's page, which holds no data and asks
+//! for the token. A browser is trusted only from the agent's own pages
 //! (same origin) or the tray app's webview: every other `Origin`, a page
 //! served through one of our own tunnels included, is refused; on loopback a
 //! foreign `Host` is refused (DNS rebinding); and a state change never comes
@@ -22,8 +23,16 @@ use subtle::ConstantTimeEq;
 use super::error::ApiError;
 use crate::agent::Agent;
 
-/// Paths anyone may read without the token (liveness checks).
-const OPEN_PATHS: [&str; 1] = ["/health"];
+/// Paths anyone may read without the token: liveness, and the dashboard's
+/// page and code, which hold no data (the page then asks for the token).
+const OPEN_PATHS: [&str; 6] = [
+    "/health",
+    "/",
+    "/index.html",
+    "/app.js",
+    "/adapter.js",
+    "/style.css",
+];
 
 /// The user who owns a loopback caller's socket, as the server found it
 /// (`None`: the kernel's table did not show it).

@@ -11,5 +11,5 @@ pub(crate) mod fsio;
 mod persist;
 mod store;
 
-pub use persist::{DesktopSettings, Identity, PersistError, StateDb, StoredPod};
+pub use persist::{DesktopSettings, Identity, PersistError, StateDb, StoredPod, WindowSize};
 pub use store::{PodEntry, PodMap, Store, StoreWrite};

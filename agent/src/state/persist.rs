@@ -170,6 +170,19 @@ fn write_file(path: &Path, text: &str, mode: u32) -> Result<(), PersistError> {
 pub struct DesktopSettings {
     #[serde(default)]
     pub notifications_muted: bool,
+    /// The window stays open when it loses focus.
+    #[serde(default)]
+    pub pinned: bool,
+    /// The window's size as the user last left it (logical pixels).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_size: Option<WindowSize>,
+}
+
+/// A window's inner size in logical pixels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WindowSize {
+    pub width: u32,
+    pub height: u32,
 }
 
 const DESKTOP_SETTINGS_FILE: &str = "desktop.json";
@@ -434,6 +447,11 @@ mod tests {
         );
         let muted = DesktopSettings {
             notifications_muted: true,
+            pinned: true,
+            window_size: Some(WindowSize {
+                width: 520,
+                height: 700,
+            }),
         };
         muted.save(dir.path()).expect("save");
         assert_eq!(DesktopSettings::load(dir.path()), muted);
