@@ -362,10 +362,13 @@ function renderHeader(health) {
     'system-hosts': '/etc/hosts',
     'private-file': 'private file',
     file: 'hosts file',
+    off: 'off',
   }[health.names.mode] || health.names.mode;
   names.textContent = `names · ${where}`;
   names.className = health.names.system_wide ? 'pill ok' : 'pill';
   names.title = [health.names.hosts_file, health.names.why].filter(Boolean).join(': ');
+
+  $('forwarding-off').hidden = health.forwarding !== false;
 
   const warning = $('names-warning');
   warning.textContent = health.names.warning || '';

@@ -107,6 +107,16 @@ pub struct RunOverrides {
     /// and the pod's own port listening there [default: on].
     #[arg(long, env = "K3S_LOCAL_AGENT_NAME_PORTS")]
     pub name_ports: Option<Switch>,
+    /// Whether tunnel ports listen at all [default: on]. Off: pods are still
+    /// received, stored, mirrored and reported, but no port listens (the
+    /// seed's EnablePortForward).
+    #[arg(long, env = "K3S_LOCAL_AGENT_FORWARDING")]
+    pub forwarding: Option<Switch>,
+    /// Whether pod names are written [default: on]. Off: no name is written
+    /// anywhere, and addresses show as localhost:<range port> (the seed's
+    /// EnableDNSProxy).
+    #[arg(long, env = "K3S_LOCAL_AGENT_NAMES")]
+    pub names: Option<Switch>,
     /// Threads that forward tunnel traffic [default: one per core, at most 8].
     #[arg(long, env = "K3S_LOCAL_AGENT_FORWARD_THREADS")]
     pub forward_threads: Option<NonZeroUsize>,
@@ -162,6 +172,8 @@ pub struct FileSettings {
     pub local_host: Option<String>,
     pub address_block: Option<String>,
     pub name_ports: Option<Switch>,
+    pub forwarding: Option<Switch>,
+    pub names: Option<Switch>,
     pub forward_threads: Option<NonZeroUsize>,
     pub max_pods: Option<NonZeroUsize>,
     pub max_tunnel_connections: Option<NonZeroUsize>,
@@ -202,8 +214,13 @@ pub struct Config {
     pub local_host: String,
     /// Where pod addresses come from, when `name_ports` is on.
     pub address_block: AddressBlock,
-    /// Each pod on its own loopback address, with its own port there.
+    /// Each pod on its own loopback address, with its own port there
+    /// (never with names off: no name would lead there).
     pub name_ports: bool,
+    /// Whether tunnel ports listen at all.
+    pub forwarding: bool,
+    /// Whether pod names are written.
+    pub names: bool,
     /// Forwarding threads (each a single-threaded runtime).
     pub forward_threads: usize,
     /// Most pods held at once.
@@ -316,7 +333,12 @@ impl Config {
             }
             (None, None) => AddressBlock::DEFAULT,
         };
-        let name_ports = flags.name_ports.or(file.name_ports).unwrap_or(Switch::On) == Switch::On;
+        let switch = |flag: Option<Switch>, file: Option<Switch>| {
+            flag.or(file).unwrap_or(Switch::On) == Switch::On
+        };
+        let names = switch(flags.names, file.names);
+        let forwarding = switch(flags.forwarding, file.forwarding);
+        let name_ports = names && switch(flags.name_ports, file.name_ports);
 
         let forward_threads = flags
             .forward_threads
@@ -357,6 +379,8 @@ impl Config {
             local_host,
             address_block,
             name_ports,
+            forwarding,
+            names,
             forward_threads,
             max_pods: flags
                 .max_pods

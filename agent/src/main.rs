@@ -366,7 +366,16 @@ async fn status(args: ClientArgs) -> Result<()> {
     if let Some(at) = cp.last_sync {
         println!("last sync: {at}");
     }
-    println!("names: {}", health.names.hosts_file);
+    if health.names.mode == k3s_local_agent::model::NamesMode::Off {
+        println!("names: off (--names off): addresses are localhost:<range port>");
+    } else {
+        println!("names: {}", health.names.hosts_file);
+    }
+    if !health.forwarding {
+        println!(
+            "forwarding: off (--forwarding off): pods are held, mirrored and reported; no port listens"
+        );
+    }
     if let Some(warning) = &health.names.warning {
         println!("warning: {warning}");
     }

@@ -66,15 +66,105 @@ pub struct PodSpec {
     pub created_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub updated_at: Option<DateTime<Utc>>,
-    /// Every staging port the pod exposes; the first is the one tunnelled.
-    /// Never empty once validated.
-    pub ports: Vec<u16>,
+    /// Every staging port the pod exposes, in the order given; the first
+    /// TCP one is the one tunnelled. Never empty once validated.
+    pub ports: Vec<PortSpec>,
+}
+
+/// Most ports one pod may list.
+pub const MAX_PORTS_PER_POD: usize = 64;
+
+/// A port's transport protocol, spelled as in a Kubernetes container port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+            Self::Sctp => "SCTP",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        match text.to_ascii_uppercase().as_str() {
+            "TCP" => Some(Self::Tcp),
+            "UDP" => Some(Self::Udp),
+            "SCTP" => Some(Self::Sctp),
+            _ => None,
+        }
+    }
+}
+
+/// One port of a pod: its number, its name when given, its protocol. Only
+/// TCP ports are tunnelled; the others are kept and shown as not forwarded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "PortShape")]
+pub struct PortSpec {
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub protocol: Protocol,
+}
+
+impl PortSpec {
+    /// A TCP port with no name (the seed's `port`).
+    pub fn tcp(port: u16) -> Self {
+        Self {
+            port,
+            name: None,
+            protocol: Protocol::Tcp,
+        }
+    }
+}
+
+/// How a port is kept on disk: a bare number (as the agent kept ports
+/// before they had names and protocols), or the whole object.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum PortShape {
+    Number(u16),
+    Object {
+        port: u16,
+        #[serde(default)]
+        name: Option<String>,
+        #[serde(default)]
+        protocol: Protocol,
+    },
+}
+
+impl From<PortShape> for PortSpec {
+    fn from(shape: PortShape) -> Self {
+        match shape {
+            PortShape::Number(port) => Self::tcp(port),
+            PortShape::Object {
+                port,
+                name,
+                protocol,
+            } => Self {
+                port,
+                name,
+                protocol,
+            },
+        }
+    }
 }
 
 impl PodSpec {
-    /// The staging port the tunnel forwards to.
+    /// The staging port the tunnel forwards to: the first TCP one.
     pub fn staging_port(&self) -> u16 {
-        self.ports.first().copied().unwrap_or(DEFAULT_STAGING_PORT)
+        self.ports
+            .iter()
+            .find(|port| port.protocol == Protocol::Tcp)
+            .map_or(DEFAULT_STAGING_PORT, |port| port.port)
     }
 
     /// `<name>-staging.local`, the name the seed promised.
@@ -111,8 +201,10 @@ struct RawPod {
     updated_at: Option<DateTime<Utc>>,
     #[serde(default)]
     port: Option<u64>,
+    /// Numbers or `{"name", "port", "protocol"}` objects, each checked in
+    /// [`parse_ports`] so an error names the entry.
     #[serde(default)]
-    ports: Option<Vec<u64>>,
+    ports: Option<Vec<serde_json::Value>>,
 }
 
 /// Why one pod of a push was turned away; sent back to the control plane.
@@ -196,6 +288,169 @@ fn validate_port(value: u64, field: &str) -> Result<u16, String> {
     }
 }
 
+/// A pod's ports from the seed's `port` (the first, when given) and the
+/// `ports` list (numbers or `{name, port, protocol}` objects). With neither,
+/// the seed's default, 80. An error names the field: `ports[2].protocol`.
+fn parse_ports(
+    first: Option<u16>,
+    listed: Vec<serde_json::Value>,
+) -> Result<Vec<PortSpec>, (String, String)> {
+    if listed.len() > MAX_PORTS_PER_POD {
+        return Err((
+            "ports".to_owned(),
+            format!(
+                "a pod may list at most {MAX_PORTS_PER_POD} ports; this one lists {}",
+                listed.len()
+            ),
+        ));
+    }
+    let mut ports: Vec<PortSpec> = Vec::with_capacity(listed.len() + 1);
+    for (at, entry) in listed.into_iter().enumerate() {
+        let field = format!("ports[{at}]");
+        let port = parse_port_entry(&field, entry)?;
+        if let Some(same) = ports
+            .iter()
+            .find(|p| p.port == port.port && p.protocol == port.protocol)
+        {
+            return Err((
+                field,
+                format!(
+                    "port {}/{} is listed twice{}",
+                    port.port,
+                    port.protocol.as_str(),
+                    same.name
+                        .as_deref()
+                        .map(|name| format!(" (already as {name:?})"))
+                        .unwrap_or_default()
+                ),
+            ));
+        }
+        if let Some(name) = &port.name {
+            if ports.iter().any(|p| p.name.as_ref() == Some(name)) {
+                return Err((
+                    format!("{field}.name"),
+                    format!("port name {name:?} is used twice"),
+                ));
+            }
+        }
+        ports.push(port);
+    }
+    // The seed's `port` is the first port; listed again in `ports`, it is
+    // one port (with the list's name), not two.
+    if let Some(first) = first {
+        let listed_at = ports
+            .iter()
+            .position(|p| p.port == first && p.protocol == Protocol::Tcp);
+        let port = match listed_at {
+            Some(at) => ports.remove(at),
+            None => PortSpec::tcp(first),
+        };
+        ports.insert(0, port);
+    }
+    if ports.is_empty() {
+        ports.push(PortSpec::tcp(DEFAULT_STAGING_PORT));
+    }
+    Ok(ports)
+}
+
+/// One entry of `ports`: a number, or an object with `port` and optionally
+/// `name` (an IANA service name, as in Kubernetes) and `protocol`.
+fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, (String, String)> {
+    let number = |value: &serde_json::Value, field: &str| {
+        value
+            .as_u64()
+            .ok_or_else(|| {
+                (
+                    field.to_owned(),
+                    format!("{field} must be a port number, not {value}"),
+                )
+            })
+            .and_then(|n| validate_port(n, field).map_err(|e| (field.to_owned(), e)))
+    };
+    match entry {
+        serde_json::Value::Number(_) => Ok(PortSpec::tcp(number(&entry, field)?)),
+        serde_json::Value::Object(object) => {
+            if let Some(unknown) = object
+                .keys()
+                .find(|key| !matches!(key.as_str(), "port" | "name" | "protocol"))
+            {
+                return Err((
+                    format!("{field}.{unknown}"),
+                    format!("unknown field {unknown:?} in {field}: expected port, name, protocol"),
+                ));
+            }
+            let port_field = format!("{field}.port");
+            let port = match object.get("port") {
+                Some(value) => number(value, &port_field)?,
+                None => {
+                    return Err((port_field, format!("{field} has no `port`")));
+                }
+            };
+            let name = match object.get("name") {
+                None | Some(serde_json::Value::Null) => None,
+                Some(serde_json::Value::String(name)) => {
+                    validate_port_name(name).map_err(|e| (format!("{field}.name"), e))?;
+                    Some(name.clone())
+                }
+                Some(other) => {
+                    return Err((
+                        format!("{field}.name"),
+                        format!("{field}.name must be a string, not {other}"),
+                    ))
+                }
+            };
+            let protocol = match object.get("protocol") {
+                None | Some(serde_json::Value::Null) => Protocol::Tcp,
+                Some(serde_json::Value::String(text)) => {
+                    Protocol::parse(text).ok_or_else(|| {
+                        (
+                            format!("{field}.protocol"),
+                            format!("{field}.protocol {text:?} is not TCP, UDP or SCTP"),
+                        )
+                    })?
+                }
+                Some(other) => {
+                    return Err((
+                        format!("{field}.protocol"),
+                        format!("{field}.protocol must be a string, not {other}"),
+                    ))
+                }
+            };
+            Ok(PortSpec {
+                port,
+                name,
+                protocol,
+            })
+        }
+        other => Err((
+            field.to_owned(),
+            format!(
+                "{field} must be a port number or an object {{port, name, protocol}}, not {other}"
+            ),
+        )),
+    }
+}
+
+/// A port name as Kubernetes takes it (IANA_SVC_NAME): 1-15 lowercase
+/// letters, digits and '-', with a letter, not starting or ending with '-'.
+fn validate_port_name(name: &str) -> Result<(), String> {
+    let ok = (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "port name {name:?} must be 1-15 lowercase letters, digits and '-', with a letter"
+        ))
+    }
+}
+
 /// Turns one pushed pod (any JSON) into a [`PodSpec`], or says exactly what is
 /// wrong with it.
 pub fn parse_pod(index: usize, value: serde_json::Value) -> Result<PodSpec, PodRejection> {
@@ -233,19 +488,12 @@ pub fn parse_pod(index: usize, value: serde_json::Value) -> Result<PodSpec, PodR
         )
     })?;
 
-    let mut ports = Vec::new();
-    if let Some(port) = raw.port {
-        ports.push(validate_port(port, "port").map_err(|e| reject(Some("port"), e))?);
-    }
-    for port in raw.ports.unwrap_or_default() {
-        let port = validate_port(port, "ports entry").map_err(|e| reject(Some("ports"), e))?;
-        if !ports.contains(&port) {
-            ports.push(port);
-        }
-    }
-    if ports.is_empty() {
-        ports.push(DEFAULT_STAGING_PORT);
-    }
+    let first = match raw.port {
+        Some(port) => Some(validate_port(port, "port").map_err(|e| reject(Some("port"), e))?),
+        None => None,
+    };
+    let ports = parse_ports(first, raw.ports.unwrap_or_default())
+        .map_err(|(field, error)| reject(Some(&field), error))?;
 
     Ok(PodSpec {
         id,
@@ -512,6 +760,8 @@ pub enum NamesMode {
     PrivateFile,
     /// The file `--hosts-file` names.
     File,
+    /// `--names off`: no names anywhere.
+    Off,
 }
 
 impl NamesMode {
@@ -522,6 +772,7 @@ impl NamesMode {
             Self::SystemHosts => "the system hosts file",
             Self::PrivateFile => "a private file the system resolver does not read",
             Self::File => "the file --hosts-file names",
+            Self::Off => "nowhere: names are off (--names off)",
         }
     }
 }
@@ -548,12 +799,21 @@ pub struct HealthResponse {
     pub version: String,
     pub demo: bool,
     pub names: NamesHealth,
+    /// Whether tunnel ports listen (`--forwarding off`: said here once,
+    /// each pod's tunnel then simply `stopped`).
+    #[serde(default = "forwarding_default")]
+    pub forwarding: bool,
     pub control_plane: ControlPlaneHealth,
     /// The local cluster mirror: `ready`, `unavailable` or `disabled`.
     pub cluster_status: String,
     /// Why the cluster is unavailable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_reason: Option<String>,
+}
+
+/// An agent that does not say has forwarding on (older agents).
+fn forwarding_default() -> bool {
+    true
 }
 
 impl HealthResponse {
@@ -692,7 +952,84 @@ mod tests {
             json!({"id":"p","name":"a","ip":"::1","port":8443,"ports":[8443,9090]}),
         )
         .expect("valid");
-        assert_eq!(pod.ports, vec![8443, 9090]);
+        assert_eq!(pod.ports, vec![PortSpec::tcp(8443), PortSpec::tcp(9090)]);
         assert_eq!(pod.staging_port(), 8443);
+    }
+
+    #[test]
+    fn ports_may_be_objects_with_names_and_protocols() {
+        let pod = parse_pod(
+            0,
+            json!({"id":"p","name":"a","ip":"10.0.0.1","ports":[
+                {"name":"dns","port":53,"protocol":"UDP"},
+                {"name":"http","port":8080,"protocol":"TCP"},
+                9090,
+            ]}),
+        )
+        .expect("valid");
+        assert_eq!(pod.ports.len(), 3);
+        assert_eq!(pod.ports[0].protocol, Protocol::Udp);
+        assert_eq!(pod.ports[1].name.as_deref(), Some("http"));
+        // The tunnel goes to the first TCP port; the UDP one is kept.
+        assert_eq!(pod.staging_port(), 8080);
+        let shown = serde_json::to_value(&pod.ports).expect("json");
+        assert_eq!(shown[0], json!({"port":53,"name":"dns","protocol":"UDP"}));
+    }
+
+    #[test]
+    fn ports_kept_as_numbers_on_disk_still_read() {
+        let ports: Vec<PortSpec> =
+            serde_json::from_value(json!([8080, {"port":9090,"name":"metrics"}]))
+                .expect("both shapes");
+        assert_eq!(ports[0], PortSpec::tcp(8080));
+        assert_eq!(ports[1].name.as_deref(), Some("metrics"));
+        assert_eq!(ports[1].protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn bad_ports_are_refused_with_the_field_named() {
+        let many: Vec<u16> = (1000..1065).collect();
+        for (ports, field, says) in [
+            (json!([8080, 8080]), "ports[1]", "listed twice"),
+            (json!([0]), "ports[0]", "out of range"),
+            (json!(many), "ports", "at most 64"),
+            (
+                json!([{"port":80,"protocol":"HTTP"}]),
+                "ports[0].protocol",
+                "not TCP, UDP or SCTP",
+            ),
+            (json!([{"name":"web"}]), "ports[0].port", "no `port`"),
+            (
+                json!([{"port":80,"name":"Web_1"}]),
+                "ports[0].name",
+                "lowercase",
+            ),
+            (
+                json!([{"port":80,"name":"a"},{"port":81,"name":"a"}]),
+                "ports[1].name",
+                "used twice",
+            ),
+            (json!(["80"]), "ports[0]", "port number or an object"),
+            (
+                json!([{"port":80,"proto":"TCP"}]),
+                "ports[0].proto",
+                "unknown field",
+            ),
+        ] {
+            let rejection = parse_pod(
+                0,
+                json!({"id":"p","name":"a","ip":"10.0.0.1","ports":ports}),
+            )
+            .expect_err("refused");
+            assert_eq!(rejection.field.as_deref(), Some(field), "{rejection:?}");
+            assert!(rejection.error.contains(says), "{rejection:?}");
+        }
+        // The same number over two protocols is two ports.
+        let pod = parse_pod(
+            0,
+            json!({"id":"p","name":"a","ip":"10.0.0.1","ports":[53,{"port":53,"protocol":"UDP"}]}),
+        )
+        .expect("valid");
+        assert_eq!(pod.ports.len(), 2);
     }
 }

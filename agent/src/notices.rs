@@ -332,6 +332,7 @@ mod tests {
                     why: String::new(),
                     warning: None,
                 },
+                forwarding: true,
                 control_plane: ControlPlaneHealth {
                     url: "http://cp".into(),
                     reachable,

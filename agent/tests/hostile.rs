@@ -209,6 +209,39 @@ async fn bad_input_of_every_kind_is_named_and_changes_nothing() {
             );
         }
     }
+    // The shapes of a pod's port list: each refused with the entry named.
+    let many_ports: Vec<u16> = (1000..1065).collect();
+    let bad_ports: Vec<(&str, Value, &str)> = vec![
+        ("a port listed twice", json!([8080, 8080]), "ports[1]"),
+        ("port 0 in the list", json!([0]), "ports[0]"),
+        ("more than 64 ports", json!(many_ports), "ports"),
+        (
+            "an unknown protocol",
+            json!([{"port": 53, "protocol": "QUIC"}]),
+            "ports[0].protocol",
+        ),
+        (
+            "a port object without port",
+            json!([{"name": "http", "protocol": "TCP"}]),
+            "ports[0].port",
+        ),
+        (
+            "a port name that Kubernetes refuses",
+            json!([{"port": 80, "name": "Http_Main"}]),
+            "ports[0].name",
+        ),
+        ("a port of the wrong type", json!([true]), "ports[0]"),
+    ];
+    for (what, ports, field) in bad_ports {
+        let (code, answer) = agent.push_raw(push_with("ports", ports)).await;
+        assert_eq!(code, 400, "{what}: {answer}");
+        assert_eq!(
+            answer["rejected"][0]["field"],
+            json!(field),
+            "{what}: {answer}"
+        );
+    }
+
     let after = observable_state(&agent, &fx).await;
     assert_eq!(after, before, "bad input changed the state");
     assert!(!fx.hosts_text().contains("bank.example"));

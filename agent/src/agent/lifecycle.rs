@@ -41,7 +41,11 @@ impl Agent {
         raise_open_file_limit();
         let identity = Identity::load_or_create(&config.state_dir, config.agent_id.as_deref())?;
         let db = StateDb::open(&config.state_dir)?;
-        let hosts = Names::choose(config.hosts_file.clone(), &config.state_dir);
+        let hosts = if config.names {
+            Names::choose(config.hosts_file.clone(), &config.state_dir)
+        } else {
+            Names::off()
+        };
         hosts.check()?;
         if let Some(warning) = hosts.warning() {
             tracing::warn!("{warning}");
@@ -60,7 +64,7 @@ impl Agent {
         ];
         let ports = PortPlan::new(config.port_range, reserved.into_iter().flatten());
         let events = EventBus::new();
-        let store = Store::new(&config.local_host, events.clone());
+        let store = Store::new(&config.local_host, config.names, events.clone());
         let (mirror, cluster) =
             Mirror::new(config.cluster.clone(), &identity.agent_id, store.clone());
         let (reporter, control_plane) = Reporter::new(

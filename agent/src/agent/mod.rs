@@ -225,6 +225,7 @@ impl Agent {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             demo: self.inner.config.demo,
             names: self.inner.hosts.health(),
+            forwarding: self.inner.config.forwarding,
             control_plane: self.inner.control_plane.borrow().clone(),
             cluster_status: self.inner.cluster.borrow().word().to_owned(),
             cluster_reason: self.inner.cluster.borrow().reason(),

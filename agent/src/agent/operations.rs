@@ -293,6 +293,10 @@ impl Agent {
     /// Makes the hosts block list every pod we hold. A failure is logged,
     /// not fatal: tunnels work by port without names.
     pub(super) async fn write_names(&self) {
+        // `--names off`: no pod holds a name, and nothing is written.
+        if !self.inner.hosts.enabled() {
+            return;
+        }
         let ip = self.inner.listen_ip;
         let own_namespace = &self.inner.config.cluster.namespace;
         let entries: Vec<HostEntry> = {

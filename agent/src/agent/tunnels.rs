@@ -68,6 +68,9 @@ impl Agent {
 
     /// Gives failed tunnels another try; returns the ids that changed.
     pub(super) fn retry_failed(&self, map: &mut PodMap) -> Vec<String> {
+        if !self.inner.config.forwarding {
+            return Vec::new();
+        }
         let failed: Vec<String> = map
             .iter()
             .filter(|(_, e)| e.forwarding && e.listener.is_none())
@@ -85,6 +88,11 @@ impl Agent {
     /// Binds a port for `entry` (its remembered one first) and starts its
     /// listener, or records why it could not.
     pub(super) fn open_listener(&self, entry: &mut PodEntry, in_use: &mut InUse) {
+        // `--forwarding off`: the pod is held, mirrored and reported, its
+        // tunnel stopped (health says why, once for all pods).
+        if !self.inner.config.forwarding {
+            return;
+        }
         let listen_ip = self.inner.listen_ip;
         // Another pod's port is taken; the pod's own remembered one is not.
         let own = entry.local_port;

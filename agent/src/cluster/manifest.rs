@@ -68,7 +68,9 @@ pub fn mirror_manifest(spec: &PodSpec, agent_label: &str, namespace: &str) -> Po
                     spec.ports
                         .iter()
                         .map(|port| ContainerPort {
-                            container_port: i32::from(*port),
+                            container_port: i32::from(port.port),
+                            name: port.name.clone(),
+                            protocol: Some(port.protocol.as_str().to_owned()),
                             ..ContainerPort::default()
                         })
                         .collect(),
@@ -139,7 +141,9 @@ mod tests {
         let spec = parse_pod(
             0,
             serde_json::json!({"id": "pod:1", "name": "my-app", "ip": "10.0.0.1",
-                               "image": "nginx:1", "ports": [80, 9090], "labels": {"app": "my-app"}}),
+                               "image": "nginx:1", "labels": {"app": "my-app"},
+                               "ports": [80, {"name": "metrics", "port": 9090},
+                                         {"name": "dns", "port": 53, "protocol": "UDP"}]}),
         )
         .expect("pod");
         let pod = mirror_manifest(&spec, "agent-a", "staging");
@@ -150,7 +154,20 @@ mod tests {
         assert_eq!(pod_id_of(&pod).as_deref(), Some("pod:1"));
         let container = &pod.spec.expect("spec").containers[0];
         assert_eq!(container.image.as_deref(), Some("nginx:1"));
-        assert_eq!(container.ports.as_ref().map(Vec::len), Some(2));
+        let ports = container.ports.clone().expect("ports");
+        let shown: Vec<(i32, Option<&str>, Option<&str>)> = ports
+            .iter()
+            .map(|p| (p.container_port, p.name.as_deref(), p.protocol.as_deref()))
+            .collect();
+        assert_eq!(
+            shown,
+            vec![
+                (80, None, Some("TCP")),
+                (9090, Some("metrics"), Some("TCP")),
+                (53, Some("dns"), Some("UDP")),
+            ],
+            "every port of the pod, named, with its protocol"
+        );
     }
 
     #[test]

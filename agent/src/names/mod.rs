@@ -76,6 +76,8 @@ impl Default for SystemFiles {
 enum Target {
     Hosts(HostsFile),
     User(UserNamesFile),
+    /// `--names off`: nothing is written anywhere.
+    Off,
 }
 
 /// Where this agent writes its names, and why there.
@@ -91,6 +93,21 @@ impl Names {
     /// else `/etc/hosts` when we may write it; else `<state_dir>/hosts`.
     pub fn choose(explicit: Option<PathBuf>, state_dir: &Path) -> Self {
         Self::choose_among(explicit, &SystemFiles::default(), state_dir, current_uid())
+    }
+
+    /// No names at all (`--names off`): nothing is written, and every
+    /// address shown is `localhost:<range port>`.
+    pub fn off() -> Self {
+        Self {
+            health: NamesHealth {
+                hosts_file: String::new(),
+                system_wide: false,
+                mode: NamesMode::Off,
+                why: "names are off (--names off): no name is written anywhere".to_owned(),
+                warning: None,
+            },
+            target: Target::Off,
+        }
     }
 
     /// [`Names::choose`] over `system`'s files, for the user `uid` (none
@@ -206,12 +223,18 @@ impl Names {
         }
     }
 
-    /// The file written.
+    /// The file written (empty with names off).
     pub fn path(&self) -> &Path {
         match &self.target {
             Target::Hosts(hosts) => hosts.path(),
             Target::User(file) => file.path(),
+            Target::Off => Path::new(""),
         }
+    }
+
+    /// Whether names are written at all.
+    pub fn enabled(&self) -> bool {
+        !matches!(self.target, Target::Off)
     }
 
     pub fn warning(&self) -> Option<&str> {
@@ -250,6 +273,7 @@ impl Names {
         match &self.target {
             Target::Hosts(hosts) => hosts.write(entries),
             Target::User(file) => file.write(entries),
+            Target::Off => Ok(()),
         }
     }
 
@@ -258,6 +282,7 @@ impl Names {
         match &self.target {
             Target::Hosts(hosts) => hosts.clear(),
             Target::User(file) => file.clear(),
+            Target::Off => Ok(()),
         }
     }
 }

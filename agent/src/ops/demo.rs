@@ -99,7 +99,7 @@ impl Demo {
                 labels: [("app".to_owned(), "demo".to_owned())].into(),
                 created_at: Some(chrono::Utc::now()),
                 updated_at: Some(chrono::Utc::now()),
-                ports: vec![port],
+                ports: vec![crate::model::PortSpec::tcp(port)],
             });
         }
         agent

@@ -86,7 +86,17 @@ pub async fn agent(
             health.pid, health.version, health.pod_count
         ),
     )];
-    checks.extend(tunnel_ports(&status, health.pid));
+    if health.forwarding {
+        checks.extend(tunnel_ports(&status, health.pid));
+    } else {
+        checks.push(Check::ok(
+            "tunnels",
+            format!(
+                "forwarding is off (--forwarding off): {} pods held, mirrored and reported;                  no port listens",
+                health.pod_count
+            ),
+        ));
+    }
     checks.push(range_use(config, &status));
     checks.push(names(&health, &status).await);
     checks.push(control_plane(&health));
@@ -198,6 +208,9 @@ async fn names(
     health: &crate::model::HealthResponse,
     status: &crate::model::StatusResponse,
 ) -> Check {
+    if health.names.mode == crate::model::NamesMode::Off {
+        return Check::ok("names", health.names.why.clone());
+    }
     if !health.names.system_wide {
         return Check::ok(
             "names",

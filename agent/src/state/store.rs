@@ -100,8 +100,9 @@ impl PodEntry {
         }
     }
 
-    /// The seed's `PodRedirection` view, with live counters.
-    pub fn redirection(&self, local_host: &str) -> Redirection {
+    /// The seed's `PodRedirection` view, with live counters. With names
+    /// off, the pod's names are the local host (its range port is the way).
+    pub fn redirection(&self, local_host: &str, names_on: bool) -> Redirection {
         let stats = self.tunnel.stats();
         let state = self.state();
         let error = match state {
@@ -119,8 +120,16 @@ impl PodEntry {
             staging_port: self.spec.staging_port(),
             local_port: self.local_port,
             local_host: local_host.to_owned(),
-            dns_name: self.spec.dns_name(),
-            localhost_name: self.spec.localhost_name(),
+            dns_name: if names_on {
+                self.spec.dns_name()
+            } else {
+                local_host.to_owned()
+            },
+            localhost_name: if names_on {
+                self.spec.localhost_name()
+            } else {
+                local_host.to_owned()
+            },
             status: state,
             error,
             forwarding: self.forwarding,
@@ -156,6 +165,8 @@ pub struct Store {
     /// lock, so `/health` answers while a large push holds it.
     count: Arc<AtomicUsize>,
     local_host: Arc<str>,
+    /// Whether pod names are written (views fall back to the local host).
+    names_on: bool,
     events: EventBus,
 }
 
@@ -187,11 +198,12 @@ impl Drop for StoreWrite<'_> {
 }
 
 impl Store {
-    pub fn new(local_host: &str, events: EventBus) -> Self {
+    pub fn new(local_host: &str, names_on: bool, events: EventBus) -> Self {
         Self {
             pods: Arc::new(RwLock::new(PodMap::new())),
             count: Arc::new(AtomicUsize::new(0)),
             local_host: Arc::from(local_host),
+            names_on,
             events,
         }
     }
@@ -233,7 +245,12 @@ impl Store {
     pub fn redirections(&self) -> BTreeMap<String, Redirection> {
         self.read()
             .iter()
-            .map(|(id, entry)| (id.clone(), entry.redirection(&self.local_host)))
+            .map(|(id, entry)| {
+                (
+                    id.clone(),
+                    entry.redirection(&self.local_host, self.names_on),
+                )
+            })
             .collect()
     }
 
@@ -258,7 +275,7 @@ impl Store {
             .values()
             .map(|entry| PodView {
                 pod: entry.spec.clone(),
-                tunnel: entry.redirection(&self.local_host),
+                tunnel: entry.redirection(&self.local_host, self.names_on),
                 activity: entry.tunnel.activity(),
             })
             .collect()
@@ -313,7 +330,7 @@ impl Store {
     pub fn pod_view(&self, id: &str) -> Option<PodView> {
         self.read().get(id).map(|entry| PodView {
             pod: entry.spec.clone(),
-            tunnel: entry.redirection(&self.local_host),
+            tunnel: entry.redirection(&self.local_host, self.names_on),
             activity: entry.tunnel.activity(),
         })
     }
