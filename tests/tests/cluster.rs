@@ -471,3 +471,86 @@ async fn doctor_says_what_it_found_and_what_to_fix() {
     assert!(!ok);
     assert!(out.contains("kind create cluster --name other"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_that_share_a_name_get_a_mirror_each_and_every_port_is_mirrored() {
+    let emulator = KubeEmulator::start().await.expect("emulator");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let agent = start_agent(&sandbox, &emulator, "shared-ns", "21540-21549");
+    wait_until("the cluster to be ready", || {
+        cluster_status(&agent).0 == "ready"
+    })
+    .expect("ready");
+    let upstream = greeting_server("hi").expect("pod server");
+    let port = upstream.port();
+    let (code, answer) = push(
+        &agent,
+        "create",
+        json!([
+            {"id": "web-a", "name": "web", "namespace": "team-a", "image": "nginx:1",
+             "ip": "127.0.0.1", "port": port},
+            {"id": "web-b", "name": "web", "namespace": "team-b", "image": "nginx:1",
+             "ip": "127.0.0.1", "port": port},
+            {"id": "app-1", "name": "app", "namespace": "staging", "image": "app:1",
+             "ip": "127.0.0.1", "ports": [
+                port,
+                {"name": "metrics", "port": 9090},
+                {"name": "dns", "port": 53, "protocol": "UDP"},
+             ]},
+        ]),
+    );
+    assert_eq!(code, 200, "{answer}");
+    wait_until("three mirrors", || {
+        emulator.pod_names("shared-ns").len() == 3
+    })
+    .expect("mirrors");
+
+    // Two pods named `web`: two mirrors, each with its staging id.
+    let names = emulator.pod_names("shared-ns");
+    let webs: Vec<&String> = names.iter().filter(|n| n.starts_with("web-")).collect();
+    assert_eq!(webs.len(), 2, "{names:?}");
+    let mut ids: Vec<String> = webs
+        .iter()
+        .filter_map(|name| emulator.pod("shared-ns", name))
+        .map(|pod| {
+            pod["metadata"]["annotations"][POD_ID]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["web-a", "web-b"]);
+    for id in ["web-a", "web-b"] {
+        wait_until("the mirror beside its tunnel", || {
+            mirror_of(&agent, id)["name"]
+                .as_str()
+                .is_some_and(|name| name.starts_with("web-"))
+        })
+        .expect("mirror view");
+    }
+
+    // A unique name stays as it is, with all three ports, named.
+    let app = emulator.pod("shared-ns", "app").expect("app mirror");
+    let ports: Vec<(i64, String, String)> = app["spec"]["containers"][0]["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .map(|p| {
+            (
+                p["containerPort"].as_i64().unwrap_or_default(),
+                p["name"].as_str().unwrap_or_default().to_owned(),
+                p["protocol"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            (i64::from(port), String::new(), "TCP".to_owned()),
+            (9090, "metrics".to_owned(), "TCP".to_owned()),
+            (53, "dns".to_owned(), "UDP".to_owned()),
+        ]
+    );
+    agent.terminate().expect("stop");
+}

@@ -44,14 +44,42 @@ pub fn selector(agent_label: &str) -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY_VALUE},{AGENT_LABEL}={agent_label}")
 }
 
-/// The Pod we apply for a staging pod: its image and ports, its labels plus ours.
-pub fn mirror_manifest(spec: &PodSpec, agent_label: &str, namespace: &str) -> Pod {
+/// The mirror's name for each pod id: the pod's own name when no other held
+/// pod has it (two staging namespaces may both have a `web`), else
+/// `<name>-<7 hex digits of a hash of the pod id>`, which fits the 63
+/// characters of a Pod name (pod names are at most 55). It depends only on
+/// the pods held: not on their order, the same after a restart.
+pub fn mirror_names(specs: &[PodSpec]) -> BTreeMap<String, String> {
+    let mut by_name: BTreeMap<&str, usize> = BTreeMap::new();
+    for spec in specs {
+        *by_name.entry(spec.name.as_str()).or_default() += 1;
+    }
+    specs
+        .iter()
+        .map(|spec| {
+            let name = if by_name.get(spec.name.as_str()).copied().unwrap_or(0) > 1 {
+                // FNV-1a, as for the agent label: stable across releases.
+                let hash = spec.id.bytes().fold(0x811c_9dc5_u32, |h, b| {
+                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
+                });
+                format!("{}-{:07x}", spec.name, hash & 0x0fff_ffff)
+            } else {
+                spec.name.clone()
+            };
+            (spec.id.clone(), name)
+        })
+        .collect()
+}
+
+/// The Pod we apply for a staging pod, named `name`: its image and ports,
+/// its labels plus ours, and its staging id in an annotation.
+pub fn mirror_manifest(spec: &PodSpec, name: &str, agent_label: &str, namespace: &str) -> Pod {
     let mut labels: BTreeMap<String, String> = spec.labels.clone();
     labels.insert(MANAGED_BY_LABEL.to_owned(), MANAGED_BY_VALUE.to_owned());
     labels.insert(AGENT_LABEL.to_owned(), agent_label.to_owned());
     Pod {
         metadata: ObjectMeta {
-            name: Some(spec.name.clone()),
+            name: Some(name.to_owned()),
             namespace: Some(namespace.to_owned()),
             labels: Some(labels),
             annotations: Some(BTreeMap::from([(
@@ -146,7 +174,7 @@ mod tests {
                                          {"name": "dns", "port": 53, "protocol": "UDP"}]}),
         )
         .expect("pod");
-        let pod = mirror_manifest(&spec, "agent-a", "staging");
+        let pod = mirror_manifest(&spec, "my-app", "agent-a", "staging");
         let labels = pod.metadata.labels.clone().expect("labels");
         assert_eq!(labels["app"], "my-app");
         assert_eq!(labels[MANAGED_BY_LABEL], MANAGED_BY_VALUE);
@@ -167,6 +195,39 @@ mod tests {
                 (53, Some("dns"), Some("UDP")),
             ],
             "every port of the pod, named, with its protocol"
+        );
+    }
+
+    #[test]
+    fn mirrors_of_pods_that_share_a_name_get_names_of_their_own() {
+        let pod = |id: &str, name: &str, namespace: &str| {
+            parse_pod(
+                0,
+                serde_json::json!({"id": id, "name": name, "namespace": namespace, "ip": "10.0.0.1"}),
+            )
+            .expect("pod")
+        };
+        let specs = vec![
+            pod("a-1", "web", "team-a"),
+            pod("b-1", "web", "team-b"),
+            pod("c-1", "api", "team-a"),
+            pod("d-1", &"x".repeat(55), "team-a"),
+            pod("e-1", &"x".repeat(55), "team-b"),
+        ];
+        let names = mirror_names(&specs);
+        assert_eq!(names["c-1"], "api", "a unique name stays");
+        assert!(names["a-1"].starts_with("web-") && names["b-1"].starts_with("web-"));
+        assert_ne!(names["a-1"], names["b-1"]);
+        assert!(names.values().all(|name| name.len() <= 63), "{names:?}");
+        let mut reversed = specs.clone();
+        reversed.reverse();
+        assert_eq!(mirror_names(&reversed), names, "order does not matter");
+        // The staging id stays in the annotation.
+        let manifest = mirror_manifest(&specs[0], &names["a-1"], "agent-a", "staging");
+        assert_eq!(pod_id_of(&manifest).as_deref(), Some("a-1"));
+        assert_eq!(
+            manifest.metadata.name.as_deref(),
+            Some(names["a-1"].as_str())
         );
     }
 

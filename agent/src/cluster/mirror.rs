@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::connection::{connect, describe, is_cluster_fault, ClusterError, ClusterStatus};
 use super::dialer::MirrorDialer;
 use super::manifest::{
-    agent_label_value, mirror_manifest, pod_id_of, selector, view_of, FIELD_MANAGER,
+    agent_label_value, mirror_manifest, mirror_names, pod_id_of, selector, view_of, FIELD_MANAGER,
 };
 use crate::config::ClusterSettings;
 use crate::events::AgentEvent;
@@ -235,9 +235,10 @@ impl Mirror {
         applied: &mut HashMap<String, String>,
     ) -> Result<(), ClusterError> {
         let desired: Vec<PodSpec> = self.store.read().values().map(|e| e.spec.clone()).collect();
-        let wanted_names: HashMap<&str, &str> = desired
+        let mirror_names = mirror_names(&desired);
+        let wanted_names: HashMap<&str, &str> = mirror_names
             .iter()
-            .map(|spec| (spec.name.as_str(), spec.id.as_str()))
+            .map(|(id, name)| (name.as_str(), id.as_str()))
             .collect();
         let unwanted: Vec<String> = actual
             .iter()
@@ -266,22 +267,20 @@ impl Mirror {
         }
         applied.retain(|id, _| desired.iter().any(|spec| &spec.id == id));
         for spec in &desired {
-            let manifest = mirror_manifest(spec, &self.agent_label, &self.settings.namespace);
+            let name = mirror_names.get(&spec.id).unwrap_or(&spec.name);
+            let manifest = mirror_manifest(spec, name, &self.agent_label, &self.settings.namespace);
             let json = serde_json::to_string(&manifest).unwrap_or_default();
-            let present = actual.contains_key(&spec.name);
+            let present = actual.contains_key(name);
             if present && applied.get(&spec.id) == Some(&json) {
                 continue;
             }
             let params = PatchParams::apply(FIELD_MANAGER).force();
-            match pods
-                .patch(&spec.name, &params, &Patch::Apply(&manifest))
-                .await
-            {
+            match pods.patch(name, &params, &Patch::Apply(&manifest)).await {
                 Ok(pod) => {
                     applied.insert(spec.id.clone(), json);
                     self.observe(&pod);
                     // Present as far as we know; the watch brings the rest.
-                    actual.insert(spec.name.clone(), pod);
+                    actual.insert(name.clone(), pod);
                 }
                 Err(err) if is_cluster_fault(&err) => {
                     return Err(ClusterError::Api(describe(&err)))
@@ -294,7 +293,7 @@ impl Mirror {
                     self.store.set_mirror(
                         &spec.id,
                         Some(MirrorView {
-                            name: spec.name.clone(),
+                            name: name.clone(),
                             error: Some(reason),
                             ..MirrorView::default()
                         }),

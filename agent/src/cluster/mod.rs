@@ -17,7 +17,7 @@ mod mirror;
 pub use connection::{ClusterError, ClusterStatus};
 pub use dialer::MirrorDialer;
 pub use manifest::{
-    agent_label_value, mirror_manifest, selector, AGENT_LABEL, FIELD_MANAGER, MANAGED_BY_LABEL,
-    MANAGED_BY_VALUE, POD_ID_ANNOTATION,
+    agent_label_value, mirror_manifest, mirror_names, selector, AGENT_LABEL, FIELD_MANAGER,
+    MANAGED_BY_LABEL, MANAGED_BY_VALUE, POD_ID_ANNOTATION,
 };
 pub use mirror::Mirror;

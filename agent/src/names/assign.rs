@@ -4,17 +4,20 @@
 //! the pods held (never on push order), so it is stable across restarts:
 //!
 //! - the long name goes to the most recently created pod with that name in
-//!   that namespace (`created_at`, then `updated_at`, then the id), when that
-//!   pod does not hold the short name already (so a hosts file of pods with
-//!   unique names reads as it always did): a StatefulSet pod replaced under
-//!   the same name, whose new id is pushed before the old one is deleted,
-//!   takes the names at once;
+//!   that namespace (`created_at`, then `updated_at`, then the id): a
+//!   StatefulSet pod replaced under the same name, whose new id is pushed
+//!   before the old one is deleted, takes the names at once;
 //! - the short name goes to the only pod with that name; when several in one
 //!   namespace share it, to the most recent of them; when they are in several
 //!   namespaces, to the most recent in the agent's own namespace, else to
 //!   none of them (each keeps its long name);
 //! - a long name that would pass a DNS label's 63 characters is shortened
-//!   deterministically, with a short hash of the whole keeping it unique.
+//!   deterministically, with a short hash of the whole keeping it unique;
+//! - names and namespaces hold '-', so one long name can spell another pod's
+//!   short name (`api-team` alone and `api` in `team`) or another long one
+//!   (`a-b` in `c` and `a` in `b-c`): the short name keeps it, else the pod
+//!   first by (namespace, name); the others answer to their long name with a
+//!   hash of (name, namespace) in it.
 
 use std::collections::BTreeMap;
 
@@ -74,6 +77,22 @@ fn label(stem: &str) -> String {
     format!("{cut}-{hash}{SUFFIX}")
 }
 
+/// `<name>-<namespace>-<8 hex digits>-staging.local`: the long name made
+/// unique by a hash of the pair, for a pod whose plain long name another
+/// pod holds.
+fn hashed_long_name(name: &str, namespace: &str) -> String {
+    let namespace = if namespace.is_empty() {
+        "default"
+    } else {
+        namespace
+    };
+    let stem = format!("{name}-{namespace}");
+    let hash = format!("{:08x}", fnv1a(format!("{name}/{namespace}").as_bytes()));
+    let keep = MAX_LABEL - SUFFIX.len() - 1 - hash.len();
+    let cut = stem.get(..keep).unwrap_or(&stem).trim_end_matches('-');
+    format!("{cut}-{hash}{SUFFIX}.local")
+}
+
 /// FNV-1a: the same on every machine and release (std's hashers promise neither).
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5_u32, |hash, byte| {
@@ -130,8 +149,7 @@ pub fn assign(pods: &[Claimant<'_>], own_namespace: &str) -> BTreeMap<String, As
                 Some(winner) if winner.id == pod.id => entry.names.push(short.clone()),
                 Some(winner) => {
                     entry.note = Some(format!(
-                        "{short} belongs to pod {} ({}, the newest{}); this one answers to its \
-                         long name or its range port",
+                        "{short} belongs to pod {} ({}, the newest{})",
                         winner.id,
                         winner.namespace,
                         if one_namespace {
@@ -144,7 +162,7 @@ pub fn assign(pods: &[Claimant<'_>], own_namespace: &str) -> BTreeMap<String, As
                 None => {
                     entry.note = Some(format!(
                         "{short} is shared by pods in several namespaces, none of them the \
-                         agent's own ({own_namespace}): use the long name"
+                         agent's own ({own_namespace})"
                     ))
                 }
             }
@@ -154,14 +172,66 @@ pub fn assign(pods: &[Claimant<'_>], own_namespace: &str) -> BTreeMap<String, As
         let Some(winner) = newest(holders.iter().copied()) else {
             continue;
         };
-        let long = long_name(name, namespace);
         if let Some(entry) = assigned.get_mut(winner.id) {
-            if entry.names.is_empty() {
-                entry.names.push(long);
-            }
+            entry.names.push(long_name(name, namespace));
+        }
+    }
+    settle_clashes(pods, &mut assigned);
+    // A pod that lost its short name is told which name is its own.
+    for entry in assigned.values_mut() {
+        if let Some(note) = entry.note.take() {
+            entry.note = Some(match entry.names.first() {
+                Some(own) => format!("{note}: use {own} (or the range port)"),
+                None => format!("{note}: use the range port"),
+            });
         }
     }
     assigned
+}
+
+/// One name, one pod: where a long name spells a name another pod holds,
+/// the short holder keeps it, else the pod first by (namespace, name); the
+/// others take their hashed long name instead.
+fn settle_clashes(pods: &[Claimant<'_>], assigned: &mut BTreeMap<String, Assigned>) {
+    let by_id: BTreeMap<&str, &Claimant<'_>> = pods.iter().map(|pod| (pod.id, pod)).collect();
+    let mut holders: BTreeMap<String, Vec<(&str, bool)>> = BTreeMap::new();
+    for (id, entry) in assigned.iter() {
+        let Some(pod) = by_id.get(id.as_str()) else {
+            continue;
+        };
+        for name in &entry.names {
+            let is_short = *name == short_name(pod.name);
+            holders
+                .entry(name.clone())
+                .or_default()
+                .push((pod.id, is_short));
+        }
+    }
+    for (name, claims) in holders {
+        if claims.len() < 2 {
+            continue;
+        }
+        let keeper = claims
+            .iter()
+            .find(|(_, is_short)| *is_short)
+            .or_else(|| {
+                claims.iter().min_by_key(|(id, _)| {
+                    by_id.get(id).map(|pod| (pod.namespace, pod.name, pod.id))
+                })
+            })
+            .map(|(id, _)| *id);
+        for (id, _) in claims {
+            if Some(id) == keeper {
+                continue;
+            }
+            let (Some(pod), Some(entry)) = (by_id.get(id), assigned.get_mut(id)) else {
+                continue;
+            };
+            for held in entry.names.iter_mut().filter(|held| **held == name) {
+                *held = hashed_long_name(pod.name, pod.namespace);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -187,7 +257,10 @@ mod tests {
     #[test]
     fn a_lone_pod_has_its_short_name() {
         let names = assign(&[pod("a", "web", "staging", 1)], "staging");
-        assert_eq!(names["a"].names, ["web-staging.local"]);
+        assert_eq!(
+            names["a"].names,
+            ["web-staging.local", "web-staging-staging.local"]
+        );
         assert_eq!(names["a"].note, None);
     }
 
@@ -198,7 +271,10 @@ mod tests {
             pod("new", "same", "staging", 2),
         ];
         let names = assign(&pods, "staging");
-        assert_eq!(names["new"].names, ["same-staging.local"]);
+        assert_eq!(
+            names["new"].names,
+            ["same-staging.local", "same-staging-staging.local"]
+        );
         assert!(names["old"].names.is_empty());
         assert!(names["old"]
             .note
@@ -216,7 +292,42 @@ mod tests {
         let names = assign(&pods, "staging");
         assert_eq!(names["a"].names, ["api-team-a-staging.local"]);
         assert_eq!(names["b"].names, ["api-team-b-staging.local"]);
-        assert!(names["a"].note.is_some());
+        // Each is told which name is its own.
+        assert!(
+            names["a"]
+                .note
+                .as_deref()
+                .is_some_and(|note| note.contains("use api-team-a-staging.local")),
+            "{:?}",
+            names["a"].note
+        );
+    }
+
+    #[test]
+    fn a_long_name_that_spells_another_pods_name_is_made_unique() {
+        // `api` in `team` spells the short name of `api-team`, which keeps it.
+        let pods = [
+            pod("a", "api-team", "staging", 1),
+            pod("b", "api", "team", 1),
+        ];
+        let names = assign(&pods, "staging");
+        assert!(names["a"]
+            .names
+            .contains(&"api-team-staging.local".to_owned()));
+        assert!(!names["b"]
+            .names
+            .contains(&"api-team-staging.local".to_owned()));
+        let b_long = names["b"].names.last().cloned().unwrap_or_default();
+        assert!(
+            b_long.starts_with("api-team-") && b_long.ends_with("-staging.local"),
+            "{b_long}"
+        );
+        // `a-b` in `c` and `a` in `b-c`: two long names alike.
+        let pods = [pod("x", "a-b", "c", 1), pod("y", "a", "b-c", 1)];
+        let names = assign(&pods, "staging");
+        let all: Vec<&String> = names.values().flat_map(|a| &a.names).collect();
+        let unique: BTreeSet<&String> = all.iter().copied().collect();
+        assert_eq!(all.len(), unique.len(), "{names:?}");
     }
 
     #[test]
@@ -242,8 +353,8 @@ mod tests {
         prop::collection::vec(
             (
                 "[a-z]{1,6}",
-                prop::sample::select(vec!["web", "api", "db"]),
-                prop::sample::select(vec!["staging", "team-a", "team-b"]),
+                prop::sample::select(vec!["web", "api", "db", "api-team", "a-b", "a"]),
+                prop::sample::select(vec!["staging", "team-a", "team-b", "team", "c", "b-c"]),
                 0i64..5,
             ),
             1..12,
@@ -283,17 +394,19 @@ mod tests {
                     prop_assert!(holders.insert(name, id).is_none(), "{} twice", name);
                 }
             }
-            // Every (name, namespace) is reachable by its short or its long name.
+            // Every (name, namespace) has a long name of its own: the newest
+            // pod of the pair holds one.
             for (_, name, ns, _) in &pods {
-                prop_assert!(
-                    holders.contains_key(long_name(name, ns).as_str())
-                        || holders
-                            .get(short_name(name).as_str())
-                            .is_some_and(|id| pods.iter().any(|(pid, pname, pns, _)| {
-                                pid == id && pname == name && pns == ns
-                            })),
-                    "{}/{} unreachable", ns, name
-                );
+                let reachable = first.iter().any(|(id, assigned)| {
+                    pods.iter().any(|(pid, pname, pns, _)| pid == id && pname == name && pns == ns)
+                        && assigned.names.iter().any(|held| *held != short_name(name))
+                });
+                prop_assert!(reachable, "{}/{} has no long name", ns, name);
+            }
+            // Every name is a valid DNS label under .local.
+            for name in holders.keys() {
+                let label = name.strip_suffix(".local").unwrap_or_default();
+                prop_assert!(label.len() <= MAX_LABEL && label.ends_with("-staging"), "{}", name);
             }
         }
     }
