@@ -525,6 +525,19 @@ impl Desktop {
         Ok(())
     }
 
+    /// Waits until a window titled exactly `title` is on screen and drawn
+    /// (hidden since start or not, it must paint); returns its id.
+    pub fn wait_for_drawn_window(&self, title: &str) -> Result<String> {
+        let mut id = None;
+        wait_until(&format!("the window {title:?}"), || {
+            id = self.window_titled(title);
+            id.is_some()
+        })?;
+        let id = id.context("the window went away")?;
+        self.wait_painted(&id, title)?;
+        Ok(id)
+    }
+
     /// The id of the visible window titled exactly `title`.
     pub fn window_titled(&self, title: &str) -> Option<String> {
         self.xdotool(&["search", "--onlyvisible", "--name", &format!("^{title}$")])

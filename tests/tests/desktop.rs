@@ -504,10 +504,7 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
         .expect("Open dashboard shows the window");
     // Hidden since start, the window must still draw its page when shown.
     let window = desktop
-        .window_titled("K3s Local Agent")
-        .expect("the window");
-    desktop
-        .wait_painted(&window, "the dashboard")
+        .wait_for_drawn_window("K3s Local Agent")
         .expect("the shown window draws its page");
     desktop
         .screenshot(&screenshots().join("11-dashboard.png"))
@@ -681,16 +678,9 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
         std::thread::park_timeout(Duration::from_millis(50));
     };
     assert!(status.success(), "the second launch exits 0: {status}");
-    wait_until("the first app's window", || {
-        desktop.window_visible("K3s Local Agent")
-    })
-    .expect("the running app shows its window");
     let window = desktop
-        .window_titled("K3s Local Agent")
-        .expect("the window");
-    desktop
-        .wait_painted(&window, "the window")
-        .expect("the shown window draws its page");
+        .wait_for_drawn_window("K3s Local Agent")
+        .expect("the running app shows its window, drawn");
     assert!(
         first.try_wait().expect("wait").is_none(),
         "the first app keeps running"
@@ -748,11 +738,9 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
     })
     .expect("the second launch ends");
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
-    wait_until("the window", || desktop.window_visible("K3s Local Agent"))
-        .expect("the window shows");
     let window = desktop
-        .window_titled("K3s Local Agent")
-        .expect("the window");
+        .wait_for_drawn_window("K3s Local Agent")
+        .expect("the window shows");
     let (_, _, width, height) = desktop.window_geometry(&window).expect("geometry");
     assert_eq!((width, height), (520, 700), "the size is remembered");
     desktop
