@@ -375,7 +375,7 @@ function renderHeader(health) {
   warning.hidden = !health.names.warning;
 
   $('curl-line').textContent =
-    `curl -X POST ${location.origin.startsWith('http') ? location.origin : 'http://127.0.0.1:8082'}/api/v1/pods \\\n` +
+    `curl -X POST ${location.origin.startsWith('http') ? location.origin : health.api_url || 'http://127.0.0.1:8082'}/api/v1/pods \\\n` +
     `  -H 'Content-Type: application/json' -d '{"agent_id":"${health.agent_id}","action":"create",` +
     `"pods":[{"id":"pod-1","name":"my-app","ip":"10.0.1.100","port":80}]}'`;
 }

@@ -798,6 +798,10 @@ pub struct HealthResponse {
     pub pod_count: usize,
     pub version: String,
     pub demo: bool,
+    /// Where this agent's API answers (`http://127.0.0.1:8082`): what the
+    /// tray app's window, which has no HTTP origin, shows in its examples.
+    #[serde(default)]
+    pub api_url: String,
     pub names: NamesHealth,
     /// Whether tunnel ports listen (`--forwarding off`: said here once,
     /// each pod's tunnel then simply `stopped`).

@@ -325,6 +325,7 @@ mod tests {
                 pod_count: pods.len(),
                 version: "0".into(),
                 demo: false,
+                api_url: "http://127.0.0.1:8082".into(),
                 names: NamesHealth {
                     hosts_file: "/etc/hosts".into(),
                     system_wide: true,

@@ -261,7 +261,12 @@ async fn the_window_shows_pods_live_and_its_buttons_work() {
         .text()
         .await
         .expect("text");
-    assert!(curl_line.contains("curl -X POST"), "{curl_line}");
+    // The example names this agent's own address: the window has no HTTP
+    // origin to take it from.
+    assert!(
+        curl_line.contains(&format!("curl -X POST {agent}/api/v1/pods")),
+        "{curl_line}"
+    );
     shot(&client, "01-empty").await;
 
     // Pods pushed over HTTP appear as rows, by events, without a reload.

@@ -122,6 +122,16 @@ impl Agent {
         self.inner.local_addr
     }
 
+    /// The API's URL as a caller on this machine reaches it (an agent bound
+    /// to every address is reached on loopback).
+    pub fn api_url(&self) -> String {
+        let mut addr = self.inner.local_addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    }
+
     pub fn events(&self) -> &EventBus {
         self.inner.store.events()
     }
@@ -224,6 +234,7 @@ impl Agent {
             pod_count: self.inner.store.len(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             demo: self.inner.config.demo,
+            api_url: self.api_url(),
             names: self.inner.hosts.health(),
             forwarding: self.inner.config.forwarding,
             control_plane: self.inner.control_plane.borrow().clone(),
