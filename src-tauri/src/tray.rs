@@ -3,7 +3,10 @@
 //! submenu to open pods in the browser, then the dashboard, pin, start at
 //! login, pause/resume all, mute, quit. The menu is rebuilt in place on
 //! every change (AppIndicator cannot swap a menu once set), and the icon
-//! shows health at a glance.
+//! shows health at a glance. Each fixed item has a mnemonic (a letter that
+//! chooses it in the open menu): Open in browser b, Open dashboard d, Pin
+//! window p, Start at login s, Pause/Resume all u, Mute notifications m,
+//! Quit q.
 
 use k3s_local_agent::model::Snapshot;
 use k3s_local_agent::notices::Glance;
@@ -121,7 +124,7 @@ impl Tray {
         let open = Submenu::with_id(
             app,
             "open-menu",
-            "Open in browser",
+            "Open in &browser",
             !snapshot.pods.is_empty(),
         )?;
         for view in &snapshot.pods {
@@ -129,9 +132,9 @@ impl Tray {
             let port = tunnel
                 .local_port
                 .map_or_else(|| "no port".to_owned(), |p| format!(":{p}"));
-            let mut label = format!("{}  →  {port}", view.pod.name);
+            let mut label = format!("{}  →  {port}", literal(&view.pod.name));
             if let Some(error) = &tunnel.error {
-                label.push_str(&format!("  ({})", shorten(error)));
+                label.push_str(&format!("  ({})", literal(&shorten(error))));
             }
             items.push(Box::new(CheckMenuItem::with_id(
                 app,
@@ -144,7 +147,11 @@ impl Tray {
             open.append(&MenuItem::with_id(
                 app,
                 format!("{OPEN_PREFIX}{}", view.pod.id),
-                format!("{}  ({})", view.pod.name, tunnel.localhost_name),
+                format!(
+                    "{}  ({})",
+                    literal(&view.pod.name),
+                    literal(&tunnel.localhost_name)
+                ),
                 tunnel.local_port.is_some() && tunnel.forwarding,
                 None::<&str>,
             )?)?;
@@ -154,14 +161,14 @@ impl Tray {
         items.push(Box::new(MenuItem::with_id(
             app,
             DASHBOARD,
-            "Open dashboard",
+            "Open &dashboard",
             true,
             None::<&str>,
         )?));
         items.push(Box::new(CheckMenuItem::with_id(
             app,
             PIN,
-            "Pin window",
+            "&Pin window",
             true,
             preferences.pinned,
             None::<&str>,
@@ -169,16 +176,16 @@ impl Tray {
         items.push(Box::new(CheckMenuItem::with_id(
             app,
             AUTOSTART,
-            "Start at login",
+            "&Start at login",
             autostart::autostart_dir().is_some(),
             autostart::autostart_dir().is_some_and(|dir| autostart::is_enabled(&dir)),
             None::<&str>,
         )?));
         let any_forwarding = snapshot.pods.iter().any(|v| v.tunnel.forwarding);
         let (pause_id, pause_text) = if any_forwarding || snapshot.pods.is_empty() {
-            (PAUSE_ALL, "Pause all")
+            (PAUSE_ALL, "Pa&use all")
         } else {
-            (RESUME_ALL, "Resume all")
+            (RESUME_ALL, "Res&ume all")
         };
         items.push(Box::new(MenuItem::with_id(
             app,
@@ -190,7 +197,7 @@ impl Tray {
         items.push(Box::new(CheckMenuItem::with_id(
             app,
             MUTE,
-            "Mute notifications",
+            "&Mute notifications",
             true,
             preferences.notifications_muted,
             None::<&str>,
@@ -199,7 +206,7 @@ impl Tray {
         items.push(Box::new(MenuItem::with_id(
             app,
             QUIT,
-            "Quit",
+            "&Quit",
             true,
             None::<&str>,
         )?));
@@ -252,6 +259,12 @@ fn toggle_autostart(app: &AppHandle) {
     if let Err(err) = app.state::<Tray>().show(app, &snapshot) {
         tracing::warn!(error = %err, "cannot update the tray menu");
     }
+}
+
+/// Text shown as it is in a menu label: '&' marks a mnemonic there (each
+/// fixed item has one: d for the dashboard, u for pause/resume, q to quit).
+fn literal(text: &str) -> String {
+    text.replace('&', "&&")
 }
 
 /// Keeps menu labels short: the dashboard has the full reason.

@@ -224,8 +224,9 @@ async fn the_window_shows_pods_live_and_its_buttons_work() {
             .await
     });
     // The window starts hidden, WebDriver or not: while the session waits
-    // for it, a person opens it from the tray menu, whose first item it is
-    // with no pods.
+    // for it, a person opens it from the tray menu ("Open dashboard", whose
+    // mnemonic is d: one key, so a key lost on a busy machine never lands
+    // on another item).
     tokio::task::block_in_place(|| {
         desktop.wait_for_tray_icon().expect("the tray icon");
         assert!(
@@ -233,7 +234,7 @@ async fn the_window_shows_pods_live_and_its_buttons_work() {
             "the window starts hidden"
         );
         desktop
-            .choose_in_tray_menu(&["Down", "Return"], "the window to show", || {
+            .choose_in_tray_menu(&["d"], "the window to show", || {
                 desktop.window_visible("K3s Local Agent")
             })
             .expect("Open dashboard shows the window");
@@ -499,13 +500,11 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
         })
         .expect("toggled on from the tray");
 
-    // With one tunnel: the tunnel, "Open in browser", "Open dashboard".
+    // "Open dashboard" (d).
     desktop
-        .choose_in_tray_menu(
-            &["Down", "Down", "Down", "Return"],
-            "the dashboard window",
-            || desktop.window_visible("K3s Local Agent"),
-        )
+        .choose_in_tray_menu(&["d"], "the dashboard window", || {
+            desktop.window_visible("K3s Local Agent")
+        })
         .expect("Open dashboard shows the window");
     // Hidden since start, the window must still draw its page when shown.
     let window = desktop
@@ -533,35 +532,27 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
     })
     .expect("a popover hides on focus loss");
 
-    // "Pin window" (just below "Open dashboard") keeps it open, and is kept.
+    // "Pin window" (p) keeps it open, and is kept.
     let settings = std::path::Path::new(&sandbox.state_dir()).join("desktop.json");
     desktop
-        .choose_in_tray_menu(
-            &["Down", "Down", "Down", "Down", "Return"],
-            "the pin to be saved",
-            || std::fs::read_to_string(&settings).is_ok_and(|t| t.contains("\"pinned\": true")),
-        )
+        .choose_in_tray_menu(&["p"], "the pin to be saved", || {
+            std::fs::read_to_string(&settings).is_ok_and(|t| t.contains("\"pinned\": true"))
+        })
         .expect("pinned");
     desktop
-        .choose_in_tray_menu(
-            &["Down", "Down", "Down", "Return"],
-            "the dashboard window",
-            || desktop.window_visible("K3s Local Agent"),
-        )
+        .choose_in_tray_menu(&["d"], "the dashboard window", || {
+            desktop.window_visible("K3s Local Agent")
+        })
         .expect("Open dashboard shows the window again");
     desktop.focus_window(&window).expect("focus the window");
     desktop.focus_elsewhere().expect("focus the tray host");
 
-    // Mute (second from the bottom) silences notifications, and is kept.
+    // Mute (m) silences notifications, and is kept.
     desktop
-        .choose_in_tray_menu(
-            &["Up", "Up", "Return"],
-            "the mute setting to be saved",
-            || {
-                std::fs::read_to_string(&settings)
-                    .is_ok_and(|t| t.contains("\"notifications_muted\": true"))
-            },
-        )
+        .choose_in_tray_menu(&["m"], "the mute setting to be saved", || {
+            std::fs::read_to_string(&settings)
+                .is_ok_and(|t| t.contains("\"notifications_muted\": true"))
+        })
         .expect("muted");
     // The app took the menu's keys after the focus moved: a pinned window
     // that was to hide would have hidden by now.
@@ -576,7 +567,7 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
         json!([{"id": "two", "name": "two", "ip": "127.0.0.1", "port": two.port()}]),
     ));
     desktop
-        .choose_in_tray_menu(&["Up", "Up", "Return"], "the unmute to be saved", || {
+        .choose_in_tray_menu(&["m"], "the unmute to be saved", || {
             std::fs::read_to_string(&settings)
                 .is_ok_and(|t| t.contains("\"notifications_muted\": false"))
         })
@@ -604,32 +595,28 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
         desktop.notifications()
     );
 
-    // Pause all (third from the bottom) closes every port; then Resume all.
+    // Pause all (u) closes every port; then Resume all (u).
     let ports = [
         port,
         runtime.block_on(port_of(&agent, "two")),
         runtime.block_on(port_of(&agent, "three")),
     ];
     desktop
-        .choose_in_tray_menu(
-            &["Up", "Up", "Up", "Return"],
-            "every tunnel to pause",
-            || ports.iter().all(|p| refuses(*p)),
-        )
+        .choose_in_tray_menu(&["u"], "every tunnel to pause", || {
+            ports.iter().all(|p| refuses(*p))
+        })
         .expect("paused");
     desktop
-        .choose_in_tray_menu(
-            &["Up", "Up", "Up", "Return"],
-            "every tunnel to resume",
-            || ports.iter().all(|p| !refuses(*p)),
-        )
+        .choose_in_tray_menu(&["u"], "every tunnel to resume", || {
+            ports.iter().all(|p| !refuses(*p))
+        })
         .expect("resumed");
 
-    // Quit is the last item: the agent stops cleanly.
+    // Quit (q): the agent stops cleanly.
     assert!(sandbox.hosts_text().contains("one-staging.local"));
     let mut status = None;
     desktop
-        .choose_in_tray_menu(&["Up", "Return"], "the app to quit", || {
+        .choose_in_tray_menu(&["q"], "the app to quit", || {
             status = status.or_else(|| app.try_wait().expect("wait"));
             status.is_some()
         })
@@ -704,14 +691,11 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
     })
     .expect("resized");
 
-    // "Start at login" (third from the bottom with no pods: Quit, Mute, and
-    // it; "Pause all" is disabled and skipped) writes the XDG autostart
-    // entry that runs this app; choosing it again removes it.
+    // "Start at login" (s) writes the XDG autostart entry that runs this
+    // app; choosing it again removes it.
     let entry = config_home.join("autostart/k3s-local-agent.desktop");
     desktop
-        .choose_in_tray_menu(&["Up", "Up", "Up", "Return"], "the autostart entry", || {
-            entry.is_file()
-        })
+        .choose_in_tray_menu(&["s"], "the autostart entry", || entry.is_file())
         .expect("start at login on");
     let text = std::fs::read_to_string(&entry).expect("read the entry");
     assert!(
@@ -719,15 +703,11 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
         "{text}"
     );
     desktop
-        .choose_in_tray_menu(
-            &["Up", "Up", "Up", "Return"],
-            "the autostart entry to go",
-            || !entry.exists(),
-        )
+        .choose_in_tray_menu(&["s"], "the autostart entry to go", || !entry.exists())
         .expect("start at login off");
 
     desktop
-        .choose_in_tray_menu(&["Up", "Return"], "the app to quit", || {
+        .choose_in_tray_menu(&["q"], "the app to quit", || {
             first.try_wait().expect("wait").is_some()
         })
         .expect("quit");
@@ -749,7 +729,7 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
     let (_, _, width, height) = desktop.window_geometry(&window).expect("geometry");
     assert_eq!((width, height), (520, 700), "the size is remembered");
     desktop
-        .choose_in_tray_menu(&["Up", "Return"], "the app to quit", || {
+        .choose_in_tray_menu(&["q"], "the app to quit", || {
             again.try_wait().expect("wait").is_some()
         })
         .expect("quit");
