@@ -189,6 +189,19 @@ function podRow({ pod, tunnel, activity }) {
     ]),
     el('div', { class: 'sub mono', text: `→ ${tunnel.staging_pod_ip}:${tunnel.staging_port}` }),
   ]);
+  // The pod's other ports are shown, never dropped without a word.
+  const others = (pod.ports || [])
+    .filter((port) => !(port.protocol === 'TCP' && port.port === tunnel.staging_port));
+  if (others.length) {
+    const listed = others
+      .map((port) => `${port.port}/${port.protocol}${port.name ? ` (${port.name})` : ''}`)
+      .join(', ');
+    tunnelCell.append(el('div', {
+      class: 'sub other-ports',
+      text: `not forwarded: ${listed}`,
+      title: 'only the first TCP port of a pod is tunnelled; UDP is not tunnelled',
+    }));
+  }
   if (tunnel.error) {
     tunnelCell.append(el('div', { class: 'error-text', text: tunnel.error }));
   }

@@ -514,3 +514,49 @@ async fn unknown_paths_and_methods_answer_json() {
     assert_eq!(unknown_pod.status(), 404);
     agent.agent.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_longest_name_in_the_longest_namespace_is_taken_with_a_valid_long_name() {
+    let fx = Fixture::new(5).await;
+    let agent = fx.start().await;
+    let upstream = echo_server().await;
+    let name = "n".repeat(55);
+    let pods: Vec<Value> = ["a", "b"]
+        .iter()
+        .map(|suffix| {
+            let namespace = format!("{}{suffix}", "s".repeat(62));
+            json!({"id": format!("pod-{suffix}"), "name": name, "namespace": namespace,
+                   "ip": upstream.ip().to_string(), "port": upstream.port()})
+        })
+        .collect();
+    let (code, answer) = agent.push("create", json!(pods)).await;
+    assert_eq!(
+        code, 200,
+        "a valid pod is never refused for its names: {answer}"
+    );
+    let mut long_names = Vec::new();
+    for id in ["pod-a", "pod-b"] {
+        let tunnel = agent.redirection(id).await;
+        let names: Vec<String> = tunnel["names"]
+            .as_array()
+            .expect("names")
+            .iter()
+            .filter_map(|name| name.as_str().map(str::to_owned))
+            .collect();
+        // Two namespaces share the short name, neither the agent's own: each
+        // answers to its long name alone, a valid DNS label.
+        assert_eq!(names.len(), 1, "{tunnel}");
+        let label = names[0].strip_suffix(".local").expect("a .local name");
+        assert!(label.len() <= 63 && label.ends_with("-staging"), "{label}");
+        assert!(
+            label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-'),
+            "{label}"
+        );
+        assert!(fx.hosts_text().contains(&names[0]), "written");
+        long_names.push(names[0].clone());
+    }
+    assert_ne!(long_names[0], long_names[1], "unique");
+    agent.agent.shutdown().await;
+}

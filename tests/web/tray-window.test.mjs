@@ -40,6 +40,8 @@ async function holdPods(count) {
     name: i % 3 === 0 ? `${LONG.slice(0, 50)}-${i}` : `pod-${i}`,
     ip: '127.0.0.1',
     port: i % 4 === 1 ? refusing : good,
+    // One pod with more ports than its tunnel: shown, not dropped.
+    ...(i === 1 ? { ports: [{ name: 'metrics', port: 9090 }, { name: 'dns', port: 53, protocol: 'UDP' }] } : {}),
   }));
   await api('POST', '/api/v1/pods', { agent_id: agent.agentId, action: 'sync', pods });
   const status = await api('GET', '/api/v1/pods/status');
@@ -141,6 +143,11 @@ test('a row opens its details by a click and by a key, and closes again', async 
   await row.locator('.name').click();
   await row.locator('.stop').waitFor({ state: 'visible' });
   assert.equal(await row.getAttribute('aria-expanded'), 'true');
+  // The ports beyond the tunnelled one are listed, with their names.
+  assert.equal(
+    await row.locator('.other-ports').textContent(),
+    'not forwarded: 9090/TCP (metrics), 53/UDP (dns)',
+  );
   await assertFits(page, 'details open');
   await page.screenshot({ path: path.join(shots, 'tray-window-details.png') });
   await row.locator('.name').click();
