@@ -140,21 +140,36 @@ async function follow(onSnapshot, onConnected) {
       }
       if (!response.ok || !response.body) throw new Error(`events answered ${response.status}`);
       const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = '';
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value.replace(/\r\n?/g, '\n');
-        let end;
-        while ((end = buffer.indexOf('\n\n')) >= 0) {
-          const event = parseEvent(buffer.slice(0, end));
-          buffer = buffer.slice(end + 2);
-          if (event.name === 'snapshot') {
+      try {
+        let buffer = '';
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += value;
+          // A CR at a chunk's end may be half of a CRLF: wait for the rest.
+          const settled = buffer.endsWith('\r') ? buffer.length - 1 : buffer.length;
+          let text = buffer.slice(0, settled).replace(/\r\n?/g, '\n');
+          buffer = buffer.slice(settled);
+          let end;
+          while ((end = text.indexOf('\n\n')) >= 0) {
+            const event = parseEvent(text.slice(0, end));
+            text = text.slice(end + 2);
+            if (event.name !== 'snapshot') continue;
+            let snapshot;
+            try {
+              snapshot = JSON.parse(event.data);
+            } catch {
+              continue; // one bad event is skipped, not the stream
+            }
             retry = 250;
             onConnected(true);
-            onSnapshot(JSON.parse(event.data));
+            onSnapshot(snapshot);
           }
+          buffer = text + buffer;
         }
+      } finally {
+        // Whatever ended the loop, the connection is given back.
+        reader.cancel().catch(() => {});
       }
     } catch {
       // Said below: the link is down until the next snapshot.

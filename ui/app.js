@@ -254,8 +254,7 @@ function podRow({ pod, tunnel, activity }) {
   });
   toggle.addEventListener('click', (event) => event.stopPropagation());
   toggle.setAttribute('aria-label', `Forward ${pod.name}`);
-  toggle.addEventListener('change', () =>
-    act(toggle, () => agent.setForwarding(pod.id, toggle.checked)));
+  toggle.addEventListener('change', () => switchForwarding(toggle, pod.id));
 
   const open = el('button', { class: 'open', text: 'Open', disabled: tunnel.status !== 'active' });
   open.addEventListener('click', () => act(open, () => agent.openPod(pod.id, podUrl(tunnel))));
@@ -303,6 +302,16 @@ function podRow({ pod, tunnel, activity }) {
   return row;
 }
 
+// Asks the agent for the switch's new state; a refusal puts the switch
+// back (the pod did not change, so its row would not be redrawn).
+function switchForwarding(toggle, podId) {
+  const wanted = toggle.checked;
+  return act(toggle, () => agent.setForwarding(podId, wanted).catch((error) => {
+    toggle.checked = !wanted;
+    throw error;
+  }));
+}
+
 function toggleDetails(id) {
   if (openRows.has(id)) openRows.delete(id);
   else openRows.add(id);
@@ -327,7 +336,7 @@ function rowKey(event, row, pod, tunnel, toggle) {
     case 'End': move(rows.length - 1); break;
     case ' ':
       toggle.checked = !toggle.checked;
-      act(toggle, () => agent.setForwarding(pod.id, toggle.checked));
+      switchForwarding(toggle, pod.id);
       break;
     case 'Enter':
       if (tunnel.local_port) agent.openPod(pod.id, podUrl(tunnel)).catch((error) => showError(error.message));
@@ -449,20 +458,28 @@ function rowOf(view) {
   return row;
 }
 
-// Puts `rows` in `tbody` in order, moving only what is out of place: a row
+// Puts `rows` in `tbody` in order with the fewest changes: rows of pods no
+// longer shown go first, a redrawn row takes its old one's place, and a row
 // that stays is never taken out of the page (that would drop its focus and
 // any click under way).
 function placeRows(tbody, rows) {
-  let at = tbody.firstChild;
+  const wanted = new Set(rows.map((row) => row.dataset.podId));
+  for (const child of [...tbody.children]) {
+    if (!wanted.has(child.dataset.podId)) child.remove();
+  }
+  let at = tbody.firstElementChild;
   for (const row of rows) {
     if (row === at) {
-      at = at.nextSibling;
+      at = at.nextElementSibling;
+    } else if (at && at.dataset.podId === row.dataset.podId) {
+      at.replaceWith(row);
+      at = row.nextElementSibling;
     } else {
       tbody.insertBefore(row, at);
     }
   }
   while (at) {
-    const next = at.nextSibling;
+    const next = at.nextElementSibling;
     at.remove();
     at = next;
   }

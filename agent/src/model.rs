@@ -281,6 +281,29 @@ pub fn validate_pod_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A namespace as Kubernetes takes it: a DNS-1123 label of at most 63
+/// characters (it goes into every pod's long name, and so into a hosts
+/// file: nothing else may pass). Empty is Kubernetes' `default`.
+pub fn validate_namespace(namespace: &str) -> Result<(), String> {
+    if namespace.is_empty() {
+        return Ok(());
+    }
+    let valid = namespace.len() <= 63
+        && namespace
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && namespace.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && namespace.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "namespace {namespace:?} is not a DNS-1123 label of at most 63 characters: \
+             lowercase letters, digits and '-', starting and ending with a letter or digit"
+        ))
+    }
+}
+
 fn validate_port(value: u64, field: &str) -> Result<u16, String> {
     match u16::try_from(value) {
         Ok(port) if port != 0 => Ok(port),
@@ -349,6 +372,13 @@ fn parse_ports(
     }
     if ports.is_empty() {
         ports.push(PortSpec::tcp(DEFAULT_STAGING_PORT));
+    }
+    if !ports.iter().any(|p| p.protocol == Protocol::Tcp) {
+        return Err((
+            "ports".to_owned(),
+            "the pod lists no TCP port: its tunnel needs one (UDP and SCTP are not tunnelled)"
+                .to_owned(),
+        ));
     }
     Ok(ports)
 }
@@ -494,11 +524,13 @@ pub fn parse_pod(index: usize, value: serde_json::Value) -> Result<PodSpec, PodR
     };
     let ports = parse_ports(first, raw.ports.unwrap_or_default())
         .map_err(|(field, error)| reject(Some(&field), error))?;
+    let namespace = raw.namespace.unwrap_or_default();
+    validate_namespace(&namespace).map_err(|e| reject(Some("namespace"), e))?;
 
     Ok(PodSpec {
         id,
         name,
-        namespace: raw.namespace.unwrap_or_default(),
+        namespace,
         image: raw.image.unwrap_or_default(),
         status: raw.status.unwrap_or_default(),
         ip,
@@ -1018,6 +1050,11 @@ mod tests {
                 json!([{"port":80,"proto":"TCP"}]),
                 "ports[0].proto",
                 "unknown field",
+            ),
+            (
+                json!([{"port":53,"protocol":"UDP"}]),
+                "ports",
+                "no TCP port",
             ),
         ] {
             let rejection = parse_pod(

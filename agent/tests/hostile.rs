@@ -167,6 +167,13 @@ async fn bad_input_of_every_kind_is_named_and_changes_nothing() {
         ("id of the wrong type", "id", json!(7)),
         ("empty id", "id", json!("")),
         ("labels of the wrong type", "labels", json!("app=x")),
+        (
+            "namespace that writes a hosts line",
+            "namespace",
+            json!("x\n10.6.6.6 bank.example"),
+        ),
+        ("namespace with capitals", "namespace", json!("Team-A")),
+        ("namespace too long", "namespace", json!("s".repeat(64))),
     ];
     let bodies: Vec<(String, String)> = bad_fields
         .iter()

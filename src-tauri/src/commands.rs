@@ -4,16 +4,12 @@
 use k3s_local_agent::model::{Redirection, Snapshot, TunnelTarget};
 use k3s_local_agent::{Agent, AgentError};
 use serde::Serialize;
-use tauri::{AppHandle, Manager, State};
+use tauri::{AppHandle, State};
 use tauri_plugin_opener::OpenerExt;
 
 /// Stops the agent cleanly (listeners, hosts block, last report), then exits.
 pub fn quit(app: AppHandle, agent: Agent) {
-    if let Some(window) = app.get_webview_window(crate::MAIN_WINDOW) {
-        if window.is_visible().unwrap_or(false) {
-            crate::window::remember_size(&window.as_ref().window());
-        }
-    }
+    crate::window::remember_open_size(&app);
     tauri::async_runtime::spawn(async move {
         agent.shutdown().await;
         app.exit(0);

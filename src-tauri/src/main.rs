@@ -25,9 +25,6 @@ use crate::preferences::Preferences;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The dashboard window's label in tauri.conf.json.
-pub const MAIN_WINDOW: &str = "main";
-
 /// The same settings as `k3s-local-agent run`; with no control plane
 /// configured, the app runs the built-in demo so a first run shows tunnels.
 #[derive(Debug, Parser)]

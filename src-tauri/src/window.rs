@@ -14,7 +14,9 @@ use tauri::{
 use tauri_plugin_positioner::{Position, WindowExt};
 
 use crate::preferences::Preferences;
-use crate::MAIN_WINDOW;
+
+/// The dashboard window's label in tauri.conf.json.
+pub const MAIN_WINDOW: &str = "main";
 
 /// The event that asks the page to show one pod (a notification's click).
 pub const FOCUS_POD_EVENT: &str = "focus-pod";
@@ -120,9 +122,17 @@ pub fn hide<R: Runtime>(window: &Window<R>) -> tauri::Result<()> {
     window.hide()
 }
 
-/// Keeps the window's size for the next start (its own hide does this;
-/// Quit calls it for a window still open).
-pub fn remember_size<R: Runtime>(window: &Window<R>) {
+/// Keeps the size of a window still open at Quit (hiding keeps it too).
+pub fn remember_open_size(app: &AppHandle) {
+    if let Some(window) = app.get_webview_window(MAIN_WINDOW) {
+        if window.is_visible().unwrap_or(false) {
+            remember_size(&window.as_ref().window());
+        }
+    }
+}
+
+/// Keeps the window's size for the next start.
+fn remember_size<R: Runtime>(window: &Window<R>) {
     let (Ok(size), Ok(scale)) = (window.inner_size(), window.scale_factor()) else {
         return;
     };

@@ -52,13 +52,32 @@ fn render_block(entries: &[HostEntry]) -> String {
     }
     let mut block = format!("{BLOCK_BEGIN}\n");
     for entry in entries {
-        // Names reach here validated as DNS labels, so they cannot carry
-        // whitespace, '#' or a newline into the file.
-        let _ = writeln!(block, "{} {}", entry.ip, entry.names.join(" "));
+        // Names reach here made of validated DNS labels; whatever else might
+        // slip through (whitespace, '#', a newline: another line of the
+        // system's hosts file) is left out rather than written.
+        let names: Vec<&str> = entry
+            .names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| is_host_name(name))
+            .collect();
+        if !names.is_empty() {
+            let _ = writeln!(block, "{} {}", entry.ip, names.join(" "));
+        }
     }
     block.push_str(BLOCK_END);
     block.push('\n');
     block
+}
+
+/// Whether `name` is a host name and nothing more: letters, digits, '-'
+/// and '.', not starting with '-'.
+fn is_host_name(name: &str) -> bool {
+    !name.is_empty()
+        && !name.starts_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// The whole new file: `existing` with our block replaced by one for `entries`.
@@ -160,6 +179,26 @@ impl HostsFile {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_name_that_is_not_a_host_name_is_never_written() {
+        let entries = [HostEntry {
+            ip: "127.77.0.1".parse().expect("ip"),
+            names: vec![
+                "web-staging.local".to_owned(),
+                "x\n10.6.6.6 bank.example".to_owned(),
+                "a b".to_owned(),
+                "#c".to_owned(),
+            ],
+        }];
+        let text = render("", &entries);
+        assert!(text.contains("127.77.0.1 web-staging.local\n"), "{text}");
+        assert!(
+            !text.contains("bank.example") && !text.contains("#c"),
+            "{text}"
+        );
+    }
+
     use super::*;
     use crate::model::validate_pod_name;
     use proptest::prelude::*;
