@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
 
 use k3s_local_agent_e2e::{
-    cli, greeting_server, read_from, refuses, wait_until, AgentProcess, Sandbox, DEADLINE,
+    cli, curl, greeting_server, read_from, refuses, wait_until, AgentProcess, Sandbox, DEADLINE,
     FOREIGN_HOSTS,
 };
 use serde_json::{json, Value};
@@ -105,6 +105,19 @@ fn with_forwarding_off_pods_are_held_and_reported_but_no_port_listens() {
         })
     })
     .expect("reported");
+    // Turning a tunnel on cannot work here, and says so.
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        &agent.url("/api/v1/pods/web-1/forwarding"),
+        "-H",
+        "content-type: application/json",
+        "-d",
+        r#"{"enabled": true}"#,
+    ])
+    .expect("curl");
+    assert_eq!(code, 409, "{body}");
+    assert!(body.contains("--forwarding off"), "{body}");
     // The CLI says it once.
     let (ok, out, err) = cli(&["status", "--agent-url", &agent.base_url]).expect("status");
     assert!(ok, "{out}{err}");

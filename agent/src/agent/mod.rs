@@ -51,6 +51,11 @@ pub enum AgentError {
          (--max-pods): nothing was changed"
     )]
     TooManyPods { would_hold: usize, limit: usize },
+    #[error(
+        "forwarding is off for this agent (--forwarding off): no tunnel port listens; \
+         start it with --forwarding on"
+    )]
+    ForwardingOff,
 }
 
 /// The outcome of a push, by pod id.

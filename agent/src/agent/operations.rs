@@ -185,6 +185,11 @@ impl Agent {
     /// Turns forwarding for one pod on (listen again, on its own port when
     /// free) or off (close the port and its connections).
     pub async fn set_forwarding(&self, id: &str, enabled: bool) -> Result<Redirection, AgentError> {
+        // Turning a tunnel on where no port may listen would change nothing:
+        // said, rather than taken in silence.
+        if enabled && !self.inner.config.forwarding {
+            return Err(AgentError::ForwardingOff);
+        }
         let _op = self.inner.ops.lock().await;
         let closing = {
             let mut map = self.inner.store.write();

@@ -60,6 +60,9 @@ impl From<AgentError> for ApiError {
             )
             .with("field", "pods")
             .with("limit", limit),
+            AgentError::ForwardingOff => {
+                Self::new(StatusCode::CONFLICT, AgentError::ForwardingOff.to_string())
+            }
             AgentError::UnknownPod(id) => {
                 Self::new(StatusCode::NOT_FOUND, format!("no pod with id {id:?}")).with("id", id)
             }
