@@ -281,10 +281,29 @@ pub fn validate_pod_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What is wrong with one field of a pushed pod, naming the field
+/// (`ports[2].protocol`); it goes back to the control plane as the
+/// rejection's `field` and `error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct FieldError {
+    pub field: String,
+    pub message: String,
+}
+
+impl FieldError {
+    fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
 /// A namespace as Kubernetes takes it: a DNS-1123 label of at most 63
 /// characters (it goes into every pod's long name, and so into a hosts
 /// file: nothing else may pass). Empty is Kubernetes' `default`.
-pub fn validate_namespace(namespace: &str) -> Result<(), String> {
+pub fn validate_namespace(namespace: &str) -> Result<(), FieldError> {
     if namespace.is_empty() {
         return Ok(());
     }
@@ -297,9 +316,12 @@ pub fn validate_namespace(namespace: &str) -> Result<(), String> {
     if valid {
         Ok(())
     } else {
-        Err(format!(
-            "namespace {namespace:?} is not a DNS-1123 label of at most 63 characters: \
+        Err(FieldError::new(
+            "namespace",
+            format!(
+                "namespace {namespace:?} is not a DNS-1123 label of at most 63 characters: \
              lowercase letters, digits and '-', starting and ending with a letter or digit"
+            ),
         ))
     }
 }
@@ -317,9 +339,9 @@ fn validate_port(value: u64, field: &str) -> Result<u16, String> {
 fn parse_ports(
     first: Option<u16>,
     listed: Vec<serde_json::Value>,
-) -> Result<Vec<PortSpec>, (String, String)> {
+) -> Result<Vec<PortSpec>, FieldError> {
     if listed.len() > MAX_PORTS_PER_POD {
-        return Err((
+        return Err(FieldError::new(
             "ports".to_owned(),
             format!(
                 "a pod may list at most {MAX_PORTS_PER_POD} ports; this one lists {}",
@@ -335,7 +357,7 @@ fn parse_ports(
             .iter()
             .find(|p| p.port == port.port && p.protocol == port.protocol)
         {
-            return Err((
+            return Err(FieldError::new(
                 field,
                 format!(
                     "port {}/{} is listed twice{}",
@@ -350,7 +372,7 @@ fn parse_ports(
         }
         if let Some(name) = &port.name {
             if ports.iter().any(|p| p.name.as_ref() == Some(name)) {
-                return Err((
+                return Err(FieldError::new(
                     format!("{field}.name"),
                     format!("port name {name:?} is used twice"),
                 ));
@@ -374,7 +396,7 @@ fn parse_ports(
         ports.push(PortSpec::tcp(DEFAULT_STAGING_PORT));
     }
     if !ports.iter().any(|p| p.protocol == Protocol::Tcp) {
-        return Err((
+        return Err(FieldError::new(
             "ports".to_owned(),
             "the pod lists no TCP port: its tunnel needs one (UDP and SCTP are not tunnelled)"
                 .to_owned(),
@@ -385,17 +407,14 @@ fn parse_ports(
 
 /// One entry of `ports`: a number, or an object with `port` and optionally
 /// `name` (an IANA service name, as in Kubernetes) and `protocol`.
-fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, (String, String)> {
+fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, FieldError> {
     let number = |value: &serde_json::Value, field: &str| {
         value
             .as_u64()
             .ok_or_else(|| {
-                (
-                    field.to_owned(),
-                    format!("{field} must be a port number, not {value}"),
-                )
+                FieldError::new(field, format!("{field} must be a port number, not {value}"))
             })
-            .and_then(|n| validate_port(n, field).map_err(|e| (field.to_owned(), e)))
+            .and_then(|n| validate_port(n, field).map_err(|e| FieldError::new(field, e)))
     };
     match entry {
         serde_json::Value::Number(_) => Ok(PortSpec::tcp(number(&entry, field)?)),
@@ -404,7 +423,7 @@ fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, (
                 .keys()
                 .find(|key| !matches!(key.as_str(), "port" | "name" | "protocol"))
             {
-                return Err((
+                return Err(FieldError::new(
                     format!("{field}.{unknown}"),
                     format!("unknown field {unknown:?} in {field}: expected port, name, protocol"),
                 ));
@@ -413,17 +432,20 @@ fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, (
             let port = match object.get("port") {
                 Some(value) => number(value, &port_field)?,
                 None => {
-                    return Err((port_field, format!("{field} has no `port`")));
+                    return Err(FieldError::new(
+                        port_field,
+                        format!("{field} has no `port`"),
+                    ));
                 }
             };
             let name = match object.get("name") {
                 None | Some(serde_json::Value::Null) => None,
                 Some(serde_json::Value::String(name)) => {
-                    validate_port_name(name).map_err(|e| (format!("{field}.name"), e))?;
+                    validate_port_name(name, &format!("{field}.name"))?;
                     Some(name.clone())
                 }
                 Some(other) => {
-                    return Err((
+                    return Err(FieldError::new(
                         format!("{field}.name"),
                         format!("{field}.name must be a string, not {other}"),
                     ))
@@ -433,14 +455,14 @@ fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, (
                 None | Some(serde_json::Value::Null) => Protocol::Tcp,
                 Some(serde_json::Value::String(text)) => {
                     Protocol::parse(text).ok_or_else(|| {
-                        (
+                        FieldError::new(
                             format!("{field}.protocol"),
                             format!("{field}.protocol {text:?} is not TCP, UDP or SCTP"),
                         )
                     })?
                 }
                 Some(other) => {
-                    return Err((
+                    return Err(FieldError::new(
                         format!("{field}.protocol"),
                         format!("{field}.protocol must be a string, not {other}"),
                     ))
@@ -452,7 +474,7 @@ fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, (
                 protocol,
             })
         }
-        other => Err((
+        other => Err(FieldError::new(
             field.to_owned(),
             format!(
                 "{field} must be a port number or an object {{port, name, protocol}}, not {other}"
@@ -463,7 +485,7 @@ fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, (
 
 /// A port name as Kubernetes takes it (IANA_SVC_NAME): 1-15 lowercase
 /// letters, digits and '-', with a letter, not starting or ending with '-'.
-fn validate_port_name(name: &str) -> Result<(), String> {
+fn validate_port_name(name: &str, field: &str) -> Result<(), FieldError> {
     let ok = (1..=15).contains(&name.len())
         && name
             .bytes()
@@ -475,8 +497,11 @@ fn validate_port_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "port name {name:?} must be 1-15 lowercase letters, digits and '-', with a letter"
+        Err(FieldError::new(
+            field,
+            format!(
+                "port name {name:?} must be 1-15 lowercase letters, digits and '-', with a letter"
+            ),
         ))
     }
 }
@@ -523,9 +548,9 @@ pub fn parse_pod(index: usize, value: serde_json::Value) -> Result<PodSpec, PodR
         None => None,
     };
     let ports = parse_ports(first, raw.ports.unwrap_or_default())
-        .map_err(|(field, error)| reject(Some(&field), error))?;
+        .map_err(|e| reject(Some(&e.field), e.message))?;
     let namespace = raw.namespace.unwrap_or_default();
-    validate_namespace(&namespace).map_err(|e| reject(Some("namespace"), e))?;
+    validate_namespace(&namespace).map_err(|e| reject(Some(&e.field), e.message))?;
 
     Ok(PodSpec {
         id,

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -24,10 +24,23 @@ const MENU_CHOICE_TIMEOUT: Duration = Duration::from_secs(8);
 /// How many times a menu choice is made before the test fails.
 const MENU_CHOICE_ATTEMPTS: u32 = 3;
 
-/// One desktop at a time in a test binary: a tray app, a webview and a
-/// WebDriver each are heavy on two cores, and three desktops at once made
-/// menus too slow to take clicks and keys.
-static ONE_DESKTOP_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// The file whose lock is a desktop's turn: one desktop at a time on this
+/// machine (a tray app, a webview and a WebDriver each are heavy on two
+/// cores, and three desktops at once made menus too slow to take clicks and
+/// keys). The kernel holds the lock, and gives it back when its holder ends,
+/// a failed test included.
+fn desktop_turn() -> Result<std::fs::File> {
+    let path = std::env::temp_dir().join("k3s-local-agent-test-desktop.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    file.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(file)
+}
 
 /// What each program comes from, for the failure message.
 const TOOLS: [(&str, &str); 8] = [
@@ -73,7 +86,7 @@ pub struct Desktop {
     children: Vec<Child>,
     monitor_lines: Arc<Mutex<Vec<String>>>,
     /// Held while this desktop runs (dropped after its programs stop).
-    _turn: MutexGuard<'static, ()>,
+    _turn: std::fs::File,
 }
 
 fn free_display(from: u32) -> Result<u32> {
@@ -131,10 +144,7 @@ impl Desktop {
                 bail!("{program} is missing: install Debian's {package} (scripts/test does)");
             }
         }
-        // A test that failed while holding the turn has still given it back.
-        let turn = ONE_DESKTOP_AT_A_TIME
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let turn = desktop_turn()?;
         let dir = tempfile::tempdir()?;
         let number = free_display(first_display)?;
         let display = format!(":{number}");

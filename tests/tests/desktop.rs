@@ -147,6 +147,7 @@ async fn switch_forwarding(client: &Client, agent: &str, id: &str, on: bool) {
     let slider = format!("tr[data-pod-id=\"{id}\"] .slider");
     let forwarding =
         || async { status(agent).await["redirections"][id]["forwarding"].as_bool() == Some(on) };
+    let mut poll = tokio::time::interval(Duration::from_millis(50));
     for _ in 0..3 {
         if let Ok(element) = client.find(Locator::Css(&slider)).await {
             let _ = element.click().await;
@@ -156,7 +157,7 @@ async fn switch_forwarding(client: &Client, agent: &str, id: &str, on: bool) {
             if forwarding().await {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            poll.tick().await;
         }
     }
     panic!("the switch of {id} did not set forwarding {on}");
