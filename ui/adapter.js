@@ -75,11 +75,12 @@ export function snapshot() {
   return inApp ? call('snapshot') : http('GET', '/api/v1/snapshot');
 }
 
-/** Turns one pod's forwarding on or off. */
-export function setForwarding(podId, enabled) {
+/** Turns one pod's forwarding on or off: every port, or `port` (a staging port) alone. */
+export function setForwarding(podId, enabled, port) {
+  const body = port == null ? { enabled } : { enabled, port };
   return inApp
-    ? call('set_forwarding', { podId, enabled })
-    : http('POST', podPath(podId, 'forwarding'), { enabled });
+    ? call('set_forwarding', { podId, enabled, port: port ?? null })
+    : http('POST', podPath(podId, 'forwarding'), body);
 }
 
 /** Points one pod's tunnel at the staging pod ('staging') or its local mirror ('local'). */

@@ -172,6 +172,9 @@ function podRow({ pod, tunnel, activity }) {
     el('div', { class: 'sub detail', text: [pod.namespace, pod.status].filter(Boolean).join(' · ') }),
   ]);
 
+  // A pod with several ports lists each with its own ways in, switch,
+  // state and error; a pod with one shows them once, for the pod.
+  const severalPorts = (tunnel.ports || []).length > 1;
   const tunnelCell = el('td', { class: 'tunnel detail-cell' }, [
     el('span', {
       class: `state ${tunnel.status}${tunnel.error ? ' erroring' : ''}`,
@@ -181,28 +184,24 @@ function podRow({ pod, tunnel, activity }) {
     ' ',
     el('span', { class: 'mono port', text: local }),
     el('div', {}, [copyButton(name)]),
-    el('div', { class: 'sub mono ways' }, [
-      el('span', { class: 'way-range', text: tunnel.local_port ? `localhost:${tunnel.local_port}` : '' }),
-      tunnel.name_port
-        ? el('span', { class: 'way-name', text: ` · ${name}:${tunnel.name_port}` })
-        : '',
-    ]),
-    el('div', { class: 'sub mono', text: `→ ${tunnel.staging_pod_ip}:${tunnel.staging_port}` }),
   ]);
-  // The pod's other ports are shown, never dropped without a word.
-  const others = (pod.ports || [])
-    .filter((port) => !(port.protocol === 'TCP' && port.port === tunnel.staging_port));
-  if (others.length) {
-    const listed = others
-      .map((port) => `${port.port}/${port.protocol}${port.name ? ` (${port.name})` : ''}`)
-      .join(', ');
-    tunnelCell.append(el('div', {
-      class: 'sub other-ports',
-      text: `not forwarded: ${listed}`,
-      title: 'only the first TCP port of a pod is tunnelled; UDP is not tunnelled',
-    }));
+  if (severalPorts) {
+    tunnelCell.append(
+      el('div', { class: 'sub mono', text: `→ ${tunnel.staging_pod_ip}, ${tunnel.ports.length} ports` }),
+      portList(pod, tunnel, name),
+    );
+  } else {
+    tunnelCell.append(
+      el('div', { class: 'sub mono ways' }, [
+        el('span', { class: 'way-range', text: tunnel.local_port ? `localhost:${tunnel.local_port}` : '' }),
+        tunnel.name_port
+          ? el('span', { class: 'way-name', text: ` · ${name}:${tunnel.name_port}` })
+          : '',
+      ]),
+      el('div', { class: 'sub mono', text: `→ ${tunnel.staging_pod_ip}:${tunnel.staging_port}` }),
+    );
   }
-  if (tunnel.error) {
+  if (tunnel.error && !severalPorts) {
     tunnelCell.append(el('div', { class: 'error-text', text: tunnel.error }));
   }
   if (tunnel.name_port_error) {
@@ -227,9 +226,13 @@ function podRow({ pod, tunnel, activity }) {
     }
   }
 
+  // The pod's traffic: every port's together (each port's is in its line).
+  const sum = (field) => (severalPorts
+    ? tunnel.ports.reduce((total, port) => total + port[field], 0)
+    : tunnel[field]);
   const traffic = el('td', { class: 'num traffic detail-cell' }, [
-    el('div', { text: `${tunnel.open_connections} open · ${tunnel.total_connections}` }),
-    el('div', { class: 'sub', text: `↑ ${bytes(tunnel.bytes_to_pod)} ↓ ${bytes(tunnel.bytes_from_pod)}` }),
+    el('div', { text: `${sum('open_connections')} open · ${sum('total_connections')}` }),
+    el('div', { class: 'sub', text: `↑ ${bytes(sum('bytes_to_pod'))} ↓ ${bytes(sum('bytes_from_pod'))}` }),
   ]);
   if (activity) {
     const now = activity.throughput.length ? activity.throughput[activity.throughput.length - 1] : 0;
@@ -302,11 +305,58 @@ function podRow({ pod, tunnel, activity }) {
   return row;
 }
 
+// Every port of a pod, one line each: its number and name, its range
+// port and the name's own port, its switch, its state and traffic. UDP
+// and SCTP ports are listed as not forwarded.
+function portList(pod, tunnel, name) {
+  const list = el('ul', { class: 'port-list', 'aria-label': `Ports of ${pod.name}` });
+  for (const port of tunnel.ports) {
+    const label = `${port.staging_port}${port.protocol === 'TCP' ? '' : `/${port.protocol}`}`
+      + (port.name ? ` ${port.name}` : '');
+    const item = el('li', {
+      class: 'port-line',
+      'data-port': String(port.staging_port),
+      'data-protocol': port.protocol,
+      'data-state': port.status,
+    });
+    item.append(el('span', { class: 'mono port-label', text: label }));
+    if (port.protocol !== 'TCP') {
+      item.append(el('span', { class: 'sub', text: `not forwarded (${port.protocol} is not tunnelled)` }));
+      list.append(item);
+      continue;
+    }
+    const ways = [port.local_port ? `localhost:${port.local_port}` : 'no port'];
+    if (port.name_port) ways.push(`${name}:${port.name_port}`);
+    const toggle = el('input', {
+      type: 'checkbox',
+      checked: port.forwarding,
+      'data-role': 'port-toggle',
+      title: port.forwarding ? `Port ${port.staging_port}: on` : `Port ${port.staging_port}: off`,
+    });
+    toggle.setAttribute('aria-label', `Forward port ${port.staging_port} of ${pod.name}`);
+    toggle.addEventListener('click', (event) => event.stopPropagation());
+    toggle.addEventListener('change', () => switchForwarding(toggle, pod.id, port.staging_port));
+    item.append(
+      el('label', { class: 'switch small', title: `Forward port ${port.staging_port}` },
+        [toggle, el('span', { class: 'slider' })]),
+      el('span', { class: `state ${port.status}${port.error ? ' erroring' : ''}`, text: port.status }),
+      el('span', { class: 'sub mono', text: ways.join(' · ') }),
+      el('span', {
+        class: 'sub',
+        text: `${port.open_connections} open · ↑ ${bytes(port.bytes_to_pod)} ↓ ${bytes(port.bytes_from_pod)}`,
+      }),
+    );
+    if (port.error) item.append(el('div', { class: 'error-text', text: port.error }));
+    list.append(item);
+  }
+  return list;
+}
+
 // Asks the agent for the switch's new state; a refusal puts the switch
 // back (the pod did not change, so its row would not be redrawn).
-function switchForwarding(toggle, podId) {
+function switchForwarding(toggle, podId, port) {
   const wanted = toggle.checked;
-  return act(toggle, () => agent.setForwarding(podId, wanted).catch((error) => {
+  return act(toggle, () => agent.setForwarding(podId, wanted, port).catch((error) => {
     toggle.checked = !wanted;
     throw error;
   }));

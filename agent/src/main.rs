@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use k3s_local_agent::config::{Config, RunOverrides, DEFAULT_AGENT_PORT};
-use k3s_local_agent::model::{Redirection, TunnelState, TunnelTarget};
+use k3s_local_agent::model::{PortTunnelView, Protocol, Redirection, TunnelState, TunnelTarget};
 use k3s_local_agent::ops::AgentClient;
 use k3s_local_agent::state::Identity;
 use k3s_local_agent::Agent;
@@ -51,10 +51,13 @@ enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
-    /// Turn forwarding for one pod on or off.
+    /// Turn forwarding for one pod on or off (every port, or `--port` alone).
     Forward {
         pod_id: String,
         state: OnOff,
+        /// One staging port of the pod alone (e.g. 9090), not all of them.
+        #[arg(long)]
+        port: Option<u16>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -170,8 +173,9 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Forward {
             pod_id,
             state,
+            port,
             client,
-        } => forward(pod_id, state, client).await,
+        } => forward(pod_id, state, port, client).await,
         Command::Target {
             pod_id,
             target,
@@ -308,7 +312,47 @@ fn describe_tunnel(tunnel: &Redirection) -> String {
     if let Some(error) = &tunnel.error {
         line.push_str(&format!("  ({error})"));
     }
+    // The pod's other ports, one line each under it.
+    for port in tunnel.ports.iter().skip_while(|port| {
+        port.staging_port == tunnel.staging_port && port.protocol == Protocol::Tcp
+    }) {
+        line.push('\n');
+        line.push_str(&describe_port(tunnel, port));
+    }
     line
+}
+
+/// One of a pod's ports beyond its first: where it listens and its state.
+fn describe_port(tunnel: &Redirection, port: &PortTunnelView) -> String {
+    let local = match port.local_port {
+        Some(number) => format!("http://{}:{number}/", tunnel.localhost_name),
+        None => "-".to_owned(),
+    };
+    let label = port_label(port);
+    let state = match (port.protocol, port.status) {
+        (Protocol::Tcp, TunnelState::Failed) => "FAILED",
+        (Protocol::Tcp, status) => status.as_str(),
+        _ => "not forwarded",
+    };
+    let mut line = format!("  {label:<22} {local:<48}    {state}");
+    if let Some(error) = &port.error {
+        line.push_str(&format!("  ({error})"));
+    }
+    line
+}
+
+/// `:9090 metrics` / `:53/UDP dns`: a port as the tables name it.
+fn port_label(port: &PortTunnelView) -> String {
+    let mut label = format!(":{}", port.staging_port);
+    if port.protocol != Protocol::Tcp {
+        label.push('/');
+        label.push_str(port.protocol.as_str());
+    }
+    if let Some(name) = &port.name {
+        label.push(' ');
+        label.push_str(name);
+    }
+    label
 }
 
 async fn status(args: ClientArgs) -> Result<()> {
@@ -420,6 +464,32 @@ async fn status(args: ClientArgs) -> Result<()> {
             ),
             activity.errors,
         );
+        // A pod with several ports: one row more per port, counters its own.
+        if tunnel.ports.len() > 1 {
+            for port in &tunnel.ports {
+                let state = match port.protocol {
+                    Protocol::Tcp => port.status.as_str(),
+                    _ => "not fwd",
+                };
+                println!(
+                    "{:<24} {:>6} {:>9} {:<8} {:>11} {:>19} {:>17} {:>6}",
+                    format!("  {}", port_label(port)),
+                    port.local_port
+                        .map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                    port.name_port
+                        .map_or_else(|| "-".to_owned(), |p| format!(":{p}")),
+                    state,
+                    format!("{}/{}", port.open_connections, port.total_connections),
+                    format!(
+                        "{}/{}",
+                        human_bytes(port.bytes_to_pod),
+                        human_bytes(port.bytes_from_pod)
+                    ),
+                    "",
+                    "",
+                );
+            }
+        }
     }
     Ok(())
 }
@@ -481,9 +551,12 @@ async fn push(file: PathBuf, args: ClientArgs) -> Result<()> {
     Ok(())
 }
 
-async fn forward(pod_id: String, state: OnOff, args: ClientArgs) -> Result<()> {
+async fn forward(pod_id: String, state: OnOff, port: Option<u16>, args: ClientArgs) -> Result<()> {
     let enabled = matches!(state, OnOff::On);
-    let tunnel = args.client()?.set_forwarding(&pod_id, enabled).await?;
+    let tunnel = args
+        .client()?
+        .set_forwarding(&pod_id, enabled, port)
+        .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&tunnel)?);
     } else {

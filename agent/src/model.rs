@@ -167,6 +167,14 @@ impl PodSpec {
             .map_or(DEFAULT_STAGING_PORT, |port| port.port)
     }
 
+    /// Every TCP port, in the order pushed: each gets a tunnel of its own.
+    pub fn tcp_ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.ports
+            .iter()
+            .filter(|port| port.protocol == Protocol::Tcp)
+            .map(|port| port.port)
+    }
+
     /// `<name>-staging.local`, the name the seed promised.
     pub fn dns_name(&self) -> String {
         format!("{}-staging.local", self.name)
@@ -722,6 +730,39 @@ pub struct Redirection {
     /// use instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name_note: Option<String>,
+    /// Every port of the pod, in the order pushed, each with its own
+    /// tunnel (the fields above are the first TCP port's).
+    #[serde(default)]
+    pub ports: Vec<PortTunnelView>,
+}
+
+/// One port of a pod and its tunnel: its own range port, toggle, state,
+/// errors and counters. A port that is not TCP is listed, never tunnelled.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortTunnelView {
+    pub staging_port: u16,
+    pub local_port: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub protocol: Protocol,
+    pub forwarding: bool,
+    pub status: TunnelState,
+    pub error: Option<String>,
+    /// The pod's own port while it listens on the pod's address
+    /// (`<dns_name>:<name_port>`).
+    #[serde(default)]
+    pub name_port: Option<u16>,
+    /// `http://<name>:<port>/` while the name port listens.
+    #[serde(default)]
+    pub name_url: Option<String>,
+    pub open_connections: u64,
+    pub total_connections: u64,
+    pub bytes_to_pod: u64,
+    pub bytes_from_pod: u64,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_note: Option<String>,
 }
 
 /// `GET /api/v1/pods/status`.
@@ -907,6 +948,9 @@ pub struct Snapshot {
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct ForwardingRequest {
     pub enabled: bool,
+    /// One staging port of the pod alone; every port when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
 }
 
 /// Answer to a push: what was applied and what was turned away, by id.

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::model::{PodView, Snapshot, TunnelState};
+use crate::model::{PodView, Protocol, Snapshot, TunnelState};
 
 /// Changes closer together than this make one notice: what they add up to.
 pub const COALESCE: Duration = Duration::from_secs(2);
@@ -91,9 +91,27 @@ fn health_of(view: &PodView) -> Health {
     match (view.tunnel.status, &view.tunnel.error) {
         (TunnelState::Failed, error) => Health::Broken(error.clone().unwrap_or_default()),
         (TunnelState::Active, Some(error)) => Health::Broken(error.clone()),
-        (TunnelState::Active, None) => Health::Up,
+        (TunnelState::Active, None) => other_port_broken(view).map_or(Health::Up, Health::Broken),
         (TunnelState::Stopped, _) => Health::Off,
     }
+}
+
+/// The first of the pod's other tunnelled ports that is on and broken,
+/// named by its port: a broken `metrics` port is news too.
+fn other_port_broken(view: &PodView) -> Option<String> {
+    view.tunnel
+        .ports
+        .iter()
+        .filter(|port| port.protocol == Protocol::Tcp && port.forwarding)
+        .filter(|port| port.staging_port != view.tunnel.staging_port)
+        .find_map(|port| {
+            let error = port.error.as_ref()?;
+            let name = port
+                .name
+                .as_ref()
+                .map_or_else(String::new, |name| format!(" ({name})"));
+            Some(format!("port {}{name}: {error}", port.staging_port))
+        })
 }
 
 fn address(view: &PodView) -> String {
@@ -307,6 +325,7 @@ mod tests {
             name_url: None,
             names: Vec::new(),
             name_note: None,
+            ports: Vec::new(),
         };
         PodView {
             pod,
@@ -445,6 +464,47 @@ mod tests {
     fn the_first_snapshot_is_not_news() {
         let now = snapshot(vec![view("a", TunnelState::Active, None)], Some(true));
         assert!(between(None, &now).is_empty());
+    }
+
+    #[test]
+    fn a_pod_whose_other_port_breaks_is_told_with_that_port() {
+        let with_metrics = |error: Option<&str>| {
+            let mut pod = view("a", TunnelState::Active, None);
+            let port =
+                |staging_port: u16, name: &str, error: Option<&str>| crate::model::PortTunnelView {
+                    staging_port,
+                    local_port: Some(8086),
+                    name: Some(name.into()),
+                    protocol: Protocol::Tcp,
+                    forwarding: true,
+                    status: TunnelState::Active,
+                    error: error.map(str::to_owned),
+                    name_port: None,
+                    name_url: None,
+                    open_connections: 0,
+                    total_connections: 0,
+                    bytes_to_pod: 0,
+                    bytes_from_pod: 0,
+                    last_error: None,
+                    last_error_at: None,
+                    port_note: None,
+                };
+            pod.tunnel.ports = vec![port(80, "http", None), port(9090, "metrics", error)];
+            snapshot(vec![pod], Some(true))
+        };
+        let notices = between(Some(&with_metrics(None)), &with_metrics(Some("refused")));
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert!(notices[0].urgent);
+        assert!(
+            notices[0].body.contains("port 9090 (metrics): refused"),
+            "{notices:?}"
+        );
+        // Mended: not news (the pod was never down as a whole).
+        assert!(
+            between(Some(&with_metrics(Some("refused"))), &with_metrics(None))
+                .iter()
+                .all(|notice| !notice.urgent)
+        );
     }
 
     #[test]

@@ -95,7 +95,13 @@ async fn counters_move_by_the_traffic_sent_and_latency_counts_each_connection() 
         .await;
     assert_eq!(code, 200);
     let before = scrape(&agent).await;
-    let pod_labels = |id: &'static str| [("pod_id", id), ("pod", id)];
+    // Each port's tunnel is its own series, labelled with its staging port.
+    let echo_port = echo.port().to_string();
+    let down_port = refusing.port().to_string();
+    let pod_labels = |id: &'static str| {
+        let port = if id == "echo" { &echo_port } else { &down_port };
+        [("pod_id", id), ("pod", id), ("port", port.as_str())]
+    };
     assert_eq!(
         value(
             &before,
@@ -145,6 +151,7 @@ async fn counters_move_by_the_traffic_sent_and_latency_counts_each_connection() 
         let labels = [
             ("pod_id", "echo"),
             ("pod", "echo"),
+            ("port", echo_port.as_str()),
             ("direction", direction),
         ];
         assert_eq!(
@@ -170,7 +177,12 @@ async fn counters_move_by_the_traffic_sent_and_latency_counts_each_connection() 
         ),
         2.0
     );
-    let inf = [("pod_id", "echo"), ("pod", "echo"), ("le", "+Inf")];
+    let inf = [
+        ("pod_id", "echo"),
+        ("pod", "echo"),
+        ("port", echo_port.as_str()),
+        ("le", "+Inf"),
+    ];
     assert_eq!(
         value(
             &after,
@@ -179,12 +191,22 @@ async fn counters_move_by_the_traffic_sent_and_latency_counts_each_connection() 
         ),
         3.0
     );
-    let refused = [("pod_id", "down"), ("pod", "down"), ("kind", "refused")];
+    let refused = [
+        ("pod_id", "down"),
+        ("pod", "down"),
+        ("port", down_port.as_str()),
+        ("kind", "refused"),
+    ];
     assert_eq!(
         value(&after, "k3s_local_agent_tunnel_errors_total", &refused),
         2.0
     );
-    let echo_refused = [("pod_id", "echo"), ("pod", "echo"), ("kind", "refused")];
+    let echo_refused = [
+        ("pod_id", "echo"),
+        ("pod", "echo"),
+        ("port", echo_port.as_str()),
+        ("kind", "refused"),
+    ];
     assert_eq!(
         value(&after, "k3s_local_agent_tunnel_errors_total", &echo_refused),
         0.0

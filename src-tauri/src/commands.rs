@@ -72,8 +72,9 @@ pub async fn set_forwarding(
     agent: State<'_, Agent>,
     pod_id: String,
     enabled: bool,
+    port: Option<u16>,
 ) -> Result<Redirection, CommandError> {
-    Ok(agent.set_forwarding(&pod_id, enabled).await?)
+    Ok(agent.set_forwarding(&pod_id, enabled, port).await?)
 }
 
 #[tauri::command]

@@ -1,5 +1,6 @@
 //! The tray icon and its menu. On Linux a click on the icon opens the menu,
-//! so the menu is the first view: a check item per tunnel that toggles it, a
+//! so the menu is the first view: a line per pod, a check item that toggles
+//! it (a submenu with its ports, each toggled alone, when it has several), a
 //! submenu to open pods in the browser, then the dashboard, pin, start at
 //! login, pause/resume all, mute, quit. The menu is rebuilt in place on
 //! every change (AppIndicator cannot swap a menu once set), and the icon
@@ -8,7 +9,7 @@
 //! window p, Start at login s, Pause/Resume all u, Mute notifications m,
 //! Quit q.
 
-use k3s_local_agent::model::Snapshot;
+use k3s_local_agent::model::{PodView, Protocol, Snapshot};
 use k3s_local_agent::notices::Glance;
 use k3s_local_agent::ops::autostart;
 use k3s_local_agent::state::DesktopSettings;
@@ -25,6 +26,8 @@ use crate::{commands, window};
 
 const TRAY_ID: &str = "main";
 const TOGGLE_PREFIX: &str = "pod:";
+/// `port:<staging port>:<pod id>`: one port of a pod toggled alone.
+const PORT_PREFIX: &str = "port:";
 const OPEN_PREFIX: &str = "open:";
 const DASHBOARD: &str = "dashboard";
 const PIN: &str = "pin";
@@ -129,21 +132,7 @@ impl Tray {
         )?;
         for view in &snapshot.pods {
             let tunnel = &view.tunnel;
-            let port = tunnel
-                .local_port
-                .map_or_else(|| "no port".to_owned(), |p| format!(":{p}"));
-            let mut label = format!("{}  →  {port}", literal(&view.pod.name));
-            if let Some(error) = &tunnel.error {
-                label.push_str(&format!("  ({})", literal(&shorten(error))));
-            }
-            items.push(Box::new(CheckMenuItem::with_id(
-                app,
-                format!("{TOGGLE_PREFIX}{}", view.pod.id),
-                label,
-                true,
-                tunnel.forwarding,
-                None::<&str>,
-            )?));
+            items.push(pod_item(app, view)?);
             open.append(&MenuItem::with_id(
                 app,
                 format!("{OPEN_PREFIX}{}", view.pod.id),
@@ -237,6 +226,81 @@ impl Tray {
     }
 }
 
+/// A pod's line: a check item toggling it; with several ports, a submenu
+/// with the whole pod's toggle and one per port.
+fn pod_item(app: &AppHandle, view: &PodView) -> tauri::Result<Box<dyn IsMenuItem<Wry>>> {
+    let tunnel = &view.tunnel;
+    let range_port =
+        |port: Option<u16>| port.map_or_else(|| "no port".to_owned(), |p| format!(":{p}"));
+    let mut label = format!(
+        "{}  →  {}",
+        literal(&view.pod.name),
+        range_port(tunnel.local_port)
+    );
+    let toggle_id = format!("{TOGGLE_PREFIX}{}", view.pod.id);
+    if tunnel.ports.len() <= 1 {
+        if let Some(error) = &tunnel.error {
+            label.push_str(&format!("  ({})", literal(&shorten(error))));
+        }
+        return Ok(Box::new(CheckMenuItem::with_id(
+            app,
+            toggle_id,
+            label,
+            true,
+            tunnel.forwarding,
+            None::<&str>,
+        )?));
+    }
+    label.push_str(&format!("  +{} ports", tunnel.ports.len() - 1));
+    let submenu = Submenu::with_id(app, format!("ports:{}", view.pod.id), label, true)?;
+    submenu.append(&CheckMenuItem::with_id(
+        app,
+        toggle_id,
+        "All ports",
+        true,
+        tunnel.ports.iter().any(|port| port.forwarding),
+        None::<&str>,
+    )?)?;
+    submenu.append(&PredefinedMenuItem::separator(app)?)?;
+    for port in &tunnel.ports {
+        let name = port
+            .name
+            .as_ref()
+            .map_or_else(String::new, |name| format!(" {}", literal(name)));
+        if port.protocol != Protocol::Tcp {
+            submenu.append(&MenuItem::with_id(
+                app,
+                format!("untunnelled:{}:{}", port.staging_port, view.pod.id),
+                format!(
+                    "{}/{}{name}  (not forwarded)",
+                    port.staging_port,
+                    port.protocol.as_str()
+                ),
+                false,
+                None::<&str>,
+            )?)?;
+            continue;
+        }
+        let mut text = format!(
+            "{}{name}  →  {}",
+            port.staging_port,
+            range_port(port.local_port)
+        );
+        if let Some(error) = &port.error {
+            text.push_str(&format!("  ({})", literal(&shorten(error))));
+        }
+        submenu.append(&CheckMenuItem::with_id(
+            app,
+            format!("{PORT_PREFIX}{}:{}", port.staging_port, view.pod.id),
+            text,
+            true,
+            port.forwarding,
+            None::<&str>,
+        )?)?;
+    }
+    Ok(Box::new(submenu))
+}
+
 /// Turns start at login on or off (the autostart entry is the setting),
 /// then shows the new state in the menu.
 fn toggle_autostart(app: &AppHandle) {
@@ -277,19 +341,40 @@ fn shorten(text: &str) -> String {
     }
 }
 
+/// Turns a pod (or one port of it) on or off, off the menu's thread.
+fn toggle_from_tray(agent: Agent, pod_id: String, enabled: bool, port: Option<u16>) {
+    tauri::async_runtime::spawn(async move {
+        if let Err(err) = agent.set_forwarding(&pod_id, enabled, port).await {
+            tracing::warn!(%pod_id, ?port, error = %err, "cannot toggle from the tray");
+        }
+    });
+}
+
 fn on_menu_event(app: &AppHandle, event: MenuEvent) {
     let id = event.id().as_ref().to_owned();
     let agent = app.state::<Agent>().inner().clone();
     if let Some(pod_id) = id.strip_prefix(TOGGLE_PREFIX) {
         let pod_id = pod_id.to_owned();
+        // Any port on: the pod's toggle turns them all off.
         let enabled = !agent
             .pod(&pod_id)
-            .is_some_and(|view| view.tunnel.forwarding);
-        tauri::async_runtime::spawn(async move {
-            if let Err(err) = agent.set_forwarding(&pod_id, enabled).await {
-                tracing::warn!(%pod_id, error = %err, "cannot toggle from the tray");
-            }
+            .is_some_and(|view| view.tunnel.ports.iter().any(|port| port.forwarding));
+        toggle_from_tray(agent, pod_id, enabled, None);
+    } else if let Some((port, pod_id)) = id
+        .strip_prefix(PORT_PREFIX)
+        .and_then(|rest| rest.split_once(':'))
+    {
+        let Ok(port) = port.parse::<u16>() else {
+            return;
+        };
+        let pod_id = pod_id.to_owned();
+        let enabled = !agent.pod(&pod_id).is_some_and(|view| {
+            view.tunnel
+                .ports
+                .iter()
+                .any(|p| p.staging_port == port && p.forwarding)
         });
+        toggle_from_tray(agent, pod_id, enabled, Some(port));
     } else if let Some(pod_id) = id.strip_prefix(OPEN_PREFIX) {
         if let Err(err) = commands::open_in_browser(app, &agent, pod_id) {
             tracing::warn!(%pod_id, error = %err, "cannot open the pod");

@@ -52,6 +52,9 @@ struct Cluster {
     requests: Vec<String>,
     /// Where each pod (by uid) "runs": the TCP server a port-forward reaches.
     backends: BTreeMap<String, SocketAddr>,
+    /// Where one port of a pod (by uid) runs, when it has a server of its
+    /// own; the pod's backend otherwise.
+    port_backends: BTreeMap<(String, u16), SocketAddr>,
     /// "verb resource" pairs the caller may not do (SelfSubjectAccessReview).
     denied: Vec<String>,
 }
@@ -437,7 +440,11 @@ async fn port_forward(
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        cluster.backends.get(&uid).copied()
+        cluster
+            .port_backends
+            .get(&(uid.clone(), port))
+            .or_else(|| cluster.backends.get(&uid))
+            .copied()
     };
     let running = shared.running();
     upgrade
@@ -693,6 +700,29 @@ impl KubeEmulator {
         self.shared
             .record(&mut cluster, namespace, "MODIFIED", &mut pod);
         cluster.pods.insert(key, pod);
+    }
+
+    /// Makes one port of the pod as it is now "run" at `backend` (its other
+    /// ports stay at the pod's backend).
+    pub fn set_port_backend(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+        backend: SocketAddr,
+    ) -> bool {
+        let mut cluster = self.shared.lock();
+        let uid = cluster
+            .pods
+            .get(&(namespace.to_owned(), name.to_owned()))
+            .and_then(|pod| pod["metadata"]["uid"].as_str().map(str::to_owned));
+        match uid {
+            Some(uid) => {
+                cluster.port_backends.insert((uid, port), backend);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Makes the pod as it is now (its uid) "run" at `backend`: port-forwards

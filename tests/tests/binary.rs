@@ -176,6 +176,64 @@ fn the_cli_drives_a_running_agent() {
     assert_eq!(figures["ports"]["used"], 1);
     assert_eq!(figures["activity"]["web-1"]["connections"], 2);
 
+    // A second TCP port and a UDP one: a row each under the pod, and the
+    // second port toggled alone.
+    let metrics = greeting_server("metrics").expect("metrics server");
+    let request = json!({"action": "update", "pods": [
+        {"id": "web-1", "name": "web", "ip": pod.ip().to_string(), "ports": [
+            pod.port(),
+            {"name": "metrics", "port": metrics.port()},
+            {"name": "dns", "port": 53, "protocol": "UDP"},
+        ]}
+    ]});
+    std::fs::write(&file, request.to_string()).expect("write");
+    let (ok, out, err) = cli(&["push", &file_arg, "--agent-url", &url]).expect("push");
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = cli(&["status", "--agent-url", &url]).expect("status");
+    assert!(ok);
+    assert!(out.contains("ports 2/20 in use"), "{out}");
+    let metrics_row = out
+        .lines()
+        .find(|l| {
+            l.trim_start()
+                .starts_with(&format!(":{} metrics", metrics.port()))
+        })
+        .unwrap_or_else(|| panic!("no row for the metrics port:\n{out}"));
+    assert!(metrics_row.contains("active"), "{metrics_row}");
+    let dns_row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with(":53/UDP dns"))
+        .unwrap_or_else(|| panic!("no row for the UDP port:\n{out}"));
+    assert!(dns_row.contains("not fwd"), "{dns_row}");
+    let metrics_port: u16 = metrics_row
+        .split_whitespace()
+        .nth(2)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("a range port in {metrics_row}"));
+    assert_eq!(read_from(metrics_port).expect("metrics tunnel"), "metrics");
+    let (ok, out, err) = cli(&[
+        "forward",
+        "web-1",
+        "off",
+        "--port",
+        &metrics.port().to_string(),
+        "--agent-url",
+        &url,
+    ])
+    .expect("forward one port off");
+    assert!(ok, "{out}{err}");
+    assert!(refuses(metrics_port), "the metrics port is off");
+    assert_eq!(
+        read_from(port).expect("the first port carries on"),
+        "from the pod"
+    );
+    let (ok, out, _) = cli(&["pods", "--agent-url", &url]).expect("pods");
+    assert!(ok);
+    assert!(
+        out.contains("metrics") && out.contains("not forwarded"),
+        "{out}"
+    );
+
     let (ok, _, err) =
         cli(&["forward", "ghost", "on", "--agent-url", &url]).expect("forward ghost");
     assert!(!ok);

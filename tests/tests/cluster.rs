@@ -552,5 +552,32 @@ async fn pods_that_share_a_name_get_a_mirror_each_and_every_port_is_mirrored() {
             (53, "dns".to_owned(), "UDP".to_owned()),
         ]
     );
+
+    // Through the mirror, every TCP port reaches its own port of it.
+    let app_http = greeting_server("app http").expect("server");
+    let app_metrics = greeting_server("app metrics").expect("server");
+    assert!(emulator.set_port_backend("shared-ns", "app", port, app_http));
+    assert!(emulator.set_port_backend("shared-ns", "app", 9090, app_metrics));
+    let url = agent.base_url.clone();
+    let (ok, out, err) =
+        k3s_local_agent_e2e::cli(&["target", "app-1", "local", "--agent-url", &url]).expect("cli");
+    assert!(ok, "{out}{err}");
+    let tunnel = &agent.get_json("/api/v1/pods/status").expect("status")["redirections"]["app-1"];
+    let range_of = |staging: u16| {
+        tunnel["ports"]
+            .as_array()
+            .and_then(|ports| ports.iter().find(|p| p["staging_port"] == staging))
+            .and_then(|p| p["local_port"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or_else(|| panic!("port {staging} has a range port: {tunnel}"))
+    };
+    assert_eq!(
+        read_from(range_of(port)).expect("http via mirror"),
+        "app http"
+    );
+    assert_eq!(
+        read_from(range_of(9090)).expect("metrics via mirror"),
+        "app metrics"
+    );
     agent.terminate().expect("stop");
 }

@@ -143,13 +143,29 @@ test('a row opens its details by a click and by a key, and closes again', async 
   await row.locator('.name').click();
   await row.locator('.stop').waitFor({ state: 'visible' });
   assert.equal(await row.getAttribute('aria-expanded'), 'true');
-  // The ports beyond the tunnelled one are listed, with their names.
-  assert.equal(
-    await row.locator('.other-ports').textContent(),
-    'not forwarded: 9090/TCP (metrics), 53/UDP (dns)',
+  // Every port of the pod is listed with its name; UDP is not forwarded.
+  const lines = row.locator('.port-list .port-line');
+  assert.deepEqual(
+    await row.locator('.port-list .port-label').allTextContents(),
+    [`${refusing}`, '9090 metrics', '53/UDP dns'],
   );
+  assert.match(await lines.nth(2).textContent(), /not forwarded/);
+  assert.equal(await lines.nth(2).locator('input').count(), 0, 'no switch for a UDP port');
   await assertFits(page, 'details open');
   await page.screenshot({ path: path.join(shots, 'tray-window-details.png') });
+  // One port's switch turns that port alone off, and on again.
+  const metricsPort = async () => (await api('GET', '/api/v1/pods/status')).redirections.p1;
+  await lines.nth(1).locator('.switch').click();
+  await waitFor('port 9090 off alone', async () => {
+    const tunnel = await metricsPort();
+    return tunnel.ports.find((p) => p.staging_port === 9090).forwarding === false
+      && tunnel.forwarding === true;
+  });
+  await waitFor('the switch to show it', async () =>
+    !(await lines.nth(1).locator('input').isChecked()));
+  await lines.nth(1).locator('.switch').click();
+  await waitFor('port 9090 on again', async () =>
+    (await metricsPort()).ports.find((p) => p.staging_port === 9090).forwarding === true);
   await row.locator('.name').click();
   await row.locator('.stop').waitFor({ state: 'hidden' });
   await row.focus();

@@ -21,8 +21,8 @@ use crate::report::Reporter;
 use crate::state::{Identity, StateDb, StoredPod};
 use crate::state::{PodEntry, Store};
 use crate::tunnel::PortPlan;
+use crate::tunnel::RunningTunnel;
 use crate::tunnel::{AddressPorts, ForwardShards};
-use crate::tunnel::{RunningTunnel, TunnelShared};
 
 /// Pods brought back under one hold of the store's lock.
 const RESTORE_BATCH: usize = 256;
@@ -202,38 +202,16 @@ impl Agent {
             let mut map = self.inner.store.write();
             for StoredPod {
                 spec,
-                local_port,
                 forwarding,
                 target,
                 address,
+                ports,
+                ..
             } in stored
             {
                 let id = spec.id.clone();
-                let tunnel = TunnelShared::new(
-                    id.clone(),
-                    SocketAddr::new(spec.ip, spec.staging_port()),
-                    target,
-                    Arc::clone(&self.inner.dialer),
-                    self.events().clone(),
-                    self.inner.config.max_tunnel_connections,
-                );
-                map.insert(
-                    id.clone(),
-                    PodEntry {
-                        spec,
-                        forwarding,
-                        local_port,
-                        port_note: None,
-                        failure: None,
-                        tunnel,
-                        listener: None,
-                        address,
-                        name_listeners: Vec::new(),
-                        name_port_error: None,
-                        mirror: None,
-                        names: Default::default(),
-                    },
-                );
+                let entry = self.new_entry(spec, target, ports, forwarding, address);
+                map.insert(id.clone(), entry);
                 ids.push(id);
             }
         }
@@ -245,9 +223,7 @@ impl Agent {
                 let mut map = self.inner.store.write();
                 for id in batch {
                     if let Some(entry) = map.get_mut(id) {
-                        if entry.forwarding {
-                            self.open_listener(entry, &mut in_use);
-                        }
+                        self.open_ports(entry, &mut in_use);
                     }
                 }
             }

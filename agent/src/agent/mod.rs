@@ -40,6 +40,8 @@ pub enum AgentError {
     Listener(std::io::Error),
     #[error("no pod with id {0:?}")]
     UnknownPod(String),
+    #[error("pod {id:?} has no tunnelled port {port}: {why}")]
+    UnknownPort { id: String, port: u16, why: String },
     #[error("cannot build the status reporter: {0}")]
     Reporter(String),
     #[error("cannot start the forwarding threads: {0}")]

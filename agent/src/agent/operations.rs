@@ -182,9 +182,15 @@ impl Agent {
         Ok(())
     }
 
-    /// Turns forwarding for one pod on (listen again, on its own port when
-    /// free) or off (close the port and its connections).
-    pub async fn set_forwarding(&self, id: &str, enabled: bool) -> Result<Redirection, AgentError> {
+    /// Turns forwarding for one pod on (listen again, on its own ports when
+    /// free) or off (close its ports and their connections): every port of
+    /// it, or one staging port alone.
+    pub async fn set_forwarding(
+        &self,
+        id: &str,
+        enabled: bool,
+        port: Option<u16>,
+    ) -> Result<Redirection, AgentError> {
         // Turning a tunnel on where no port may listen would change nothing:
         // said, rather than taken in silence.
         if enabled && !self.inner.config.forwarding {
@@ -193,33 +199,40 @@ impl Agent {
         let _op = self.inner.ops.lock().await;
         let closing = {
             let mut map = self.inner.store.write();
-            if !map.contains_key(id) {
-                return Err(AgentError::UnknownPod(id.to_owned()));
-            }
-            if enabled {
-                let mut in_use = InUse::of(&map);
-                if let Some(entry) = map.get_mut(id) {
-                    entry.forwarding = true;
-                    if entry.listener.is_none() {
-                        self.open_listener(entry, &mut in_use);
+            let mut in_use = InUse::of(&map);
+            let entry = map
+                .get_mut(id)
+                .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
+            let chosen: Vec<usize> = match port {
+                None => (0..entry.tunnels.len()).collect(),
+                Some(number) => vec![entry
+                    .tunnels
+                    .iter()
+                    .position(|tunnel| tunnel.staging_port == number)
+                    .ok_or_else(|| port_not_tunnelled(&entry.spec, number))?],
+            };
+            let mut closing = Vec::new();
+            for index in chosen {
+                let Some(tunnel) = entry.tunnels.get_mut(index) else {
+                    continue;
+                };
+                tunnel.forwarding = enabled;
+                if enabled {
+                    if tunnel.listener.is_none() {
+                        self.open_port(entry, index, &mut in_use);
                     }
+                } else {
+                    tunnel.failure = None;
+                    tunnel.name_port_error = None;
+                    closing.extend(tunnel.take_listeners());
                 }
-                Vec::new()
-            } else {
-                map.get_mut(id)
-                    .map(|entry| {
-                        entry.forwarding = false;
-                        entry.failure = None;
-                        entry.name_port_error = None;
-                        entry.take_listeners()
-                    })
-                    .unwrap_or_default()
             }
+            closing
         };
         for listener in closing {
             listener.close().await;
         }
-        tracing::info!(pod_id = %id, enabled, "forwarding toggled");
+        tracing::info!(pod_id = %id, enabled, port, "forwarding toggled");
         self.save_and_announce(id).await
     }
 
@@ -231,11 +244,11 @@ impl Agent {
             .store
             .read()
             .iter()
-            .filter(|(_, entry)| entry.forwarding != enabled)
+            .filter(|(_, entry)| entry.tunnels.iter().any(|t| t.forwarding != enabled))
             .map(|(id, _)| id.clone())
             .collect();
         for id in &ids {
-            match self.set_forwarding(id, enabled).await {
+            match self.set_forwarding(id, enabled, None).await {
                 // Removed meanwhile by a push: nothing to pause.
                 Ok(_) | Err(AgentError::UnknownPod(_)) => {}
                 Err(other) => return Err(other),
@@ -253,11 +266,14 @@ impl Agent {
     ) -> Result<Redirection, AgentError> {
         let _op = self.inner.ops.lock().await;
         {
-            let map = self.inner.store.read();
+            let mut map = self.inner.store.write();
             let entry = map
-                .get(id)
+                .get_mut(id)
                 .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
-            entry.tunnel.set_mode(target);
+            entry.target = target;
+            for port in &entry.tunnels {
+                port.tunnel.set_mode(target);
+            }
         }
         tracing::info!(pod_id = %id, target = target.as_str(), "tunnel target switched");
         self.save_and_announce(id).await
@@ -345,5 +361,26 @@ impl Agent {
         if let Err(err) = written {
             tracing::error!(error = %err, "could not write pod names");
         }
+    }
+}
+
+/// Why `number` cannot be toggled on its own: the pod does not list it, or
+/// lists it as a protocol that is not tunnelled.
+fn port_not_tunnelled(spec: &PodSpec, number: u16) -> AgentError {
+    let listed = spec.ports.iter().find(|port| port.port == number);
+    AgentError::UnknownPort {
+        id: spec.id.clone(),
+        port: number,
+        why: match listed {
+            Some(port) => format!("{} is not tunnelled", port.protocol.as_str()),
+            None => format!(
+                "the pod lists {}",
+                spec.ports
+                    .iter()
+                    .map(|port| format!("{}/{}", port.port, port.protocol.as_str()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        },
     }
 }

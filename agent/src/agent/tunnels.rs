@@ -1,69 +1,178 @@
-//! Tunnel bookkeeping: which listeners each pod holds. A pod's range port
-//! (its remembered one first), its own loopback address, and the listeners
-//! there on its own port and its range port are opened, moved after an
-//! update and retried after a removal frees a port; every failure is
-//! recorded on the pod with its reason, never fatal.
+//! Tunnel bookkeeping: which listeners each pod holds. Every TCP port of a
+//! pod gets a range port (its remembered one first), and listeners on the
+//! pod's own loopback address at its own number and at its range port. An
+//! update opens the ports that came, closes the ports that left (keeping
+//! their numbers for their return) and leaves the others untouched; ports
+//! are retried after a removal frees one; every failure is recorded on its
+//! port with the reason, never fatal.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use super::Agent;
 use crate::events::AgentEvent;
 use crate::model::{PodSpec, TunnelState, TunnelTarget};
-use crate::state::{PodEntry, PodMap};
+use crate::state::{PodEntry, PodMap, PortTunnel, RememberedPort};
 use crate::tunnel::CannotListen;
 use crate::tunnel::{RunningTunnel, TunnelShared};
 
 impl Agent {
-    /// Inserts or updates one pod. An existing tunnel keeps its port and
-    /// listener; a new target applies to new connections, and a new pod
-    /// port moves the name listener (the old one, to close, is returned).
+    /// A pod's entry with a tunnel per TCP port, none listening yet: each
+    /// port with what was remembered of it, else `forwarding` and no port.
+    pub(super) fn new_entry(
+        &self,
+        spec: PodSpec,
+        target: TunnelTarget,
+        remembered: Vec<RememberedPort>,
+        forwarding: bool,
+        address: Option<Ipv4Addr>,
+    ) -> PodEntry {
+        let mut departed: BTreeMap<u16, RememberedPort> = remembered
+            .into_iter()
+            .map(|port| (port.staging_port, port))
+            .collect();
+        let tunnels = spec
+            .tcp_ports()
+            .map(|staging_port| {
+                let remembered = departed.remove(&staging_port).unwrap_or(RememberedPort {
+                    staging_port,
+                    local_port: None,
+                    forwarding,
+                });
+                PortTunnel::new(self.port_tunnel(&spec, staging_port, target), remembered)
+            })
+            .collect();
+        let mut entry = PodEntry {
+            spec,
+            target,
+            tunnels,
+            departed: BTreeMap::new(),
+            address,
+            mirror: None,
+            names: Default::default(),
+        };
+        for port in departed.into_values() {
+            entry.remember_departed(port);
+        }
+        entry
+    }
+
+    /// The shared half of one port's tunnel: where it forwards, its counters.
+    fn port_tunnel(
+        &self,
+        spec: &PodSpec,
+        staging_port: u16,
+        target: TunnelTarget,
+    ) -> Arc<TunnelShared> {
+        TunnelShared::new(
+            spec.id.clone(),
+            SocketAddr::new(spec.ip, staging_port),
+            target,
+            Arc::clone(&self.inner.dialer),
+            self.events().clone(),
+            self.inner.config.max_tunnel_connections,
+        )
+    }
+
+    /// Inserts or updates one pod, opening its ports' listeners. Returns
+    /// the listeners to close: those of ports that left the pod.
     pub(super) fn upsert(
         &self,
         map: &mut PodMap,
         spec: PodSpec,
         in_use: &mut InUse,
-    ) -> Option<RunningTunnel> {
-        let target = SocketAddr::new(spec.ip, spec.staging_port());
+    ) -> Vec<RunningTunnel> {
         if let Some(entry) = map.get_mut(&spec.id) {
-            if entry.target() != target {
-                tracing::info!(pod_id = %spec.id, %target, "pod moved; new connections go to its new address");
-                entry.tunnel.set_target(target);
-            }
-            let old_own = entry.spec.staging_port();
-            entry.spec = spec;
-            if entry.spec.staging_port() != old_own {
-                return self.move_name_port(entry, old_own);
-            }
-            return None;
+            return self.update(entry, spec, in_use);
         }
         let id = spec.id.clone();
-        let tunnel = TunnelShared::new(
-            id.clone(),
-            target,
-            TunnelTarget::Staging,
-            Arc::clone(&self.inner.dialer),
-            self.events().clone(),
-            self.inner.config.max_tunnel_connections,
-        );
-        let mut entry = PodEntry {
-            spec,
-            forwarding: true,
-            local_port: None,
-            port_note: None,
-            failure: None,
-            tunnel,
-            listener: None,
-            address: None,
-            name_listeners: Vec::new(),
-            name_port_error: None,
-            mirror: None,
-            names: Default::default(),
-        };
-        self.open_listener(&mut entry, in_use);
+        let mut entry = self.new_entry(spec, TunnelTarget::Staging, Vec::new(), true, None);
+        self.open_ports(&mut entry, in_use);
         map.insert(id, entry);
-        None
+        Vec::new()
+    }
+
+    /// Moves only what changed: a port kept keeps its listeners, range port
+    /// and live connections (new ones follow a new pod address); a port
+    /// that left is closed and remembered; a port that came is opened, with
+    /// its old range port when it had one and it is still free.
+    fn update(
+        &self,
+        entry: &mut PodEntry,
+        spec: PodSpec,
+        in_use: &mut InUse,
+    ) -> Vec<RunningTunnel> {
+        let ip_changed = entry.spec.ip != spec.ip;
+        if ip_changed {
+            tracing::info!(pod_id = %spec.id, ip = %spec.ip, "pod moved; new connections go to its new address");
+        }
+        // A paused pod (every port off) stays paused when a port comes.
+        let paused = !entry.tunnels.is_empty() && entry.tunnels.iter().all(|t| !t.forwarding);
+        let wanted: Vec<u16> = spec.tcp_ports().collect();
+        let old_primary = entry.primary().map(|port| port.staging_port);
+        entry.spec = spec;
+        let (mut kept, mut gone): (Vec<PortTunnel>, Vec<PortTunnel>) = entry
+            .tunnels
+            .drain(..)
+            .partition(|port| wanted.contains(&port.staging_port));
+        // The pod's one port renumbered (80 became 8080): as before ports
+        // had tunnels of their own, its tunnel follows, keeping its range
+        // port; only its listener on the pod's address moves.
+        let mut renumbered = None;
+        if let (Some(old), Some(&new)) = (old_primary, wanted.first()) {
+            let new_is_new = !kept.iter().any(|port| port.staging_port == new)
+                && !entry.departed.contains_key(&new);
+            if let Some(index) = gone
+                .iter()
+                .position(|port| port.staging_port == old)
+                .filter(|_| new_is_new)
+            {
+                let mut port = gone.remove(index);
+                port.staging_port = new;
+                kept.push(port);
+                renumbered = Some((new, old));
+            }
+        }
+        let mut closing = Vec::new();
+        for mut port in gone {
+            tracing::info!(pod_id = %entry.spec.id, port = port.staging_port, "port left the pod; its tunnel closes");
+            closing.extend(port.take_listeners());
+            entry.remember_departed(port.remembered());
+        }
+        let mut tunnels = Vec::with_capacity(wanted.len());
+        for staging_port in wanted {
+            if let Some(index) = kept.iter().position(|p| p.staging_port == staging_port) {
+                tunnels.push(kept.swap_remove(index));
+                continue;
+            }
+            let mut remembered = entry
+                .departed
+                .remove(&staging_port)
+                .unwrap_or(RememberedPort {
+                    staging_port,
+                    local_port: None,
+                    forwarding: !paused,
+                });
+            // Its old number only if no other pod took it meanwhile.
+            remembered.local_port = remembered
+                .local_port
+                .filter(|port| !in_use.ports.contains(port));
+            let tunnel = self.port_tunnel(&entry.spec, staging_port, entry.target);
+            tunnels.push(PortTunnel::new(tunnel, remembered));
+        }
+        entry.tunnels = tunnels;
+        if ip_changed || renumbered.is_some() {
+            for port in &entry.tunnels {
+                port.tunnel
+                    .set_target(SocketAddr::new(entry.spec.ip, port.staging_port));
+            }
+        }
+        if let Some((new, old)) = renumbered {
+            closing.extend(self.move_name_port(entry, new, old));
+        }
+        self.open_ports(entry, in_use);
+        closing
     }
 
     /// Gives failed tunnels another try; returns the ids that changed.
@@ -73,82 +182,104 @@ impl Agent {
         }
         let failed: Vec<String> = map
             .iter()
-            .filter(|(_, e)| e.forwarding && e.listener.is_none())
+            .filter(|(_, entry)| {
+                entry
+                    .tunnels
+                    .iter()
+                    .any(|port| port.forwarding && port.listener.is_none())
+            })
             .map(|(id, _)| id.clone())
             .collect();
         let mut in_use = InUse::of(map);
         for id in &failed {
             if let Some(entry) = map.get_mut(id) {
-                self.open_listener(entry, &mut in_use);
+                self.open_ports(entry, &mut in_use);
             }
         }
         failed
     }
 
-    /// Binds a port for `entry` (its remembered one first) and starts its
-    /// listener, or records why it could not.
-    pub(super) fn open_listener(&self, entry: &mut PodEntry, in_use: &mut InUse) {
+    /// Opens every port of `entry` that is on and not listening.
+    pub(super) fn open_ports(&self, entry: &mut PodEntry, in_use: &mut InUse) {
+        for index in 0..entry.tunnels.len() {
+            let port = &entry.tunnels[index];
+            if port.forwarding && port.listener.is_none() {
+                self.open_port(entry, index, in_use);
+            }
+        }
+    }
+
+    /// Binds a range port for one port of `entry` (its remembered one
+    /// first) and starts its listeners, or records why it could not.
+    pub(super) fn open_port(&self, entry: &mut PodEntry, index: usize, in_use: &mut InUse) {
         // `--forwarding off`: the pod is held, mirrored and reported, its
-        // tunnel stopped (health says why, once for all pods).
+        // tunnels stopped (health says why, once for all pods).
         if !self.inner.config.forwarding {
             return;
         }
         let listen_ip = self.inner.listen_ip;
-        // Another pod's port is taken; the pod's own remembered one is not.
-        let own = entry.local_port;
-        let taken = |port: u16| Some(port) != own && in_use.ports.contains(&port);
-        let allocation = self.inner.ports.allocate(entry.local_port, &taken, |port| {
-            crate::tunnel::bind_listener(SocketAddr::new(listen_ip, port))
+        let pod_id = entry.spec.id.clone();
+        let Some(port) = entry.tunnels.get_mut(index) else {
+            return;
+        };
+        // Another tunnel's port is taken; this port's own remembered one is not.
+        let own = port.local_port;
+        let taken = |number: u16| Some(number) != own && in_use.ports.contains(&number);
+        let allocation = self.inner.ports.allocate(own, &taken, |number| {
+            crate::tunnel::bind_listener(SocketAddr::new(listen_ip, number))
         });
         match allocation {
             Ok(allocation) => {
                 let note = allocation.note();
                 if let Some(note) = &note {
-                    tracing::warn!(pod_id = %entry.spec.id, "{note}");
+                    tracing::warn!(%pod_id, port = port.staging_port, "{note}");
                 }
                 match RunningTunnel::spawn(
                     allocation.listener,
-                    Arc::clone(&entry.tunnel),
+                    Arc::clone(&port.tunnel),
                     &self.inner.shards,
                     &self.inner.tracker,
                     &self.inner.cancel,
                 ) {
                     Ok(listener) => {
                         in_use.ports.insert(allocation.port);
-                        entry.local_port = Some(allocation.port);
-                        entry.port_note = note;
-                        entry.failure = None;
-                        entry.listener = Some(listener);
-                        self.open_name_listeners(entry, &mut in_use.addresses);
+                        port.local_port = Some(allocation.port);
+                        port.port_note = note;
+                        port.failure = None;
+                        port.listener = Some(listener);
                     }
                     Err(err) => {
-                        entry.failure =
+                        port.failure =
                             Some(format!("cannot listen on port {}: {err}", allocation.port));
                     }
                 }
             }
             Err(err) => {
-                tracing::warn!(pod_id = %entry.spec.id, error = %err, "tunnel cannot listen");
-                entry.failure = Some(err.to_string());
+                tracing::warn!(%pod_id, port = port.staging_port, error = %err, "tunnel cannot listen");
+                port.failure = Some(err.to_string());
             }
         }
-        if entry.failure.is_some() {
+        if port.failure.is_some() {
+            let error = port.failure.clone();
             self.events().publish(AgentEvent::TunnelChanged {
-                pod_id: entry.spec.id.clone(),
+                pod_id,
                 state: TunnelState::Failed,
-                error: entry.failure.clone(),
+                error,
             });
+            return;
         }
+        self.open_name_listeners(entry, index, &mut in_use.addresses);
     }
 
-    /// Gives the pod its own loopback address (its remembered one first) and
-    /// listens there on the pod's own port and on its range port, so both
-    /// `<name>-staging.local` and `<name>-staging.local:<range port>` work.
-    /// A port that cannot listen is noted with the reason, never fatal.
-    fn open_name_listeners(&self, entry: &mut PodEntry, taken: &mut HashSet<Ipv4Addr>) {
-        entry.name_port_error = None;
+    /// The pod's own loopback address (its remembered one first), when name
+    /// ports are on; why there is none when every address is taken.
+    fn pod_address(
+        &self,
+        entry: &mut PodEntry,
+        taken: &mut HashSet<Ipv4Addr>,
+    ) -> Option<Result<Ipv4Addr, String>> {
         if !self.inner.config.name_ports {
-            return;
+            return None;
         }
         let block = self.inner.config.address_block;
         // The pod's own remembered address is not taken from it.
@@ -156,85 +287,125 @@ impl Agent {
         let allocated = block.allocate(&entry.spec.id, entry.address, taken);
         taken.extend(own);
         let Some(address) = allocated else {
-            entry.name_port_error = Some(format!("every address in {block} is taken"));
-            return;
+            return Some(Err(format!("every address in {block} is taken")));
         };
         taken.insert(address);
         entry.address = Some(address);
-        let own = entry.spec.staging_port();
-        let mut ports = vec![own];
-        ports.extend(entry.local_port.filter(|port| *port != own));
-        for port in ports {
-            match self.listen_by_name(entry, address, port) {
-                Ok(listener) => entry.name_listeners.push(listener),
-                Err(why) if port == own => entry.name_port_error = Some(why.to_string()),
+        Some(Ok(address))
+    }
+
+    /// Listens on the pod's own address at the port's own number and at its
+    /// range port, so both `<name>-staging.local:<port>` and
+    /// `<name>-staging.local:<range port>` work. The range port is left out
+    /// when it is another port of the pod's (that port's own listener is
+    /// there). A port that cannot listen is noted with the reason, never fatal.
+    fn open_name_listeners(
+        &self,
+        entry: &mut PodEntry,
+        index: usize,
+        taken: &mut HashSet<Ipv4Addr>,
+    ) {
+        let address = match self.pod_address(entry, taken) {
+            None => return,
+            Some(Ok(address)) => address,
+            Some(Err(why)) => {
+                if let Some(port) = entry.tunnels.get_mut(index) {
+                    port.name_port_error = Some(why);
+                }
+                return;
+            }
+        };
+        let pod_ports: HashSet<u16> = entry.tunnels.iter().map(|p| p.staging_port).collect();
+        let pod_id = entry.spec.id.clone();
+        let Some(port) = entry.tunnels.get_mut(index) else {
+            return;
+        };
+        port.name_port_error = None;
+        let own = port.staging_port;
+        let mut numbers = vec![own];
+        numbers.extend(
+            port.local_port
+                .filter(|number| *number != own && !pod_ports.contains(number)),
+        );
+        for number in numbers {
+            let listening = port
+                .name_listeners
+                .iter()
+                .any(|listener| listener.local_addr().port() == number);
+            if listening {
+                continue;
+            }
+            match self.listen_by_name(&pod_id, &port.tunnel, address, number) {
+                Ok(listener) => port.name_listeners.push(listener),
+                Err(why) if number == own => port.name_port_error = Some(why.to_string()),
                 Err(_) => {}
             }
         }
     }
 
-    /// One listener of the pod's on its own address; the reason, logged,
-    /// when the port cannot listen.
+    /// One listener of a port's on the pod's own address; the reason,
+    /// logged, when the port cannot listen.
     fn listen_by_name(
         &self,
-        entry: &PodEntry,
+        pod_id: &str,
+        tunnel: &Arc<TunnelShared>,
         address: Ipv4Addr,
-        port: u16,
+        number: u16,
     ) -> Result<RunningTunnel, CannotListen> {
-        let addr = SocketAddr::from((address, port));
+        let addr = SocketAddr::from((address, number));
         self.inner
             .address_ports
             .bind(addr)
             .and_then(|listener| {
                 RunningTunnel::spawn(
                     listener,
-                    Arc::clone(&entry.tunnel),
+                    Arc::clone(tunnel),
                     &self.inner.shards,
                     &self.inner.tracker,
                     &self.inner.cancel,
                 )
                 .map_err(|err| CannotListen::new(addr, &err))
             })
-            .inspect_err(|why| tracing::warn!(pod_id = %entry.spec.id, "{why}"))
+            .inspect_err(|why| tracing::warn!(%pod_id, "{why}"))
     }
 
-    /// After an update changed the pod's own port: its name listener moves
-    /// from the old port to the new one, so `<name>-staging.local` keeps
+    /// After the pod's one port was renumbered from `old` to `new`: its
+    /// listener on the pod's address moves with it, so the name keeps
     /// reaching the pod's current port. Returns the listener to close.
-    fn move_name_port(&self, entry: &mut PodEntry, old_own: u16) -> Option<RunningTunnel> {
+    fn move_name_port(&self, entry: &mut PodEntry, new: u16, old: u16) -> Option<RunningTunnel> {
         let address = entry.address?;
+        let pod_id = entry.spec.id.clone();
+        let port = entry.port_mut(new)?;
         // Stopped or failed: it listens by name again when it listens at all.
-        entry.listener.as_ref()?;
-        // The old port stays open when it is also the pod's range port.
-        let old = (Some(old_own) != entry.local_port)
+        port.listener.as_ref()?;
+        // The old number stays open when it is also the port's range port.
+        let closing = (Some(old) != port.local_port)
             .then(|| {
-                entry
-                    .name_listeners
+                port.name_listeners
                     .iter()
-                    .position(|listener| listener.local_addr().port() == old_own)
+                    .position(|listener| listener.local_addr().port() == old)
             })
             .flatten()
-            .map(|index| entry.name_listeners.remove(index));
-        let own = entry.spec.staging_port();
-        entry.name_port_error = None;
-        let listening = entry
+            .map(|index| port.name_listeners.remove(index));
+        port.name_port_error = None;
+        let listening = port
             .name_listeners
             .iter()
-            .any(|listener| listener.local_addr().port() == own);
+            .any(|listener| listener.local_addr().port() == new);
         if !listening {
-            match self.listen_by_name(entry, address, own) {
-                Ok(listener) => entry.name_listeners.push(listener),
-                Err(why) => entry.name_port_error = Some(why.to_string()),
+            match self.listen_by_name(&pod_id, &port.tunnel, address, new) {
+                Ok(listener) => port.name_listeners.push(listener),
+                Err(why) => port.name_port_error = Some(why.to_string()),
             }
         }
-        old
+        closing
     }
 }
 
 /// The ports and addresses our pods hold: gathered once per operation (a
 /// walk over the pods) and kept up to date as the operation hands out more,
-/// so each pod costs O(1) however many there are. A pod's own port and
-/// address count as free for it.
+/// so each pod costs O(its ports) however many pods there are. A port's own
+/// range port and a pod's own address count as free for it.
 #[derive(Debug, Default)]
 pub(super) struct InUse {
     ports: HashSet<u16>,
@@ -244,7 +415,11 @@ pub(super) struct InUse {
 impl InUse {
     pub(super) fn of(map: &PodMap) -> Self {
         Self {
-            ports: map.values().filter_map(|entry| entry.local_port).collect(),
+            ports: map
+                .values()
+                .flat_map(|entry| &entry.tunnels)
+                .filter_map(|port| port.local_port)
+                .collect(),
             addresses: map.values().filter_map(|entry| entry.address).collect(),
         }
     }

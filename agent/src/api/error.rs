@@ -66,6 +66,17 @@ impl From<AgentError> for ApiError {
             AgentError::UnknownPod(id) => {
                 Self::new(StatusCode::NOT_FOUND, format!("no pod with id {id:?}")).with("id", id)
             }
+            AgentError::UnknownPort { id, port, why } => Self::new(
+                StatusCode::NOT_FOUND,
+                AgentError::UnknownPort {
+                    id: id.clone(),
+                    port,
+                    why,
+                }
+                .to_string(),
+            )
+            .with("field", "port")
+            .with("id", id),
             other => {
                 tracing::error!(error = %other, "request failed");
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())

@@ -87,10 +87,12 @@ struct LiveCollector {
     cluster: watch::Receiver<ClusterStatus>,
 }
 
-/// One tunnel as a scrape sees it.
+/// One port's tunnel as a scrape sees it.
 struct TunnelFigures {
     id: String,
     name: String,
+    /// The pod's staging port this tunnel forwards to.
+    port: u16,
     state: TunnelState,
     stats: TunnelStats,
     tunnel: Arc<TunnelShared>,
@@ -102,16 +104,25 @@ impl Collector for LiveCollector {
             .store
             .read()
             .iter()
-            .map(|(id, entry)| TunnelFigures {
-                id: id.clone(),
-                name: entry.spec.name.clone(),
-                state: entry.state(),
-                stats: entry.tunnel.stats(),
-                tunnel: Arc::clone(&entry.tunnel),
+            .flat_map(|(id, entry)| {
+                entry.tunnels.iter().map(|port| TunnelFigures {
+                    id: id.clone(),
+                    name: entry.spec.name.clone(),
+                    port: port.staging_port,
+                    state: port.state(),
+                    stats: port.tunnel.stats(),
+                    tunnel: Arc::clone(&port.tunnel),
+                })
             })
             .collect();
         let used_ports = self.store.ports_used();
-        let labels = |t: &TunnelFigures| [("pod_id", t.id.clone()), ("pod", t.name.clone())];
+        let labels = |t: &TunnelFigures| {
+            [
+                ("pod_id", t.id.clone()),
+                ("pod", t.name.clone()),
+                ("port", t.port.to_string()),
+            ]
+        };
 
         let mut metric = encoder.encode_descriptor(
             "tunnel_connections",
@@ -146,8 +157,8 @@ impl Collector for LiveCollector {
                 ("to_pod", t.stats.bytes_to_pod),
                 ("from_pod", t.stats.bytes_from_pod),
             ] {
-                let [pod_id, pod] = labels(t);
-                let labels = [pod_id, pod, ("direction", direction.to_owned())];
+                let [pod_id, pod, port] = labels(t);
+                let labels = [pod_id, pod, port, ("direction", direction.to_owned())];
                 ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
             }
         }
@@ -160,8 +171,8 @@ impl Collector for LiveCollector {
         )?;
         for t in &tunnels {
             for kind in ConnectErrorKind::ALL {
-                let [pod_id, pod] = labels(t);
-                let labels = [pod_id, pod, ("kind", kind.as_str().to_owned())];
+                let [pod_id, pod, port] = labels(t);
+                let labels = [pod_id, pod, port, ("kind", kind.as_str().to_owned())];
                 ConstCounter::new(t.tunnel.error_count(kind))
                     .encode(metric.encode_family(&labels)?)?;
             }

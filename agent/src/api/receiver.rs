@@ -102,10 +102,15 @@ async fn set_forwarding(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let request: ForwardingRequest = serde_json::from_slice(&body).map_err(|err| {
-        ApiError::bad_request(format!("body must be {{\"enabled\": true|false}}: {err}"))
-            .with("field", "enabled")
+        ApiError::bad_request(format!(
+            "body must be {{\"enabled\": true|false}}, with \"port\": <staging port> for one \
+             port alone: {err}"
+        ))
+        .with("field", "enabled")
     })?;
-    let tunnel = agent.set_forwarding(&id, request.enabled).await?;
+    let tunnel = agent
+        .set_forwarding(&id, request.enabled, request.port)
+        .await?;
     Ok(Json(tunnel).into_response())
 }
 

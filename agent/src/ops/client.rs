@@ -127,10 +127,15 @@ impl AgentClient {
         &self,
         pod_id: &str,
         enabled: bool,
+        port: Option<u16>,
     ) -> Result<Redirection, ClientError> {
         let url = self.pod_url(pod_id, "forwarding")?;
         let (status, value) = self
-            .send(self.http.post(url).json(&ForwardingRequest { enabled }))
+            .send(
+                self.http
+                    .post(url)
+                    .json(&ForwardingRequest { enabled, port }),
+            )
             .await?;
         decode(status, value)
     }

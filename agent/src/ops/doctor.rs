@@ -100,8 +100,59 @@ pub async fn agent(
     checks.push(range_use(config, &status));
     checks.push(names(&health, &status).await);
     checks.push(control_plane(&health));
-    checks.push(open_files(health.pid, status.redirections.len()));
+    checks.push(open_files(health.pid, each_port(&status).count()));
     checks
+}
+
+/// One tunnelled port of a pod, as the checks see it.
+struct PortCheck<'a> {
+    /// The pod's id for its first port, `<id> port <n>` for the others.
+    label: String,
+    /// What `forward` takes to toggle this port: `<id>` or `<id> --port <n>`.
+    toggle: String,
+    local_port: Option<u16>,
+    state: crate::model::TunnelState,
+    error: Option<&'a str>,
+}
+
+/// Every tunnelled port of every pod.
+fn each_port(status: &crate::model::StatusResponse) -> impl Iterator<Item = PortCheck<'_>> {
+    status.redirections.iter().flat_map(|(id, tunnel)| {
+        let tcp: Vec<_> = tunnel
+            .ports
+            .iter()
+            .filter(|port| port.protocol == crate::model::Protocol::Tcp)
+            .collect();
+        // An agent that lists no ports (older than per-port tunnels): its one.
+        if tcp.is_empty() {
+            return vec![PortCheck {
+                label: id.clone(),
+                toggle: id.clone(),
+                local_port: tunnel.local_port,
+                state: tunnel.status,
+                error: tunnel.error.as_deref(),
+            }];
+        }
+        tcp.into_iter()
+            .map(|port| {
+                let (label, toggle) = if port.staging_port == tunnel.staging_port {
+                    (id.clone(), id.clone())
+                } else {
+                    (
+                        format!("{id} port {}", port.staging_port),
+                        format!("{id} --port {}", port.staging_port),
+                    )
+                };
+                PortCheck {
+                    label,
+                    toggle,
+                    local_port: port.local_port,
+                    state: port.status,
+                    error: port.error.as_deref(),
+                }
+            })
+            .collect()
+    })
 }
 
 /// Each tunnel's port: listening and ours when forwarding, free for it when
@@ -109,14 +160,20 @@ pub async fn agent(
 fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Check> {
     use crate::model::TunnelState;
     let mut problems = Vec::new();
-    for (id, tunnel) in &status.redirections {
-        let Some(port) = tunnel.local_port else {
+    let mut ports = 0;
+    for PortCheck {
+        label: id,
+        toggle,
+        local_port,
+        state,
+        error,
+    } in each_port(status)
+    {
+        ports += 1;
+        let Some(port) = local_port else {
             problems.push(Check::fail(
                 "tunnel",
-                format!(
-                    "{id} has no port: {}",
-                    tunnel.error.as_deref().unwrap_or("none free")
-                ),
+                format!("{id} has no port: {}", error.unwrap_or("none free")),
             ));
             continue;
         };
@@ -126,11 +183,11 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
             .filter(|h| h.pid != agent_pid)
             .map(ToString::to_string)
             .collect();
-        match tunnel.status {
+        match state {
             TunnelState::Active if !others.is_empty() => problems.push(Check::fail(
                 "tunnel",
                 format!(
-                    "{id}: port {port} is also held by {}; stop it or move the pod (`k3s-local-agent forward {id} off` then `on`)",
+                    "{id}: port {port} is also held by {}; stop it or move the pod (`k3s-local-agent forward {toggle} off` then `on`)",
                     others.join(", ")
                 ),
             )),
@@ -154,7 +211,7 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
                 "tunnel",
                 format!(
                     "{id}: {}{}",
-                    tunnel.error.as_deref().unwrap_or("failed"),
+                    error.unwrap_or("failed"),
                     if others.is_empty() {
                         String::new()
                     } else {
@@ -169,7 +226,7 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
         vec![Check::ok(
             "tunnels",
             format!(
-                "{} tunnels, every active port held by the agent alone",
+                "{} pods, {ports} tunnelled ports, every active port held by the agent alone",
                 status.redirections.len()
             ),
         )]
@@ -181,10 +238,8 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
 fn range_use(config: &crate::config::Config, status: &crate::model::StatusResponse) -> Check {
     let range = config.port_range;
     let size = range.len();
-    let used = status
-        .redirections
-        .values()
-        .filter(|t| t.local_port.is_some_and(|p| range.contains(p)))
+    let used = each_port(status)
+        .filter(|port| port.local_port.is_some_and(|p| range.contains(p)))
         .count();
     let share = used * 100 / size.max(1);
     let detail = format!("{used} of {size} ports of {range} in use ({share} %)");

@@ -7,9 +7,13 @@
 //! listeners), `events` and `model`. Must never touch: the HTTP API, the
 //! cluster, the names, the operator's tools. Only `Agent` writes to it.
 
+mod entry;
 pub(crate) mod fsio;
 mod persist;
 mod store;
 
-pub use persist::{DesktopSettings, Identity, PersistError, StateDb, StoredPod, WindowSize};
-pub use store::{PodEntry, PodMap, Store, StoreWrite};
+pub use entry::{PodEntry, PortTunnel};
+pub use persist::{
+    DesktopSettings, Identity, PersistError, RememberedPort, StateDb, StoredPod, WindowSize,
+};
+pub use store::{PodMap, Store, StoreWrite};

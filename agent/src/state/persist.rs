@@ -209,15 +209,28 @@ impl DesktopSettings {
     }
 }
 
+/// What is kept of one port of a pod, on disk and after the port left the
+/// pod: its range port and its toggle, so it gets both back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RememberedPort {
+    pub staging_port: u16,
+    pub local_port: Option<u16>,
+    pub forwarding: bool,
+}
+
 /// A pod as kept on disk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredPod {
     pub spec: PodSpec,
+    /// The primary port's range port and toggle (also in `ports`; kept in
+    /// their own columns, as before ports had tunnels of their own).
     pub local_port: Option<u16>,
     pub forwarding: bool,
     pub target: TunnelTarget,
     /// The pod's own loopback address, when it has one.
     pub address: Option<Ipv4Addr>,
+    /// Every port's range port and toggle, also of ports that left the pod.
+    pub ports: Vec<RememberedPort>,
 }
 
 /// The pods database. Cheap to clone; calls run on the blocking pool.
@@ -274,6 +287,7 @@ impl StateDb {
         for (column, definition) in [
             ("target", "target TEXT NOT NULL DEFAULT 'staging'"),
             ("address", "address TEXT"),
+            ("ports", "ports TEXT"),
         ] {
             let present: bool = conn
                 .prepare("SELECT 1 FROM pragma_table_info('pods') WHERE name = ?1")
@@ -312,7 +326,8 @@ impl StateDb {
         let rows = self
             .with_conn(|conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT id, spec, local_port, forwarding, target, address FROM pods ORDER BY id",
+                    "SELECT id, spec, local_port, forwarding, target, address, ports FROM pods \
+                     ORDER BY id",
                 )?;
                 let rows = stmt.query_map([], |row| {
                     Ok((
@@ -322,26 +337,42 @@ impl StateDb {
                         row.get::<_, bool>(3)?,
                         row.get::<_, String>(4)?,
                         row.get::<_, Option<String>>(5)?,
+                        row.get::<_, Option<String>>(6)?,
                     ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             })
             .await?;
         rows.into_iter()
-            .map(|(id, spec, local_port, forwarding, target, address)| {
-                let spec = serde_json::from_str(&spec).map_err(|err| PersistError::BadPod {
-                    id,
-                    message: err.to_string(),
-                })?;
-                Ok(StoredPod {
-                    spec,
-                    local_port,
-                    forwarding,
-                    target: TunnelTarget::parse(&target).unwrap_or_default(),
-                    // An unreadable address is forgotten: the pod gets a new one.
-                    address: address.and_then(|text| text.parse().ok()),
-                })
-            })
+            .map(
+                |(id, spec, local_port, forwarding, target, address, ports)| {
+                    let spec: PodSpec =
+                        serde_json::from_str(&spec).map_err(|err| PersistError::BadPod {
+                            id,
+                            message: err.to_string(),
+                        })?;
+                    // Saved before ports had tunnels of their own (or unreadable):
+                    // the primary port's columns are all there is.
+                    let ports = ports
+                        .and_then(|text| serde_json::from_str(&text).ok())
+                        .unwrap_or_else(|| {
+                            vec![RememberedPort {
+                                staging_port: spec.staging_port(),
+                                local_port,
+                                forwarding,
+                            }]
+                        });
+                    Ok(StoredPod {
+                        ports,
+                        spec,
+                        local_port,
+                        forwarding,
+                        target: TunnelTarget::parse(&target).unwrap_or_default(),
+                        // An unreadable address is forgotten: the pod gets a new one.
+                        address: address.and_then(|text| text.parse().ok()),
+                    })
+                },
+            )
             .collect()
     }
 
@@ -359,6 +390,11 @@ impl StateDb {
                         id: pod.spec.id.clone(),
                         message: err.to_string(),
                     })?;
+                let ports =
+                    serde_json::to_string(&pod.ports).map_err(|err| PersistError::BadPod {
+                        id: pod.spec.id.clone(),
+                        message: err.to_string(),
+                    })?;
                 Ok((
                     pod.spec.id,
                     spec,
@@ -366,6 +402,7 @@ impl StateDb {
                     pod.forwarding,
                     pod.target.as_str(),
                     pod.address.map(|ip| ip.to_string()),
+                    ports,
                 ))
             })
             .collect::<Result<Vec<_>, PersistError>>()?;
@@ -373,14 +410,15 @@ impl StateDb {
             let tx = conn.transaction()?;
             {
                 let mut upsert = tx.prepare_cached(
-                    "INSERT INTO pods (id, spec, local_port, forwarding, target, address)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                    "INSERT INTO pods (id, spec, local_port, forwarding, target, address, ports)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                      ON CONFLICT(id) DO UPDATE SET spec = excluded.spec,
                          local_port = excluded.local_port, forwarding = excluded.forwarding,
-                         target = excluded.target, address = excluded.address",
+                         target = excluded.target, address = excluded.address,
+                         ports = excluded.ports",
                 )?;
-                for (id, spec, port, forwarding, target, address) in &encoded {
-                    upsert.execute(params![id, spec, port, forwarding, target, address])?;
+                for (id, spec, port, forwarding, target, address, ports) in &encoded {
+                    upsert.execute(params![id, spec, port, forwarding, target, address, ports])?;
                 }
                 let mut delete = tx.prepare_cached("DELETE FROM pods WHERE id = ?1")?;
                 for id in &removals {
@@ -472,6 +510,19 @@ mod tests {
             forwarding: false,
             target: TunnelTarget::Local,
             address: Some(Ipv4Addr::new(127, 77, 0, 9)),
+            ports: vec![
+                RememberedPort {
+                    staging_port: 8080,
+                    local_port: Some(8085),
+                    forwarding: false,
+                },
+                // A port that left the pod keeps its number for its return.
+                RememberedPort {
+                    staging_port: 9090,
+                    local_port: Some(8086),
+                    forwarding: true,
+                },
+            ],
         };
         db.save(vec![stored.clone()], vec![]).await.expect("save");
         drop(db);

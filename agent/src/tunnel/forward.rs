@@ -286,33 +286,7 @@ impl TunnelShared {
 
     /// The last minute, for the dashboard.
     pub fn activity(&self) -> crate::model::Activity {
-        let now = std::time::Instant::now();
-        let recent = self.lock_recent();
-        let within: Vec<&(std::time::Instant, f64, bool)> = recent
-            .connects
-            .iter()
-            .filter(|(at, _, _)| now.duration_since(*at) <= RECENT)
-            .collect();
-        let mut worked: Vec<f64> = within
-            .iter()
-            .filter(|(_, _, ok)| *ok)
-            .map(|(_, seconds, _)| seconds * 1000.0)
-            .collect();
-        worked.sort_by(f64::total_cmp);
-        let percentile = |p: f64| -> Option<f64> {
-            let last = worked.len().checked_sub(1)?;
-            // Nearest rank: the smallest value at or above p of the samples.
-            let rank = ((p * worked.len() as f64).ceil() as usize).clamp(1, last + 1) - 1;
-            worked.get(rank).copied()
-        };
-        crate::model::Activity {
-            throughput: recent.throughput.iter().copied().collect(),
-            sample_seconds: SAMPLE_EVERY.as_secs(),
-            connect_p50_ms: percentile(0.50),
-            connect_p99_ms: percentile(0.99),
-            connections: within.len() as u64,
-            errors: within.iter().filter(|(_, _, ok)| !ok).count() as u64,
-        }
+        combined_activity(std::iter::once(self))
     }
 
     /// Failed connections of `kind` so far.
@@ -420,6 +394,57 @@ impl TunnelShared {
                 error: None,
             });
         }
+    }
+}
+
+/// The last minute of several tunnels together (a pod's ports): their
+/// throughput added sample by sample (the newest samples aligned), their
+/// connections pooled for the percentiles.
+pub fn combined_activity<'a>(
+    tunnels: impl Iterator<Item = &'a TunnelShared>,
+) -> crate::model::Activity {
+    let now = std::time::Instant::now();
+    let mut throughput: Vec<u64> = Vec::new();
+    let mut worked: Vec<f64> = Vec::new();
+    let (mut connections, mut errors) = (0u64, 0u64);
+    for tunnel in tunnels {
+        let recent = tunnel.lock_recent();
+        let samples = recent.throughput.len();
+        if samples > throughput.len() {
+            let mut longer = vec![0; samples - throughput.len()];
+            longer.append(&mut throughput);
+            throughput = longer;
+        }
+        let offset = throughput.len() - samples;
+        for (sum, sample) in throughput[offset..].iter_mut().zip(&recent.throughput) {
+            *sum += sample;
+        }
+        for (at, seconds, ok) in &recent.connects {
+            if now.duration_since(*at) > RECENT {
+                continue;
+            }
+            connections += 1;
+            if *ok {
+                worked.push(seconds * 1000.0);
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    worked.sort_by(f64::total_cmp);
+    let percentile = |p: f64| -> Option<f64> {
+        let last = worked.len().checked_sub(1)?;
+        // Nearest rank: the smallest value at or above p of the samples.
+        let rank = ((p * worked.len() as f64).ceil() as usize).clamp(1, last + 1) - 1;
+        worked.get(rank).copied()
+    };
+    crate::model::Activity {
+        throughput,
+        sample_seconds: SAMPLE_EVERY.as_secs(),
+        connect_p50_ms: percentile(0.50),
+        connect_p99_ms: percentile(0.99),
+        connections,
+        errors,
     }
 }
 

@@ -22,8 +22,8 @@ mod splice;
 pub use address_ports::AddressPorts;
 pub use addresses::{AddressBlock, AddressBlockError, CannotListen};
 pub use forward::{
-    latency_buckets, ConnectErrorKind, DialError, LocalDialer, LocalStream, RunningTunnel,
-    TunnelShared, TunnelStats, SAMPLE_EVERY,
+    combined_activity, latency_buckets, ConnectErrorKind, DialError, LocalDialer, LocalStream,
+    RunningTunnel, TunnelShared, TunnelStats, SAMPLE_EVERY,
 };
 pub use listen::bind_listener;
 pub use ports::{PortPlan, PortRange};
