@@ -53,6 +53,10 @@ pub struct Tray {
     icon: TrayIcon<Wry>,
     menu: Menu<Wry>,
     preferences: Preferences,
+    /// What the menu shows now, as [`menu_key`] spells it: a change that
+    /// does not touch the menu (a report, a mirror's phase) leaves an open
+    /// menu alone rather than rebuilding it under the pointer.
+    shown: std::sync::Arc<std::sync::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Tray {
@@ -96,6 +100,7 @@ impl Tray {
             icon,
             menu,
             preferences,
+            shown: Default::default(),
         };
         app.manage(tray.clone());
         Ok(tray)
@@ -113,6 +118,17 @@ impl Tray {
         self.icon.set_icon(Some(icon_for(glance)?))?;
         let preferences = self.preferences.get();
         self.icon.set_tooltip(Some(glance.describe(snapshot)))?;
+        let key = menu_key(snapshot, &preferences);
+        {
+            let mut shown = match self.shown.lock() {
+                Ok(guard) => guard,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if shown.as_ref() == Some(&key) {
+                return Ok(());
+            }
+            *shown = Some(key);
+        }
 
         let mut items: Vec<Box<dyn IsMenuItem<Wry>>> = Vec::new();
         if snapshot.pods.is_empty() {
@@ -226,6 +242,44 @@ impl Tray {
     }
 }
 
+/// Everything the menu shows, in one string: equal keys, equal menus.
+fn menu_key(snapshot: &Snapshot, preferences: &DesktopSettings) -> String {
+    use std::fmt::Write;
+    let mut key = format!(
+        "{}|{}|{:?}|",
+        preferences.pinned,
+        preferences.notifications_muted,
+        autostart::autostart_dir().map(|dir| autostart::is_enabled(&dir))
+    );
+    for view in &snapshot.pods {
+        let tunnel = &view.tunnel;
+        let _ = write!(
+            key,
+            "{}/{}/{}/{:?}/{:?}/{}/{:?};",
+            view.pod.id,
+            view.pod.name,
+            tunnel.localhost_name,
+            tunnel.local_port,
+            tunnel.error.as_deref().map(shorten),
+            tunnel.forwarding,
+            tunnel.status,
+        );
+        for port in &tunnel.ports {
+            let _ = write!(
+                key,
+                "{}/{:?}/{:?}/{}/{:?}/{:?},",
+                port.staging_port,
+                port.name,
+                port.local_port,
+                port.forwarding,
+                port.protocol,
+                port.error.as_deref().map(shorten),
+            );
+        }
+    }
+    key
+}
+
 /// A pod's line: a check item toggling it; with several ports, a submenu
 /// with the whole pod's toggle and one per port.
 fn pod_item(app: &AppHandle, view: &PodView) -> tauri::Result<Box<dyn IsMenuItem<Wry>>> {
@@ -251,7 +305,11 @@ fn pod_item(app: &AppHandle, view: &PodView) -> tauri::Result<Box<dyn IsMenuItem
             None::<&str>,
         )?));
     }
-    label.push_str(&format!("  +{} ports", tunnel.ports.len() - 1));
+    let more = tunnel.ports.len() - 1;
+    label.push_str(&format!(
+        "  +{more} port{}",
+        if more == 1 { "" } else { "s" }
+    ));
     let submenu = Submenu::with_id(app, format!("ports:{}", view.pod.id), label, true)?;
     submenu.append(&CheckMenuItem::with_id(
         app,

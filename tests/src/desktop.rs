@@ -451,6 +451,41 @@ impl Desktop {
         Ok(menu)
     }
 
+    /// Opens the tray menu, presses `keys` that open one of its submenus
+    /// (Down, Right) and waits until that submenu is on screen and drawn;
+    /// returns its window id. The menus stay open (for a screenshot). Keys
+    /// lost before the menu took them are pressed again, as in
+    /// [`Desktop::choose_in_tray_menu`].
+    pub fn open_tray_submenu(&self, keys: &[&str]) -> Result<String> {
+        let mut last_error = None;
+        for _ in 0..MENU_CHOICE_ATTEMPTS {
+            match self.try_open_tray_submenu(keys) {
+                Ok(submenu) => return Ok(submenu),
+                Err(error) => last_error = Some(error),
+            }
+            self.close_menus()?;
+        }
+        Err(last_error.context("no attempt made")?)
+    }
+
+    fn try_open_tray_submenu(&self, keys: &[&str]) -> Result<String> {
+        let menu = self.open_tray_menu()?;
+        let before = self.app_windows();
+        self.press(keys)?;
+        let mut submenu = None;
+        wait_until_within(MENU_CHOICE_TIMEOUT, "the submenu to open", || {
+            submenu = self
+                .app_windows()
+                .difference(&before)
+                .find(|id| **id != menu)
+                .cloned();
+            submenu.is_some()
+        })?;
+        let submenu = submenu.context("the submenu went away")?;
+        self.wait_painted(&submenu, "the submenu")?;
+        Ok(submenu)
+    }
+
     /// Waits until window `id` shows something: a window not yet drawn is
     /// one flat colour.
     pub fn wait_painted(&self, id: &str, what: &str) -> Result<()> {

@@ -481,6 +481,7 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
         "the window starts hidden"
     );
     // The icon is in the tray host.
+    desktop.wait_for_tray_icon().expect("the icon in the tray");
     desktop
         .screenshot(&screenshots().join("10-tray.png"))
         .expect("screenshot");
@@ -612,6 +613,52 @@ fn the_tray_menu_lists_toggles_opens_and_quits() {
             ports.iter().all(|p| !refuses(*p))
         })
         .expect("resumed");
+
+    // A pod with several ports: its line opens a submenu, the pod's toggle
+    // first, then a line per port.
+    let metrics = greeting_server("metrics through the tray").expect("pod");
+    runtime.block_on(push(
+        &agent,
+        "update",
+        json!([{"id": "one", "name": "one", "ip": "127.0.0.1",
+                "ports": [pod.port(), {"name": "metrics", "port": metrics.port()}]}]),
+    ));
+    let metrics_port = runtime.block_on(async {
+        let tunnel = &status(&agent).await["redirections"]["one"];
+        tunnel["ports"][1]["local_port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or_else(|| panic!("the metrics port listens: {tunnel}"))
+    });
+    assert_eq!(
+        read_from(metrics_port).expect("metrics tunnel"),
+        "metrics through the tray"
+    );
+    let submenu = desktop
+        .open_tray_submenu(&["Down", "Right"])
+        .expect("the pod's ports submenu opens");
+    desktop
+        .screenshot(&screenshots().join("14-ports-submenu.png"))
+        .expect("screenshot");
+    assert!(!submenu.is_empty());
+    desktop.close_menus().expect("the menus close");
+    desktop
+        .choose_in_tray_menu(
+            &["Down", "Right", "Return"],
+            "every port of one to stop",
+            || refuses(port) && refuses(metrics_port),
+        )
+        .expect("the pod's toggle turns all its ports off");
+    desktop
+        .choose_in_tray_menu(
+            &["Down", "Right", "Return"],
+            "every port of one to forward",
+            || {
+                read_from(port).is_ok_and(|t| t == "through the tray")
+                    && read_from(metrics_port).is_ok_and(|t| t == "metrics through the tray")
+            },
+        )
+        .expect("and on again");
 
     // Quit (q): the agent stops cleanly.
     assert!(sandbox.hosts_text().contains("one-staging.local"));
