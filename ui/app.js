@@ -262,13 +262,17 @@ function podRow({ pod, tunnel, activity }) {
   const open = el('button', { class: 'open', text: 'Open', disabled: tunnel.status !== 'active' });
   open.addEventListener('click', () => act(open, () => agent.openPod(pod.id, podUrl(tunnel))));
   const viaMirror = tunnel.target === 'local';
+  // The way in use, as people read it ("via staging API", "via staging
+  // (direct)", "via mirror"); a click switches between staging and mirror.
+  const wayLabel = tunnel.way_label || (viaMirror ? 'via mirror' : 'via staging');
   const via = el('button', {
     class: 'via',
-    text: viaMirror ? 'via mirror' : 'via staging',
+    text: wayLabel,
     title: viaMirror
       ? 'Forwarding to the local mirror; click to forward to the staging pod'
-      : 'Forwarding to the staging pod; click to forward to the local mirror',
+      : `Forwarding to the staging pod (${tunnel.via || 'direct'}); click to forward to the local mirror`,
     'data-target': tunnel.target,
+    'data-way': tunnel.way || '',
   });
   via.addEventListener('click', () =>
     act(via, () => agent.setTarget(pod.id, viaMirror ? 'staging' : 'local')));

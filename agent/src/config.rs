@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 use serde::Deserialize;
 
+use crate::model::StagingVia;
 use crate::tunnel::AddressBlock;
 pub use crate::tunnel::PortRange;
 
@@ -22,6 +23,9 @@ pub const DEFAULT_SYNC_INTERVAL: Duration = Duration::from_secs(30);
 pub const DEFAULT_KUBE_CONTEXT: &str = "kind-staging-cluster";
 /// Default namespace of the local mirror (the seed's).
 pub const DEFAULT_NAMESPACE: &str = "staging";
+/// How long an `auto` tunnel that fell back to the staging API waits before
+/// it tries the pod IP again.
+pub const DEFAULT_DIRECT_RETRY: Duration = Duration::from_secs(30);
 
 /// Default cap on the pods held at once: ten times the default port range,
 /// so every realistic staging set fits, and a runaway control plane cannot
@@ -157,6 +161,23 @@ pub struct RunOverrides {
     /// Do not mirror pods into a local cluster.
     #[arg(long, env = "K3S_LOCAL_AGENT_NO_CLUSTER")]
     pub no_cluster: bool,
+    /// Kube context of the staging cluster, for tunnels that reach pods
+    /// through its API server's port-forward [default: none: direct only].
+    #[arg(long, env = "K3S_LOCAL_AGENT_STAGING_KUBE_CONTEXT")]
+    pub staging_kube_context: Option<String>,
+    /// Kubeconfig with the staging context [default: $KUBECONFIG, else ~/.kube/config].
+    #[arg(long, env = "K3S_LOCAL_AGENT_STAGING_KUBECONFIG")]
+    pub staging_kubeconfig: Option<PathBuf>,
+    /// How staging tunnels reach their pods: direct (TCP to the pod IP), api
+    /// (the staging API server's port-forward) or auto (direct, else the API
+    /// when the pod IP is unreachable) [default: auto with a staging context,
+    /// else direct].
+    #[arg(long, env = "K3S_LOCAL_AGENT_STAGING_VIA")]
+    pub staging_via: Option<StagingVia>,
+    /// Seconds an `auto` tunnel that fell back to the API waits before it
+    /// tries the pod IP again [default: 30].
+    #[arg(long, env = "K3S_LOCAL_AGENT_STAGING_DIRECT_RETRY")]
+    pub staging_direct_retry: Option<u64>,
 }
 
 /// The same settings as read from a TOML file.
@@ -186,6 +207,10 @@ pub struct FileSettings {
     pub kubeconfig: Option<PathBuf>,
     pub namespace: Option<String>,
     pub no_cluster: Option<bool>,
+    pub staging_kube_context: Option<String>,
+    pub staging_kubeconfig: Option<PathBuf>,
+    pub staging_via: Option<StagingVia>,
+    pub staging_direct_retry: Option<u64>,
 }
 
 impl FileSettings {
@@ -239,6 +264,21 @@ pub struct Config {
     pub control_plane_configured: bool,
     /// The local mirror cluster.
     pub cluster: ClusterSettings,
+    /// The staging cluster, reached through its API server.
+    pub staging: StagingSettings,
+}
+
+/// The staging cluster: where its API server is, and how tunnels reach pods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StagingSettings {
+    /// `None`: no staging cluster; every tunnel is direct.
+    pub context: Option<String>,
+    /// `None`: kube's own lookup ($KUBECONFIG, then ~/.kube/config).
+    pub kubeconfig: Option<PathBuf>,
+    /// How a pod with no choice of its own is reached.
+    pub via: StagingVia,
+    /// How long an `auto` tunnel on the API waits before trying direct again.
+    pub direct_retry: Duration,
 }
 
 /// Where and whether pods are mirrored into a local cluster.
@@ -319,6 +359,8 @@ impl Config {
             kubeconfig: flags.kubeconfig.clone().or_else(|| file.kubeconfig.clone()),
             namespace,
         };
+
+        let staging = staging_settings(flags, file)?;
 
         let address_block = match (flags.address_block, &file.address_block) {
             (Some(block), _) => block,
@@ -404,6 +446,7 @@ impl Config {
             demo: flags.demo || file.demo.unwrap_or(false),
             control_plane_configured,
             cluster,
+            staging,
         })
     }
 
@@ -422,6 +465,55 @@ impl Config {
     pub fn binds_beyond_loopback(&self) -> bool {
         !self.bind.is_loopback()
     }
+}
+
+/// The staging cluster's settings: `api` and `auto` need its context.
+fn staging_settings(
+    flags: &RunOverrides,
+    file: &FileSettings,
+) -> Result<StagingSettings, ConfigError> {
+    let context = flags
+        .staging_kube_context
+        .clone()
+        .or_else(|| file.staging_kube_context.clone())
+        .filter(|context| !context.trim().is_empty());
+    let via = flags
+        .staging_via
+        .or(file.staging_via)
+        .unwrap_or(if context.is_some() {
+            StagingVia::Auto
+        } else {
+            StagingVia::Direct
+        });
+    if via != StagingVia::Direct && context.is_none() {
+        return Err(ConfigError::Invalid {
+            setting: "staging_via",
+            message: format!(
+                "{} reaches pods through the staging cluster's API: name its context \
+                 with --staging-kube-context",
+                via.as_str()
+            ),
+        });
+    }
+    let retry = flags
+        .staging_direct_retry
+        .or(file.staging_direct_retry)
+        .unwrap_or(DEFAULT_DIRECT_RETRY.as_secs());
+    if retry == 0 {
+        return Err(ConfigError::Invalid {
+            setting: "staging_direct_retry",
+            message: "must be at least 1 second".into(),
+        });
+    }
+    Ok(StagingSettings {
+        context,
+        kubeconfig: flags
+            .staging_kubeconfig
+            .clone()
+            .or_else(|| file.staging_kubeconfig.clone()),
+        via,
+        direct_retry: Duration::from_secs(retry),
+    })
 }
 
 fn parse_control_plane_url(text: &str) -> Result<reqwest::Url, ConfigError> {

@@ -9,7 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use k3s_local_agent::config::{Config, RunOverrides, DEFAULT_AGENT_PORT};
-use k3s_local_agent::model::{PortTunnelView, Protocol, Redirection, TunnelState, TunnelTarget};
+use k3s_local_agent::model::{
+    PortTunnelView, Protocol, Redirection, StagingVia, TunnelState, TunnelTarget, Way,
+};
 use k3s_local_agent::ops::AgentClient;
 use k3s_local_agent::state::Identity;
 use k3s_local_agent::Agent;
@@ -65,6 +67,10 @@ enum Command {
     Target {
         pod_id: String,
         target: TargetArg,
+        /// How a staging target is reached: direct (TCP to the pod IP), api
+        /// (the staging API server's port-forward) or auto (direct, else the API).
+        #[arg(long)]
+        via: Option<StagingVia>,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -179,13 +185,14 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Target {
             pod_id,
             target,
+            via,
             client,
         } => {
             let target = match target {
                 TargetArg::Staging => TunnelTarget::Staging,
                 TargetArg::Local => TunnelTarget::Local,
             };
-            let tunnel = client.client()?.set_target(&pod_id, target).await?;
+            let tunnel = client.client()?.set_target(&pod_id, target, via).await?;
             println!("{}", describe_tunnel(&tunnel));
             Ok(())
         }
@@ -205,6 +212,22 @@ async fn dispatch(command: Command) -> Result<()> {
             let mut checks = k3s_local_agent::ops::doctor::agent(&config, &client).await;
             checks.push(k3s_local_agent::ops::doctor::name_ports(&config));
             checks.extend(k3s_local_agent::ops::doctor::diagnose(&config.cluster).await);
+            // The staging cluster, for the namespaces the agent holds pods in.
+            let namespaces: Vec<String> = client
+                .status()
+                .await
+                .map(|status| {
+                    let held: std::collections::BTreeSet<String> = status
+                        .redirections
+                        .values()
+                        .map(|tunnel| tunnel.namespace.clone())
+                        .collect();
+                    held.into_iter().collect()
+                })
+                .unwrap_or_default();
+            checks.extend(
+                k3s_local_agent::ops::staging_doctor::diagnose(&config.staging, &namespaces).await,
+            );
             if json {
                 println!("{}", serde_json::to_string_pretty(&checks)?);
             } else {
@@ -301,9 +324,15 @@ fn describe_tunnel(tunnel: &Redirection) -> String {
         TunnelState::Stopped => "stopped",
         TunnelState::Failed => "FAILED",
     };
-    let to = match tunnel.target {
-        TunnelTarget::Staging => format!("{}:{}", tunnel.staging_pod_ip, tunnel.staging_port),
-        TunnelTarget::Local => format!("local mirror :{}", tunnel.staging_port),
+    let to = match (tunnel.target, tunnel.way) {
+        (TunnelTarget::Local, _) => format!("local mirror :{}", tunnel.staging_port),
+        (TunnelTarget::Staging, Way::Api) => format!(
+            "{}/{}:{} via staging API",
+            tunnel.namespace, tunnel.staging_pod_name, tunnel.staging_port
+        ),
+        (TunnelTarget::Staging, _) => {
+            format!("{}:{}", tunnel.staging_pod_ip, tunnel.staging_port)
+        }
     };
     let mut line = format!(
         "{:<24} {local:<48} -> {to}  {state}",

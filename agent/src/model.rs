@@ -633,10 +633,81 @@ impl TunnelTarget {
     }
 }
 
-/// Body of `POST /api/v1/pods/{id}/target`.
+/// How a `staging` tunnel reaches its pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StagingVia {
+    /// TCP to the pod's `ip:port` (the laptop routes to pod IPs).
+    #[default]
+    Direct,
+    /// The staging cluster's API server port-forward, with the user's kubeconfig.
+    Api,
+    /// Direct while the pod IP answers, the API when it is unreachable.
+    Auto,
+}
+
+impl StagingVia {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Api => "api",
+            Self::Auto => "auto",
+        }
+    }
+}
+
+impl std::str::FromStr for StagingVia {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text {
+            "direct" => Ok(Self::Direct),
+            "api" => Ok(Self::Api),
+            "auto" => Ok(Self::Auto),
+            other => Err(format!("{other:?} is not a way: direct, api or auto")),
+        }
+    }
+}
+
+/// The way a tunnel's connections take now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Way {
+    /// TCP straight to the staging pod.
+    #[default]
+    Direct,
+    /// The staging cluster's API server port-forward.
+    Api,
+    /// The pod's mirror in the local cluster.
+    Mirror,
+}
+
+impl Way {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Direct => "direct",
+            Self::Api => "api",
+            Self::Mirror => "mirror",
+        }
+    }
+
+    /// As people read it: "via staging API", "via staging (direct)", "via mirror".
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Direct => "via staging (direct)",
+            Self::Api => "via staging API",
+            Self::Mirror => "via mirror",
+        }
+    }
+}
+
+/// Body of `POST /api/v1/pods/{id}/target`: where the tunnel leads, and
+/// for `staging` optionally how it gets there.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct TargetRequest {
     pub target: TunnelTarget,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<StagingVia>,
 }
 
 /// State of one pod's tunnel.
@@ -696,6 +767,16 @@ pub struct Redirection {
     /// `staging` (direct) or `local` (the mirror, through the Kubernetes API).
     #[serde(default)]
     pub target: TunnelTarget,
+    /// How a `staging` target is reached: `direct`, `api` or `auto`.
+    #[serde(default)]
+    pub via: StagingVia,
+    /// The way connections take now (for `auto`, the one that last worked).
+    #[serde(default)]
+    pub way: Way,
+    /// `way` as people read it: "via staging API", "via staging (direct)",
+    /// "via mirror".
+    #[serde(default)]
+    pub way_label: String,
     pub namespace: String,
     pub pod_status: String,
     pub open_connections: u64,

@@ -1,7 +1,7 @@
 //! The dashboard's commands: one-line calls into the agent, with typed errors
 //! that reach the page as `{kind, message}`.
 
-use k3s_local_agent::model::{Redirection, Snapshot, TunnelTarget};
+use k3s_local_agent::model::{Redirection, Snapshot, StagingVia, TunnelTarget};
 use k3s_local_agent::{Agent, AgentError};
 use serde::Serialize;
 use tauri::{AppHandle, State};
@@ -82,8 +82,9 @@ pub async fn set_target(
     agent: State<'_, Agent>,
     pod_id: String,
     target: TunnelTarget,
+    via: Option<StagingVia>,
 ) -> Result<Redirection, CommandError> {
-    Ok(agent.set_target(&pod_id, target).await?)
+    Ok(agent.set_target(&pod_id, target, via).await?)
 }
 
 #[tauri::command]

@@ -9,7 +9,7 @@
 //! window p, Start at login s, Pause/Resume all u, Mute notifications m,
 //! Quit q.
 
-use k3s_local_agent::model::{PodView, Protocol, Snapshot};
+use k3s_local_agent::model::{PodView, Protocol, Snapshot, Way};
 use k3s_local_agent::notices::Glance;
 use k3s_local_agent::ops::autostart;
 use k3s_local_agent::state::DesktopSettings;
@@ -264,6 +264,7 @@ fn menu_key(snapshot: &Snapshot, preferences: &DesktopSettings) -> String {
             tunnel.forwarding,
             tunnel.status,
         );
+        let _ = write!(key, "{:?};", tunnel.way);
         for port in &tunnel.ports {
             let _ = write!(
                 key,
@@ -291,6 +292,10 @@ fn pod_item(app: &AppHandle, view: &PodView) -> tauri::Result<Box<dyn IsMenuItem
         literal(&view.pod.name),
         range_port(tunnel.local_port)
     );
+    // The way in use, when it is not the plain one.
+    if tunnel.way != Way::Direct {
+        label.push_str(&format!("  ({})", tunnel.way.describe()));
+    }
     let toggle_id = format!("{TOGGLE_PREFIX}{}", view.pod.id);
     if tunnel.ports.len() <= 1 {
         if let Some(error) = &tunnel.error {

@@ -57,6 +57,14 @@ struct Cluster {
     port_backends: BTreeMap<(String, u16), SocketAddr>,
     /// "verb resource" pairs the caller may not do (SelfSubjectAccessReview).
     denied: Vec<String>,
+    /// Bearer tokens the API takes, when the test asks for them (`None`:
+    /// every caller is let in).
+    accepted_tokens: Option<Vec<String>>,
+    /// The bearer token of every request, in order (for assertions).
+    tokens_seen: Vec<String>,
+    /// The next port-forward stream is cut (its connection dropped, no
+    /// close frame) once this many bytes went to the pod.
+    cut_next_after: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -447,9 +455,10 @@ async fn port_forward(
             .copied()
     };
     let running = shared.running();
+    let cut_after = shared.lock().cut_next_after.take();
     upgrade
         .protocols(["v4.channel.k8s.io"])
-        .on_upgrade(move |socket| bridge(socket, port, backend, running))
+        .on_upgrade(move |socket| bridge(socket, port, backend, running, cut_after))
 }
 
 async fn bridge(
@@ -457,8 +466,10 @@ async fn bridge(
     port: u16,
     backend: Option<SocketAddr>,
     running: CancellationToken,
+    cut_after: Option<usize>,
 ) {
     use futures_util::{SinkExt, StreamExt};
+    let cut = CancellationToken::new();
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (mut sink, mut source) = socket.split();
     let prefix = |channel: u8, data: &[u8]| {
@@ -488,9 +499,16 @@ async fn bridge(
     };
     let (mut from_pod, mut to_pod) = tcp.into_split();
     let upstream = async {
+        let mut sent = 0usize;
         while let Some(Ok(message)) = source.next().await {
             match message {
                 Message::Binary(data) if data.first() == Some(&0) => {
+                    sent += data.len() - 1;
+                    if cut_after.is_some_and(|limit| sent > limit) {
+                        // A stream reset mid-transfer: dropped, no close frame.
+                        cut.cancel();
+                        return;
+                    }
                     let written = to_pod.write_all(&data[1..]).await;
                     if written.is_err() {
                         break;
@@ -518,6 +536,7 @@ async fn bridge(
     };
     tokio::select! {
         _ = running.cancelled() => {}
+        _ = cut.cancelled() => {}
         _ = async { tokio::join!(upstream, downstream) } => {}
     }
 }
@@ -531,15 +550,61 @@ async fn version() -> Response {
     .into_response()
 }
 
+/// Lets a request in only with an accepted bearer token, when the test set
+/// some; remembers every token seen.
+async fn check_token(
+    State(shared): State<Shared>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_owned();
+    let allowed = {
+        let mut cluster = shared.lock();
+        cluster.tokens_seen.push(token.clone());
+        cluster
+            .accepted_tokens
+            .as_ref()
+            .is_none_or(|accepted| accepted.contains(&token))
+    };
+    if !allowed {
+        return status(StatusCode::UNAUTHORIZED, "Unauthorized", "Unauthorized");
+    }
+    next.run(request).await
+}
+
 /// SelfSubjectAccessReview: allowed unless the test denied that verb on that resource.
 async fn access_review(State(shared): State<Shared>, Json(mut review): Json<Value>) -> Response {
     let attributes = &review["spec"]["resourceAttributes"];
+    let resource = match attributes["subresource"].as_str().filter(|s| !s.is_empty()) {
+        Some(subresource) => format!(
+            "{}/{subresource}",
+            attributes["resource"].as_str().unwrap_or_default()
+        ),
+        None => attributes["resource"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    };
+    // Denied by verb and resource, or in one namespace alone ("verb
+    // resource namespace").
     let asked = format!(
-        "{} {}",
-        attributes["verb"].as_str().unwrap_or_default(),
-        attributes["resource"].as_str().unwrap_or_default()
+        "{} {resource}",
+        attributes["verb"].as_str().unwrap_or_default()
     );
-    let allowed = !shared.lock().denied.contains(&asked);
+    let in_namespace = format!(
+        "{asked} {}",
+        attributes["namespace"].as_str().unwrap_or_default()
+    );
+    let allowed = {
+        let cluster = shared.lock();
+        !cluster.denied.contains(&asked) && !cluster.denied.contains(&in_namespace)
+    };
     review["status"] = json!({"allowed": allowed});
     (StatusCode::CREATED, Json(review)).into_response()
 }
@@ -590,6 +655,10 @@ impl KubeEmulator {
                 "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews",
                 axum::routing::post(access_review),
             )
+            .layer(axum::middleware::from_fn_with_state(
+                self.shared.clone(),
+                check_token,
+            ))
             .with_state(self.shared.clone());
         let running = self.shared.running();
         self.server = Some(tokio::spawn(async move {
@@ -763,6 +832,34 @@ impl KubeEmulator {
     /// Makes access reviews answer "not allowed" for `verb` on `resource`.
     pub fn deny(&self, verb: &str, resource: &str) {
         self.shared.lock().denied.push(format!("{verb} {resource}"));
+    }
+
+    /// Makes access reviews answer "not allowed" for `verb` on `resource`
+    /// (`pods/portforward` for a subresource) in `namespace` alone.
+    pub fn deny_in(&self, verb: &str, resource: &str, namespace: &str) {
+        self.shared
+            .lock()
+            .denied
+            .push(format!("{verb} {resource} {namespace}"));
+    }
+
+    /// From now on the API takes only these bearer tokens; any other
+    /// request is answered 401, as an API server answers an expired token.
+    pub fn accept_only_tokens(&self, tokens: &[&str]) {
+        self.shared.lock().accepted_tokens =
+            Some(tokens.iter().map(|token| (*token).to_owned()).collect());
+    }
+
+    /// Cuts the next port-forward stream once `bytes` went through it to the
+    /// pod: its connection is dropped with no close frame, as a stream reset
+    /// mid-transfer looks to the client.
+    pub fn cut_next_stream_after(&self, bytes: usize) {
+        self.shared.lock().cut_next_after = Some(bytes);
+    }
+
+    /// Every bearer token the API was called with, in order.
+    pub fn tokens_seen(&self) -> Vec<String> {
+        self.shared.lock().tokens_seen.clone()
     }
 
     /// Puts a pod's container in a waiting state, as a kubelet does when an

@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use super::tunnels::InUse;
 use super::{Agent, AgentError, Inner};
-use crate::cluster::Mirror;
+use crate::cluster::{Mirror, StagingCluster};
 use crate::config::Config;
 use crate::events::{AgentEvent, EventBus};
 use crate::names::Names;
@@ -23,6 +23,7 @@ use crate::state::{PodEntry, Store};
 use crate::tunnel::PortPlan;
 use crate::tunnel::RunningTunnel;
 use crate::tunnel::{AddressPorts, ForwardShards};
+use crate::tunnel::{Dialers, NoStagingCluster, StagingDialer};
 
 /// Pods brought back under one hold of the store's lock.
 const RESTORE_BATCH: usize = 256;
@@ -76,6 +77,13 @@ impl Agent {
         .map_err(|err| AgentError::Reporter(err.to_string()))?;
 
         let shards = ForwardShards::new(config.forward_threads).map_err(AgentError::Shards)?;
+        // The staging cluster's client is built at the first `api`
+        // connection: a start never waits on (or fails for) it.
+        let staging_dialer: Arc<dyn StagingDialer> = if config.staging.context.is_some() {
+            Arc::new(StagingCluster::new(config.staging.clone()))
+        } else {
+            Arc::new(NoStagingCluster)
+        };
         let address_ports = AddressPorts::new(config.bind_helper.clone());
         let agent = Self {
             inner: Arc::new(Inner {
@@ -90,7 +98,10 @@ impl Agent {
                 reporter,
                 control_plane,
                 cluster,
-                dialer: mirror.dialer(),
+                dialers: Dialers {
+                    mirror: mirror.dialer(),
+                    staging: staging_dialer,
+                },
                 shards,
                 address_ports,
                 ops: Mutex::new(()),
@@ -204,13 +215,15 @@ impl Agent {
                 spec,
                 forwarding,
                 target,
+                via,
                 address,
                 ports,
                 ..
             } in stored
             {
                 let id = spec.id.clone();
-                let entry = self.new_entry(spec, target, ports, forwarding, address);
+                let mut entry = self.new_entry(spec, target, via, ports, forwarding);
+                entry.address = address;
                 map.insert(id.clone(), entry);
                 ids.push(id);
             }

@@ -27,7 +27,7 @@ use crate::names::Names;
 use crate::report::{ReportMetrics, Reporter};
 use crate::state::Store;
 use crate::state::{Identity, PersistError, StateDb};
-use crate::tunnel::LocalDialer;
+use crate::tunnel::Dialers;
 use crate::tunnel::PortPlan;
 use crate::tunnel::{AddressPorts, ForwardShards, ShardLoads};
 
@@ -58,6 +58,11 @@ pub enum AgentError {
          start it with --forwarding on"
     )]
     ForwardingOff,
+    #[error(
+        "no staging cluster to reach pods through: start the agent with \
+         --staging-kube-context (and --staging-kubeconfig when it is not in the default kubeconfig)"
+    )]
+    NoStagingCluster,
 }
 
 /// The outcome of a push, by pod id.
@@ -87,8 +92,8 @@ struct Inner {
     reporter: Reporter,
     control_plane: watch::Receiver<ControlPlaneHealth>,
     cluster: watch::Receiver<ClusterStatus>,
-    /// How `local` tunnels reach mirrors.
-    dialer: Arc<dyn LocalDialer>,
+    /// How tunnels reach mirrors and, through the staging API, staging pods.
+    dialers: Dialers,
     /// The per-core runtimes every tunnel's connections run on.
     shards: ForwardShards,
     /// Binds ports on pod addresses, through the bind helper when privileged.

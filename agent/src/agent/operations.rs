@@ -13,7 +13,7 @@ use super::{Agent, AgentError, ApplyOutcome};
 /// operation yields, so a push of thousands never stalls the readers.
 const BATCH: usize = 256;
 use crate::events::AgentEvent;
-use crate::model::{Action, PodSpec, Redirection, TunnelTarget};
+use crate::model::{Action, PodSpec, Redirection, StagingVia, TunnelTarget};
 use crate::names::{assign, Claimant, HostEntry, NamesError};
 use crate::state::PodEntry;
 use crate::state::StoredPod;
@@ -257,13 +257,21 @@ impl Agent {
         Ok(ids.len())
     }
 
-    /// Points one pod's tunnel at the staging pod or its local mirror; new
-    /// connections follow at once, the listener and the name stay. Kept on disk.
+    /// Points one pod's tunnels at the staging pod or its local mirror, and
+    /// (`via`, when given) sets how the staging pod is reached; new
+    /// connections follow at once, the listeners and the name stay. Kept on disk.
     pub async fn set_target(
         &self,
         id: &str,
         target: TunnelTarget,
+        via: Option<StagingVia>,
     ) -> Result<Redirection, AgentError> {
+        // The API needs a staging cluster: refused, not taken in silence.
+        if via.is_some_and(|via| via != StagingVia::Direct)
+            && self.inner.config.staging.context.is_none()
+        {
+            return Err(AgentError::NoStagingCluster);
+        }
         let _op = self.inner.ops.lock().await;
         {
             let mut map = self.inner.store.write();
@@ -271,11 +279,15 @@ impl Agent {
                 .get_mut(id)
                 .ok_or_else(|| AgentError::UnknownPod(id.to_owned()))?;
             entry.target = target;
+            if via.is_some() {
+                entry.via = via;
+            }
+            let via = self.via_of(entry);
             for port in &entry.tunnels {
-                port.tunnel.set_mode(target);
+                port.tunnel.set_mode(target, via);
             }
         }
-        tracing::info!(pod_id = %id, target = target.as_str(), "tunnel target switched");
+        tracing::info!(pod_id = %id, target = target.as_str(), via = ?via, "tunnel target switched");
         self.save_and_announce(id).await
     }
 

@@ -12,10 +12,10 @@ use std::sync::Arc;
 
 use super::Agent;
 use crate::events::AgentEvent;
-use crate::model::{PodSpec, TunnelState, TunnelTarget};
+use crate::model::{PodSpec, StagingVia, TunnelState, TunnelTarget};
 use crate::state::{PodEntry, PodMap, PortTunnel, RememberedPort};
 use crate::tunnel::CannotListen;
-use crate::tunnel::{RunningTunnel, TunnelShared};
+use crate::tunnel::{PodWays, Route, RunningTunnel, StagingPod, TunnelShared};
 
 impl Agent {
     /// A pod's entry with a tunnel per TCP port, none listening yet: each
@@ -24,10 +24,19 @@ impl Agent {
         &self,
         spec: PodSpec,
         target: TunnelTarget,
+        via: Option<StagingVia>,
         remembered: Vec<RememberedPort>,
         forwarding: bool,
-        address: Option<Ipv4Addr>,
     ) -> PodEntry {
+        let ways = Arc::new(PodWays::new(
+            staging_pod(&spec),
+            self.inner.config.staging.direct_retry,
+        ));
+        let route = |staging_port: u16| Route {
+            target: SocketAddr::new(spec.ip, staging_port),
+            mode: target,
+            via: via.unwrap_or(self.inner.config.staging.via),
+        };
         let mut departed: BTreeMap<u16, RememberedPort> = remembered
             .into_iter()
             .map(|port| (port.staging_port, port))
@@ -40,15 +49,20 @@ impl Agent {
                     local_port: None,
                     forwarding,
                 });
-                PortTunnel::new(self.port_tunnel(&spec, staging_port, target), remembered)
+                PortTunnel::new(
+                    self.port_tunnel(&spec.id, route(staging_port), &ways),
+                    remembered,
+                )
             })
             .collect();
         let mut entry = PodEntry {
             spec,
             target,
+            via,
+            ways,
             tunnels,
             departed: BTreeMap::new(),
-            address,
+            address: None,
             mirror: None,
             names: Default::default(),
         };
@@ -59,20 +73,20 @@ impl Agent {
     }
 
     /// The shared half of one port's tunnel: where it forwards, its counters.
-    fn port_tunnel(
-        &self,
-        spec: &PodSpec,
-        staging_port: u16,
-        target: TunnelTarget,
-    ) -> Arc<TunnelShared> {
+    fn port_tunnel(&self, pod_id: &str, route: Route, ways: &Arc<PodWays>) -> Arc<TunnelShared> {
         TunnelShared::new(
-            spec.id.clone(),
-            SocketAddr::new(spec.ip, staging_port),
-            target,
-            Arc::clone(&self.inner.dialer),
+            pod_id.to_owned(),
+            route,
+            self.inner.dialers.clone(),
+            Arc::clone(ways),
             self.events().clone(),
             self.inner.config.max_tunnel_connections,
         )
+    }
+
+    /// How a pod's staging pod is reached, its own way first.
+    pub(super) fn via_of(&self, entry: &PodEntry) -> StagingVia {
+        entry.via.unwrap_or(self.inner.config.staging.via)
     }
 
     /// Inserts or updates one pod, opening its ports' listeners. Returns
@@ -87,7 +101,7 @@ impl Agent {
             return self.update(entry, spec, in_use);
         }
         let id = spec.id.clone();
-        let mut entry = self.new_entry(spec, TunnelTarget::Staging, Vec::new(), true, None);
+        let mut entry = self.new_entry(spec, TunnelTarget::Staging, None, Vec::new(), true);
         self.open_ports(&mut entry, in_use);
         map.insert(id, entry);
         Vec::new()
@@ -111,6 +125,9 @@ impl Agent {
         let paused = !entry.tunnels.is_empty() && entry.tunnels.iter().all(|t| !t.forwarding);
         let wanted: Vec<u16> = spec.tcp_ports().collect();
         let old_primary = entry.primary().map(|port| port.staging_port);
+        if staging_pod(&spec) != staging_pod(&entry.spec) {
+            entry.ways.set_pod(staging_pod(&spec));
+        }
         entry.spec = spec;
         let (mut kept, mut gone): (Vec<PortTunnel>, Vec<PortTunnel>) = entry
             .tunnels
@@ -158,7 +175,12 @@ impl Agent {
             remembered.local_port = remembered
                 .local_port
                 .filter(|port| !in_use.ports.contains(port));
-            let tunnel = self.port_tunnel(&entry.spec, staging_port, entry.target);
+            let route = Route {
+                target: SocketAddr::new(entry.spec.ip, staging_port),
+                mode: entry.target,
+                via: self.via_of(entry),
+            };
+            let tunnel = self.port_tunnel(&entry.spec.id, route, &entry.ways);
             tunnels.push(PortTunnel::new(tunnel, remembered));
         }
         entry.tunnels = tunnels;
@@ -399,6 +421,14 @@ impl Agent {
             }
         }
         closing
+    }
+}
+
+/// The staging pod an `api` connection of `spec`'s goes to.
+fn staging_pod(spec: &PodSpec) -> StagingPod {
+    StagingPod {
+        namespace: spec.namespace.clone(),
+        name: spec.name.clone(),
     }
 }
 

@@ -63,6 +63,11 @@ impl From<AgentError> for ApiError {
             AgentError::ForwardingOff => {
                 Self::new(StatusCode::CONFLICT, AgentError::ForwardingOff.to_string())
             }
+            AgentError::NoStagingCluster => Self::new(
+                StatusCode::CONFLICT,
+                AgentError::NoStagingCluster.to_string(),
+            )
+            .with("field", "via"),
             AgentError::UnknownPod(id) => {
                 Self::new(StatusCode::NOT_FOUND, format!("no pod with id {id:?}")).with("id", id)
             }

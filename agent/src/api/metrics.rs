@@ -191,6 +191,23 @@ impl Collector for LiveCollector {
         }
 
         let mut metric = encoder.encode_descriptor(
+            "tunnel_way",
+            "The way a tunnel's connections take now: 1 for its way (direct, api, mirror)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for t in &tunnels {
+            let [pod_id, pod, port] = labels(t);
+            let labels = [
+                pod_id,
+                pod,
+                port,
+                ("way", t.tunnel.way().as_str().to_owned()),
+            ];
+            ConstGauge::new(1).encode(metric.encode_family(&labels)?)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
             "redirections",
             "Tunnels by state",
             None,

@@ -122,11 +122,12 @@ async fn set_target(
     let body = body.map_err(body_error)?;
     let request: TargetRequest = serde_json::from_slice(&body).map_err(|err| {
         ApiError::bad_request(format!(
-            "body must be {{\"target\": \"staging\"|\"local\"}}: {err}"
+            "body must be {{\"target\": \"staging\"|\"local\"}}, with \"via\": \
+             \"direct\"|\"api\"|\"auto\" for how staging is reached: {err}"
         ))
         .with("field", "target")
     })?;
-    let tunnel = agent.set_target(&id, request.target).await?;
+    let tunnel = agent.set_target(&id, request.target, request.via).await?;
     Ok(Json(tunnel).into_response())
 }
 

@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::model::{
-    ForwardingRequest, HealthResponse, PodList, Redirection, StatusResponse, TargetRequest,
-    TunnelTarget,
+    ForwardingRequest, HealthResponse, PodList, Redirection, StagingVia, StatusResponse,
+    TargetRequest, TunnelTarget,
 };
 
 /// Why a call to the agent failed.
@@ -144,10 +144,11 @@ impl AgentClient {
         &self,
         pod_id: &str,
         target: TunnelTarget,
+        via: Option<StagingVia>,
     ) -> Result<Redirection, ClientError> {
         let url = self.pod_url(pod_id, "target")?;
         let (status, value) = self
-            .send(self.http.post(url).json(&TargetRequest { target }))
+            .send(self.http.post(url).json(&TargetRequest { target, via }))
             .await?;
         decode(status, value)
     }

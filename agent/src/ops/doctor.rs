@@ -26,7 +26,7 @@ pub struct Check {
 }
 
 impl Check {
-    fn ok(name: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn ok(name: &'static str, detail: impl Into<String>) -> Self {
         Self {
             name,
             ok: true,
@@ -34,7 +34,7 @@ impl Check {
         }
     }
 
-    fn fail(name: &'static str, detail: impl Into<String>) -> Self {
+    pub(crate) fn fail(name: &'static str, detail: impl Into<String>) -> Self {
         Self {
             name,
             ok: false,
@@ -92,7 +92,8 @@ pub async fn agent(
         checks.push(Check::ok(
             "tunnels",
             format!(
-                "forwarding is off (--forwarding off): {} pods held, mirrored and reported;                  no port listens",
+                "forwarding is off (--forwarding off): {} pods held, mirrored and reported; \
+                 no port listens",
                 health.pod_count
             ),
         ));

@@ -1,5 +1,5 @@
 //! The operator's tools around a running agent: `doctor` (what is wrong and
-//! how to fix it), the CLI's client of the HTTP API, who holds a port on this
+//! how to fix it; `staging_doctor` for the staging cluster), the CLI's client of the HTTP API, who holds a port on this
 //! machine (`sockets`), the built-in demo, and the system changes the package
 //! makes at install time (`system_setup`), and the desktop app's start-at-login
 //! entry (`autostart`).
@@ -13,6 +13,7 @@ pub mod client;
 pub mod demo;
 pub mod doctor;
 mod sockets;
+pub mod staging_doctor;
 pub mod system_setup;
 
 pub use client::{AgentClient, ClientError};

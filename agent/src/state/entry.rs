@@ -7,11 +7,11 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 
 use crate::model::{
-    Activity, MirrorView, PodSpec, PortSpec, PortTunnelView, Protocol, Redirection, TunnelState,
-    TunnelTarget,
+    Activity, MirrorView, PodSpec, PortSpec, PortTunnelView, Protocol, Redirection, StagingVia,
+    TunnelState, TunnelTarget, Way,
 };
 use crate::state::persist::{RememberedPort, StoredPod};
-use crate::tunnel::{RunningTunnel, TunnelShared};
+use crate::tunnel::{PodWays, RunningTunnel, TunnelShared};
 
 /// Most ports a pod remembers after they left it: enough for any real
 /// pod's history, bounded for one that churns its ports.
@@ -165,6 +165,11 @@ pub struct PodEntry {
     pub spec: PodSpec,
     /// Where every port's new connections go: the staging pod or its mirror.
     pub target: TunnelTarget,
+    /// How the staging pod is reached, when the pod was given its own way
+    /// (else the agent's `--staging-via`).
+    pub via: Option<StagingVia>,
+    /// What its ports share about reaching it (its staging name, which way works).
+    pub ways: Arc<PodWays>,
     /// One tunnel per TCP port, in the spec's order: the first is the
     /// pod's primary (the seed's one port).
     pub tunnels: Vec<PortTunnel>,
@@ -246,6 +251,7 @@ impl PodEntry {
             local_port: primary.and_then(|port| port.local_port),
             forwarding: primary.is_none_or(|port| port.forwarding),
             target: self.target,
+            via: self.via,
             address: self.address,
             ports,
         }
@@ -288,6 +294,11 @@ impl PodEntry {
             .iter()
             .find(|port| port.staging_port == primary_port && port.protocol == Protocol::Tcp);
         let pick = |field: fn(&PortTunnelView) -> u64| primary.map_or(0, field);
+        let (via, way) = self
+            .primary()
+            .map_or((StagingVia::Direct, Way::Direct), |port| {
+                (port.tunnel.route().via, port.tunnel.way())
+            });
         Redirection {
             staging_pod_id: self.spec.id.clone(),
             staging_pod_name: self.spec.name.clone(),
@@ -309,6 +320,9 @@ impl PodEntry {
             error: primary.and_then(|port| port.error.clone()),
             forwarding: self.forwarding(),
             target: self.target,
+            via,
+            way,
+            way_label: way.describe().to_owned(),
             namespace: self.spec.namespace.clone(),
             pod_status: self.spec.status.clone(),
             open_connections: pick(|port| port.open_connections),

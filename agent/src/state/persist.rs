@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension};
 
-use crate::model::{PodSpec, TunnelTarget};
+use crate::model::{PodSpec, StagingVia, TunnelTarget};
 use crate::state::fsio;
 
 const AGENT_ID_FILE: &str = "agent-id";
@@ -227,6 +227,9 @@ pub struct StoredPod {
     pub local_port: Option<u16>,
     pub forwarding: bool,
     pub target: TunnelTarget,
+    /// How a `staging` target is reached, when the pod was given its own
+    /// way (else the agent's `--staging-via`).
+    pub via: Option<StagingVia>,
     /// The pod's own loopback address, when it has one.
     pub address: Option<Ipv4Addr>,
     /// Every port's range port and toggle, also of ports that left the pod.
@@ -288,6 +291,7 @@ impl StateDb {
             ("target", "target TEXT NOT NULL DEFAULT 'staging'"),
             ("address", "address TEXT"),
             ("ports", "ports TEXT"),
+            ("via", "via TEXT"),
         ] {
             let present: bool = conn
                 .prepare("SELECT 1 FROM pragma_table_info('pods') WHERE name = ?1")
@@ -326,8 +330,8 @@ impl StateDb {
         let rows = self
             .with_conn(|conn| {
                 let mut stmt = conn.prepare(
-                    "SELECT id, spec, local_port, forwarding, target, address, ports FROM pods \
-                     ORDER BY id",
+                    "SELECT id, spec, local_port, forwarding, target, address, ports, via \
+                     FROM pods ORDER BY id",
                 )?;
                 let rows = stmt.query_map([], |row| {
                     Ok((
@@ -338,6 +342,7 @@ impl StateDb {
                         row.get::<_, String>(4)?,
                         row.get::<_, Option<String>>(5)?,
                         row.get::<_, Option<String>>(6)?,
+                        row.get::<_, Option<String>>(7)?,
                     ))
                 })?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
@@ -345,7 +350,7 @@ impl StateDb {
             .await?;
         rows.into_iter()
             .map(
-                |(id, spec, local_port, forwarding, target, address, ports)| {
+                |(id, spec, local_port, forwarding, target, address, ports, via)| {
                     let spec: PodSpec =
                         serde_json::from_str(&spec).map_err(|err| PersistError::BadPod {
                             id,
@@ -364,6 +369,8 @@ impl StateDb {
                         });
                     Ok(StoredPod {
                         ports,
+                        // An unknown way (a newer agent's) is forgotten: the default.
+                        via: via.and_then(|text| text.parse().ok()),
                         spec,
                         local_port,
                         forwarding,
@@ -403,6 +410,7 @@ impl StateDb {
                     pod.target.as_str(),
                     pod.address.map(|ip| ip.to_string()),
                     ports,
+                    pod.via.map(StagingVia::as_str),
                 ))
             })
             .collect::<Result<Vec<_>, PersistError>>()?;
@@ -410,15 +418,17 @@ impl StateDb {
             let tx = conn.transaction()?;
             {
                 let mut upsert = tx.prepare_cached(
-                    "INSERT INTO pods (id, spec, local_port, forwarding, target, address, ports)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                    "INSERT INTO pods (id, spec, local_port, forwarding, target, address, ports, via)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                      ON CONFLICT(id) DO UPDATE SET spec = excluded.spec,
                          local_port = excluded.local_port, forwarding = excluded.forwarding,
                          target = excluded.target, address = excluded.address,
-                         ports = excluded.ports",
+                         ports = excluded.ports, via = excluded.via",
                 )?;
-                for (id, spec, port, forwarding, target, address, ports) in &encoded {
-                    upsert.execute(params![id, spec, port, forwarding, target, address, ports])?;
+                for (id, spec, port, forwarding, target, address, ports, via) in &encoded {
+                    upsert.execute(params![
+                        id, spec, port, forwarding, target, address, ports, via
+                    ])?;
                 }
                 let mut delete = tx.prepare_cached("DELETE FROM pods WHERE id = ?1")?;
                 for id in &removals {
@@ -509,6 +519,7 @@ mod tests {
             local_port: Some(8085),
             forwarding: false,
             target: TunnelTarget::Local,
+            via: Some(StagingVia::Api),
             address: Some(Ipv4Addr::new(127, 77, 0, 9)),
             ports: vec![
                 RememberedPort {

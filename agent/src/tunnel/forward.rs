@@ -18,13 +18,17 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::events::{AgentEvent, EventBus};
-use crate::model::{TunnelState, TunnelTarget};
+use crate::model::{StagingVia, TunnelState, TunnelTarget, Way};
 use crate::tunnel::listen::{gone_before_accept, SharedListener};
+use crate::tunnel::reach::{Plan, PodWays};
 use crate::tunnel::relay::relay;
 use crate::tunnel::shards::{Balance, ForwardShards, LoadGuard, Pipes};
 
 /// How long a connection waits for the pod before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an `auto` connection waits for the pod IP before it takes the
+/// staging API: a routable pod answers well within it.
+const AUTO_DIRECT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Pause after a failed accept (out of file descriptors), so the loop does not spin.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
@@ -118,8 +122,10 @@ struct Counters {
 pub struct Route {
     /// The staging pod's `ip:port`.
     pub target: SocketAddr,
-    /// Straight to it, or through its local mirror.
+    /// The staging pod, or its local mirror.
     pub mode: TunnelTarget,
+    /// How the staging pod is reached: its IP, the staging API, or either.
+    pub via: StagingVia,
 }
 
 /// A snapshot of a tunnel's counters and errors.
@@ -153,7 +159,8 @@ impl std::fmt::Debug for LocalStream {
     }
 }
 
-/// Why a stream to a mirror could not be opened.
+/// Why a stream to a mirror, or to a staging pod through the staging API,
+/// could not be opened.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DialError {
     #[error("local cluster unavailable: {0}")]
@@ -165,6 +172,22 @@ pub enum DialError {
     #[error("port-forward to {mirror}:{port}: {message}")]
     PortForward {
         mirror: String,
+        port: u16,
+        message: String,
+    },
+    #[error("no staging cluster to reach it through: start the agent with --staging-kube-context")]
+    NoStagingCluster,
+    #[error("staging cluster unavailable: {0}")]
+    StagingUnavailable(String),
+    #[error(
+        "staging pod {namespace}/{name} is not in the staging cluster (replaced?): the control \
+         plane's next push brings the new one"
+    )]
+    StagingPodGone { namespace: String, name: String },
+    #[error("staging API port-forward to {namespace}/{name}:{port}: {message}")]
+    StagingPortForward {
+        namespace: String,
+        name: String,
         port: u16,
         message: String,
     },
@@ -181,6 +204,45 @@ pub trait LocalDialer: Send + Sync + std::fmt::Debug {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LocalStream, DialError>> + Send>>;
 }
 
+/// Opens streams to staging pods through the staging cluster's API server
+/// (its port-forward, with the user's credentials); implemented by the
+/// cluster module. A fresh stream per connection: a stream that fails
+/// fails that one connection, never the listener.
+pub trait StagingDialer: Send + Sync + std::fmt::Debug {
+    /// A fresh stream to `port` of pod `name` in `namespace`.
+    fn dial(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LocalStream, DialError>> + Send>>;
+}
+
+/// The staging dialer of an agent with no staging cluster: every `api`
+/// connection is told how to get one.
+#[derive(Debug, Default)]
+pub struct NoStagingCluster;
+
+impl StagingDialer for NoStagingCluster {
+    fn dial(
+        &self,
+        _namespace: &str,
+        _name: &str,
+        _port: u16,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LocalStream, DialError>> + Send>>
+    {
+        Box::pin(async { Err(DialError::NoStagingCluster) })
+    }
+}
+
+/// The ways a tunnel's connections reach a pod besides its IP: the local
+/// mirror and the staging API.
+#[derive(Debug, Clone)]
+pub struct Dialers {
+    pub mirror: Arc<dyn LocalDialer>,
+    pub staging: Arc<dyn StagingDialer>,
+}
+
 /// What a tunnel's listener and connections share with the store: where to
 /// forward, and what happened.
 #[derive(Debug)]
@@ -189,7 +251,9 @@ pub struct TunnelShared {
     /// Where new connections go; one lock for both halves, read once per
     /// connection.
     route: RwLock<Route>,
-    dialer: Arc<dyn LocalDialer>,
+    dialers: Dialers,
+    /// What the pod's tunnels share: its staging name, which way works.
+    ways: Arc<PodWays>,
     /// Most connections open at once through this tunnel; more are closed
     /// at accept, so a loop cannot eat every descriptor.
     limit: u64,
@@ -210,16 +274,17 @@ pub struct TunnelShared {
 impl TunnelShared {
     pub fn new(
         pod_id: String,
-        target: SocketAddr,
-        mode: TunnelTarget,
-        dialer: Arc<dyn LocalDialer>,
+        route: Route,
+        dialers: Dialers,
+        ways: Arc<PodWays>,
         events: EventBus,
         limit: usize,
     ) -> Arc<Self> {
         Arc::new(Self {
             pod_id,
-            route: RwLock::new(Route { target, mode }),
-            dialer,
+            route: RwLock::new(route),
+            dialers,
+            ways,
             limit: u64::try_from(limit).unwrap_or(u64::MAX),
             counters: Counters::default(),
             errors: Mutex::new(Errors::default()),
@@ -320,9 +385,24 @@ impl TunnelShared {
         self.route().mode
     }
 
-    /// Switches new connections between the staging pod and its mirror.
-    pub fn set_mode(&self, mode: TunnelTarget) {
-        self.change_route(|route| route.mode = mode);
+    /// Switches new connections between the staging pod and its mirror,
+    /// and how the staging pod is reached.
+    pub fn set_mode(&self, mode: TunnelTarget, via: StagingVia) {
+        self.change_route(|route| {
+            route.mode = mode;
+            route.via = via;
+        });
+    }
+
+    /// The way new connections take now.
+    pub fn way(&self) -> Way {
+        let route = self.route();
+        match (route.mode, route.via) {
+            (TunnelTarget::Local, _) => Way::Mirror,
+            (TunnelTarget::Staging, StagingVia::Direct) => Way::Direct,
+            (TunnelTarget::Staging, StagingVia::Api) => Way::Api,
+            (TunnelTarget::Staging, StagingVia::Auto) => self.ways.auto_way(),
+        }
     }
 
     /// Where new connections go.
@@ -621,45 +701,111 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-async fn serve_connection(mut client: TcpStream, shared: &TunnelShared, pipes: &Pipes) {
+async fn serve_connection(client: TcpStream, shared: &TunnelShared, pipes: &Pipes) {
     shared.counters.total.fetch_add(1, Ordering::Relaxed);
     shared.counters.open.fetch_add(1, Ordering::Relaxed);
     shared.events.connection_opened();
     shared.events.traffic_moved();
     let _open = OpenGuard(shared);
 
-    let Route { target, mode } = shared.route();
-    if mode == TunnelTarget::Local {
-        serve_local(client, shared, target.port()).await;
-        return;
+    let Route { target, mode, via } = shared.route();
+    match (mode, via) {
+        (TunnelTarget::Local, _) => serve_stream(client, shared, Way::Mirror, target.port()).await,
+        (TunnelTarget::Staging, StagingVia::Direct) => {
+            serve_direct(client, shared, pipes, target).await;
+        }
+        (TunnelTarget::Staging, StagingVia::Api) => {
+            serve_stream(client, shared, Way::Api, target.port()).await;
+        }
+        (TunnelTarget::Staging, StagingVia::Auto) => {
+            serve_auto(client, shared, pipes, target).await;
+        }
     }
+}
+
+/// Direct to the pod's `ip:port`, as a tunnel always went.
+async fn serve_direct(client: TcpStream, shared: &TunnelShared, pipes: &Pipes, target: SocketAddr) {
     let started = std::time::Instant::now();
     let connected = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await;
     shared.note_connect(
         started.elapsed().as_secs_f64(),
         matches!(connected, Ok(Ok(_))),
     );
-    let mut upstream = match connected {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(err)) => {
+    match connected {
+        Ok(Ok(upstream)) => {
+            shared.record_success();
+            relay_both_ways(client, upstream, shared, pipes, target).await;
+        }
+        Ok(Err(err)) => shared.record_error(
+            ConnectErrorKind::of(&err),
+            format!("cannot connect to pod at {target}: {err}"),
+        ),
+        Err(_) => shared.record_error(
+            ConnectErrorKind::Timeout,
+            format!(
+                "cannot connect to pod at {target}: no answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        ),
+    }
+}
+
+/// `auto`: the pod IP while it answers (a short wait), else the staging
+/// API, which later connections then take directly for a while.
+async fn serve_auto(client: TcpStream, shared: &TunnelShared, pipes: &Pipes, target: SocketAddr) {
+    let started = std::time::Instant::now();
+    if shared.ways.plan(started) == Plan::Api {
+        serve_stream(client, shared, Way::Api, target.port()).await;
+        return;
+    }
+    let connected = tokio::time::timeout(AUTO_DIRECT_TIMEOUT, TcpStream::connect(target)).await;
+    match connected {
+        Ok(Ok(upstream)) => {
+            shared.ways.direct_worked();
+            shared.note_connect(started.elapsed().as_secs_f64(), true);
+            shared.record_success();
+            relay_both_ways(client, upstream, shared, pipes, target).await;
+        }
+        // Routable, but the pod said no: the API would hear the same.
+        Ok(Err(err)) if !is_unreachable(&err) => {
+            shared.ways.direct_worked();
+            shared.note_connect(started.elapsed().as_secs_f64(), false);
             shared.record_error(
                 ConnectErrorKind::of(&err),
                 format!("cannot connect to pod at {target}: {err}"),
             );
-            return;
+        }
+        Ok(Err(err)) => {
+            tracing::info!(pod_id = %shared.pod_id, %target, error = %err, "pod IP unreachable; through the staging API");
+            shared.ways.direct_unreachable(std::time::Instant::now());
+            serve_stream(client, shared, Way::Api, target.port()).await;
         }
         Err(_) => {
-            shared.record_error(
-                ConnectErrorKind::Timeout,
-                format!(
-                    "cannot connect to pod at {target}: no answer within {}s",
-                    CONNECT_TIMEOUT.as_secs()
-                ),
-            );
-            return;
+            tracing::info!(pod_id = %shared.pod_id, %target, "pod IP silent; through the staging API");
+            shared.ways.direct_unreachable(std::time::Instant::now());
+            serve_stream(client, shared, Way::Api, target.port()).await;
         }
-    };
-    shared.record_success();
+    }
+}
+
+/// No route to the pod IP from here (the laptop is off the cluster's network).
+fn is_unreachable(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::TimedOut
+    )
+}
+
+/// Carries a connected pair's bytes both ways until both ends are done.
+async fn relay_both_ways(
+    mut client: TcpStream,
+    mut upstream: TcpStream,
+    shared: &TunnelShared,
+    pipes: &Pipes,
+    target: SocketAddr,
+) {
     // Requests and answers go out at once; the client side has it from the
     // listener already on Linux.
     #[cfg(not(target_os = "linux"))]
@@ -693,19 +839,33 @@ async fn serve_connection(mut client: TcpStream, shared: &TunnelShared, pipes: &
     }
 }
 
-/// A connection to the pod's mirror through the Kubernetes API port-forward:
-/// a fresh stream per connection, the mirror resolved at this moment.
-async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
+/// A connection through a Kubernetes API port-forward: to the pod's local
+/// mirror (resolved at this moment) or to the staging pod through the
+/// staging API. A fresh stream per connection, so a stream that breaks
+/// ends this connection alone.
+async fn serve_stream(mut client: TcpStream, shared: &TunnelShared, way: Way, port: u16) {
     let started = std::time::Instant::now();
-    let dialed =
-        tokio::time::timeout(CONNECT_TIMEOUT, shared.dialer.dial(&shared.pod_id, port)).await;
+    let (what, dial) = match way {
+        Way::Api => {
+            let pod = shared.ways.pod();
+            (
+                "the staging pod through the staging API",
+                shared.dialers.staging.dial(&pod.namespace, &pod.name, port),
+            )
+        }
+        Way::Mirror | Way::Direct => (
+            "the local mirror",
+            shared.dialers.mirror.dial(&shared.pod_id, port),
+        ),
+    };
+    let dialed = tokio::time::timeout(CONNECT_TIMEOUT, dial).await;
     shared.note_connect(started.elapsed().as_secs_f64(), matches!(dialed, Ok(Ok(_))));
     let mut local = match dialed {
         Ok(Ok(local)) => local,
         Ok(Err(err)) => {
             shared.record_error(
                 ConnectErrorKind::Cluster,
-                format!("cannot reach the local mirror: {err}"),
+                format!("cannot reach {what}: {err}"),
             );
             return;
         }
@@ -713,7 +873,7 @@ async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
             shared.record_error(
                 ConnectErrorKind::Timeout,
                 format!(
-                    "cannot reach the local mirror: no answer within {}s",
+                    "cannot reach {what}: no answer within {}s",
                     CONNECT_TIMEOUT.as_secs()
                 ),
             );
@@ -731,7 +891,12 @@ async fn serve_local(mut client: TcpStream, shared: &TunnelShared, port: u16) {
                 .fetch_add(from_pod, Ordering::Relaxed);
         }
         Err(err) => {
-            tracing::debug!(pod_id = %shared.pod_id, error = %err, "local connection ended with an error");
+            // A stream reset mid-transfer: this connection ends, the
+            // listener and the other connections carry on.
+            shared.record_dropped(
+                ConnectErrorKind::Reset,
+                format!("a connection {} broke mid-stream: {err}", way.describe()),
+            );
         }
     }
     drop(local.guard);

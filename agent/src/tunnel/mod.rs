@@ -7,13 +7,15 @@
 //! May use: `events` (a tunnel announces its state and its traffic) and
 //! `model`. Must never touch: the store or the disk (`state`), the names, the
 //! cluster client (a `local` tunnel reaches its mirror only through the
-//! [`LocalDialer`] it is given), the HTTP API or the operator's tools.
+//! [`LocalDialer`] it is given, a staging pod through the staging API only
+//! through the [`StagingDialer`]), the HTTP API or the operator's tools.
 
 mod address_ports;
 mod addresses;
 mod forward;
 mod listen;
 mod ports;
+mod reach;
 mod relay;
 mod shards;
 #[cfg(target_os = "linux")]
@@ -22,9 +24,11 @@ mod splice;
 pub use address_ports::AddressPorts;
 pub use addresses::{AddressBlock, AddressBlockError, CannotListen};
 pub use forward::{
-    combined_activity, latency_buckets, ConnectErrorKind, DialError, LocalDialer, LocalStream,
-    RunningTunnel, TunnelShared, TunnelStats, SAMPLE_EVERY,
+    combined_activity, latency_buckets, ConnectErrorKind, DialError, Dialers, LocalDialer,
+    LocalStream, NoStagingCluster, Route, RunningTunnel, StagingDialer, TunnelShared, TunnelStats,
+    SAMPLE_EVERY,
 };
 pub use listen::bind_listener;
 pub use ports::{PortPlan, PortRange};
+pub use reach::{PodWays, StagingPod};
 pub use shards::{default_count as default_forward_threads, ForwardShards, ShardLoads};

@@ -1,0 +1,205 @@
+//! The staging cluster, reached through its API server with the user's own
+//! kubeconfig: the client (built on first use, with exec plugins resolved
+//! as a login shell would, and built again after a failure), and the
+//! dialer that opens a fresh port-forward stream to a staging pod per
+//! connection, so a stream error breaks that one connection, never the
+//! listener (kubernetes#111825).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::Api;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+
+use super::connection::describe;
+use super::credentials::{login_shell_path, resolve_plugins, PluginLookup};
+use crate::config::StagingSettings;
+use crate::tunnel::{DialError, LocalStream, StagingDialer};
+
+/// Why the staging cluster's client could not be built.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StagingError {
+    #[error("no staging context configured (--staging-kube-context)")]
+    NotConfigured,
+    #[error("cannot read the kubeconfig {source_name}: {message}")]
+    Kubeconfig {
+        source_name: String,
+        message: String,
+    },
+    #[error(
+        "context {context:?} is not in {source_name} (found: {known}); pick one with \
+         --staging-kube-context, or name the file with --staging-kubeconfig"
+    )]
+    ContextMissing {
+        context: String,
+        source_name: String,
+        known: String,
+    },
+    #[error("cannot build a client for context {context:?}: {message}")]
+    Client { context: String, message: String },
+}
+
+/// A client for the staging context, with how its credentials were found.
+#[derive(Clone)]
+pub struct StagingClient {
+    pub client: Client,
+    pub context: String,
+    /// Where the kubeconfig came from, as people read it.
+    pub source_name: String,
+    pub plugins: Vec<PluginLookup>,
+}
+
+impl std::fmt::Debug for StagingClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagingClient")
+            .field("context", &self.context)
+            .field("plugins", &self.plugins)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a client for the staging context: reads the kubeconfig, checks
+/// the context is there, resolves exec plugins on the login shell's PATH.
+pub async fn staging_client(settings: &StagingSettings) -> Result<StagingClient, StagingError> {
+    let context = settings
+        .context
+        .clone()
+        .ok_or(StagingError::NotConfigured)?;
+    let (read, source_name) = match &settings.kubeconfig {
+        Some(path) => (Kubeconfig::read_from(path), path.display().to_string()),
+        None => (
+            Kubeconfig::read(),
+            "$KUBECONFIG or ~/.kube/config".to_owned(),
+        ),
+    };
+    let mut kubeconfig = read.map_err(|err| StagingError::Kubeconfig {
+        source_name: source_name.clone(),
+        message: err.to_string(),
+    })?;
+    if !kubeconfig.contexts.iter().any(|c| c.name == context) {
+        let known: Vec<&str> = kubeconfig
+            .contexts
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        return Err(StagingError::ContextMissing {
+            context,
+            source_name,
+            known: if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            },
+        });
+    }
+    // The login shell runs once per client, off the async threads.
+    let login_path = tokio::task::spawn_blocking(login_shell_path)
+        .await
+        .ok()
+        .flatten();
+    let plugins = resolve_plugins(&mut kubeconfig, login_path.as_deref());
+    let options = KubeConfigOptions {
+        context: Some(context.clone()),
+        ..KubeConfigOptions::default()
+    };
+    let client_error = |message: String| StagingError::Client {
+        context: context.clone(),
+        message,
+    };
+    let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
+        .await
+        .map_err(|err| client_error(err.to_string()))?;
+    let client = Client::try_from(config).map_err(|err| client_error(err.to_string()))?;
+    Ok(StagingClient {
+        client,
+        context,
+        source_name,
+        plugins,
+    })
+}
+
+/// Opens port-forward streams to staging pods through the staging API. One
+/// client for every connection: its connection pool and TLS sessions are
+/// reused, and its exec credentials refreshed when they expire.
+#[derive(Clone)]
+pub struct StagingCluster {
+    settings: StagingSettings,
+    client: Arc<tokio::sync::Mutex<Option<Client>>>,
+}
+
+impl std::fmt::Debug for StagingCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagingCluster")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StagingCluster {
+    pub fn new(settings: StagingSettings) -> Self {
+        Self {
+            settings,
+            client: Arc::default(),
+        }
+    }
+
+    /// The client, built now if there is none yet (or the last try failed).
+    async fn client(&self) -> Result<Client, StagingError> {
+        let mut held = self.client.lock().await;
+        if let Some(client) = held.as_ref() {
+            return Ok(client.clone());
+        }
+        let built = staging_client(&self.settings).await?;
+        for missing in built.plugins.iter().filter_map(PluginLookup::missing) {
+            tracing::warn!("{missing}");
+        }
+        tracing::info!(context = %built.context, "staging cluster client ready");
+        *held = Some(built.client.clone());
+        Ok(built.client)
+    }
+}
+
+impl StagingDialer for StagingCluster {
+    fn dial(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: u16,
+    ) -> Pin<Box<dyn Future<Output = Result<LocalStream, DialError>> + Send>> {
+        let cluster = self.clone();
+        let (namespace, name) = (namespace.to_owned(), name.to_owned());
+        Box::pin(async move {
+            let client = cluster
+                .client()
+                .await
+                .map_err(|err| DialError::StagingUnavailable(err.to_string()))?;
+            let pods: Api<Pod> = Api::namespaced(client, &namespace);
+            let failed = |message: String| DialError::StagingPortForward {
+                namespace: namespace.clone(),
+                name: name.clone(),
+                port,
+                message,
+            };
+            let mut forwarder = match pods.portforward(&name, &[port]).await {
+                Ok(forwarder) => forwarder,
+                Err(kube::Error::Api(status)) if status.code == 404 => {
+                    return Err(DialError::StagingPodGone {
+                        namespace: namespace.clone(),
+                        name: name.clone(),
+                    })
+                }
+                Err(err) => return Err(failed(describe(&err))),
+            };
+            let stream = forwarder
+                .take_stream(port)
+                .ok_or_else(|| failed("no stream for the port".to_owned()))?;
+            Ok(LocalStream {
+                stream,
+                guard: Box::new(forwarder),
+            })
+        })
+    }
+}

@@ -1,0 +1,514 @@
+//! Reaching staging pods through the staging cluster's API server, from the
+//! built binary. A second instance of the Kubernetes API emulator plays the
+//! staging cluster (the agent runs with `--no-cluster`, so no mirror cluster
+//! is involved), each of its pods bridged to a test server.
+//!
+//! How "unroutable" is made real, per test:
+//! - `api_*`, `a_replaced_*`, `credentials_*` and `doctor_*` never connect
+//!   to a pod IP at all (`--staging-via api`): no network trick is needed.
+//! - `auto_*` runs in a network namespace it creates (user and network
+//!   namespaces, only `lo` up), where `connect` to the pod IP fails with
+//!   ENETUNREACH, until the test puts that IP on `lo`.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use k3s_local_agent_e2e::kube_emulator::KubeEmulator;
+use k3s_local_agent_e2e::{
+    agent_binary, cli, greeting_server, read_from, wait_until, wait_until_within, AgentProcess,
+    Sandbox, DEADLINE,
+};
+use serde_json::{json, Value};
+
+const CONTEXT: &str = "staging-ctx";
+/// A GKE-style pod IP: never connected to by the `api` tests.
+const POD_IP: &str = "10.0.1.100";
+
+/// A loopback TCP server echoing every byte back, in a thread per connection.
+fn echo_server_on(address: &str) -> SocketAddr {
+    let listener = std::net::TcpListener::bind(address).expect("bind echo");
+    let bound = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = stream.try_clone().expect("clone");
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    bound
+}
+
+/// Sends `payload` and reads as many bytes back as come before the end
+/// (all of them, on a good connection). No half-close: the port-forward
+/// protocol carries none, so the writer just waits.
+fn round_trip(port: u16, payload: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(DEADLINE))?;
+    let mut writer = stream.try_clone()?;
+    let sent = payload.to_vec();
+    let writing = std::thread::spawn(move || {
+        let _ = writer.write_all(&sent);
+    });
+    let mut back = vec![0u8; payload.len()];
+    let mut filled = 0;
+    while filled < back.len() {
+        match stream.read(&mut back[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(err) if filled == 0 => return Err(err),
+            Err(_) => break,
+        }
+    }
+    back.truncate(filled);
+    drop(stream);
+    let _ = writing.join();
+    Ok(back)
+}
+
+fn staging_pod(id: &str, name: &str, namespace: &str, port: u16) -> Value {
+    json!({"id": id, "name": name, "namespace": namespace, "ip": POD_IP, "port": port})
+}
+
+fn push(agent: &AgentProcess, pods: Value) {
+    let (code, answer) = agent
+        .push(&json!({
+            "agent_id": agent.agent_id().expect("agent id"),
+            "action": "create",
+            "pods": pods,
+        }))
+        .expect("push");
+    assert_eq!(code, 200, "{answer}");
+}
+
+fn tunnel_of(agent: &AgentProcess, id: &str) -> Value {
+    agent.get_json("/api/v1/pods/status").expect("status")["redirections"][id].clone()
+}
+
+fn range_port(agent: &AgentProcess, id: &str) -> u16 {
+    let tunnel = tunnel_of(agent, id);
+    tunnel["local_port"]
+        .as_u64()
+        .and_then(|port| u16::try_from(port).ok())
+        .unwrap_or_else(|| panic!("{id} listens: {tunnel}"))
+}
+
+/// The agent with the staging context, `via`, and `extra` flags.
+fn start_agent(
+    sandbox: &Sandbox,
+    kubeconfig: &Path,
+    range: &str,
+    via: &str,
+    env: &[(&str, &str)],
+) -> AgentProcess {
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    let kubeconfig = kubeconfig.display().to_string();
+    let mut args = sandbox.args(range, &hosts, &state);
+    args.extend([
+        "--staging-kube-context",
+        CONTEXT,
+        "--staging-kubeconfig",
+        &kubeconfig,
+        "--staging-via",
+        via,
+        "--staging-direct-retry",
+        "1",
+    ]);
+    let mut command = Command::new(agent_binary());
+    command.arg("run").args(&args);
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    AgentProcess::run_command(&mut command).expect("agent runs")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_carries_bytes_both_ways_fifty_at_once_and_a_reset_breaks_one_connection() {
+    let staging = KubeEmulator::start().await.expect("staging emulator");
+    staging.insert_pod("team-a", "web", json!({"app": "web"}), json!({}));
+    assert!(staging.set_backend("team-a", "web", echo_server_on("127.0.0.1:0")));
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
+    staging
+        .write_kubeconfig(&kubeconfig, CONTEXT)
+        .expect("kubeconfig");
+    let agent = start_agent(&sandbox, &kubeconfig, "22600-22619", "api", &[]);
+    push(&agent, json!([staging_pod("web-1", "web", "team-a", 8080)]));
+    let tunnel = tunnel_of(&agent, "web-1");
+    assert_eq!(tunnel["via"], "api", "{tunnel}");
+    assert_eq!(tunnel["way"], "api");
+    assert_eq!(tunnel["way_label"], "via staging API");
+    let port = range_port(&agent, "web-1");
+
+    // Bytes both ways, through the staging API.
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let back = round_trip(port, &payload).expect("round trip");
+    assert!(
+        back == payload,
+        "{} of {} bytes came back intact",
+        back.len(),
+        payload.len()
+    );
+
+    // Fifty connections at once, each its own stream.
+    let workers: Vec<_> = (0..50u8)
+        .map(|n| {
+            std::thread::spawn(move || {
+                let payload = vec![n; 20_000];
+                round_trip(port, &payload).map(|back| back == payload)
+            })
+        })
+        .collect();
+    for worker in workers {
+        assert!(
+            worker.join().expect("worker").expect("round trip"),
+            "bytes intact"
+        );
+    }
+
+    // A stream reset mid-transfer breaks that one connection: one opened
+    // before it carries on, and the listener takes new ones.
+    let mut before = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    before.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let ping = |stream: &mut TcpStream, what: &str| {
+        stream.write_all(b"ping").expect(what);
+        let mut answer = [0u8; 4];
+        stream.read_exact(&mut answer).expect(what);
+        assert_eq!(&answer, b"ping", "{what}");
+    };
+    ping(&mut before, "the connection opened before the reset");
+    staging.cut_next_stream_after(100_000);
+    let big = vec![7u8; 1_000_000];
+    let cut = round_trip(port, &big).unwrap_or_default();
+    assert!(
+        cut.len() < big.len(),
+        "the cut connection ended early ({} bytes)",
+        cut.len()
+    );
+    ping(&mut before, "the earlier connection, after another's reset");
+    assert_eq!(
+        round_trip(port, b"after").expect("a new connection"),
+        b"after"
+    );
+    let tunnel = tunnel_of(&agent, "web-1");
+    assert_eq!(tunnel["status"], "active", "{tunnel}");
+
+    // The way shows in /metrics and in the CLI.
+    let metrics = reqwest::get(agent.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains(
+            "k3s_local_agent_tunnel_way{pod_id=\"web-1\",pod=\"web\",port=\"8080\",way=\"api\"} 1"
+        ),
+        "{metrics}"
+    );
+    let (ok, out, err) = cli(&["pods", "--agent-url", &agent.base_url]).expect("pods");
+    assert!(ok, "{err}");
+    assert!(out.contains("team-a/web:8080 via staging API"), "{out}");
+    agent.terminate().expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_pod_gets_a_clear_404_and_the_listener_stays() {
+    let staging = KubeEmulator::start().await.expect("staging emulator");
+    staging.insert_pod("team-a", "api", json!({}), json!({}));
+    assert!(staging.set_backend("team-a", "api", greeting_server("first").expect("server")));
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
+    staging
+        .write_kubeconfig(&kubeconfig, CONTEXT)
+        .expect("kubeconfig");
+    let agent = start_agent(&sandbox, &kubeconfig, "22620-22639", "api", &[]);
+    push(&agent, json!([staging_pod("api-1", "api", "team-a", 9000)]));
+    let port = range_port(&agent, "api-1");
+    assert_eq!(read_from(port).expect("first"), "first");
+
+    // The pod is replaced in staging: the connection fails with the reason.
+    staging.delete_pod("team-a", "api");
+    let _ = read_from(port);
+    wait_until("the reason in the status", || {
+        tunnel_of(&agent, "api-1")["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("team-a/api is not in the staging cluster"))
+    })
+    .expect("a clear 404");
+    assert_eq!(tunnel_of(&agent, "api-1")["status"], "active");
+    // The new pod comes (the control plane would push it): same listener.
+    staging.insert_pod("team-a", "api", json!({}), json!({}));
+    assert!(staging.set_backend("team-a", "api", greeting_server("second").expect("server")));
+    wait_until("the listener reaching the new pod", || {
+        read_from(port).is_ok_and(|text| text == "second")
+    })
+    .expect("same port, new pod");
+    agent.terminate().expect("stop");
+}
+
+/// Writes an executable file.
+fn write_script(path: &Path, text: &str) {
+    std::fs::write(path, text).expect("write script");
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_come_from_an_exec_plugin_on_the_login_path_and_are_refreshed() {
+    let staging = KubeEmulator::start().await.expect("staging emulator");
+    staging.insert_pod("team-a", "web", json!({}), json!({}));
+    assert!(staging.set_backend(
+        "team-a",
+        "web",
+        greeting_server("signed in").expect("server")
+    ));
+    staging.accept_only_tokens(&["tok-alpha"]);
+    let sandbox = Sandbox::new().expect("sandbox");
+    let root = sandbox.dir.path();
+    // The plugin lives where only a login shell's profile looks.
+    let tools = root.join("tools/bin");
+    let home = root.join("home");
+    std::fs::create_dir_all(&tools).expect("tools");
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::write(
+        home.join(".profile"),
+        format!("PATH=\"{}:$PATH\"\nexport PATH\n", tools.display()),
+    )
+    .expect("profile");
+    // The identity provider's current secret: the plugin's token is made
+    // from it, and expires a minute and a second after it is issued (kube
+    // asks again when less than a minute is left: here, after a second).
+    let secret = root.join("secret");
+    std::fs::write(&secret, "alpha").expect("secret");
+    write_script(
+        &tools.join("staging-auth"),
+        &format!(
+            "#!/bin/sh\n\
+             expires=$(date -u -d '+61 seconds' +%Y-%m-%dT%H:%M:%SZ)\n\
+             printf '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\
+             \"status\":{{\"token\":\"tok-%s\",\"expirationTimestamp\":\"%s\"}}}}' \"$(cat '{secret}')\" \"$expires\"\n",
+            secret = secret.display()
+        ),
+    );
+    let kubeconfig = root.join("staging.kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: staging\n  cluster:\n    server: {}\n\
+             users:\n- name: dev\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      \
+             command: staging-auth\n      interactiveMode: Never\n\
+             contexts:\n- name: {CONTEXT}\n  context:\n    cluster: staging\n    user: dev\n\
+             current-context: {CONTEXT}\n",
+            staging.url()
+        ),
+    )
+    .expect("kubeconfig");
+    let home_text = home.display().to_string();
+    // A bare PATH, as a desktop menu gives: the plugin is not on it.
+    let agent = start_agent(
+        &sandbox,
+        &kubeconfig,
+        "22640-22659",
+        "api",
+        &[
+            ("PATH", "/usr/bin:/bin"),
+            ("HOME", &home_text),
+            ("SHELL", "/bin/sh"),
+        ],
+    );
+    push(&agent, json!([staging_pod("web-1", "web", "team-a", 80)]));
+    let port = range_port(&agent, "web-1");
+    assert_eq!(read_from(port).expect("through the API"), "signed in");
+    assert!(staging.tokens_seen().contains(&"tok-alpha".to_owned()));
+
+    // The token expires and a new one is issued: the agent, never
+    // restarted, asks the plugin again and carries on.
+    std::fs::write(&secret, "beta").expect("secret");
+    staging.accept_only_tokens(&["tok-beta"]);
+    wait_until_within(Duration::from_secs(30), "a refreshed token", || {
+        read_from(port).is_ok_and(|text| text == "signed in")
+    })
+    .unwrap_or_else(|err| {
+        panic!(
+            "refreshed without a restart: {err}; tokens seen {:?}; agent log:\n{}",
+            staging.tokens_seen(),
+            agent.log_lines().join("\n")
+        )
+    });
+    assert!(staging.tokens_seen().contains(&"tok-beta".to_owned()));
+    agent.terminate().expect("stop");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn doctor_reports_the_staging_cluster_allowed_and_forbidden() {
+    let staging = KubeEmulator::start().await.expect("staging emulator");
+    staging.deny_in("create", "pods/portforward", "team-b");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
+    staging
+        .write_kubeconfig(&kubeconfig, CONTEXT)
+        .expect("kubeconfig");
+    let agent = start_agent(&sandbox, &kubeconfig, "22660-22679", "api", &[]);
+    push(
+        &agent,
+        json!([
+            staging_pod("a-1", "a", "team-a", 80),
+            staging_pod("b-1", "b", "team-b", 80)
+        ]),
+    );
+    let port = agent.base_url.rsplit(':').next().expect("port").to_owned();
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    let kubeconfig_text = kubeconfig.display().to_string();
+    let (_, out, err) = cli(&[
+        "doctor",
+        "--agent-port",
+        &port,
+        "--hosts-file",
+        &hosts,
+        "--state-dir",
+        &state,
+        "--no-cluster",
+        "--staging-kube-context",
+        CONTEXT,
+        "--staging-kubeconfig",
+        &kubeconfig_text,
+        "--staging-via",
+        "api",
+        "--json",
+    ])
+    .expect("doctor");
+    let checks: Vec<Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
+    let find = |name: &str, text: &str| {
+        checks
+            .iter()
+            .find(|c| c["name"] == name && c["detail"].as_str().is_some_and(|d| d.contains(text)))
+            .unwrap_or_else(|| panic!("no {name} check saying {text:?}: {checks:#?}"))
+            .clone()
+    };
+    assert_eq!(find("staging", CONTEXT)["ok"], true);
+    assert_eq!(find("staging api", "reachable")["ok"], true);
+    assert_eq!(find("port-forward", "allowed in team-a")["ok"], true);
+    let forbidden = find("port-forward", "forbidden in team-b");
+    assert_eq!(forbidden["ok"], false);
+    assert!(
+        forbidden["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("pods/portforward")),
+        "the fix is named: {forbidden}"
+    );
+
+    // A context that is not there: said, with the fix.
+    let (ok, out, _) = cli(&[
+        "doctor",
+        "--agent-port",
+        &port,
+        "--hosts-file",
+        &hosts,
+        "--state-dir",
+        &state,
+        "--no-cluster",
+        "--staging-kube-context",
+        "nope",
+        "--staging-kubeconfig",
+        &kubeconfig_text,
+    ])
+    .expect("doctor");
+    assert!(!ok);
+    assert!(
+        out.contains("\"nope\" is not in") && out.contains("--staging-kube-context"),
+        "{out}"
+    );
+    agent.terminate().expect("stop");
+}
+
+/// Runs this test's body in a network namespace of its own (user and
+/// network namespaces, only `lo` up): true in there, false in the parent,
+/// which waits for the child and fails with it.
+fn in_private_network(test: &str) -> bool {
+    if std::env::var_os("K3S_LOCAL_AGENT_TEST_NETNS").is_some() {
+        return true;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let output = Command::new("unshare")
+        .args(["--user", "--map-root-user", "--net", "--", "sh", "-c"])
+        .arg("ip link set lo up && exec \"$0\" \"$@\"")
+        .arg(&exe)
+        .args([test, "--exact", "--nocapture", "--test-threads=1"])
+        .env("K3S_LOCAL_AGENT_TEST_NETNS", "1")
+        .output()
+        .expect("unshare runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "in its network namespace:\n{text}");
+    assert!(text.contains("1 passed"), "the test ran in there:\n{text}");
+    false
+}
+
+#[test]
+fn auto_falls_back_to_the_api_when_the_pod_ip_is_unroutable_and_comes_back() {
+    if !in_private_network(
+        "auto_falls_back_to_the_api_when_the_pod_ip_is_unroutable_and_comes_back",
+    ) {
+        return;
+    }
+    // In here only `lo` is up: 10.0.1.100 has no route (ENETUNREACH).
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let staging = runtime
+        .block_on(KubeEmulator::start())
+        .expect("staging emulator");
+    staging.insert_pod("team-a", "web", json!({}), json!({}));
+    assert!(staging.set_backend("team-a", "web", greeting_server("via api").expect("server")));
+    // The pod itself, on every address of this namespace: reached directly
+    // once its IP is routable.
+    let direct = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    let pod_port = direct.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for stream in direct.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let _ = stream.write_all(b"direct");
+        }
+    });
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
+    staging
+        .write_kubeconfig(&kubeconfig, CONTEXT)
+        .expect("kubeconfig");
+    let agent = start_agent(&sandbox, &kubeconfig, "22680-22699", "auto", &[]);
+    push(
+        &agent,
+        json!([staging_pod("web-1", "web", "team-a", pod_port)]),
+    );
+    let port = range_port(&agent, "web-1");
+    assert_eq!(tunnel_of(&agent, "web-1")["via"], "auto");
+
+    assert_eq!(read_from(port).expect("fell back"), "via api");
+    assert_eq!(tunnel_of(&agent, "web-1")["way"], "api", "remembered");
+    assert_eq!(read_from(port).expect("again"), "via api");
+
+    // The pod IP becomes routable (on lo here): direct again, once tried.
+    let added = Command::new("ip")
+        .args(["addr", "add", &format!("{POD_IP}/32"), "dev", "lo"])
+        .status()
+        .expect("ip runs");
+    assert!(added.success());
+    wait_until("direct again", || {
+        read_from(port).is_ok_and(|text| text == "direct")
+    })
+    .expect("back to direct");
+    assert_eq!(tunnel_of(&agent, "web-1")["way"], "direct");
+    assert_eq!(
+        tunnel_of(&agent, "web-1")["way_label"],
+        "via staging (direct)"
+    );
+    agent.terminate().expect("stop");
+}
