@@ -12,6 +12,7 @@ use kube::api::Api;
 use tokio::sync::watch;
 
 use super::connection::{describe, ClusterStatus};
+use super::port_forward;
 use crate::state::Store;
 use crate::tunnel::{DialError, LocalDialer, LocalStream};
 
@@ -21,6 +22,8 @@ pub struct MirrorDialer {
     pub(super) store: Store,
     pub(super) status: watch::Receiver<ClusterStatus>,
     pub(super) pods_api: Arc<RwLock<Option<Api<Pod>>>>,
+    /// The local namespace the mirrors live in.
+    pub(super) namespace: String,
 }
 
 impl LocalDialer for MirrorDialer {
@@ -48,22 +51,17 @@ impl LocalDialer for MirrorDialer {
                 .pod_view(&pod_id)
                 .and_then(|view| view.tunnel.mirror.map(|m| m.name).or(Some(view.pod.name)))
                 .ok_or_else(|| DialError::UnknownPod(pod_id.clone()))?;
-            let failed = |message: String| DialError::PortForward {
-                mirror: name.clone(),
-                port,
-                message,
-            };
-            let mut forwarder = api
-                .portforward(&name, &[port])
-                .await
-                .map_err(|err| failed(describe(&err)))?;
-            let stream = forwarder
-                .take_stream(port)
-                .ok_or_else(|| failed("no stream for the port".to_owned()))?;
-            Ok(LocalStream {
-                stream,
-                guard: Box::new(forwarder),
-            })
+            let client = api.into_client();
+            match port_forward::open(&client, &dialer.namespace, &name, port).await {
+                Ok(stream) => Ok(LocalStream {
+                    stream: Box::new(stream),
+                }),
+                Err(err) => Err(DialError::PortForward {
+                    mirror: name,
+                    port,
+                    message: describe(&err),
+                }),
+            }
         })
     }
 }

@@ -73,6 +73,7 @@ impl Mirror {
             store: self.store.clone(),
             status: self.status.subscribe(),
             pods_api: Arc::clone(&self.pods_api),
+            namespace: self.settings.namespace.clone(),
         })
     }
 

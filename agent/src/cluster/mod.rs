@@ -16,6 +16,7 @@ mod credentials;
 mod dialer;
 mod manifest;
 mod mirror;
+mod port_forward;
 mod staging;
 
 pub use connection::{ClusterError, ClusterStatus};

@@ -9,13 +9,12 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::Api;
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 
 use super::connection::describe;
 use super::credentials::{login_shell_path, resolve_plugins, PluginLookup};
+use super::port_forward;
 use crate::config::StagingSettings;
 use crate::tunnel::{DialError, LocalStream, StagingDialer};
 
@@ -176,30 +175,20 @@ impl StagingDialer for StagingCluster {
                 .client()
                 .await
                 .map_err(|err| DialError::StagingUnavailable(err.to_string()))?;
-            let pods: Api<Pod> = Api::namespaced(client, &namespace);
-            let failed = |message: String| DialError::StagingPortForward {
-                namespace: namespace.clone(),
-                name: name.clone(),
-                port,
-                message,
-            };
-            let mut forwarder = match pods.portforward(&name, &[port]).await {
-                Ok(forwarder) => forwarder,
+            match port_forward::open(&client, &namespace, &name, port).await {
+                Ok(stream) => Ok(LocalStream {
+                    stream: Box::new(stream),
+                }),
                 Err(kube::Error::Api(status)) if status.code == 404 => {
-                    return Err(DialError::StagingPodGone {
-                        namespace: namespace.clone(),
-                        name: name.clone(),
-                    })
+                    Err(DialError::StagingPodGone { namespace, name })
                 }
-                Err(err) => return Err(failed(describe(&err))),
-            };
-            let stream = forwarder
-                .take_stream(port)
-                .ok_or_else(|| failed("no stream for the port".to_owned()))?;
-            Ok(LocalStream {
-                stream,
-                guard: Box::new(forwarder),
-            })
+                Err(err) => Err(DialError::StagingPortForward {
+                    namespace,
+                    name,
+                    port,
+                    message: describe(&err),
+                }),
+            }
         })
     }
 }

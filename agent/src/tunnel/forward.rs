@@ -26,6 +26,8 @@ use crate::tunnel::shards::{Balance, ForwardShards, LoadGuard, Pipes};
 
 /// How long a connection waits for the pod before giving up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Each way's buffer on a port-forward connection (one read, one frame).
+const STREAM_BUFFER: usize = 64 * 1024;
 /// How long an `auto` connection waits for the pod IP before it takes the
 /// staging API: a routable pod answers well within it.
 const AUTO_DIRECT_TIMEOUT: Duration = Duration::from_millis(1500);
@@ -147,10 +149,15 @@ struct Errors {
     last: Option<(String, DateTime<Utc>)>,
 }
 
-/// A stream to a pod's mirror, and whatever must live as long as it does.
+/// A byte stream to a pod through a Kubernetes API port-forward (to its
+/// mirror, or to the staging pod through the staging API).
+pub trait PodStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> PodStream for T {}
+
+/// A stream to a pod, opened for one connection.
 pub struct LocalStream {
-    pub stream: tokio::io::DuplexStream,
-    pub guard: Box<dyn std::any::Any + Send>,
+    pub stream: Box<dyn PodStream>,
 }
 
 impl std::fmt::Debug for LocalStream {
@@ -882,7 +889,16 @@ async fn serve_stream(mut client: TcpStream, shared: &TunnelShared, way: Way, po
     };
     shared.record_success();
     let _ = client.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut client, &mut local.stream).await {
+    // A port-forward frame carries what one read gave: large buffers make
+    // large frames, and fewer of them, for bulk transfers.
+    match tokio::io::copy_bidirectional_with_sizes(
+        &mut client,
+        &mut local.stream,
+        STREAM_BUFFER,
+        STREAM_BUFFER,
+    )
+    .await
+    {
         Ok((to_pod, from_pod)) => {
             shared.counters.to_pod.fetch_add(to_pod, Ordering::Relaxed);
             shared
@@ -899,5 +915,4 @@ async fn serve_stream(mut client: TcpStream, shared: &TunnelShared, way: Way, po
             );
         }
     }
-    drop(local.guard);
 }

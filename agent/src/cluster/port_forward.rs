@@ -1,0 +1,307 @@
+//! One connection through a Kubernetes API server's port-forward, as a
+//! byte stream: the WebSocket (`v4.channel.k8s.io`, or `v5` with its
+//! half-close) read and written in place, so a tunnel copies between its
+//! client's socket and the WebSocket directly. kube's own `Portforwarder`
+//! puts an in-memory pipe, a channel of one message and three tasks between
+//! them, and sends the pod at most 4 KiB a frame; this sends what the
+//! client wrote, up to a tunnel's 64 KiB buffer, in one frame. The
+//! request, credentials, TLS and connection pool are the kube client's.
+//!
+//! The protocol: every binary message starts with a channel byte. Channel 0
+//! carries the port's data and channel 1 its errors; each first sends the
+//! port number (2 bytes, little-endian). v5 adds channel 255, whose `[255,
+//! 0]` closes the data channel's sending side (a half-close).
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use futures_util::{Sink, Stream};
+use k8s_openapi::api::core::v1::Pod;
+use kube::Client;
+use kube::Resource;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+const DATA: u8 = 0;
+const ERROR: u8 = 1;
+/// v5's signal channel: `[CLOSE, DATA]` ends what we send on the data channel.
+const CLOSE: u8 = 255;
+
+/// What a port-forward's WebSocket is to us: messages in, messages out.
+pub trait Socket:
+    Stream<Item = Result<Message, tungstenite::Error>>
+    + Sink<Message, Error = tungstenite::Error>
+    + Unpin
+    + Send
+{
+}
+
+impl<S> Socket for S where
+    S: Stream<Item = Result<Message, tungstenite::Error>>
+        + Sink<Message, Error = tungstenite::Error>
+        + Unpin
+        + Send
+{
+}
+
+/// Opens a port-forward to `port` of pod `namespace/name`: one HTTP upgrade
+/// on the client's connection pool.
+pub async fn open(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    port: u16,
+) -> Result<PortForwardStream<impl Socket>, kube::Error> {
+    let request = kube::core::Request::new(Pod::url_path(&(), Some(namespace)))
+        .portforward(name, &[port])
+        .map_err(kube::Error::BuildRequest)?;
+    let connection = client.connect(request).await?;
+    let half_close = connection.supports_stream_close();
+    Ok(PortForwardStream {
+        socket: connection.into_stream(),
+        half_close,
+        unread: Bytes::new(),
+        data_opened: false,
+        error_opened: false,
+        ended: false,
+        shut: false,
+    })
+}
+
+/// One port of a pod through the API server, as a byte stream.
+pub struct PortForwardStream<S> {
+    socket: S,
+    /// The server speaks v5: a half-close can be sent.
+    half_close: bool,
+    /// What is left of the last data frame.
+    unread: Bytes,
+    /// Whether the data and error channels sent their opening port frames.
+    data_opened: bool,
+    error_opened: bool,
+    /// The pod's side is done (close frame or end of the socket).
+    ended: bool,
+    /// Our sending side is closed.
+    shut: bool,
+}
+
+impl<S> std::fmt::Debug for PortForwardStream<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortForwardStream")
+            .field("half_close", &self.half_close)
+            .field("ended", &self.ended)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ws_error(err: tungstenite::Error) -> io::Error {
+    match err {
+        tungstenite::Error::Io(err) => err,
+        tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed => {
+            io::Error::new(io::ErrorKind::ConnectionReset, "the port-forward closed")
+        }
+        tungstenite::Error::Protocol(
+            tungstenite::error::ProtocolError::ResetWithoutClosingHandshake,
+        ) => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            "the port-forward stream was reset",
+        ),
+        other => io::Error::other(other),
+    }
+}
+
+impl<S: Socket> AsyncRead for PortForwardStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.unread.is_empty() {
+                let n = self.unread.len().min(buf.remaining());
+                buf.put_slice(&self.unread[..n]);
+                self.unread.advance(n);
+                return Poll::Ready(Ok(()));
+            }
+            if self.ended {
+                return Poll::Ready(Ok(()));
+            }
+            let message = match ready!(Pin::new(&mut self.socket).poll_next(cx)) {
+                Some(Ok(message)) => message,
+                Some(Err(err)) => return Poll::Ready(Err(ws_error(err))),
+                None => {
+                    // The socket ended without a close frame: cut, not done.
+                    self.ended = true;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::ConnectionReset,
+                        "the port-forward stream was reset",
+                    )));
+                }
+            };
+            match message {
+                Message::Binary(mut frame) if !frame.is_empty() => {
+                    let channel = frame[0];
+                    frame.advance(1);
+                    match channel {
+                        DATA if !self.data_opened => self.data_opened = true,
+                        DATA => self.unread = frame,
+                        ERROR if !self.error_opened => self.error_opened = true,
+                        ERROR if frame.is_empty() => {}
+                        ERROR => {
+                            self.ended = true;
+                            return Poll::Ready(Err(io::Error::new(
+                                io::ErrorKind::ConnectionRefused,
+                                String::from_utf8_lossy(&frame).into_owned(),
+                            )));
+                        }
+                        _ => {}
+                    }
+                }
+                Message::Close(_) => self.ended = true,
+                // Pings are answered by the socket itself; text is not ours.
+                _ => {}
+            }
+        }
+    }
+}
+
+impl<S: Socket> AsyncWrite for PortForwardStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.shut {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the port-forward's sending side is closed",
+            )));
+        }
+        ready!(Pin::new(&mut self.socket).poll_ready(cx)).map_err(ws_error)?;
+        let mut frame = Vec::with_capacity(data.len() + 1);
+        frame.push(DATA);
+        frame.extend_from_slice(data);
+        Pin::new(&mut self.socket)
+            .start_send(Message::Binary(frame.into()))
+            .map_err(ws_error)?;
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.socket).poll_flush(cx).map_err(ws_error)
+    }
+
+    /// A half-close where the server speaks v5; v4 has none, so the pod's
+    /// side stays open until it ends (as kubectl's port-forward behaves).
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut && self.half_close {
+            ready!(Pin::new(&mut self.socket).poll_ready(cx)).map_err(ws_error)?;
+            Pin::new(&mut self.socket)
+                .start_send(Message::Binary(Bytes::from_static(&[CLOSE, DATA])))
+                .map_err(ws_error)?;
+        }
+        self.shut = true;
+        Pin::new(&mut self.socket).poll_flush(cx).map_err(ws_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::WebSocketStream;
+
+    /// A port-forward stream over an in-memory WebSocket, and the API
+    /// server's end of it.
+    async fn pair() -> (
+        PortForwardStream<impl Socket>,
+        WebSocketStream<tokio::io::DuplexStream>,
+    ) {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let client = WebSocketStream::from_raw_socket(ours, Role::Client, None).await;
+        let server = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
+        let stream = PortForwardStream {
+            socket: client,
+            half_close: false,
+            unread: Bytes::new(),
+            data_opened: false,
+            error_opened: false,
+            ended: false,
+            shut: false,
+        };
+        (stream, server)
+    }
+
+    fn frame(channel: u8, data: &[u8]) -> Message {
+        let mut bytes = vec![channel];
+        bytes.extend_from_slice(data);
+        Message::Binary(bytes.into())
+    }
+
+    /// The opening frames: each channel names the port.
+    async fn open_channels(server: &mut WebSocketStream<tokio::io::DuplexStream>) {
+        for channel in [DATA, ERROR] {
+            server
+                .send(frame(channel, &8080u16.to_le_bytes()))
+                .await
+                .expect("send");
+        }
+    }
+
+    #[tokio::test]
+    async fn data_both_ways_after_the_opening_frames_then_the_end() {
+        let (mut stream, mut server) = pair().await;
+        open_channels(&mut server).await;
+        server.send(frame(DATA, b"hello ")).await.expect("send");
+        server.send(frame(DATA, b"there")).await.expect("send");
+        stream.write_all(b"ping").await.expect("write");
+        stream.flush().await.expect("flush");
+        let sent = server.next().await.expect("a frame").expect("frame");
+        assert_eq!(sent, frame(DATA, b"ping"), "data goes on channel 0");
+        server.close(None).await.expect("close");
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await.expect("read");
+        assert_eq!(text, "hello there", "the port numbers are not data");
+    }
+
+    #[tokio::test]
+    async fn an_error_from_the_pod_side_fails_the_read_with_its_words() {
+        let (mut stream, mut server) = pair().await;
+        open_channels(&mut server).await;
+        let message = "error forwarding port 8080 to pod abc: connection refused";
+        server
+            .send(frame(ERROR, message.as_bytes()))
+            .await
+            .expect("send");
+        let mut buffer = [0u8; 16];
+        let err = stream.read(&mut buffer).await.expect_err("an error");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(err.to_string().contains("connection refused"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_ends_without_a_close_frame_is_a_reset() {
+        let (mut stream, mut server) = pair().await;
+        open_channels(&mut server).await;
+        server.send(frame(DATA, b"part")).await.expect("send");
+        drop(server);
+        let mut got = Vec::new();
+        let err = stream.read_to_end(&mut got).await.expect_err("cut");
+        assert_eq!(got, b"part");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn a_half_close_is_signalled_where_the_protocol_has_one() {
+        let (mut stream, mut server) = pair().await;
+        stream.half_close = true;
+        stream.shutdown().await.expect("shutdown");
+        let signal = server.next().await.expect("a frame").expect("frame");
+        assert_eq!(signal, frame(CLOSE, &[DATA]));
+        let err = stream.write(b"late").await.expect_err("closed");
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+}
