@@ -10,7 +10,14 @@ printed with it. Writes a markdown report (see BENCHMARKS.md). --quick
 proves the harness (short runs, one each): it checks that every figure was
 produced, never that a figure is fast.
 
-Standard library only; the peers come from Debian (bench/run installs them).
+Tunnels through the staging cluster's API server (`--staging-via api`) are
+measured beside the obvious peer, one kube `Portforwarder` per connection
+joined with `copy_bidirectional` (kftray's way), both on the same API server
+stand-in (the test suite's Kubernetes API emulator, as a process): throughput,
+new connections per second, the latency a fresh connection adds, CPU per GB.
+
+Standard library only; the peers come from Debian (bench/run installs them),
+the API stand-in and its peer from this workspace (bench/run builds them).
 """
 
 import argparse
@@ -37,6 +44,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # connections a tunnel can hold (two sockets each, plus its listeners).
 HARD_NOFILE = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
 PEERS = ["direct", "socat", "socat-backlog", "haproxy", "tunnel"]
+# Through the staging API: the kube Portforwarder peer, and our tunnel.
+API_PEERS = ["api-peer", "api-tunnel"]
 
 
 def free_port():
@@ -260,8 +269,88 @@ listen {name}
             r[f"p99/{peer}"] = statistics.median(s[2] for s in keep_alive[peer])
             r[f"conn/{peer}"] = statistics.median(new_connections[peer])
 
+        self.through_the_api()
         self.scale()
         return r
+
+    def through_the_api(self):
+        """Our tunnel via the staging API against a kube Portforwarder per
+        connection, both through the same API stand-in to the same pod."""
+        r = self.results
+        kubeconfig = self.tmp / "staging.kubeconfig"
+        stand_in = self.procs.start(
+            [str(self.args.tools / "kube-stand-in"), str(kubeconfig), "bench", "team-a/bench",
+             f"5201=127.0.0.1:{self.iperf_port}", f"80=127.0.0.1:{self.http_port}"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ready = stand_in.stdout.readline()
+        if not ready.startswith("ready"):
+            raise RuntimeError(f"the API stand-in did not start: {ready!r}")
+        ports = {"api-peer": {"tcp": free_port(), "http": free_port()}}
+        peer = self.procs.start(
+            [str(self.args.tools / "kube-portforward-peer"), str(kubeconfig), "bench", "team-a/bench",
+             f"{ports['api-peer']['tcp']}:5201", f"{ports['api-peer']['http']}:80"],
+            stdout=subprocess.PIPE, text=True)
+        if peer.stdout.readline().strip() != "listening":
+            raise RuntimeError("the port-forward peer did not start")
+        agent_port = free_port()
+        base = f"http://127.0.0.1:{agent_port}"
+        agent = self.procs.start([
+            str(self.args.binary), "run", "--agent-port", str(agent_port),
+            "--port-range", "25000-25019", "--no-cluster", "--name-ports", "off",
+            "--hosts-file", str(self.tmp / "hosts"), "--state-dir", str(self.tmp / "api-state"),
+            "--staging-kube-context", "bench", "--staging-kubeconfig", str(kubeconfig),
+            "--staging-via", "api",
+        ], env={**os.environ, "RUST_LOG": "warn"})
+        wait_port(agent_port)
+        agent_id = api(base, "GET", "/health")["agent_id"]
+        # The pod IP is never dialled on `api`: its port-forward is the way.
+        api(base, "POST", "/api/v1/pods", {"agent_id": agent_id, "action": "create", "pods": [
+            {"id": "bench", "name": "bench", "namespace": "team-a", "ip": "10.0.1.100",
+             "ports": [5201, 80]}]})
+        tunnel = api(base, "GET", "/api/v1/pods/status")["redirections"]["bench"]
+        by_port = {p["staging_port"]: p["local_port"] for p in tunnel["ports"]}
+        ports["api-tunnel"] = {"tcp": by_port[5201], "http": by_port[80]}
+        for peer_ports in ports.values():
+            for port in peer_ports.values():
+                wait_port(port)
+        pids = {"api-peer": peer.pid, "api-tunnel": agent.pid}
+
+        def each(measure):
+            samples = {name: [] for name in API_PEERS}
+            for _ in range(self.args.runs):
+                for name in API_PEERS:
+                    samples[name].append(measure(name))
+            return samples
+
+        def throughput_and_cpu(name):
+            before = cpu_seconds(pids[name])
+            gbits, moved = self.iperf(ports[name]["tcp"], 1)
+            return gbits, (cpu_seconds(pids[name]) - before) / (moved / 1e9)
+
+        tput = each(throughput_and_cpu)
+        conns = each(lambda name: self.wrk(ports[name]["http"], close=True)[0])
+        direct = statistics.median(self.first_byte_ms(self.http_port) for _ in range(self.args.runs))
+        extra = each(lambda name: self.first_byte_ms(ports[name]["http"]) - direct)
+        for name in API_PEERS:
+            r[f"api_tput/{name}"] = statistics.median(s[0] for s in tput[name])
+            r[f"api_cpu/{name}"] = statistics.median(s[1] for s in tput[name])
+            r[f"api_conn/{name}"] = statistics.median(conns[name])
+            r[f"api_extra_ms/{name}"] = statistics.median(extra[name])
+        stand_in.stdin.close()
+
+    def first_byte_ms(self, port, count=None):
+        """Median time from connect to the first byte of an HTTP answer on a
+        fresh connection, in ms, over `count` connections one after another."""
+        count = count or (20 if self.args.quick else 200)
+        times = []
+        for _ in range(count):
+            start = time.monotonic()
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+                if not s.recv(1):
+                    raise RuntimeError(f"no answer on port {port}")
+            times.append(1000 * (time.monotonic() - start))
+        return statistics.median(times)
 
     def scale(self):
         r = self.results
@@ -386,6 +475,23 @@ def report(r, args):
     add(f"| idle agent CPU ({args.idle_seconds} s, 921 tunnels) | {r['idle_cpu_pct']:.2f} % of a core | < 0.5 % |")
     add(f"| 5,000-pod push onto 5,000 held (10,000 after) | {r['push5000_at_10k_s']:.3f} s | well under 1 s |")
     add(f"| slowest `/health` during that push | {r['health_during_push_ms']:.1f} ms | milliseconds |")
+    add("")
+    add("Through the staging API (the same API server stand-in and pod for both):")
+    add("")
+    add("| measure | kube Portforwarder per connection (kftray's way) | tunnel via staging API | tunnel vs peer |")
+    add("|---|---|---|---|")
+
+    def api_row(label, key, fmt, higher_is_better=True):
+        peer, ours = r[f"{key}/api-peer"], r[f"{key}/api-tunnel"]
+        rel = ratio(ours, peer) if higher_is_better else ratio(peer, ours)
+        add(f"| {label} | {fmt.format(peer)} | {fmt.format(ours)} | {rel:.2f}x |")
+
+    api_row("throughput, 1 stream (Gbit/s)", "api_tput", "{:.2f}")
+    api_row("new connections (conn/s)", "api_conn", "{:.0f}")
+    api_row("latency a fresh connection adds (ms; ratio: lower is better)", "api_extra_ms", "{:.3f}",
+            higher_is_better=False)
+    api_row("forwarder CPU per GB moved (s; ratio: lower is better)", "api_cpu", "{:.3f}",
+            higher_is_better=False)
     return "\n".join(lines)
 
 
@@ -399,11 +505,15 @@ def main():
     parser.add_argument("--idle-connections", type=int, default=10000,
                         help="idle connections to hold [default: 10,000, or what the open-file limit allows]")
     parser.add_argument("--out", type=Path, help="also write the report here")
+    parser.add_argument("--tools", type=Path,
+                        help="where kube-stand-in and kube-portforward-peer are [default: beside the binary]")
     args = parser.parse_args()
     if args.quick:
         args.runs, args.seconds, args.idle_seconds = 1, 1, 3
     if args.binary is None:
         args.binary = ROOT / "target" / ("debug" if args.quick else "release") / "k3s-local-agent"
+    if args.tools is None:
+        args.tools = args.binary.parent
     args.binary_kind = "debug build (figures not meaningful)" if "debug" in str(args.binary) else "release build"
     bench = Bench(args)
     try:
@@ -415,7 +525,7 @@ def main():
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    expected = 6 * len(PEERS) + 8
+    expected = 6 * len(PEERS) + 8 + 4 * len(API_PEERS)
     if missing or len(results) < expected:
         print(f"error: figures missing: {missing or 'some'} ({len(results)} of {expected})", file=sys.stderr)
         return 1
