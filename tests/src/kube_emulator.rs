@@ -62,8 +62,11 @@ struct Cluster {
     accepted_tokens: Option<Vec<String>>,
     /// The bearer token of every request, in order (for assertions).
     tokens_seen: Vec<String>,
-    /// The next port-forward stream is cut (its connection dropped, no
-    /// close frame) once this many bytes went to the pod.
+    /// Cancelled when the pod (by uid) goes: its port-forward streams end,
+    /// as a kubelet ends a deleted pod's streams.
+    pod_streams: BTreeMap<String, CancellationToken>,
+    /// While set, the first port-forward stream to carry more than this
+    /// many bytes to the pod is cut (its connection dropped, no close frame).
     cut_next_after: Option<usize>,
 }
 
@@ -411,10 +414,20 @@ async fn delete_pod(
     cluster.requests.push(format!("DELETE {namespace}/{name}"));
     match cluster.pods.remove(&(namespace.clone(), name.clone())) {
         Some(mut pod) => {
+            end_streams(&mut cluster, &pod);
             shared.record(&mut cluster, &namespace, "DELETED", &mut pod);
             Json(pod).into_response()
         }
         None => not_found("pods", &name),
+    }
+}
+
+/// Ends the port-forward streams of a pod that went.
+fn end_streams(cluster: &mut Cluster, pod: &Value) {
+    if let Some(uid) = pod["metadata"]["uid"].as_str() {
+        if let Some(streams) = cluster.pod_streams.remove(uid) {
+            streams.cancel();
+        }
     }
 }
 
@@ -439,8 +452,8 @@ async fn port_forward(
             "query parameter ports is required",
         );
     };
-    let backend = {
-        let cluster = shared.lock();
+    let (backend, pod_gone) = {
+        let mut cluster = shared.lock();
         let Some(pod) = cluster.pods.get(&(namespace, name.clone())) else {
             return not_found("pods", &name);
         };
@@ -448,17 +461,26 @@ async fn port_forward(
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        cluster
+        let backend = cluster
             .port_backends
             .get(&(uid.clone(), port))
             .or_else(|| cluster.backends.get(&uid))
-            .copied()
+            .copied();
+        (backend, cluster.pod_streams.entry(uid).or_default().clone())
     };
-    let running = shared.running();
-    let cut_after = shared.lock().cut_next_after.take();
+    // The stream ends with the emulator, or with its pod.
+    let running = shared.running().child_token();
+    let ends_with_pod = running.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = pod_gone.cancelled() => ends_with_pod.cancel(),
+            _ = ends_with_pod.cancelled() => {}
+        }
+    });
+    let cutter = shared.clone();
     upgrade
         .protocols(["v4.channel.k8s.io"])
-        .on_upgrade(move |socket| bridge(socket, port, backend, running, cut_after))
+        .on_upgrade(move |socket| bridge(socket, port, backend, running, cutter))
 }
 
 async fn bridge(
@@ -466,7 +488,7 @@ async fn bridge(
     port: u16,
     backend: Option<SocketAddr>,
     running: CancellationToken,
-    cut_after: Option<usize>,
+    cutter: Shared,
 ) {
     use futures_util::{SinkExt, StreamExt};
     let cut = CancellationToken::new();
@@ -504,7 +526,15 @@ async fn bridge(
             match message {
                 Message::Binary(data) if data.first() == Some(&0) => {
                     sent += data.len() - 1;
-                    if cut_after.is_some_and(|limit| sent > limit) {
+                    let cut_now = {
+                        let mut cluster = cutter.lock();
+                        let due = cluster.cut_next_after.is_some_and(|limit| sent > limit);
+                        if due {
+                            cluster.cut_next_after = None;
+                        }
+                        due
+                    };
+                    if cut_now {
                         // A stream reset mid-transfer: dropped, no close frame.
                         cut.cancel();
                         return;
@@ -818,6 +848,7 @@ impl KubeEmulator {
             .pods
             .remove(&(namespace.to_owned(), name.to_owned()))
         {
+            end_streams(&mut cluster, &pod);
             self.shared
                 .record(&mut cluster, namespace, "DELETED", &mut pod);
         }
@@ -850,9 +881,10 @@ impl KubeEmulator {
             Some(tokens.iter().map(|token| (*token).to_owned()).collect());
     }
 
-    /// Cuts the next port-forward stream once `bytes` went through it to the
-    /// pod: its connection is dropped with no close frame, as a stream reset
-    /// mid-transfer looks to the client.
+    /// Cuts the first port-forward stream (from now on, opened before or
+    /// after) that carries more than `bytes` to the pod: its connection is
+    /// dropped with no close frame, as a stream reset mid-transfer looks to
+    /// the client.
     pub fn cut_next_stream_after(&self, bytes: usize) {
         self.shared.lock().cut_next_after = Some(bytes);
     }

@@ -235,8 +235,8 @@ async fn a_replaced_pod_gets_a_clear_404_and_the_listener_stays() {
 
     // The pod is replaced in staging: the connection fails with the reason.
     staging.delete_pod("team-a", "api");
-    let _ = read_from(port);
     wait_until("the reason in the status", || {
+        let _ = read_from(port);
         tunnel_of(&agent, "api-1")["error"]
             .as_str()
             .is_some_and(|error| error.contains("team-a/api is not in the staging cluster"))
@@ -333,6 +333,7 @@ async fn credentials_come_from_an_exec_plugin_on_the_login_path_and_are_refreshe
     staging.accept_only_tokens(&["tok-beta"]);
     wait_until_within(Duration::from_secs(30), "a refreshed token", || {
         read_from(port).is_ok_and(|text| text == "signed in")
+            && staging.tokens_seen().contains(&"tok-beta".to_owned())
     })
     .unwrap_or_else(|err| {
         panic!(
@@ -393,6 +394,8 @@ async fn doctor_reports_the_staging_cluster_allowed_and_forbidden() {
             .clone()
     };
     assert_eq!(find("staging", CONTEXT)["ok"], true);
+    // The way each pod goes, counted.
+    assert_eq!(find("tunnels", "2 via staging API")["ok"], true);
     assert_eq!(find("staging api", "reachable")["ok"], true);
     assert_eq!(find("port-forward", "allowed in team-a")["ok"], true);
     let forbidden = find("port-forward", "forbidden in team-b");

@@ -111,6 +111,37 @@ fn ws_error(err: tungstenite::Error) -> io::Error {
     }
 }
 
+impl<S: Socket> PortForwardStream<S> {
+    /// Takes one message off the socket: data is kept to be read, the
+    /// opening port frames are skipped, an error ends the stream with it.
+    fn take(&mut self, message: Message) -> io::Result<()> {
+        match message {
+            Message::Binary(mut frame) if !frame.is_empty() => {
+                let channel = frame[0];
+                frame.advance(1);
+                match channel {
+                    DATA if !self.data_opened => self.data_opened = true,
+                    DATA => self.unread = frame,
+                    ERROR if !self.error_opened => self.error_opened = true,
+                    ERROR if frame.is_empty() => {}
+                    ERROR => {
+                        self.ended = true;
+                        return Err(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            String::from_utf8_lossy(&frame).into_owned(),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            Message::Close(_) => self.ended = true,
+            // Pings are answered by the socket itself; text is not ours.
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 impl<S: Socket> AsyncRead for PortForwardStream<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -139,28 +170,8 @@ impl<S: Socket> AsyncRead for PortForwardStream<S> {
                     )));
                 }
             };
-            match message {
-                Message::Binary(mut frame) if !frame.is_empty() => {
-                    let channel = frame[0];
-                    frame.advance(1);
-                    match channel {
-                        DATA if !self.data_opened => self.data_opened = true,
-                        DATA => self.unread = frame,
-                        ERROR if !self.error_opened => self.error_opened = true,
-                        ERROR if frame.is_empty() => {}
-                        ERROR => {
-                            self.ended = true;
-                            return Poll::Ready(Err(io::Error::new(
-                                io::ErrorKind::ConnectionRefused,
-                                String::from_utf8_lossy(&frame).into_owned(),
-                            )));
-                        }
-                        _ => {}
-                    }
-                }
-                Message::Close(_) => self.ended = true,
-                // Pings are answered by the socket itself; text is not ours.
-                _ => {}
+            if let Err(err) = self.take(message) {
+                return Poll::Ready(Err(err));
             }
         }
     }

@@ -227,13 +227,30 @@ fn tunnel_ports(status: &crate::model::StatusResponse, agent_pid: u32) -> Vec<Ch
         vec![Check::ok(
             "tunnels",
             format!(
-                "{} pods, {ports} tunnelled ports, every active port held by the agent alone",
-                status.redirections.len()
+                "{} pods, {ports} tunnelled ports, every active port held by the agent alone; {}",
+                status.redirections.len(),
+                ways_in_use(status)
             ),
         )]
     } else {
         problems
     }
+}
+
+/// How many pods go each way now: "2 via staging API, 1 via mirror".
+fn ways_in_use(status: &crate::model::StatusResponse) -> String {
+    let mut counts: std::collections::BTreeMap<&'static str, usize> = Default::default();
+    for tunnel in status.redirections.values() {
+        *counts.entry(tunnel.way.describe()).or_default() += 1;
+    }
+    if counts.is_empty() {
+        return "no pods held".to_owned();
+    }
+    counts
+        .iter()
+        .map(|(way, count)| format!("{count} {way}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn range_use(config: &crate::config::Config, status: &crate::model::StatusResponse) -> Check {

@@ -15,9 +15,7 @@ async fn main() -> Result<()> {
     let [kubeconfig, context, pod, forwards @ ..] = args.as_slice() else {
         bail!("usage: kube-portforward-peer KUBECONFIG CONTEXT NAMESPACE/POD LISTEN:POD...");
     };
-    let (namespace, name) = pod
-        .split_once('/')
-        .context("the pod is NAMESPACE/NAME")?;
+    let (namespace, name) = pod.split_once('/').context("the pod is NAMESPACE/NAME")?;
     let options = KubeConfigOptions {
         context: Some(context.clone()),
         ..KubeConfigOptions::default()

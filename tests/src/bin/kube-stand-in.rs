@@ -15,11 +15,14 @@ async fn main() -> Result<()> {
     let [kubeconfig, context, pod, backends @ ..] = args.as_slice() else {
         bail!("usage: kube-stand-in KUBECONFIG CONTEXT NAMESPACE/POD PORT=HOST:PORT...");
     };
-    let (namespace, name) = pod
-        .split_once('/')
-        .context("the pod is NAMESPACE/NAME")?;
+    let (namespace, name) = pod.split_once('/').context("the pod is NAMESPACE/NAME")?;
     let emulator = KubeEmulator::start().await?;
-    emulator.insert_pod(namespace, name, serde_json::json!({}), serde_json::json!({}));
+    emulator.insert_pod(
+        namespace,
+        name,
+        serde_json::json!({}),
+        serde_json::json!({}),
+    );
     for backend in backends {
         let (port, address) = backend
             .split_once('=')
