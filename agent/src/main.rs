@@ -342,8 +342,8 @@ fn describe_tunnel(tunnel: &Redirection) -> String {
         line.push_str(&format!("  ({error})"));
     }
     // The pod's other ports, one line each under it.
-    for port in tunnel.ports.iter().skip_while(|port| {
-        port.staging_port == tunnel.staging_port && port.protocol == Protocol::Tcp
+    for port in tunnel.ports.iter().filter(|port| {
+        !(port.staging_port == tunnel.staging_port && port.protocol == Protocol::Tcp)
     }) {
         line.push('\n');
         line.push_str(&describe_port(tunnel, port));

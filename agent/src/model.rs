@@ -66,8 +66,9 @@ pub struct PodSpec {
     pub created_at: Option<DateTime<Utc>>,
     #[serde(default)]
     pub updated_at: Option<DateTime<Utc>>,
-    /// Every staging port the pod exposes, in the order given; the first
-    /// TCP one is the one tunnelled. Never empty once validated.
+    /// Every staging port the pod exposes, in the order given; each TCP one
+    /// has a tunnel (the first is the one the seed's fields show). Never
+    /// empty once validated.
     pub ports: Vec<PortSpec>,
 }
 
@@ -656,15 +657,20 @@ impl StagingVia {
     }
 }
 
+/// A way that is none of `direct`, `api`, `auto`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0:?} is not a way: direct, api or auto")]
+pub struct UnknownWay(pub String);
+
 impl std::str::FromStr for StagingVia {
-    type Err = String;
+    type Err = UnknownWay;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
         match text {
             "direct" => Ok(Self::Direct),
             "api" => Ok(Self::Api),
             "auto" => Ok(Self::Auto),
-            other => Err(format!("{other:?} is not a way: direct, api or auto")),
+            other => Err(UnknownWay(other.to_owned())),
         }
     }
 }

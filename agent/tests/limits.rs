@@ -73,6 +73,17 @@ async fn targets_that_lead_back_into_the_agent_are_refused_naming_the_field() {
             "{answer}"
         );
     }
+    // Every port has a tunnel, so every port is checked: a second one that
+    // leads back is refused too.
+    let (code, answer) = agent
+        .push(
+            "create",
+            json!([{"id": "loop2", "name": "loop2", "ip": "127.0.0.1",
+                    "ports": [upstream.port(), api.port()]}]),
+        )
+        .await;
+    assert_eq!(code, 400, "{answer}");
+    assert_eq!(answer["rejected"][0]["field"], "ports", "{answer}");
     let status = agent.get("/api/v1/pods/status").await;
     assert_eq!(status["total_redirections"], 1, "{status}");
     assert_eq!(fx.hosts_text(), hosts_before);

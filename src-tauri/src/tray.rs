@@ -119,15 +119,8 @@ impl Tray {
         let preferences = self.preferences.get();
         self.icon.set_tooltip(Some(glance.describe(snapshot)))?;
         let key = menu_key(snapshot, &preferences);
-        {
-            let mut shown = match self.shown.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
-            if shown.as_ref() == Some(&key) {
-                return Ok(());
-            }
-            *shown = Some(key);
+        if self.shown().as_ref() == Some(&key) {
+            return Ok(());
         }
 
         let mut items: Vec<Box<dyn IsMenuItem<Wry>>> = Vec::new();
@@ -216,11 +209,27 @@ impl Tray {
             None::<&str>,
         )?));
 
+        // Forgotten until the menu is whole: a failed build is tried again.
+        *self.shown() = None;
         while self.menu.remove_at(0)?.is_some() {}
         for item in &items {
             self.menu.append(item.as_ref())?;
         }
+        *self.shown() = Some(key);
         Ok(())
+    }
+
+    fn shown(&self) -> std::sync::MutexGuard<'_, Option<String>> {
+        match self.shown.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Rebuilds the menu on the next show, changed or not: a toggle the
+    /// agent refused left its check mark flipped by the menu itself.
+    fn forget_shown(&self) {
+        *self.shown() = None;
     }
 
     /// Flips one preference (mute, pin) and shows it in the menu at once.
@@ -404,11 +413,24 @@ fn shorten(text: &str) -> String {
     }
 }
 
-/// Turns a pod (or one port of it) on or off, off the menu's thread.
-fn toggle_from_tray(agent: Agent, pod_id: String, enabled: bool, port: Option<u16>) {
+/// Turns a pod (or one port of it) on or off, off the menu's thread; a
+/// refusal puts the menu back as the agent has it.
+fn toggle_from_tray(
+    app: &AppHandle,
+    agent: Agent,
+    pod_id: String,
+    enabled: bool,
+    port: Option<u16>,
+) {
+    let app = app.clone();
     tauri::async_runtime::spawn(async move {
         if let Err(err) = agent.set_forwarding(&pod_id, enabled, port).await {
             tracing::warn!(%pod_id, ?port, error = %err, "cannot toggle from the tray");
+            let tray = app.state::<Tray>();
+            tray.forget_shown();
+            if let Err(err) = tray.show(&app, &agent.snapshot()) {
+                tracing::warn!(error = %err, "cannot update the tray menu");
+            }
         }
     });
 }
@@ -422,7 +444,7 @@ fn on_menu_event(app: &AppHandle, event: MenuEvent) {
         let enabled = !agent
             .pod(&pod_id)
             .is_some_and(|view| view.tunnel.ports.iter().any(|port| port.forwarding));
-        toggle_from_tray(agent, pod_id, enabled, None);
+        toggle_from_tray(app, agent, pod_id, enabled, None);
     } else if let Some((port, pod_id)) = id
         .strip_prefix(PORT_PREFIX)
         .and_then(|rest| rest.split_once(':'))
@@ -437,7 +459,7 @@ fn on_menu_event(app: &AppHandle, event: MenuEvent) {
                 .iter()
                 .any(|p| p.staging_port == port && p.forwarding)
         });
-        toggle_from_tray(agent, pod_id, enabled, Some(port));
+        toggle_from_tray(app, agent, pod_id, enabled, Some(port));
     } else if let Some(pod_id) = id.strip_prefix(OPEN_PREFIX) {
         if let Err(err) = commands::open_in_browser(app, &agent, pod_id) {
             tracing::warn!(%pod_id, error = %err, "cannot open the pod");

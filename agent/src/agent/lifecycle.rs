@@ -79,10 +79,14 @@ impl Agent {
         let shards = ForwardShards::new(config.forward_threads).map_err(AgentError::Shards)?;
         // The staging cluster's client is built at the first `api`
         // connection: a start never waits on (or fails for) it.
-        let staging_dialer: Arc<dyn StagingDialer> = if config.staging.context.is_some() {
-            Arc::new(StagingCluster::new(config.staging.clone()))
-        } else {
-            Arc::new(NoStagingCluster)
+        let staging_cluster = config
+            .staging
+            .context
+            .is_some()
+            .then(|| StagingCluster::new(config.staging.clone()));
+        let staging_dialer: Arc<dyn StagingDialer> = match &staging_cluster {
+            Some(cluster) => Arc::new(cluster.clone()),
+            None => Arc::new(NoStagingCluster),
         };
         let address_ports = AddressPorts::new(config.bind_helper.clone());
         let agent = Self {
@@ -113,6 +117,15 @@ impl Agent {
         };
 
         let inner = &agent.inner;
+        if let Some(cluster) = staging_cluster {
+            let cancel = inner.cancel.clone();
+            inner.tracker.spawn(async move {
+                tokio::select! {
+                    _ = cluster.prepare() => {}
+                    _ = cancel.cancelled() => {}
+                }
+            });
+        }
         let reporter = inner.reporter.clone();
         let cancel = inner.cancel.clone();
         inner.tracker.spawn(after_restore(

@@ -26,7 +26,7 @@ impl Agent {
     /// to fix and why; `None` for a target elsewhere.
     pub fn target_loops_back(&self, spec: &PodSpec) -> Option<(&'static str, String)> {
         let config = &self.inner.config;
-        let (ip, port) = (spec.ip, spec.staging_port());
+        let ip = spec.ip;
         if let IpAddr::V4(v4) = ip {
             if config.address_block.contains(v4) {
                 return Some((
@@ -39,6 +39,18 @@ impl Agent {
                 ));
             }
         }
+        // Every TCP port has a tunnel: each is checked, the first named
+        // `port` as the seed's field, the others `ports`.
+        spec.tcp_ports().enumerate().find_map(|(index, port)| {
+            let field = if index == 0 { "port" } else { "ports" };
+            self.port_loops_back(ip, port)
+                .map(|message| (field, message))
+        })
+    }
+
+    /// Why `ip:port` is one of this agent's own listeners, if it is.
+    fn port_loops_back(&self, ip: IpAddr, port: u16) -> Option<String> {
+        let config = &self.inner.config;
         // A listener on `on` takes connections to `ip` when they are the
         // same, or either is a wildcard (loopback for a wildcard listener).
         let reaches = |on: IpAddr| {
@@ -46,19 +58,15 @@ impl Agent {
         };
         let api = self.inner.local_addr;
         if reaches(api.ip()) && port == api.port() {
-            return Some((
-                "port",
-                format!("{ip}:{port} is this agent's own API: the tunnel would connect to itself"),
+            return Some(format!(
+                "{ip}:{port} is this agent's own API: the tunnel would connect to itself"
             ));
         }
         if reaches(self.inner.listen_ip) && config.port_range.contains(port) {
-            return Some((
-                "port",
-                format!(
-                    "{ip}:{port} is in this agent's tunnel range {}: the tunnel would connect \
-                     to a tunnel of its own",
-                    config.port_range
-                ),
+            return Some(format!(
+                "{ip}:{port} is in this agent's tunnel range {}: the tunnel would connect \
+                 to a tunnel of its own",
+                config.port_range
             ));
         }
         None
@@ -142,13 +150,15 @@ impl Agent {
             // Readers (status, the dashboard) get the lock between batches.
             tokio::task::yield_now().await;
         }
-        if !outcome.removed.is_empty() {
+        // Ports that left pods release their numbers once closed.
+        let ports_left = !moved_away.is_empty();
+        for listener in moved_away {
+            listener.close().await;
+        }
+        if !outcome.removed.is_empty() || ports_left {
             // Ports freed by removals may let failed tunnels listen now.
             let mut map = self.inner.store.write();
             upserted.extend(self.retry_failed(&mut map));
-        }
-        for listener in moved_away {
-            listener.close().await;
         }
         self.save(&upserted, &outcome.removed).await?;
         self.write_names().await;

@@ -171,10 +171,15 @@ impl Agent {
                     local_port: None,
                     forwarding: !paused,
                 });
-            // Its old number only if no other pod took it meanwhile.
+            // Its old number only if no other tunnel took it meanwhile, and
+            // then claimed at once (it may not listen now: paused), so no
+            // other port of this push is given it too.
             remembered.local_port = remembered
                 .local_port
                 .filter(|port| !in_use.ports.contains(port));
+            in_use.ports.extend(remembered.local_port);
+            // A paused pod stays paused, whatever the port was before.
+            remembered.forwarding &= !paused;
             let route = Route {
                 target: SocketAddr::new(entry.spec.ip, staging_port),
                 mode: entry.target,

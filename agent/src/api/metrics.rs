@@ -93,7 +93,6 @@ struct TunnelFigures {
     name: String,
     /// The pod's staging port this tunnel forwards to.
     port: u16,
-    state: TunnelState,
     stats: TunnelStats,
     tunnel: Arc<TunnelShared>,
 }
@@ -109,13 +108,18 @@ impl Collector for LiveCollector {
                     id: id.clone(),
                     name: entry.spec.name.clone(),
                     port: port.staging_port,
-                    state: port.state(),
                     stats: port.tunnel.stats(),
                     tunnel: Arc::clone(&port.tunnel),
                 })
             })
             .collect();
         let used_ports = self.store.ports_used();
+        let pod_states: Vec<TunnelState> = self
+            .store
+            .read()
+            .values()
+            .map(|entry| entry.state())
+            .collect();
         let labels = |t: &TunnelFigures| {
             [
                 ("pod_id", t.id.clone()),
@@ -209,7 +213,7 @@ impl Collector for LiveCollector {
 
         let mut metric = encoder.encode_descriptor(
             "redirections",
-            "Tunnels by state",
+            "Pods by their tunnel's state (as /api/v1/pods/status counts them)",
             None,
             MetricType::Gauge,
         )?;
@@ -218,7 +222,7 @@ impl Collector for LiveCollector {
             TunnelState::Failed,
             TunnelState::Stopped,
         ] {
-            let count = tunnels.iter().filter(|t| t.state == state).count();
+            let count = pod_states.iter().filter(|s| **s == state).count();
             let labels = [("state", state.as_str())];
             ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
                 .encode(metric.encode_family(&labels)?)?;

@@ -10,11 +10,17 @@
 //! The protocol: every binary message starts with a channel byte. Channel 0
 //! carries the port's data and channel 1 its errors; each first sends the
 //! port number (2 bytes, little-endian). v5 adds channel 255, whose `[255,
-//! 0]` closes the data channel's sending side (a half-close).
+//! 0]` closes the data channel's sending side (a half-close). v4, which
+//! kubelets speak, has none: when the client has finished sending, the pod
+//! gets [`LINGER`] of silence to finish its answer, and then the stream is
+//! closed (kube's `Portforwarder` closes at once, losing a late answer; a
+//! stream left open would hold the pod's connection for hours).
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use futures_util::{Sink, Stream};
@@ -23,6 +29,10 @@ use kube::Client;
 use kube::Resource;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_tungstenite::tungstenite::{self, Message};
+
+/// On v4, how long the pod may stay silent after the client finished
+/// sending before the stream is closed.
+pub const LINGER: Duration = Duration::from_secs(5);
 
 const DATA: u8 = 0;
 const ERROR: u8 = 1;
@@ -65,8 +75,10 @@ pub async fn open(
         unread: Bytes::new(),
         data_opened: false,
         error_opened: false,
+        data_seen: false,
         ended: false,
         shut: false,
+        linger: None,
     })
 }
 
@@ -80,10 +92,14 @@ pub struct PortForwardStream<S> {
     /// Whether the data and error channels sent their opening port frames.
     data_opened: bool,
     error_opened: bool,
+    /// Whether the pod sent any data: an error before it is a refusal.
+    data_seen: bool,
     /// The pod's side is done (close frame or end of the socket).
     ended: bool,
     /// Our sending side is closed.
     shut: bool,
+    /// On v4 after our side closed: when the pod's silence ends the stream.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<S> std::fmt::Debug for PortForwardStream<S> {
@@ -120,14 +136,29 @@ impl<S: Socket> PortForwardStream<S> {
                 let channel = frame[0];
                 frame.advance(1);
                 match channel {
-                    DATA if !self.data_opened => self.data_opened = true,
-                    DATA => self.unread = frame,
-                    ERROR if !self.error_opened => self.error_opened = true,
+                    // The opening frame names the port; anything else is data.
+                    DATA if !self.data_opened && frame.len() == 2 => self.data_opened = true,
+                    DATA => {
+                        self.data_opened = true;
+                        self.data_seen |= !frame.is_empty();
+                        self.unread = frame;
+                        if let Some(linger) = self.linger.as_mut() {
+                            linger.as_mut().reset(tokio::time::Instant::now() + LINGER);
+                        }
+                    }
+                    ERROR if !self.error_opened && frame.len() == 2 => self.error_opened = true,
                     ERROR if frame.is_empty() => {}
                     ERROR => {
                         self.ended = true;
+                        // Before any data, the pod's port refused us;
+                        // after, the connection to it broke.
+                        let kind = if self.data_seen {
+                            io::ErrorKind::ConnectionReset
+                        } else {
+                            io::ErrorKind::ConnectionRefused
+                        };
                         return Err(io::Error::new(
-                            io::ErrorKind::ConnectionRefused,
+                            kind,
                             String::from_utf8_lossy(&frame).into_owned(),
                         ));
                     }
@@ -158,7 +189,20 @@ impl<S: Socket> AsyncRead for PortForwardStream<S> {
             if self.ended {
                 return Poll::Ready(Ok(()));
             }
-            let message = match ready!(Pin::new(&mut self.socket).poll_next(cx)) {
+            let next = Pin::new(&mut self.socket).poll_next(cx);
+            if next.is_pending() {
+                // v4, our side done, the pod silent for LINGER: its answer
+                // is over; end the stream rather than hold it open.
+                if let Some(linger) = self.linger.as_mut() {
+                    ready!(linger.as_mut().poll(cx));
+                    self.ended = true;
+                    let _ = Pin::new(&mut self.socket).start_send(Message::Close(None));
+                    let _ = Pin::new(&mut self.socket).poll_flush(cx);
+                    return Poll::Ready(Ok(()));
+                }
+                return Poll::Pending;
+            }
+            let message = match ready!(next) {
                 Some(Ok(message)) => message,
                 Some(Err(err)) => return Poll::Ready(Err(ws_error(err))),
                 None => {
@@ -183,11 +227,14 @@ impl<S: Socket> AsyncWrite for PortForwardStream<S> {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        if self.shut {
+        if self.shut || self.ended {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
-                "the port-forward's sending side is closed",
+                "the port-forward is closed",
             )));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
         }
         ready!(Pin::new(&mut self.socket).poll_ready(cx)).map_err(ws_error)?;
         let mut frame = Vec::with_capacity(data.len() + 1);
@@ -203,16 +250,20 @@ impl<S: Socket> AsyncWrite for PortForwardStream<S> {
         Pin::new(&mut self.socket).poll_flush(cx).map_err(ws_error)
     }
 
-    /// A half-close where the server speaks v5; v4 has none, so the pod's
-    /// side stays open until it ends (as kubectl's port-forward behaves).
+    /// A half-close where the server speaks v5; on v4, which has none, the
+    /// pod gets [`LINGER`] of silence to finish before the stream closes.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        if !self.shut && self.half_close {
-            ready!(Pin::new(&mut self.socket).poll_ready(cx)).map_err(ws_error)?;
-            Pin::new(&mut self.socket)
-                .start_send(Message::Binary(Bytes::from_static(&[CLOSE, DATA])))
-                .map_err(ws_error)?;
+        if !self.shut {
+            if self.half_close {
+                ready!(Pin::new(&mut self.socket).poll_ready(cx)).map_err(ws_error)?;
+                Pin::new(&mut self.socket)
+                    .start_send(Message::Binary(Bytes::from_static(&[CLOSE, DATA])))
+                    .map_err(ws_error)?;
+            } else {
+                self.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
+            }
+            self.shut = true;
         }
-        self.shut = true;
         Pin::new(&mut self.socket).poll_flush(cx).map_err(ws_error)
     }
 }
@@ -240,8 +291,10 @@ mod tests {
             unread: Bytes::new(),
             data_opened: false,
             error_opened: false,
+            data_seen: false,
             ended: false,
             shut: false,
+            linger: None,
         };
         (stream, server)
     }
@@ -302,6 +355,35 @@ mod tests {
         let mut got = Vec::new();
         let err = stream.read_to_end(&mut got).await.expect_err("cut");
         assert_eq!(got, b"part");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn on_v4_a_silent_pod_ends_the_stream_after_the_client_finished() {
+        let (mut stream, mut server) = pair().await;
+        open_channels(&mut server).await;
+        stream.write_all(b"request").await.expect("write");
+        stream.shutdown().await.expect("shutdown");
+        server.send(frame(DATA, b"answer")).await.expect("send");
+        // The answer arrives; then the pod says nothing and the clock runs.
+        let mut text = String::new();
+        let read = tokio::time::timeout(LINGER * 3, stream.read_to_string(&mut text)).await;
+        assert!(read.is_ok(), "the stream ended after the pod's silence");
+        assert_eq!(text, "answer");
+    }
+
+    #[tokio::test]
+    async fn an_error_after_data_is_a_broken_connection_not_a_refusal() {
+        let (mut stream, mut server) = pair().await;
+        open_channels(&mut server).await;
+        server.send(frame(DATA, b"partial")).await.expect("send");
+        server
+            .send(frame(ERROR, b"lost connection to pod"))
+            .await
+            .expect("send");
+        let mut got = Vec::new();
+        let err = stream.read_to_end(&mut got).await.expect_err("broken");
+        assert_eq!(got, b"partial");
         assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
     }
 

@@ -1,6 +1,8 @@
 //! The staging cluster, reached through its API server with the user's own
-//! kubeconfig: the client (built on first use, with exec plugins resolved
-//! as a login shell would, and built again after a failure), and the
+//! kubeconfig: the client (built when the agent starts, off any
+//! connection's clock, with exec plugins resolved as a login shell would;
+//! built again after a failed build, at most every few seconds, and after
+//! the API server refused its credentials), and the
 //! dialer that opens a fresh port-forward stream to a staging pod per
 //! connection, so a stream error breaks that one connection, never the
 //! listener (kubernetes#111825).
@@ -8,6 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
@@ -126,7 +129,18 @@ pub async fn staging_client(settings: &StagingSettings) -> Result<StagingClient,
 #[derive(Clone)]
 pub struct StagingCluster {
     settings: StagingSettings,
-    client: Arc<tokio::sync::Mutex<Option<Client>>>,
+    client: Arc<tokio::sync::Mutex<ClientState>>,
+}
+
+/// Least time between two builds of the client after one failed: each runs
+/// the login shell and reads the kubeconfig.
+const BUILD_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The client, or why the last build failed and when.
+#[derive(Default)]
+struct ClientState {
+    client: Option<Client>,
+    failed: Option<(Instant, StagingError)>,
 }
 
 impl std::fmt::Debug for StagingCluster {
@@ -145,19 +159,47 @@ impl StagingCluster {
         }
     }
 
-    /// The client, built now if there is none yet (or the last try failed).
+    /// Builds the client now (the agent calls it at start, on its own
+    /// runtime), so no connection waits for the login shell.
+    pub async fn prepare(&self) {
+        if let Err(err) = self.client().await {
+            tracing::warn!(error = %err, "the staging cluster's client cannot be built yet");
+        }
+    }
+
+    /// The client: the one built, else built now, unless a build failed
+    /// less than [`BUILD_BACKOFF`] ago (then that failure again).
     async fn client(&self) -> Result<Client, StagingError> {
-        let mut held = self.client.lock().await;
-        if let Some(client) = held.as_ref() {
+        let mut state = self.client.lock().await;
+        if let Some(client) = &state.client {
             return Ok(client.clone());
         }
-        let built = staging_client(&self.settings).await?;
-        for missing in built.plugins.iter().filter_map(PluginLookup::missing) {
-            tracing::warn!("{missing}");
+        if let Some((at, why)) = &state.failed {
+            if at.elapsed() < BUILD_BACKOFF {
+                return Err(why.clone());
+            }
         }
-        tracing::info!(context = %built.context, "staging cluster client ready");
-        *held = Some(built.client.clone());
-        Ok(built.client)
+        match staging_client(&self.settings).await {
+            Ok(built) => {
+                for missing in built.plugins.iter().filter_map(PluginLookup::missing) {
+                    tracing::warn!("{missing}");
+                }
+                tracing::info!(context = %built.context, "staging cluster client ready");
+                state.client = Some(built.client.clone());
+                state.failed = None;
+                Ok(built.client)
+            }
+            Err(why) => {
+                state.failed = Some((Instant::now(), why.clone()));
+                Err(why)
+            }
+        }
+    }
+
+    /// Drops the client after the API server refused its credentials: the
+    /// next connection builds one from the kubeconfig as it is now.
+    async fn forget_client(&self) {
+        self.client.lock().await.client = None;
     }
 }
 
@@ -181,6 +223,19 @@ impl StagingDialer for StagingCluster {
                 }),
                 Err(kube::Error::Api(status)) if status.code == 404 => {
                     Err(DialError::StagingPodGone { namespace, name })
+                }
+                Err(kube::Error::Api(status)) if status.code == 401 => {
+                    cluster.forget_client().await;
+                    Err(DialError::StagingPortForward {
+                        namespace,
+                        name,
+                        port,
+                        message: format!(
+                            "{} (401): the credentials were refused; the next connection \
+                             reads the kubeconfig again",
+                            status.message
+                        ),
+                    })
                 }
                 Err(err) => Err(DialError::StagingPortForward {
                     namespace,

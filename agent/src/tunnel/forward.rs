@@ -1,5 +1,6 @@
-//! Tunnels: one loopback listener per pod, where each accepted connection
-//! is placed and served (connect to the pod's `ip:port`, then `relay`).
+//! Tunnels: one loopback listener per port of a pod, where each accepted
+//! connection is placed and served (connect to the pod's `ip:port`, or a
+//! port-forward through the staging API or to the mirror, then relay).
 //!
 //! A tunnel's target and counters ([`TunnelShared`]) outlive its listener, so
 //! turning forwarding off and on, or changing the pod's address, keeps the
@@ -45,7 +46,8 @@ pub enum ConnectErrorKind {
     Reset,
     /// No route to the pod.
     Unreachable,
-    /// The local mirror could not be reached (the cluster's port-forward).
+    /// A Kubernetes API port-forward could not be opened (to the local
+    /// mirror, or to the staging pod through the staging API).
     Cluster,
     Other,
 }
@@ -187,8 +189,8 @@ pub enum DialError {
     #[error("staging cluster unavailable: {0}")]
     StagingUnavailable(String),
     #[error(
-        "staging pod {namespace}/{name} is not in the staging cluster (replaced?): the control \
-         plane's next push brings the new one"
+        "staging pod {namespace}/{name} is not in the staging cluster (replaced? the control \
+         plane's next push brings the new one; or is --staging-kube-context the right cluster?)"
     )]
     StagingPodGone { namespace: String, name: String },
     #[error("staging API port-forward to {namespace}/{name}:{port}: {message}")]
@@ -905,6 +907,14 @@ async fn serve_stream(mut client: TcpStream, shared: &TunnelShared, way: Way, po
                 .counters
                 .from_pod
                 .fetch_add(from_pod, Ordering::Relaxed);
+        }
+        // The pod's port refused the API's (or kubelet's) connection: the
+        // pod is not listening there, which is the tunnel's problem now.
+        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+            shared.record_error(
+                ConnectErrorKind::Refused,
+                format!("cannot reach {what}: {err}"),
+            );
         }
         Err(err) => {
             // A stream reset mid-transfer: this connection ends, the
