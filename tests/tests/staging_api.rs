@@ -198,6 +198,29 @@ async fn api_carries_bytes_both_ways_fifty_at_once_and_a_reset_breaks_one_connec
     );
     let tunnel = tunnel_of(&agent, "web-1");
     assert_eq!(tunnel["status"], "active", "{tunnel}");
+    drop(before);
+    // Every connection ends once its client has gone, though the protocol
+    // (v4) cannot tell the pod the client finished: none is left holding
+    // the pod's connection.
+    wait_until("every connection through the API to end", || {
+        tunnel_of(&agent, "web-1")["open_connections"] == 0
+    })
+    .expect("no stream left open");
+
+    // A pod whose port refuses: the tunnel says so, as its current error.
+    staging.insert_pod("team-a", "down", json!({}), json!({}));
+    push(
+        &agent,
+        json!([staging_pod("down-1", "down", "team-a", 8080)]),
+    );
+    let down = range_port(&agent, "down-1");
+    let _ = read_from(down);
+    wait_until("the refusal in the status", || {
+        tunnel_of(&agent, "down-1")["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("connection refused"))
+    })
+    .expect("a refused pod port is the tunnel's error");
 
     // The way shows in /metrics and in the CLI.
     let metrics = reqwest::get(agent.url("/metrics"))
