@@ -1,5 +1,5 @@
 //! Silent dashboards: 500 event streams whose clients never read, with a
-//! snapshot of about a megabyte and changes arriving, hold one shared copy
+//! snapshot of a few megabytes and changes arriving, hold one shared copy
 //! of the snapshot (not one each), and are dropped once they have taken
 //! nothing for 30 s. Alone in its test binary, so the process's memory is
 //! this test's.
@@ -27,7 +27,7 @@ async fn silent_dashboards_share_one_snapshot_and_are_dropped() {
     config.max_event_streams = 500;
     let agent = fx.start_with(config).await;
     let upstream = echo_server().await;
-    // About a megabyte of snapshot.
+    // A few megabytes of snapshot.
     let (code, _) = agent
         .push("create", many_pods("big", 2_000, upstream))
         .await;
@@ -49,11 +49,17 @@ async fn silent_dashboards_share_one_snapshot_and_are_dropped() {
         assert_eq!(code, 200);
     }
     let grown_mib = rss_kib().saturating_sub(before) / 1024;
-    eprintln!("500 silent dashboards: RSS grew by {grown_mib} MiB");
-    // Each holding its own copy would be about 500 MiB.
+    // Each holding its own copy would take 500 snapshots; one shared copy
+    // plus each stream's own buffers stays far below: under a fifth of it.
+    // (The bound follows the snapshot, which grows as pods say more: every
+    // pod now lists each of its ports and the way its tunnel goes.)
+    let own_copies_mib = 500 * snapshot.len() as u64 / (1024 * 1024);
+    eprintln!(
+        "500 silent dashboards: RSS grew by {grown_mib} MiB (a copy each: {own_copies_mib} MiB)"
+    );
     assert!(
-        grown_mib < 100,
-        "500 silent dashboards took {grown_mib} MiB"
+        grown_mib < own_copies_mib / 5,
+        "500 silent dashboards took {grown_mib} MiB, a copy each would be {own_copies_mib} MiB"
     );
 
     // Streams that take nothing for 30 s are dropped: with all 500 places
