@@ -372,16 +372,7 @@ fn describe_port(tunnel: &Redirection, port: &PortTunnelView) -> String {
 
 /// `:9090 metrics` / `:53/UDP dns`: a port as the tables name it.
 fn port_label(port: &PortTunnelView) -> String {
-    let mut label = format!(":{}", port.staging_port);
-    if port.protocol != Protocol::Tcp {
-        label.push('/');
-        label.push_str(port.protocol.as_str());
-    }
-    if let Some(name) = &port.name {
-        label.push(' ');
-        label.push_str(name);
-    }
-    label
+    format!(":{}", port.label())
 }
 
 async fn status(args: ClientArgs) -> Result<()> {

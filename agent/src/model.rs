@@ -852,6 +852,45 @@ pub struct PortTunnelView {
     pub port_note: Option<String>,
 }
 
+impl PortTunnelView {
+    /// A listed port with no tunnel: no range port, off, nothing counted.
+    pub fn without_tunnel(spec: &PortSpec) -> Self {
+        Self {
+            staging_port: spec.port,
+            local_port: None,
+            name: spec.name.clone(),
+            protocol: spec.protocol,
+            forwarding: false,
+            status: TunnelState::Stopped,
+            error: None,
+            name_port: None,
+            name_url: None,
+            open_connections: 0,
+            total_connections: 0,
+            bytes_to_pod: 0,
+            bytes_from_pod: 0,
+            last_error: None,
+            last_error_at: None,
+            port_note: None,
+        }
+    }
+
+    /// The port as tables and menus name it: `9090 metrics`, `53/UDP dns`
+    /// (the protocol only when it is not TCP).
+    pub fn label(&self) -> String {
+        let mut label = self.staging_port.to_string();
+        if self.protocol != Protocol::Tcp {
+            label.push('/');
+            label.push_str(self.protocol.as_str());
+        }
+        if let Some(name) = &self.name {
+            label.push(' ');
+            label.push_str(name);
+        }
+        label
+    }
+}
+
 /// `GET /api/v1/pods/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StatusResponse {

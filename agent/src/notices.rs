@@ -473,25 +473,19 @@ mod tests {
     fn a_pod_whose_other_port_breaks_is_told_with_that_port() {
         let with_metrics = |error: Option<&str>| {
             let mut pod = view("a", TunnelState::Active, None);
-            let port =
-                |staging_port: u16, name: &str, error: Option<&str>| crate::model::PortTunnelView {
-                    staging_port,
-                    local_port: Some(8086),
+            let port = |staging_port: u16, name: &str, error: Option<&str>| {
+                let spec = crate::model::PortSpec {
                     name: Some(name.into()),
-                    protocol: Protocol::Tcp,
+                    ..crate::model::PortSpec::tcp(staging_port)
+                };
+                crate::model::PortTunnelView {
+                    local_port: Some(8086),
                     forwarding: true,
                     status: TunnelState::Active,
                     error: error.map(str::to_owned),
-                    name_port: None,
-                    name_url: None,
-                    open_connections: 0,
-                    total_connections: 0,
-                    bytes_to_pod: 0,
-                    bytes_from_pod: 0,
-                    last_error: None,
-                    last_error_at: None,
-                    port_note: None,
-                };
+                    ..crate::model::PortTunnelView::without_tunnel(&spec)
+                }
+            };
             pod.tunnel.ports = vec![port(80, "http", None), port(9090, "metrics", error)];
             snapshot(vec![pod], Some(true))
         };

@@ -335,29 +335,18 @@ fn pod_item(app: &AppHandle, view: &PodView) -> tauri::Result<Box<dyn IsMenuItem
     )?)?;
     submenu.append(&PredefinedMenuItem::separator(app)?)?;
     for port in &tunnel.ports {
-        let name = port
-            .name
-            .as_ref()
-            .map_or_else(String::new, |name| format!(" {}", literal(name)));
+        let label = literal(&port.label());
         if port.protocol != Protocol::Tcp {
             submenu.append(&MenuItem::with_id(
                 app,
                 format!("untunnelled:{}:{}", port.staging_port, view.pod.id),
-                format!(
-                    "{}/{}{name}  (not forwarded)",
-                    port.staging_port,
-                    port.protocol.as_str()
-                ),
+                format!("{label}  (not forwarded)"),
                 false,
                 None::<&str>,
             )?)?;
             continue;
         }
-        let mut text = format!(
-            "{}{name}  →  {}",
-            port.staging_port,
-            range_port(port.local_port)
-        );
+        let mut text = format!("{label}  →  {}", range_port(port.local_port));
         if let Some(error) = &port.error {
             text.push_str(&format!("  ({})", literal(&shorten(error))));
         }

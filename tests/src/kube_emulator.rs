@@ -810,35 +810,24 @@ impl KubeEmulator {
         port: u16,
         backend: SocketAddr,
     ) -> bool {
-        let mut cluster = self.shared.lock();
-        let uid = cluster
-            .pods
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .and_then(|pod| pod["metadata"]["uid"].as_str().map(str::to_owned));
-        match uid {
-            Some(uid) => {
-                cluster.port_backends.insert((uid, port), backend);
-                true
-            }
-            None => false,
-        }
+        let Some(uid) = self.uid(namespace, name) else {
+            return false;
+        };
+        self.shared
+            .lock()
+            .port_backends
+            .insert((uid, port), backend);
+        true
     }
 
     /// Makes the pod as it is now (its uid) "run" at `backend`: port-forwards
     /// to it reach that TCP server. A replaced pod (new uid) needs its own.
     pub fn set_backend(&self, namespace: &str, name: &str, backend: SocketAddr) -> bool {
-        let mut cluster = self.shared.lock();
-        let uid = cluster
-            .pods
-            .get(&(namespace.to_owned(), name.to_owned()))
-            .and_then(|pod| pod["metadata"]["uid"].as_str().map(str::to_owned));
-        match uid {
-            Some(uid) => {
-                cluster.backends.insert(uid, backend);
-                true
-            }
-            None => false,
-        }
+        let Some(uid) = self.uid(namespace, name) else {
+            return false;
+        };
+        self.shared.lock().backends.insert(uid, backend);
+        true
     }
 
     /// Deletes a pod as another tool would (the agent sees it go by its watch).

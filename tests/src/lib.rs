@@ -317,6 +317,26 @@ pub fn greeting_server(text: &'static str) -> Result<std::net::SocketAddr> {
     Ok(addr)
 }
 
+/// A TCP server on `address` echoing every byte back, a thread per
+/// connection: a pod for raw tunnel tests.
+pub fn echo_server_on(address: &str) -> Result<std::net::SocketAddr> {
+    let listener = std::net::TcpListener::bind(address)?;
+    let bound = listener.local_addr()?;
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let Ok(mut reader) = stream.try_clone() else {
+                    return;
+                };
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    Ok(bound)
+}
+
 /// A port on loopback that refuses connections for as long as the returned
 /// socket lives: bound, so nothing else takes it meanwhile, but never
 /// listening. (A port found free and released is free only at that

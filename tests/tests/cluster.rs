@@ -6,7 +6,9 @@
 use std::path::PathBuf;
 
 use k3s_local_agent_e2e::kube_emulator::KubeEmulator;
-use k3s_local_agent_e2e::{greeting_server, read_from, wait_until, AgentProcess, Sandbox};
+use k3s_local_agent_e2e::{
+    echo_server_on, greeting_server, read_from, wait_until, AgentProcess, Sandbox,
+};
 use serde_json::{json, Value};
 
 const AGENT_ID: &str = "test-agent";
@@ -327,23 +329,6 @@ fn without_a_cluster_the_status_says_why() {
     assert_eq!(cluster_status(&agent), ("disabled".to_owned(), None));
 }
 
-/// A loopback TCP server echoing every byte back, in a thread.
-fn echo_server() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let address = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut reader = stream.try_clone().expect("clone");
-                let mut writer = stream;
-                let _ = std::io::copy(&mut reader, &mut writer);
-            });
-        }
-    });
-    address
-}
-
 /// Sends `payload` through a tunnel and reads the same number of bytes back.
 fn round_trip(port: u16, payload: &[u8]) -> Vec<u8> {
     use std::io::{Read, Write};
@@ -369,7 +354,11 @@ async fn a_local_tunnel_reaches_the_mirror_and_follows_its_replacement() {
         json!([pod("web-1", "web", "nginx", staging.port())]),
     );
     wait_until("the mirror", || emulator.pod("staging", "web").is_some()).expect("mirrored");
-    assert!(emulator.set_backend("staging", "web", echo_server()));
+    assert!(emulator.set_backend(
+        "staging",
+        "web",
+        echo_server_on("127.0.0.1:0").expect("echo")
+    ));
     let port = agent_port(&agent, "web-1");
     assert_eq!(read_from(port).expect("staging first"), "staging pod");
 

@@ -11,7 +11,7 @@
 //!   ENETUNREACH, until the test puts that IP on `lo`.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
@@ -19,31 +19,14 @@ use std::time::Duration;
 
 use k3s_local_agent_e2e::kube_emulator::KubeEmulator;
 use k3s_local_agent_e2e::{
-    agent_binary, cli, greeting_server, read_from, wait_until, wait_until_within, AgentProcess,
-    Sandbox, DEADLINE,
+    agent_binary, cli, echo_server_on, greeting_server, read_from, wait_until, wait_until_within,
+    AgentProcess, Sandbox, DEADLINE,
 };
 use serde_json::{json, Value};
 
 const CONTEXT: &str = "staging-ctx";
 /// A GKE-style pod IP: never connected to by the `api` tests.
 const POD_IP: &str = "10.0.1.100";
-
-/// A loopback TCP server echoing every byte back, in a thread per connection.
-fn echo_server_on(address: &str) -> SocketAddr {
-    let listener = std::net::TcpListener::bind(address).expect("bind echo");
-    let bound = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut reader = stream.try_clone().expect("clone");
-                let mut writer = stream;
-                let _ = std::io::copy(&mut reader, &mut writer);
-            });
-        }
-    });
-    bound
-}
 
 /// Sends `payload` and reads as many bytes back as come before the end
 /// (all of them, on a good connection). No half-close: the port-forward
@@ -132,7 +115,11 @@ fn start_agent(
 async fn api_carries_bytes_both_ways_fifty_at_once_and_a_reset_breaks_one_connection() {
     let staging = KubeEmulator::start().await.expect("staging emulator");
     staging.insert_pod("team-a", "web", json!({"app": "web"}), json!({}));
-    assert!(staging.set_backend("team-a", "web", echo_server_on("127.0.0.1:0")));
+    assert!(staging.set_backend(
+        "team-a",
+        "web",
+        echo_server_on("127.0.0.1:0").expect("echo")
+    ));
     let sandbox = Sandbox::new().expect("sandbox");
     let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
     staging
@@ -389,24 +376,26 @@ async fn doctor_reports_the_staging_cluster_allowed_and_forbidden() {
     let port = agent.base_url.rsplit(':').next().expect("port").to_owned();
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
     let kubeconfig_text = kubeconfig.display().to_string();
-    let (_, out, err) = cli(&[
-        "doctor",
-        "--agent-port",
-        &port,
-        "--hosts-file",
-        &hosts,
-        "--state-dir",
-        &state,
-        "--no-cluster",
-        "--staging-kube-context",
-        CONTEXT,
-        "--staging-kubeconfig",
-        &kubeconfig_text,
-        "--staging-via",
-        "api",
-        "--json",
-    ])
-    .expect("doctor");
+    // `doctor` for this agent, with the staging context `context`.
+    let doctor = |context: &str, more: &[&str]| {
+        let mut args = vec![
+            "doctor",
+            "--agent-port",
+            &port,
+            "--hosts-file",
+            &hosts,
+            "--state-dir",
+            &state,
+            "--no-cluster",
+            "--staging-kube-context",
+            context,
+            "--staging-kubeconfig",
+            &kubeconfig_text,
+        ];
+        args.extend_from_slice(more);
+        cli(&args).expect("doctor")
+    };
+    let (_, out, err) = doctor(CONTEXT, &["--staging-via", "api", "--json"]);
     let checks: Vec<Value> =
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}{err}"));
     let find = |name: &str, text: &str| {
@@ -431,21 +420,7 @@ async fn doctor_reports_the_staging_cluster_allowed_and_forbidden() {
     );
 
     // A context that is not there: said, with the fix.
-    let (ok, out, _) = cli(&[
-        "doctor",
-        "--agent-port",
-        &port,
-        "--hosts-file",
-        &hosts,
-        "--state-dir",
-        &state,
-        "--no-cluster",
-        "--staging-kube-context",
-        "nope",
-        "--staging-kubeconfig",
-        &kubeconfig_text,
-    ])
-    .expect("doctor");
+    let (ok, out, _) = doctor("nope", &[]);
     assert!(!ok);
     assert!(
         out.contains("\"nope\" is not in") && out.contains("--staging-kube-context"),

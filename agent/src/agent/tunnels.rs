@@ -14,7 +14,7 @@ use super::Agent;
 use crate::events::AgentEvent;
 use crate::model::{PodSpec, StagingVia, TunnelState, TunnelTarget};
 use crate::state::{PodEntry, PodMap, PortTunnel, RememberedPort};
-use crate::tunnel::CannotListen;
+use crate::tunnel::{BlockFull, CannotListen};
 use crate::tunnel::{PodWays, Route, RunningTunnel, StagingPod, TunnelShared};
 
 impl Agent {
@@ -304,7 +304,7 @@ impl Agent {
         &self,
         entry: &mut PodEntry,
         taken: &mut HashSet<Ipv4Addr>,
-    ) -> Option<Result<Ipv4Addr, String>> {
+    ) -> Option<Result<Ipv4Addr, BlockFull>> {
         if !self.inner.config.name_ports {
             return None;
         }
@@ -314,7 +314,9 @@ impl Agent {
         let allocated = block.allocate(&entry.spec.id, entry.address, taken);
         taken.extend(own);
         let Some(address) = allocated else {
-            return Some(Err(format!("every address in {block} is taken")));
+            return Some(Err(BlockFull {
+                block: block.to_string(),
+            }));
         };
         taken.insert(address);
         entry.address = Some(address);
@@ -337,7 +339,7 @@ impl Agent {
             Some(Ok(address)) => address,
             Some(Err(why)) => {
                 if let Some(port) = entry.tunnels.get_mut(index) {
-                    port.name_port_error = Some(why);
+                    port.name_port_error = Some(why.to_string());
                 }
                 return;
             }

@@ -5,7 +5,6 @@
 //! people install such tools; it then runs with that PATH, so the tools it
 //! calls in turn are found too. A plugin found nowhere is reported by name.
 
-use std::ffi::OsString;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -96,14 +95,8 @@ pub fn login_shell_path() -> Option<String> {
 
 /// The first executable `program` on `path` (a colon-separated list).
 fn find_on(path: &str, program: &str) -> Option<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::split_paths(&OsString::from(path))
-        .map(|dir| dir.join(program))
-        .find(|candidate| {
-            candidate
-                .metadata()
-                .is_ok_and(|meta| meta.is_file() && meta.permissions().mode() & 0o111 != 0)
-        })
+    // Only names without a path come here, so the directory is never used.
+    which::which_in(program, Some(path), "/").ok()
 }
 
 /// Points every exec plugin named without a path at where it was found

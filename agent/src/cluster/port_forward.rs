@@ -69,17 +69,7 @@ pub async fn open(
         .map_err(kube::Error::BuildRequest)?;
     let connection = client.connect(request).await?;
     let half_close = connection.supports_stream_close();
-    Ok(PortForwardStream {
-        socket: connection.into_stream(),
-        half_close,
-        unread: Bytes::new(),
-        data_opened: false,
-        error_opened: false,
-        data_seen: false,
-        ended: false,
-        shut: false,
-        linger: None,
-    })
+    Ok(PortForwardStream::new(connection.into_stream(), half_close))
 }
 
 /// One port of a pod through the API server, as a byte stream.
@@ -128,6 +118,21 @@ fn ws_error(err: tungstenite::Error) -> io::Error {
 }
 
 impl<S: Socket> PortForwardStream<S> {
+    /// A stream on a just-upgraded socket (`half_close`: it speaks v5).
+    fn new(socket: S, half_close: bool) -> Self {
+        Self {
+            socket,
+            half_close,
+            unread: Bytes::new(),
+            data_opened: false,
+            error_opened: false,
+            data_seen: false,
+            ended: false,
+            shut: false,
+            linger: None,
+        }
+    }
+
     /// Takes one message off the socket: data is kept to be read, the
     /// opening port frames are skipped, an error ends the stream with it.
     fn take(&mut self, message: Message) -> io::Result<()> {
@@ -285,18 +290,7 @@ mod tests {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
         let client = WebSocketStream::from_raw_socket(ours, Role::Client, None).await;
         let server = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
-        let stream = PortForwardStream {
-            socket: client,
-            half_close: false,
-            unread: Bytes::new(),
-            data_opened: false,
-            error_opened: false,
-            data_seen: false,
-            ended: false,
-            shut: false,
-            linger: None,
-        };
-        (stream, server)
+        (PortForwardStream::new(client, false), server)
     }
 
     fn frame(channel: u8, data: &[u8]) -> Message {

@@ -140,22 +140,8 @@ impl PortTunnel {
 /// A port that is listed and never tunnelled (UDP, SCTP), as the views show it.
 fn untunnelled_view(spec: &PortSpec) -> PortTunnelView {
     PortTunnelView {
-        staging_port: spec.port,
-        local_port: None,
-        name: spec.name.clone(),
-        protocol: spec.protocol,
-        forwarding: false,
-        status: TunnelState::Stopped,
         error: Some(format!("{} is not tunnelled", spec.protocol.as_str())),
-        name_port: None,
-        name_url: None,
-        open_connections: 0,
-        total_connections: 0,
-        bytes_to_pod: 0,
-        bytes_from_pod: 0,
-        last_error: None,
-        last_error_at: None,
-        port_note: None,
+        ..PortTunnelView::without_tunnel(spec)
     }
 }
 

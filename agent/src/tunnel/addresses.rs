@@ -20,6 +20,14 @@ pub struct AddressBlock {
     prefix: u8,
 }
 
+/// Why a pod has no address of its own: the block has none left.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize)]
+#[error("every address in {block} is taken")]
+pub struct BlockFull {
+    /// The block, as `127.77.0.0/16`.
+    pub block: String,
+}
+
 /// Why a block setting was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AddressBlockError {

@@ -22,7 +22,7 @@ mod shards;
 mod splice;
 
 pub use address_ports::AddressPorts;
-pub use addresses::{AddressBlock, AddressBlockError, CannotListen};
+pub use addresses::{AddressBlock, AddressBlockError, BlockFull, CannotListen};
 pub use forward::{
     combined_activity, latency_buckets, ConnectErrorKind, DialError, Dialers, LocalDialer,
     LocalStream, NoStagingCluster, Route, RunningTunnel, StagingDialer, TunnelShared, TunnelStats,
