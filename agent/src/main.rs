@@ -330,9 +330,10 @@ fn describe_tunnel(tunnel: &Redirection) -> String {
             "{}/{}:{} via staging API",
             tunnel.namespace, tunnel.staging_pod_name, tunnel.staging_port
         ),
-        (TunnelTarget::Staging, _) => {
-            format!("{}:{}", tunnel.staging_pod_ip, tunnel.staging_port)
-        }
+        (TunnelTarget::Staging, _) => format!(
+            "{}:{} via staging (direct)",
+            tunnel.staging_pod_ip, tunnel.staging_port
+        ),
     };
     let mut line = format!(
         "{:<24} {local:<48} -> {to}  {state}",

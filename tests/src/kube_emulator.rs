@@ -729,15 +729,7 @@ impl KubeEmulator {
 
     /// A kubeconfig file (YAML) whose context `context` points here.
     pub fn write_kubeconfig(&self, path: &std::path::Path, context: &str) -> Result<()> {
-        let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: emulator\n  cluster:\n    server: {}\n\
-             users:\n- name: tester\n  user:\n    token: emulator-token\n\
-             contexts:\n- name: {context}\n  context:\n    cluster: emulator\n    user: tester\n\
-             current-context: {context}\n",
-            self.url()
-        );
-        std::fs::write(path, text)?;
-        Ok(())
+        write_kubeconfig(path, &[(self, context)])
     }
 
     pub fn create_namespace(&self, name: &str) {
@@ -911,6 +903,31 @@ impl KubeEmulator {
         cluster.oldest = cluster.resource_version + 1;
         cluster.history.clear();
     }
+}
+
+/// One kubeconfig file (YAML) with a context per emulator, as a developer's
+/// own file holds a kind cluster beside a cloud one; the first context is
+/// the current one.
+pub fn write_kubeconfig(path: &std::path::Path, contexts: &[(&KubeEmulator, &str)]) -> Result<()> {
+    let mut clusters = String::new();
+    let mut named = String::new();
+    for (emulator, context) in contexts {
+        clusters.push_str(&format!(
+            "- name: {context}-cluster\n  cluster:\n    server: {}\n",
+            emulator.url()
+        ));
+        named.push_str(&format!(
+            "- name: {context}\n  context:\n    cluster: {context}-cluster\n    user: tester\n"
+        ));
+    }
+    let current = contexts.first().map_or("", |(_, context)| *context);
+    let text = format!(
+        "apiVersion: v1\nkind: Config\nclusters:\n{clusters}\
+         users:\n- name: tester\n  user:\n    token: emulator-token\n\
+         contexts:\n{named}current-context: {current}\n"
+    );
+    std::fs::write(path, text)?;
+    Ok(())
 }
 
 impl Drop for KubeEmulator {

@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use k3s_local_agent_e2e::kube_emulator::KubeEmulator;
+use k3s_local_agent_e2e::kube_emulator::{write_kubeconfig, KubeEmulator};
 use k3s_local_agent_e2e::{
     agent_binary, cli, echo_server_on, greeting_server, read_from, wait_until, wait_until_within,
     AgentProcess, Sandbox, DEADLINE,
@@ -511,5 +511,115 @@ fn auto_falls_back_to_the_api_when_the_pod_ip_is_unroutable_and_comes_back() {
         tunnel_of(&agent, "web-1")["way_label"],
         "via staging (direct)"
     );
+    agent.terminate().expect("stop");
+}
+
+/// One agent, two clusters from one kubeconfig, as a developer has them: a
+/// local mirror cluster (Kind's context, the agent's default) and the staging cluster (a
+/// context of its own), each an emulator instance. A pod is reached three
+/// ways in turn and each way is what answers: through the staging API,
+/// through its local mirror, and straight to its IP. No pod IP is dialled
+/// but loopback ones (`api` for the unroutable one), so no network trick.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_staging_cluster_runs_beside_the_mirror_cluster_and_each_way_is_the_one_answering() {
+    let mirror = KubeEmulator::start().await.expect("mirror emulator");
+    let staging = KubeEmulator::start().await.expect("staging emulator");
+    staging.insert_pod("team-a", "web", json!({"app": "web"}), json!({}));
+    assert!(staging.set_backend(
+        "team-a",
+        "web",
+        greeting_server("staging, through its API").expect("server")
+    ));
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig = sandbox.dir.path().join("config");
+    write_kubeconfig(
+        &kubeconfig,
+        &[(&mirror, "kind-staging-cluster"), (&staging, CONTEXT)],
+    )
+    .expect("kubeconfig");
+    let kubeconfig = kubeconfig.display().to_string();
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    let mut args = sandbox.args_with_cluster("22680-22699", &hosts, &state);
+    args.extend([
+        "--kubeconfig",
+        &kubeconfig,
+        "--namespace",
+        "mirror-ns",
+        "--staging-kubeconfig",
+        &kubeconfig,
+        "--staging-kube-context",
+        CONTEXT,
+        "--staging-via",
+        "api",
+    ]);
+    let agent = AgentProcess::run(&args).expect("agent runs");
+    let direct = greeting_server("staging, straight to its IP").expect("server");
+    push(
+        &agent,
+        json!([
+            {"id": "web-1", "name": "web", "namespace": "team-a", "image": "nginx",
+             "status": "running", "ip": POD_IP, "port": 8080},
+            {"id": "docs-1", "name": "docs", "namespace": "team-a", "image": "nginx",
+             "status": "running", "ip": "127.0.0.1", "port": direct.port()},
+        ]),
+    );
+    // Each cluster gets what is its own: the mirrors go to the local one,
+    // and nothing is created in the staging one.
+    wait_until("both mirrors in the local cluster", || {
+        mirror.pod_names("mirror-ns") == vec!["docs".to_owned(), "web".to_owned()]
+    })
+    .expect("mirrored");
+    assert!(mirror.set_backend(
+        "mirror-ns",
+        "web",
+        greeting_server("the local mirror").expect("server")
+    ));
+    assert!(
+        staging.requests().is_empty(),
+        "the staging cluster is only read: {:?}",
+        staging.requests()
+    );
+
+    let web = range_port(&agent, "web-1");
+    let docs = range_port(&agent, "docs-1");
+    let way_of = |id: &str| tunnel_of(&agent, id)["way_label"].clone();
+    assert_eq!(read_from(web).expect("web"), "staging, through its API");
+    assert_eq!(way_of("web-1"), "via staging API");
+
+    // To the local mirror, through the local cluster's port-forward.
+    let url = agent.base_url.clone();
+    let (ok, out, err) = cli(&["target", "web-1", "local", "--agent-url", &url]).expect("cli");
+    assert!(ok, "{out}{err}");
+    assert_eq!(read_from(web).expect("web"), "the local mirror");
+    assert_eq!(way_of("web-1"), "via mirror");
+
+    // Back to staging, the pod alone switched to its IP: docs, routable
+    // here, goes straight there while web still goes through the API.
+    let (ok, out, err) = cli(&[
+        "target",
+        "docs-1",
+        "staging",
+        "--via",
+        "direct",
+        "--agent-url",
+        &url,
+    ])
+    .expect("cli");
+    assert!(ok, "{out}{err}");
+    assert_eq!(
+        read_from(docs).expect("docs"),
+        "staging, straight to its IP"
+    );
+    assert_eq!(way_of("docs-1"), "via staging (direct)");
+    let (ok, out, err) = cli(&["target", "web-1", "staging", "--agent-url", &url]).expect("cli");
+    assert!(ok, "{out}{err}");
+    assert_eq!(read_from(web).expect("web"), "staging, through its API");
+    assert_eq!(way_of("web-1"), "via staging API");
+
+    // The status names both clusters' parts at once.
+    let (ok, out, err) = cli(&["pods", "--agent-url", &url]).expect("pods");
+    assert!(ok, "{err}");
+    assert!(out.contains("via staging API"), "{out}");
+    assert!(out.contains("via staging (direct)"), "{out}");
     agent.terminate().expect("stop");
 }
