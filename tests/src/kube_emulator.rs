@@ -12,14 +12,17 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod spdy;
+
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
+use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -66,8 +69,14 @@ struct Cluster {
     /// as a kubelet ends a deleted pod's streams.
     pod_streams: BTreeMap<String, CancellationToken>,
     /// While set, the first port-forward stream to carry more than this
-    /// many bytes to the pod is cut (its connection dropped, no close frame).
+    /// many bytes to the pod is cut (a WebSocket dropped with no close
+    /// frame; an SPDY stream reset).
     cut_next_after: Option<usize>,
+    /// Answer SPDY upgrades with 400, as a proxy that passes only
+    /// WebSockets does.
+    refuse_spdy: bool,
+    /// SPDY sessions upgraded so far.
+    spdy_sessions: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -431,29 +440,35 @@ fn end_streams(cluster: &mut Cluster, pod: &Value) {
     }
 }
 
-/// The port-forward subresource: a WebSocket speaking `v4.channel.k8s.io`
-/// (a channel byte before every frame; data on channel 0, errors on 1; each
-/// channel opens with the port number, little-endian) bridged to the TCP
-/// server that plays the pod.
+/// The port-forward subresource: SPDY/3 (`Upgrade: SPDY/3.1`, what kubectl
+/// and kubelets speak; see `spdy`), or a WebSocket speaking
+/// `v4.channel.k8s.io` (a channel byte before every frame; data on channel
+/// 0, errors on 1; each channel opens with the port number, little-endian),
+/// either bridged to the TCP server that plays the pod.
 async fn port_forward(
     State(shared): State<Shared>,
     Path((namespace, name)): Path<(String, String)>,
     Query(query): Query<BTreeMap<String, String>>,
-    upgrade: WebSocketUpgrade,
+    mut request: axum::extract::Request,
 ) -> Response {
-    let Some(port) = query
+    let spdy = request
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.eq_ignore_ascii_case("SPDY/3.1"));
+    let port = query
         .get("ports")
         .and_then(|ports| ports.split(',').next())
-        .and_then(|port| port.trim().parse::<u16>().ok())
-    else {
-        return status(
-            StatusCode::BAD_REQUEST,
-            "BadRequest",
-            "query parameter ports is required",
-        );
-    };
-    let (backend, pod_gone) = {
+        .and_then(|port| port.trim().parse::<u16>().ok());
+    let (uid, backend, pod_gone) = {
         let mut cluster = shared.lock();
+        if spdy && cluster.refuse_spdy {
+            return status(
+                StatusCode::BAD_REQUEST,
+                "BadRequest",
+                "this server does not upgrade to SPDY",
+            );
+        }
         let Some(pod) = cluster.pods.get(&(namespace, name.clone())) else {
             return not_found("pods", &name);
         };
@@ -461,12 +476,18 @@ async fn port_forward(
             .as_str()
             .unwrap_or_default()
             .to_owned();
-        let backend = cluster
-            .port_backends
-            .get(&(uid.clone(), port))
-            .or_else(|| cluster.backends.get(&uid))
-            .copied();
-        (backend, cluster.pod_streams.entry(uid).or_default().clone())
+        let backend = port.and_then(|port| {
+            cluster
+                .port_backends
+                .get(&(uid.clone(), port))
+                .or_else(|| cluster.backends.get(&uid))
+                .copied()
+        });
+        if spdy {
+            cluster.spdy_sessions += 1;
+        }
+        let pod_gone = cluster.pod_streams.entry(uid.clone()).or_default().clone();
+        (uid, backend, pod_gone)
     };
     // The stream ends with the emulator, or with its pod.
     let running = shared.running().child_token();
@@ -477,6 +498,34 @@ async fn port_forward(
             _ = ends_with_pod.cancelled() => {}
         }
     });
+    if spdy {
+        let upgrading = hyper::upgrade::on(&mut request);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Ok(upgraded) = upgrading.await {
+                spdy::serve(TokioIo::new(upgraded), shared, uid, name, running).await;
+            }
+        });
+        return Response::builder()
+            .status(StatusCode::SWITCHING_PROTOCOLS)
+            .header(header::CONNECTION, "Upgrade")
+            .header(header::UPGRADE, "SPDY/3.1")
+            .header("X-Stream-Protocol-Version", "portforward.k8s.io")
+            .body(Body::empty())
+            .unwrap_or_default();
+    }
+    let Some(port) = port else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "query parameter ports is required",
+        );
+    };
+    let (mut parts, _) = request.into_parts();
+    let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &shared).await {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
     let cutter = shared.clone();
     upgrade
         .protocols(["v4.channel.k8s.io"])
@@ -526,15 +575,7 @@ async fn bridge(
             match message {
                 Message::Binary(data) if data.first() == Some(&0) => {
                     sent += data.len() - 1;
-                    let cut_now = {
-                        let mut cluster = cutter.lock();
-                        let due = cluster.cut_next_after.is_some_and(|limit| sent > limit);
-                        if due {
-                            cluster.cut_next_after = None;
-                        }
-                        due
-                    };
-                    if cut_now {
+                    if spdy::cut_due(&cutter, sent) {
                         // A stream reset mid-transfer: dropped, no close frame.
                         cut.cancel();
                         return;
@@ -678,7 +719,7 @@ impl KubeEmulator {
             )
             .route(
                 "/api/v1/namespaces/{ns}/pods/{name}/portforward",
-                get(port_forward),
+                get(port_forward).post(port_forward),
             )
             .route("/version", get(version))
             .route(
@@ -692,6 +733,10 @@ impl KubeEmulator {
             .with_state(self.shared.clone());
         let running = self.shared.running();
         self.server = Some(tokio::spawn(async move {
+            // As Go's servers do: no Nagle delay on small writes.
+            let listener = axum::serve::ListenerExt::tap_io(listener, |socket| {
+                let _ = socket.set_nodelay(true);
+            });
             let _ = axum::serve(listener, app)
                 .with_graceful_shutdown(running.cancelled_owned())
                 .await;
@@ -871,6 +916,16 @@ impl KubeEmulator {
     }
 
     /// Every bearer token the API was called with, in order.
+    /// Answers SPDY upgrades with 400 from now on (WebSockets still pass).
+    pub fn refuse_spdy(&self) {
+        self.shared.lock().refuse_spdy = true;
+    }
+
+    /// How many SPDY sessions port-forwards have upgraded so far.
+    pub fn spdy_sessions(&self) -> usize {
+        self.shared.lock().spdy_sessions
+    }
+
     pub fn tokens_seen(&self) -> Vec<String> {
         self.shared.lock().tokens_seen.clone()
     }

@@ -159,6 +159,14 @@ async fn api_carries_bytes_both_ways_fifty_at_once_and_a_reset_breaks_one_connec
         );
     }
 
+    // They shared SPDY sessions (at most 32 connections each), rather
+    // than paying an upgrade apiece: 51 connections, at most 3 sessions.
+    let sessions = staging.spdy_sessions();
+    assert!(
+        (1..=3).contains(&sessions),
+        "{sessions} SPDY sessions for 51 connections"
+    );
+
     // A stream reset mid-transfer breaks that one connection: one opened
     // before it carries on, and the listener takes new ones.
     let mut before = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -271,7 +279,7 @@ fn write_script(path: &Path, text: &str) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn credentials_come_from_an_exec_plugin_on_the_login_path_and_are_refreshed() {
-    let staging = KubeEmulator::start().await.expect("staging emulator");
+    let mut staging = KubeEmulator::start().await.expect("staging emulator");
     staging.insert_pod("team-a", "web", json!({}), json!({}));
     assert!(staging.set_backend(
         "team-a",
@@ -337,10 +345,13 @@ async fn credentials_come_from_an_exec_plugin_on_the_login_path_and_are_refreshe
     assert_eq!(read_from(port).expect("through the API"), "signed in");
     assert!(staging.tokens_seen().contains(&"tok-alpha".to_owned()));
 
-    // The token expires and a new one is issued: the agent, never
-    // restarted, asks the plugin again and carries on.
+    // The token expires and a new one is issued, and the API server
+    // restarts, ending the session the connections shared: the agent,
+    // never restarted, asks the plugin again for the next session.
     std::fs::write(&secret, "beta").expect("secret");
     staging.accept_only_tokens(&["tok-beta"]);
+    staging.stop().await;
+    staging.restart().await.expect("the API server back");
     wait_until_within(Duration::from_secs(30), "a refreshed token", || {
         read_from(port).is_ok_and(|text| text == "signed in")
             && staging.tokens_seen().contains(&"tok-beta".to_owned())
@@ -621,5 +632,48 @@ async fn the_staging_cluster_runs_beside_the_mirror_cluster_and_each_way_is_the_
     assert!(ok, "{err}");
     assert!(out.contains("via staging API"), "{out}");
     assert!(out.contains("via staging (direct)"), "{out}");
+    agent.terminate().expect("stop");
+}
+
+/// An API server behind a proxy that passes WebSockets but not SPDY: the
+/// first refusal switches the agent to a WebSocket per connection, and
+/// nothing the user sees changes. No pod IP is dialled (`api`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_server_that_refuses_spdy_is_reached_by_websocket() {
+    let staging = KubeEmulator::start().await.expect("staging emulator");
+    staging.insert_pod("team-a", "web", json!({}), json!({}));
+    assert!(staging.set_backend(
+        "team-a",
+        "web",
+        echo_server_on("127.0.0.1:0").expect("echo")
+    ));
+    staging.refuse_spdy();
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
+    staging
+        .write_kubeconfig(&kubeconfig, CONTEXT)
+        .expect("kubeconfig");
+    let agent = start_agent(&sandbox, &kubeconfig, "22700-22719", "api", &[]);
+    push(&agent, json!([staging_pod("web-1", "web", "team-a", 8080)]));
+    let port = range_port(&agent, "web-1");
+    for round in 0..3u8 {
+        let payload = vec![round; 50_000];
+        assert_eq!(
+            round_trip(port, &payload).expect("round trip"),
+            payload,
+            "connection {round}"
+        );
+    }
+    assert_eq!(staging.spdy_sessions(), 0, "no SPDY session was upgraded");
+    let tunnel = tunnel_of(&agent, "web-1");
+    assert_eq!(tunnel["status"], "active", "{tunnel}");
+    assert_eq!(tunnel["way_label"], "via staging API");
+    assert!(
+        agent
+            .log_lines()
+            .iter()
+            .any(|line| line.contains("refused SPDY")),
+        "the switch is logged"
+    );
     agent.terminate().expect("stop");
 }

@@ -17,7 +17,7 @@ use kube::Client;
 
 use super::connection::describe;
 use super::credentials::{login_shell_path, resolve_plugins, PluginLookup};
-use super::port_forward;
+use super::port_forward::{self, OpenError, Sessions};
 use crate::config::StagingSettings;
 use crate::tunnel::{DialError, LocalStream, StagingDialer};
 
@@ -114,13 +114,38 @@ pub async fn staging_client(settings: &StagingSettings) -> Result<StagingClient,
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
         .map_err(|err| client_error(err.to_string()))?;
-    let client = Client::try_from(config).map_err(|err| client_error(err.to_string()))?;
+    let client = client_without_nagle(config).map_err(|err| client_error(err.to_string()))?;
     Ok(StagingClient {
         client,
         context,
         source_name,
         plugins,
     })
+}
+
+/// A client with kube's own layers (the server's address, credentials,
+/// impersonation headers) on connections with TCP_NODELAY set, as Go's
+/// API clients have them: an SPDY session carries many connections' small
+/// frames, and with Nagle's algorithm each would wait behind the previous
+/// one's acknowledgement (40 ms where the other side delays its ACKs).
+fn client_without_nagle(config: kube::Config) -> Result<Client, kube::Error> {
+    use kube::client::ConfigExt;
+    use tower::{BoxError, ServiceBuilder};
+    let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+    connector.enforce_http(false);
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(config.connect_timeout);
+    let https = config.rustls_https_connector_with_connector(connector)?;
+    let transport =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let service = ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(BoxError::from)
+        .service(transport);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// Opens port-forward streams to staging pods through the staging API. One
@@ -130,6 +155,8 @@ pub async fn staging_client(settings: &StagingSettings) -> Result<StagingClient,
 pub struct StagingCluster {
     settings: StagingSettings,
     client: Arc<tokio::sync::Mutex<ClientState>>,
+    /// The SPDY sessions to staging pods, shared by their connections.
+    sessions: Arc<Sessions>,
 }
 
 /// Least time between two builds of the client after one failed: each runs
@@ -156,6 +183,7 @@ impl StagingCluster {
         Self {
             settings,
             client: Arc::default(),
+            sessions: Arc::default(),
         }
     }
 
@@ -203,6 +231,98 @@ impl StagingCluster {
     }
 }
 
+impl StagingCluster {
+    /// A connection to `port` of a staging pod: on an SPDY session of the
+    /// pod's (opened once, shared by its connections), or a WebSocket of
+    /// its own where the API server refused SPDY.
+    async fn connect(
+        &self,
+        namespace: String,
+        name: String,
+        port: u16,
+    ) -> Result<LocalStream, DialError> {
+        let client = self
+            .client()
+            .await
+            .map_err(|err| DialError::StagingUnavailable(err.to_string()))?;
+        if !self.sessions.refused() {
+            match self.sessions.open(&client, &namespace, &name, port).await {
+                Ok(stream) => {
+                    return Ok(LocalStream {
+                        stream: Box::new(stream),
+                    })
+                }
+                Err(err) if err.no_spdy() => tracing::warn!(
+                    error = %err,
+                    "the staging API server refused SPDY; port-forwards go by WebSocket, \
+                     one upgrade per connection"
+                ),
+                Err(OpenError::Refused { code, message }) => {
+                    return Err(self.refusal(namespace, name, port, code, message).await)
+                }
+                Err(err) => {
+                    return Err(DialError::StagingPortForward {
+                        namespace,
+                        name,
+                        port,
+                        message: match err {
+                            OpenError::Kube(err) => describe(&err),
+                            other => other.to_string(),
+                        },
+                    })
+                }
+            }
+        }
+        match port_forward::open(&client, &namespace, &name, port).await {
+            Ok(stream) => Ok(LocalStream {
+                stream: Box::new(stream),
+            }),
+            Err(kube::Error::Api(status)) => Err(self
+                .refusal(namespace, name, port, status.code, status.message)
+                .await),
+            Err(err) => Err(DialError::StagingPortForward {
+                namespace,
+                name,
+                port,
+                message: describe(&err),
+            }),
+        }
+    }
+
+    /// What the API server's refusal of a port-forward means for the
+    /// tunnel: a pod that is gone, credentials to read again, or its words.
+    async fn refusal(
+        &self,
+        namespace: String,
+        name: String,
+        port: u16,
+        code: u16,
+        message: String,
+    ) -> DialError {
+        match code {
+            404 => DialError::StagingPodGone { namespace, name },
+            401 => {
+                self.forget_client().await;
+                DialError::StagingPortForward {
+                    namespace,
+                    name,
+                    port,
+                    message: format!(
+                        "{message} (401): the credentials were refused; the next connection \
+                         reads the kubeconfig again"
+                    ),
+                }
+            }
+            _ => DialError::StagingPortForward {
+                namespace,
+                name,
+                port,
+                message: format!("{message} ({code})"),
+            },
+        }
+    }
+}
+
 impl StagingDialer for StagingCluster {
     fn dial(
         &self,
@@ -212,38 +332,6 @@ impl StagingDialer for StagingCluster {
     ) -> Pin<Box<dyn Future<Output = Result<LocalStream, DialError>> + Send>> {
         let cluster = self.clone();
         let (namespace, name) = (namespace.to_owned(), name.to_owned());
-        Box::pin(async move {
-            let client = cluster
-                .client()
-                .await
-                .map_err(|err| DialError::StagingUnavailable(err.to_string()))?;
-            match port_forward::open(&client, &namespace, &name, port).await {
-                Ok(stream) => Ok(LocalStream {
-                    stream: Box::new(stream),
-                }),
-                Err(kube::Error::Api(status)) if status.code == 404 => {
-                    Err(DialError::StagingPodGone { namespace, name })
-                }
-                Err(kube::Error::Api(status)) if status.code == 401 => {
-                    cluster.forget_client().await;
-                    Err(DialError::StagingPortForward {
-                        namespace,
-                        name,
-                        port,
-                        message: format!(
-                            "{} (401): the credentials were refused; the next connection \
-                             reads the kubeconfig again",
-                            status.message
-                        ),
-                    })
-                }
-                Err(err) => Err(DialError::StagingPortForward {
-                    namespace,
-                    name,
-                    port,
-                    message: describe(&err),
-                }),
-            }
-        })
+        Box::pin(async move { cluster.connect(namespace, name, port).await })
     }
 }

@@ -1,4 +1,4 @@
-//! One connection through a Kubernetes API server's port-forward, as a
+//! One connection through a Kubernetes API server's WebSocket port-forward, as a
 //! byte stream: the WebSocket (`v4.channel.k8s.io`, or `v5` with its
 //! half-close) read and written in place, so a tunnel copies between its
 //! client's socket and the WebSocket directly. kube's own `Portforwarder`

@@ -1,0 +1,721 @@
+//! One SPDY session to a pod's port-forward (`portforward.k8s.io`, what
+//! `kubectl port-forward` speaks) and the connections it carries. Each
+//! connection is a pair of streams named by one request id: an error
+//! stream (we send nothing on it; the kubelet writes why forwarding
+//! failed) and a data stream (the port's bytes, with a half-close each
+//! way). Opening one is two frames on a session already up, sent without
+//! waiting for replies; a reset ends its one connection, and only the
+//! session's own end cuts them all.
+//!
+//! Two tasks drive a session: one writes frames (stream openings and
+//! resets before data, so an opening always precedes its data, and in the
+//! order of their ids, as SPDY requires), one reads them and hands each to
+//! its connection. Kubelets honour no SPDY flow control, so a connection
+//! whose client stops reading holds up the session's reading once its own
+//! queue ([`INCOMING_FRAMES`]) is full, as in kubectl; sessions carry a
+//! bounded number of connections for that reason.
+
+use std::collections::HashMap;
+use std::io;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use k3s_local_agent_spdy::{Decoder, Encoder, Frame, CANCEL, FLAG_FIN, REFUSED_STREAM};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, PollSender};
+
+/// The largest data frame sent: what a tunnel hands over at once.
+const MAX_FRAME: usize = 64 * 1024;
+/// Data frames queued for the socket before writers wait.
+const OUTGOING_FRAMES: usize = 64;
+/// Frames queued for one connection before the session stops reading.
+const INCOMING_FRAMES: usize = 32;
+/// Bytes gathered into one socket write when frames queue up.
+const WRITE_BATCH: usize = 256 * 1024;
+/// A session that carried no connection for this long is closed.
+pub const IDLE: Duration = Duration::from_secs(30);
+/// The highest stream id SPDY allows; a session that reaches it takes no
+/// more connections.
+const LAST_STREAM_ID: u32 = 0x7fff_ffff;
+
+/// What the reading task hands a connection.
+#[derive(Debug)]
+enum Event {
+    Data(Bytes),
+    DataEnd,
+    ErrorText(Bytes),
+    ErrorEnd,
+    Reset(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Data,
+    Error,
+}
+
+#[derive(Debug)]
+struct Route {
+    role: Role,
+    events: mpsc::Sender<Event>,
+}
+
+/// The session's streams, and what it takes to open more: one lock, so
+/// ids go out in order and an idle session is never closed under a
+/// connection being opened.
+#[derive(Debug)]
+struct Streams {
+    routes: HashMap<u32, Route>,
+    next_stream: u32,
+    next_request: u64,
+    connections: usize,
+    /// No connection may be opened any more (idle, gone away, ids used up,
+    /// or a connection failed in a way that suggests the pod changed).
+    retired: bool,
+}
+
+#[derive(Debug)]
+struct Shared {
+    streams: Mutex<Streams>,
+    /// Openings and resets: written before data.
+    control: mpsc::UnboundedSender<Frame>,
+    data: mpsc::Sender<Frame>,
+    /// Cancelled when the session ends, by either task.
+    closed: CancellationToken,
+}
+
+impl Shared {
+    fn streams(&self) -> MutexGuard<'_, Streams> {
+        match self.streams.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+/// Why a connection could not be opened on a session.
+#[derive(Debug, thiserror::Error)]
+#[error("the port-forward session takes no more connections")]
+pub struct SessionRetired;
+
+/// One upgraded connection to a pod's port-forward.
+#[derive(Debug, Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+}
+
+impl Session {
+    /// Runs SPDY on `socket` (a connection the API server upgraded).
+    pub fn start<T>(socket: T) -> Self
+    where
+        T: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (reader, writer) = tokio::io::split(socket);
+        let (control, control_queue) = mpsc::unbounded_channel();
+        let (data, data_queue) = mpsc::channel(OUTGOING_FRAMES);
+        let shared = Arc::new(Shared {
+            streams: Mutex::new(Streams {
+                routes: HashMap::new(),
+                // Streams a client opens have odd ids.
+                next_stream: 1,
+                next_request: 0,
+                connections: 0,
+                retired: false,
+            }),
+            control,
+            data,
+            closed: CancellationToken::new(),
+        });
+        tokio::spawn(write_frames(
+            writer,
+            control_queue,
+            data_queue,
+            shared.clone(),
+        ));
+        tokio::spawn(read_frames(reader, shared.clone()));
+        Self { shared }
+    }
+
+    /// Whether new connections may be opened here.
+    pub fn is_usable(&self) -> bool {
+        !self.shared.closed.is_cancelled() && !self.shared.streams().retired
+    }
+
+    /// How many connections the session carries now.
+    pub fn connections(&self) -> usize {
+        self.shared.streams().connections
+    }
+
+    /// A new connection to `port`: its two streams are announced at once,
+    /// and its data may follow them without waiting for the replies.
+    pub fn open(&self, port: u16) -> Result<PairStream, SessionRetired> {
+        let (events, incoming) = mpsc::channel(INCOMING_FRAMES);
+        let mut streams = self.shared.streams();
+        if streams.retired || self.shared.closed.is_cancelled() {
+            return Err(SessionRetired);
+        }
+        let error_id = streams.next_stream;
+        let Some(data_id) = error_id.checked_add(2).filter(|id| *id <= LAST_STREAM_ID) else {
+            streams.retired = true;
+            return Err(SessionRetired);
+        };
+        streams.next_stream = data_id.saturating_add(2);
+        let request = streams.next_request;
+        streams.next_request += 1;
+        let headers = |kind: &str| {
+            vec![
+                ("streamtype".to_owned(), kind.to_owned()),
+                ("port".to_owned(), port.to_string()),
+                ("requestid".to_owned(), request.to_string()),
+            ]
+        };
+        // Nothing is sent on the error stream: it is opened finished.
+        let opened = self
+            .shared
+            .control
+            .send(Frame::SynStream {
+                stream: error_id,
+                flags: FLAG_FIN,
+                headers: headers("error"),
+            })
+            .and_then(|()| {
+                self.shared.control.send(Frame::SynStream {
+                    stream: data_id,
+                    flags: 0,
+                    headers: headers("data"),
+                })
+            });
+        if opened.is_err() {
+            streams.retired = true;
+            return Err(SessionRetired);
+        }
+        for (id, role) in [(error_id, Role::Error), (data_id, Role::Data)] {
+            streams.routes.insert(
+                id,
+                Route {
+                    role,
+                    events: events.clone(),
+                },
+            );
+        }
+        streams.connections += 1;
+        drop(streams);
+        Ok(PairStream {
+            shared: self.shared.clone(),
+            data_id,
+            error_id,
+            incoming,
+            outgoing: PollSender::new(self.shared.data.clone()),
+            unread: Bytes::new(),
+            error_text: Vec::new(),
+            data_seen: false,
+            data_ended: false,
+            shut: false,
+            failed: false,
+        })
+    }
+}
+
+/// Writes the session's frames: openings and resets first, data after,
+/// gathered into large writes when they queue up. Closes the session when
+/// it has carried nothing for [`IDLE`].
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut socket: W,
+    mut control: mpsc::UnboundedReceiver<Frame>,
+    mut data: mpsc::Receiver<Frame>,
+    shared: Arc<Shared>,
+) {
+    let mut encoder = Encoder::new();
+    let mut out = BytesMut::with_capacity(MAX_FRAME + 1024);
+    let mut idle_check = tokio::time::interval(IDLE / 3);
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shared.closed.cancelled() => break,
+            Some(frame) = control.recv() => frame,
+            Some(frame) = data.recv() => frame,
+            _ = idle_check.tick() => {
+                let mut streams = shared.streams();
+                if streams.connections > 0 {
+                    idle_since = None;
+                } else if idle_since.is_some_and(|since| since.elapsed() >= IDLE) {
+                    streams.retired = true;
+                    break;
+                } else if idle_since.is_none() {
+                    idle_since = Some(Instant::now());
+                }
+                continue;
+            }
+        };
+        let mut next = Some(first);
+        while let Some(frame) = next.take() {
+            if encoder.encode(&frame, &mut out).is_err() {
+                // Only a header block can fail to compress, and then the
+                // shared compression context is lost: the session ends.
+                shared.closed.cancel();
+                break;
+            }
+            if out.len() < WRITE_BATCH {
+                next = control.try_recv().ok().or_else(|| data.try_recv().ok());
+            }
+        }
+        if socket.write_all(&out).await.is_err() || socket.flush().await.is_err() {
+            break;
+        }
+        out.clear();
+    }
+    shared.streams().retired = true;
+    shared.closed.cancel();
+    let _ = socket.shutdown().await;
+}
+
+/// Reads the session's frames and hands each to its connection, until the
+/// session ends; then every connection still on it is cut.
+async fn read_frames<R: AsyncRead + Unpin>(mut socket: R, shared: Arc<Shared>) {
+    let mut decoder = Decoder::new();
+    let mut buffer = BytesMut::with_capacity(128 * 1024);
+    let why = 'session: loop {
+        loop {
+            match decoder.decode(&mut buffer) {
+                Ok(Some(frame)) => deliver(frame, &shared).await,
+                Ok(None) => break,
+                Err(err) => break 'session format!("the port-forward session broke: {err}"),
+            }
+        }
+        if buffer.capacity() - buffer.len() < 16 * 1024 {
+            buffer.reserve(MAX_FRAME);
+        }
+        tokio::select! {
+            _ = shared.closed.cancelled() => break "the port-forward session closed".to_owned(),
+            read = socket.read_buf(&mut buffer) => match read {
+                Ok(0) => break "the API server ended the port-forward session".to_owned(),
+                Ok(_) => {}
+                Err(err) => break format!("the port-forward session broke: {err}"),
+            },
+        }
+    };
+    shared.closed.cancel();
+    let routes: Vec<Route> = {
+        let mut streams = shared.streams();
+        streams.retired = true;
+        streams.routes.drain().map(|(_, route)| route).collect()
+    };
+    for route in routes.into_iter().filter(|route| route.role == Role::Data) {
+        let _ = route.events.try_send(Event::Reset(why.clone()));
+    }
+}
+
+/// Hands one frame to the connection it belongs to.
+async fn deliver(frame: Frame, shared: &Shared) {
+    let route = |stream: u32| {
+        shared
+            .streams()
+            .routes
+            .get(&stream)
+            .map(|route| (route.role, route.events.clone()))
+    };
+    match frame {
+        Frame::Data {
+            stream,
+            flags,
+            data,
+        } => {
+            let Some((role, events)) = route(stream) else {
+                return;
+            };
+            if !data.is_empty() {
+                let event = match role {
+                    Role::Data => Event::Data(data),
+                    Role::Error => Event::ErrorText(data),
+                };
+                let _ = events.send(event).await;
+            }
+            if flags & FLAG_FIN != 0 {
+                let _ = events.send(end_of(role)).await;
+            }
+        }
+        Frame::SynReply { stream, flags, .. } if flags & FLAG_FIN != 0 => {
+            if let Some((role, events)) = route(stream) {
+                let _ = events.send(end_of(role)).await;
+            }
+        }
+        Frame::RstStream { stream, status } => {
+            if let Some((_, events)) = route(stream) {
+                let why = format!("the API server reset the stream ({})", reset_reason(status));
+                let _ = events.send(Event::Reset(why)).await;
+            }
+        }
+        // Pings the server starts have even ids; each is answered.
+        Frame::Ping { id } if id % 2 == 0 => {
+            let _ = shared.control.send(Frame::Ping { id });
+        }
+        Frame::GoAway { .. } => shared.streams().retired = true,
+        // A server does not open streams on a port-forward.
+        Frame::SynStream { stream, .. } => {
+            let _ = shared.control.send(Frame::RstStream {
+                stream,
+                status: REFUSED_STREAM,
+            });
+        }
+        _ => {}
+    }
+}
+
+fn end_of(role: Role) -> Event {
+    match role {
+        Role::Data => Event::DataEnd,
+        Role::Error => Event::ErrorEnd,
+    }
+}
+
+fn reset_reason(status: u32) -> &'static str {
+    match status {
+        1 => "protocol error",
+        2 => "invalid stream",
+        REFUSED_STREAM => "refused",
+        4 => "unsupported version",
+        CANCEL => "cancelled",
+        6 => "internal error",
+        7 => "flow control error",
+        _ => "unknown status",
+    }
+}
+
+/// One connection on a session, as a byte stream.
+#[derive(Debug)]
+pub struct PairStream {
+    shared: Arc<Shared>,
+    data_id: u32,
+    error_id: u32,
+    incoming: mpsc::Receiver<Event>,
+    outgoing: PollSender<Frame>,
+    /// What is left of the last data frame.
+    unread: Bytes,
+    /// What the kubelet wrote on the error stream so far.
+    error_text: Vec<u8>,
+    /// Whether the pod sent any data: an error before it is a refusal.
+    data_seen: bool,
+    /// The pod's side is done.
+    data_ended: bool,
+    /// Our sending side is done.
+    shut: bool,
+    /// The connection broke; nothing more goes either way.
+    failed: bool,
+}
+
+fn session_ended() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "the port-forward session ended",
+    )
+}
+
+impl PairStream {
+    /// The kubelet's words on the error stream, as the read's error: a
+    /// refusal before any data (and then the session is not reused: the
+    /// pod may have been replaced under it), a broken connection after.
+    fn fail_with_error_text(&mut self) -> io::Error {
+        self.failed = true;
+        let kind = if self.data_seen {
+            io::ErrorKind::ConnectionReset
+        } else {
+            self.shared.streams().retired = true;
+            io::ErrorKind::ConnectionRefused
+        };
+        io::Error::new(kind, String::from_utf8_lossy(&self.error_text).into_owned())
+    }
+}
+
+impl AsyncRead for PairStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            if !self.unread.is_empty() {
+                let n = self.unread.len().min(buf.remaining());
+                buf.put_slice(&self.unread.split_to(n));
+                return Poll::Ready(Ok(()));
+            }
+            if self.data_ended || self.failed {
+                return Poll::Ready(Ok(()));
+            }
+            match ready!(self.incoming.poll_recv(cx)) {
+                Some(Event::Data(data)) => {
+                    self.data_seen = true;
+                    self.unread = data;
+                }
+                Some(Event::DataEnd) => {
+                    self.data_ended = true;
+                    if !self.error_text.is_empty() {
+                        return Poll::Ready(Err(self.fail_with_error_text()));
+                    }
+                }
+                Some(Event::ErrorText(text)) => self.error_text.extend_from_slice(&text),
+                Some(Event::ErrorEnd) => {
+                    if !self.error_text.is_empty() {
+                        return Poll::Ready(Err(self.fail_with_error_text()));
+                    }
+                }
+                Some(Event::Reset(why)) => {
+                    self.failed = true;
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, why)));
+                }
+                None => {
+                    self.failed = true;
+                    return Poll::Ready(Err(session_ended()));
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for PairStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.shut || self.failed {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the port-forward is closed",
+            )));
+        }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        ready!(self.outgoing.poll_reserve(cx)).map_err(|_| session_ended())?;
+        let n = data.len().min(MAX_FRAME);
+        let frame = Frame::Data {
+            stream: self.data_id,
+            flags: 0,
+            data: Bytes::copy_from_slice(&data[..n]),
+        };
+        self.outgoing
+            .send_item(frame)
+            .map_err(|_| session_ended())?;
+        Poll::Ready(Ok(n))
+    }
+
+    /// The writing task sends what it is handed at once.
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// A half-close: FIN on the data stream; the pod's answer still comes.
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if !self.shut && !self.failed {
+            ready!(self.outgoing.poll_reserve(cx)).map_err(|_| session_ended())?;
+            let fin = Frame::Data {
+                stream: self.data_id,
+                flags: FLAG_FIN,
+                data: Bytes::new(),
+            };
+            self.outgoing.send_item(fin).map_err(|_| session_ended())?;
+        }
+        self.shut = true;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for PairStream {
+    /// Leaves the session; a connection that did not finish both ways is
+    /// reset, so the kubelet lets go of the pod's side at once.
+    fn drop(&mut self) {
+        let mut streams = self.shared.streams();
+        streams.routes.remove(&self.data_id);
+        streams.routes.remove(&self.error_id);
+        streams.connections = streams.connections.saturating_sub(1);
+        drop(streams);
+        if !(self.shut && self.data_ended) {
+            let _ = self.shared.control.send(Frame::RstStream {
+                stream: self.data_id,
+                status: CANCEL,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k3s_local_agent_spdy::header;
+    use tokio::io::DuplexStream;
+
+    /// The API server's end of a session: frames in, frames out.
+    struct Server {
+        socket: DuplexStream,
+        encoder: Encoder,
+        decoder: Decoder,
+        buffer: BytesMut,
+    }
+
+    impl Server {
+        async fn next(&mut self) -> Frame {
+            loop {
+                if let Some(frame) = self.decoder.decode(&mut self.buffer).expect("a frame") {
+                    return frame;
+                }
+                let read = self.socket.read_buf(&mut self.buffer).await.expect("read");
+                assert!(read > 0, "the session ended");
+            }
+        }
+
+        async fn send(&mut self, frame: Frame) {
+            let mut out = BytesMut::new();
+            self.encoder.encode(&frame, &mut out).expect("encode");
+            self.socket.write_all(&out).await.expect("write");
+        }
+    }
+
+    fn pair() -> (Session, Server) {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let server = Server {
+            socket: theirs,
+            encoder: Encoder::new(),
+            decoder: Decoder::new(),
+            buffer: BytesMut::new(),
+        };
+        (Session::start(ours), server)
+    }
+
+    fn data(stream: u32, bytes: &'static [u8], flags: u8) -> Frame {
+        Frame::Data {
+            stream,
+            flags,
+            data: Bytes::from_static(bytes),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_two_streams_named_by_one_request_and_its_data_follows_at_once() {
+        let (session, mut server) = pair();
+        let mut first = session.open(8080).expect("open");
+        first.write_all(b"ping").await.expect("write");
+        let Frame::SynStream {
+            stream: 1,
+            flags: FLAG_FIN,
+            headers,
+        } = server.next().await
+        else {
+            panic!("the error stream first, opened finished");
+        };
+        assert_eq!(header(&headers, "streamtype"), Some("error"));
+        assert_eq!(header(&headers, "port"), Some("8080"));
+        assert_eq!(header(&headers, "requestid"), Some("0"));
+        let Frame::SynStream {
+            stream: 3, headers, ..
+        } = server.next().await
+        else {
+            panic!("then the data stream");
+        };
+        assert_eq!(header(&headers, "streamtype"), Some("data"));
+        assert_eq!(header(&headers, "requestid"), Some("0"));
+        assert_eq!(server.next().await, data(3, b"ping", 0), "no reply awaited");
+
+        // A second connection: the next ids and request, same session.
+        let _second = session.open(9090).expect("open");
+        let Frame::SynStream {
+            stream: 5, headers, ..
+        } = server.next().await
+        else {
+            panic!("the second connection's error stream");
+        };
+        assert_eq!(header(&headers, "requestid"), Some("1"));
+        assert_eq!(session.connections(), 2);
+
+        server.send(data(3, b"pong", 0)).await;
+        server.send(data(3, b"", FLAG_FIN)).await;
+        first.shutdown().await.expect("half-close");
+        let mut answer = String::new();
+        first.read_to_string(&mut answer).await.expect("read");
+        assert_eq!(answer, "pong");
+        drop(first);
+        assert_eq!(session.connections(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_reset_breaks_its_connection_and_the_other_carries_on() {
+        let (session, mut server) = pair();
+        let mut cut = session.open(80).expect("open");
+        let mut other = session.open(80).expect("open");
+        server
+            .send(Frame::RstStream {
+                stream: 3,
+                status: CANCEL,
+            })
+            .await;
+        let err = cut.read(&mut [0u8; 8]).await.expect_err("reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        server.send(data(7, b"still here", 0)).await;
+        let mut buffer = [0u8; 10];
+        other
+            .read_exact(&mut buffer)
+            .await
+            .expect("the other reads");
+        assert_eq!(&buffer, b"still here");
+        assert!(session.is_usable());
+    }
+
+    #[tokio::test]
+    async fn the_kubelets_words_before_data_are_a_refusal_and_the_session_is_not_reused() {
+        let (session, mut server) = pair();
+        let mut stream = session.open(80).expect("open");
+        let message: &'static [u8] = b"error forwarding port 80 to pod web: connection refused";
+        server.send(data(1, message, 0)).await;
+        server.send(data(1, b"", FLAG_FIN)).await;
+        let err = stream.read(&mut [0u8; 8]).await.expect_err("refused");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        assert!(err.to_string().contains("connection refused"), "{err}");
+        assert!(!session.is_usable(), "the next connection upgrades anew");
+    }
+
+    #[tokio::test]
+    async fn the_end_of_the_session_cuts_every_connection() {
+        let (session, server) = pair();
+        let mut stream = session.open(80).expect("open");
+        drop(server);
+        let err = stream.read(&mut [0u8; 8]).await.expect_err("cut");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(!session.is_usable());
+        assert!(session.open(80).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_dropped_connection_is_reset_and_pings_are_answered() {
+        let (session, mut server) = pair();
+        let stream = session.open(80).expect("open");
+        let _ = server.next().await;
+        let _ = server.next().await;
+        drop(stream);
+        assert_eq!(
+            server.next().await,
+            Frame::RstStream {
+                stream: 3,
+                status: CANCEL
+            }
+        );
+        server.send(Frame::Ping { id: 2 }).await;
+        assert_eq!(server.next().await, Frame::Ping { id: 2 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_session_closes_and_takes_no_more_connections() {
+        let (session, mut server) = pair();
+        drop(session.open(80).expect("open"));
+        tokio::time::sleep(IDLE * 2).await;
+        assert!(!session.is_usable());
+        // The server sees the openings, the reset, then the end.
+        let mut rest = Vec::new();
+        server.socket.read_to_end(&mut rest).await.expect("read");
+        assert!(session.open(80).is_err());
+    }
+}
