@@ -12,8 +12,10 @@
 //! order of their ids, as SPDY requires), one reads them and hands each to
 //! its connection. Kubelets honour no SPDY flow control, so a connection
 //! whose client stops reading holds up the session's reading once its own
-//! queue ([`INCOMING_FRAMES`]) is full, as in kubectl; sessions carry a
-//! bounded number of connections for that reason.
+//! queue ([`INCOMING_FRAMES`], a few MiB) is full, as in kubectl. Such a
+//! session is retired at once, so new connections go to another and only
+//! those already on it wait; and a session carries a bounded number of
+//! connections for the same reason.
 
 use std::collections::HashMap;
 use std::io;
@@ -33,8 +35,9 @@ use tokio_util::sync::{CancellationToken, PollSender};
 const MAX_FRAME: usize = 64 * 1024;
 /// Data frames queued for the socket before writers wait.
 const OUTGOING_FRAMES: usize = 64;
-/// Frames queued for one connection before the session stops reading.
-const INCOMING_FRAMES: usize = 32;
+/// Frames queued for one connection before the session stops reading
+/// (kubelets send up to 32 KiB a frame: 4 MiB).
+const INCOMING_FRAMES: usize = 128;
 /// Bytes gathered into one socket write when frames queue up.
 const WRITE_BATCH: usize = 256 * 1024;
 /// A session that carried no connection for this long is closed.
@@ -334,7 +337,15 @@ async fn deliver(frame: Frame, shared: &Shared) {
                     Role::Data => Event::Data(data),
                     Role::Error => Event::ErrorText(data),
                 };
-                let _ = events.send(event).await;
+                match events.try_send(event) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(mpsc::error::TrySendError::Full(event)) => {
+                        // Its client stopped reading: the session waits for
+                        // it, and no new connection joins the wait.
+                        shared.streams().retired = true;
+                        let _ = events.send(event).await;
+                    }
+                }
             }
             if flags & FLAG_FIN != 0 {
                 let _ = events.send(end_of(role)).await;
@@ -705,6 +716,30 @@ mod tests {
         );
         server.send(Frame::Ping { id: 2 }).await;
         assert_eq!(server.next().await, Frame::Ping { id: 2 });
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_is_not_read_keeps_new_ones_off_its_session() {
+        let (session, mut server) = pair();
+        let mut stalled = session.open(80).expect("open");
+        let mut other = session.open(80).expect("open");
+        // The stalled connection's client reads nothing: its queue fills.
+        for _ in 0..=INCOMING_FRAMES {
+            server.send(data(3, b"unread", 0)).await;
+        }
+        server.send(data(7, b"other", 0)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while session.is_usable() {
+            assert!(std::time::Instant::now() < deadline, "never retired");
+            tokio::task::yield_now().await;
+        }
+        assert!(session.open(80).is_err(), "new connections go elsewhere");
+        // Once it reads, the session moves on and the other gets its bytes.
+        let mut drained = vec![0u8; 6 * (INCOMING_FRAMES + 1)];
+        stalled.read_exact(&mut drained).await.expect("read");
+        let mut buffer = [0u8; 5];
+        other.read_exact(&mut buffer).await.expect("the other reads");
+        assert_eq!(&buffer, b"other");
     }
 
     #[tokio::test(start_paused = true)]
