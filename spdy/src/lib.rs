@@ -43,10 +43,16 @@ pub enum FrameError {
     Version(u16),
     #[error("a {kind} frame of {length} bytes is too short")]
     Short { kind: &'static str, length: usize },
+    #[error("a header block does not compress: {0}")]
+    Compress(#[from] flate2::CompressError),
     #[error("a header block does not decompress: {0}")]
-    Compression(String),
+    Decompress(#[from] flate2::DecompressError),
+    #[error("the header blocks' zlib stream ended")]
+    StreamEnded,
     #[error("a header block is malformed: {0}")]
     HeaderBlock(&'static str),
+    #[error("a frame of {0} bytes is longer than SPDY's 16 MiB")]
+    TooLong(usize),
 }
 
 /// One frame, with what a port-forward needs of it.
@@ -83,18 +89,6 @@ pub enum Frame {
     Ignored,
 }
 
-impl Frame {
-    /// Whether this frame ends its sender's side of a stream.
-    pub fn is_fin(&self) -> bool {
-        match self {
-            Frame::SynStream { flags, .. }
-            | Frame::SynReply { flags, .. }
-            | Frame::Data { flags, .. } => flags & FLAG_FIN != 0,
-            _ => false,
-        }
-    }
-}
-
 /// Writes frames: the compression context for the header blocks we send.
 pub struct Encoder {
     deflate: Compress,
@@ -122,9 +116,12 @@ impl Encoder {
     }
 
     /// Appends `frame`'s bytes to `out`. Data longer than [`MAX_PAYLOAD`]
-    /// is the caller's to split.
+    /// is refused: it is the caller's to split.
     pub fn encode(&mut self, frame: &Frame, out: &mut BytesMut) -> Result<(), FrameError> {
         match frame {
+            Frame::Data { data, .. } if data.len() > MAX_PAYLOAD => {
+                return Err(FrameError::TooLong(data.len()))
+            }
             Frame::Data {
                 stream,
                 flags,
@@ -141,6 +138,7 @@ impl Encoder {
                 headers,
             } => {
                 let block = self.header_block(headers)?;
+                fits(10 + block.len())?;
                 control_header(out, SYN_STREAM, *flags, 10 + block.len());
                 out.put_u32(stream & 0x7fff_ffff);
                 out.put_u32(0); // associated-to stream: none
@@ -154,6 +152,7 @@ impl Encoder {
                 headers,
             } => {
                 let block = self.header_block(headers)?;
+                fits(4 + block.len())?;
                 control_header(out, SYN_REPLY, *flags, 4 + block.len());
                 out.put_u32(stream & 0x7fff_ffff);
                 out.put_slice(&block);
@@ -194,8 +193,7 @@ impl Encoder {
             let before_in = self.deflate.total_in();
             compressed.reserve(64);
             self.deflate
-                .compress_vec(input, &mut compressed, FlushCompress::Sync)
-                .map_err(|err| FrameError::Compression(err.to_string()))?;
+                .compress_vec(input, &mut compressed, FlushCompress::Sync)?;
             let used = usize::try_from(self.deflate.total_in() - before_in).unwrap_or(input.len());
             input = &input[used..];
             // Done when all input is in and the flush fitted in the room left.
@@ -338,15 +336,11 @@ impl Decoder {
             input = &input[used..];
             match outcome {
                 Ok(Status::Ok | Status::BufError) => {}
-                Ok(Status::StreamEnd) => {
-                    return Err(FrameError::Compression("the zlib stream ended".to_owned()))
-                }
+                Ok(Status::StreamEnd) => return Err(FrameError::StreamEnded),
                 Err(err) if err.needs_dictionary().is_some() => {
-                    self.inflate
-                        .set_dictionary(DICTIONARY)
-                        .map_err(|err| FrameError::Compression(err.to_string()))?;
+                    self.inflate.set_dictionary(DICTIONARY)?;
                 }
-                Err(err) => return Err(FrameError::Compression(err.to_string())),
+                Err(err) => return Err(err.into()),
             }
             if input.is_empty() && plain.len() < plain.capacity() {
                 break;
@@ -382,6 +376,14 @@ fn parse_pairs(mut plain: &[u8]) -> Result<Vec<(String, String)>, FrameError> {
         pairs.push((name, value));
     }
     Ok(pairs)
+}
+
+/// A payload of `length` bytes fits a frame's 24-bit length.
+fn fits(length: usize) -> Result<(), FrameError> {
+    if length > MAX_PAYLOAD {
+        return Err(FrameError::TooLong(length));
+    }
+    Ok(())
 }
 
 fn control_header(out: &mut BytesMut, kind: u16, flags: u8, length: usize) {
@@ -512,6 +514,21 @@ mod tests {
                 headers: pairs(&[("streamtype", "error")]),
             })
         );
+    }
+
+    #[test]
+    fn data_too_long_for_one_frame_is_refused_not_cut() {
+        let frame = Frame::Data {
+            stream: 1,
+            flags: 0,
+            data: Bytes::from(vec![0u8; MAX_PAYLOAD + 1]),
+        };
+        let mut out = BytesMut::new();
+        let err = Encoder::new()
+            .encode(&frame, &mut out)
+            .expect_err("too long");
+        assert!(matches!(err, FrameError::TooLong(_)), "{err}");
+        assert!(out.is_empty());
     }
 
     #[test]

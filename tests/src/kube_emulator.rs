@@ -463,11 +463,12 @@ async fn port_forward(
     let (uid, backend, pod_gone) = {
         let mut cluster = shared.lock();
         if spdy && cluster.refuse_spdy {
-            return status(
+            // A proxy's words, not the API's: plain text.
+            return (
                 StatusCode::BAD_REQUEST,
-                "BadRequest",
-                "this server does not upgrade to SPDY",
-            );
+                "upgrade to SPDY/3.1 is not allowed here\n",
+            )
+                .into_response();
         }
         let Some(pod) = cluster.pods.get(&(namespace, name.clone())) else {
             return not_found("pods", &name);
@@ -489,21 +490,25 @@ async fn port_forward(
         let pod_gone = cluster.pod_streams.entry(uid.clone()).or_default().clone();
         (uid, backend, pod_gone)
     };
-    // The stream ends with the emulator, or with its pod.
-    let running = shared.running().child_token();
-    let ends_with_pod = running.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = pod_gone.cancelled() => ends_with_pod.cancel(),
-            _ = ends_with_pod.cancelled() => {}
-        }
-    });
     if spdy {
+        // As a kubelet's: the session outlives its pod (its streams end,
+        // new ones get the runtime's words), and ends with the emulator.
         let upgrading = hyper::upgrade::on(&mut request);
         let shared = shared.clone();
         tokio::spawn(async move {
             if let Ok(upgraded) = upgrading.await {
-                spdy::serve(TokioIo::new(upgraded), shared, uid, name, running).await;
+                let pod = spdy::Pod {
+                    uid,
+                    name,
+                    gone: pod_gone,
+                };
+                spdy::serve(
+                    TokioIo::new(upgraded),
+                    shared.clone(),
+                    pod,
+                    shared.running(),
+                )
+                .await;
             }
         });
         return Response::builder()
@@ -521,6 +526,15 @@ async fn port_forward(
             "query parameter ports is required",
         );
     };
+    // The stream ends with the emulator, or with its pod.
+    let running = shared.running().child_token();
+    let ends_with_pod = running.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = pod_gone.cancelled() => ends_with_pod.cancel(),
+            _ = ends_with_pod.cancelled() => {}
+        }
+    });
     let (mut parts, _) = request.into_parts();
     let upgrade = match WebSocketUpgrade::from_request_parts(&mut parts, &shared).await {
         Ok(upgrade) => upgrade,
@@ -915,7 +929,6 @@ impl KubeEmulator {
         self.shared.lock().cut_next_after = Some(bytes);
     }
 
-    /// Every bearer token the API was called with, in order.
     /// Answers SPDY upgrades with 400 from now on (WebSockets still pass).
     pub fn refuse_spdy(&self) {
         self.shared.lock().refuse_spdy = true;
@@ -926,6 +939,7 @@ impl KubeEmulator {
         self.shared.lock().spdy_sessions
     }
 
+    /// Every bearer token the API was called with, in order.
     pub fn tokens_seen(&self) -> Vec<String> {
         self.shared.lock().tokens_seen.clone()
     }

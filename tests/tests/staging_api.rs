@@ -194,9 +194,8 @@ async fn api_carries_bytes_both_ways_fifty_at_once_and_a_reset_breaks_one_connec
     let tunnel = tunnel_of(&agent, "web-1");
     assert_eq!(tunnel["status"], "active", "{tunnel}");
     drop(before);
-    // Every connection ends once its client has gone, though the protocol
-    // (v4) cannot tell the pod the client finished: none is left holding
-    // the pod's connection.
+    // Every connection ends once its client has gone: none is left
+    // holding the pod's connection.
     wait_until("every connection through the API to end", || {
         tunnel_of(&agent, "web-1")["open_connections"] == 0
     })

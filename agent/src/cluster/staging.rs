@@ -2,10 +2,11 @@
 //! kubeconfig: the client (built when the agent starts, off any
 //! connection's clock, with exec plugins resolved as a login shell would;
 //! built again after a failed build, at most every few seconds, and after
-//! the API server refused its credentials), and the
-//! dialer that opens a fresh port-forward stream to a staging pod per
-//! connection, so a stream error breaks that one connection, never the
-//! listener (kubernetes#111825).
+//! the API server refused its credentials), and the dialer that opens a
+//! fresh port-forward stream to a staging pod per connection, on the pod's
+//! shared SPDY sessions (a WebSocket of its own where SPDY is refused), so
+//! a stream error breaks that one connection, never the listener
+//! (kubernetes#111825).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -131,6 +132,14 @@ pub async fn staging_client(settings: &StagingSettings) -> Result<StagingClient,
 fn client_without_nagle(config: kube::Config) -> Result<Client, kube::Error> {
     use kube::client::ConfigExt;
     use tower::{BoxError, ServiceBuilder};
+    // kube's own client refuses a proxy for want of its proxy feature; so
+    // does this one, rather than going around the proxy.
+    if let Some(proxy_url) = &config.proxy_url {
+        return Err(kube::Error::ProxyProtocolDisabled {
+            proxy_url: Box::new(proxy_url.clone()),
+            protocol_feature: "kube/http-proxy",
+        });
+    }
     let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
     connector.enforce_http(false);
     connector.set_nodelay(true);
@@ -229,9 +238,7 @@ impl StagingCluster {
     async fn forget_client(&self) {
         self.client.lock().await.client = None;
     }
-}
 
-impl StagingCluster {
     /// A connection to `port` of a staging pod: on an SPDY session of the
     /// pod's (opened once, shared by its connections), or a WebSocket of
     /// its own where the API server refused SPDY.
@@ -257,7 +264,7 @@ impl StagingCluster {
                     "the staging API server refused SPDY; port-forwards go by WebSocket, \
                      one upgrade per connection"
                 ),
-                Err(OpenError::Refused { code, message }) => {
+                Err(OpenError::Refused { code, message, .. }) => {
                     return Err(self.refusal(namespace, name, port, code, message).await)
                 }
                 Err(err) => {

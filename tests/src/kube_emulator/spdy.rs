@@ -23,6 +23,8 @@ enum Incoming {
     Data(Bytes),
     Fin,
     Reset,
+    /// The pod was deleted: its side of the connection closes.
+    PodGone,
 }
 
 /// A stream whose partner has not come yet: its id, and its port.
@@ -32,15 +34,19 @@ struct Half {
     data: Option<(u32, u16)>,
 }
 
-/// Serves one upgraded SPDY session for the pod `uid`, until the client
-/// ends it, the pod goes (`ends` is cancelled) or the emulator stops.
-pub(super) async fn serve<S>(
-    socket: S,
-    shared: Shared,
-    uid: String,
-    pod: String,
-    ends: CancellationToken,
-) where
+/// The pod a session was upgraded for.
+pub(super) struct Pod {
+    pub uid: String,
+    pub name: String,
+    /// Cancelled when the pod is deleted.
+    pub gone: CancellationToken,
+}
+
+/// Serves one upgraded SPDY session for `pod` until the client ends it or
+/// the emulator stops (`running` is cancelled). When the pod goes, its
+/// streams end and new ones get the runtime's words, as on a kubelet.
+pub(super) async fn serve<S>(socket: S, shared: Shared, pod: Pod, running: CancellationToken)
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(socket);
@@ -60,6 +66,7 @@ pub(super) async fn serve<S>(
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     let mut halves: HashMap<String, Half> = HashMap::new();
     let mut bridges: HashMap<u32, mpsc::UnboundedSender<Incoming>> = HashMap::new();
+    let mut pod_ended = false;
     'session: loop {
         while let Ok(Some(frame)) = decoder.decode(&mut buffer) {
             match frame {
@@ -88,13 +95,24 @@ pub(super) async fn serve<S>(
                     {
                         let (to_bridge, from_session) = mpsc::unbounded_channel();
                         bridges.insert(*data, to_bridge);
+                        let backend = if pod.gone.is_cancelled() {
+                            Err(format!(
+                                "failed to find sandbox {:?} in store: not found",
+                                pod.uid
+                            ))
+                        } else {
+                            backend(&shared, &pod.uid, *port).ok_or_else(|| {
+                                format!(
+                                    "error forwarding port {port} to pod {}: connection refused",
+                                    pod.name
+                                )
+                            })
+                        };
                         tokio::spawn(bridge(
                             Pair {
                                 data: *data,
                                 error: *error,
-                                port: *port,
-                                backend: backend(&shared, &uid, *port),
-                                pod: pod.clone(),
+                                backend,
                             },
                             from_session,
                             outgoing.clone(),
@@ -130,7 +148,14 @@ pub(super) async fn serve<S>(
             }
         }
         tokio::select! {
-            _ = ends.cancelled() => break,
+            _ = running.cancelled() => break,
+            _ = pod.gone.cancelled(), if !pod_ended => {
+                // The pod's connections close, as its sockets do.
+                pod_ended = true;
+                for (_, bridge) in bridges.drain() {
+                    let _ = bridge.send(Incoming::PodGone);
+                }
+            }
             read = reader.read_buf(&mut buffer) => match read {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {}
@@ -155,13 +180,12 @@ fn backend(shared: &Shared, uid: &str, port: u16) -> Option<SocketAddr> {
         .copied()
 }
 
-/// One connection: its two streams and where its port runs.
+/// One connection: its two streams, and where its port runs (or the
+/// runtime's words for why it cannot be reached).
 struct Pair {
     data: u32,
     error: u32,
-    port: u16,
-    backend: Option<SocketAddr>,
-    pod: String,
+    backend: Result<SocketAddr, String>,
 }
 
 /// Carries one pair's bytes to and from the pod's port.
@@ -180,18 +204,22 @@ async fn bridge(
         let _ = outgoing.send(data_frame(pair.error, FLAG_FIN, Bytes::new()));
         let _ = outgoing.send(data_frame(pair.data, FLAG_FIN, Bytes::new()));
     };
-    let tcp = match pair.backend {
-        Some(address) => tokio::net::TcpStream::connect(address).await.ok(),
-        None => None,
+    let tcp = match &pair.backend {
+        Ok(address) => tokio::net::TcpStream::connect(address)
+            .await
+            .map_err(|err| {
+                let why = err.to_string().to_lowercase();
+                format!("error forwarding port: dial tcp {address}: connect: {why}")
+            }),
+        Err(words) => Err(words.clone()),
     };
-    let Some(tcp) = tcp else {
-        let words = format!(
-            "error forwarding port {} to pod {}: connection refused",
-            pair.port, pair.pod
-        );
-        let _ = outgoing.send(data_frame(pair.error, 0, Bytes::from(words)));
-        finish(&outgoing);
-        return;
+    let tcp = match tcp {
+        Ok(tcp) => tcp,
+        Err(words) => {
+            let _ = outgoing.send(data_frame(pair.error, 0, Bytes::from(words)));
+            finish(&outgoing);
+            return;
+        }
     };
     let (mut from_pod, mut to_pod) = tcp.into_split();
     let cut = CancellationToken::new();
@@ -218,6 +246,11 @@ async fn bridge(
                     return;
                 }
                 Incoming::Reset => {
+                    cut.cancel();
+                    return;
+                }
+                Incoming::PodGone => {
+                    finish(&outgoing);
                     cut.cancel();
                     return;
                 }

@@ -12,32 +12,53 @@ use hyper::http::{self, header, StatusCode};
 use hyper_util::rt::TokioIo;
 use kube::Client;
 
-use super::spdy::{PairStream, Session};
+use super::spdy::{PairStream, Session, SessionRetired};
 
 /// How many connections one session carries before another is opened: a
 /// connection whose client stops reading holds up its session's others.
 pub const CONNECTIONS_PER_SESSION: usize = 32;
 
-/// The most of a refusal's body kept for its message.
+/// The most of a refusal's body read for its message.
 const REFUSAL_BODY: usize = 4096;
+
+/// The port-forward protocol spoken on the sessions, and where it is named.
+const PROTOCOL: &str = "portforward.k8s.io";
+const PROTOCOL_HEADER: &str = "X-Stream-Protocol-Version";
 
 /// Why no SPDY connection to a pod was opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// The API server answered the upgrade with this status.
+    /// The API server (or something in front of it) answered the upgrade
+    /// with this status.
     #[error("{message} ({code})")]
-    Refused { code: u16, message: String },
+    Refused {
+        code: u16,
+        message: String,
+        /// The answer is a Kubernetes `Status`: the API server's own words.
+        from_api: bool,
+    },
     #[error(transparent)]
     Kube(#[from] kube::Error),
+    #[error("the port-forward request cannot be built: {0}")]
+    Request(#[from] http::Error),
     #[error("the port-forward upgrade failed: {0}")]
-    Upgrade(String),
+    Upgrade(#[from] hyper::Error),
+    #[error("the server upgraded to {0:?}, not portforward.k8s.io")]
+    Protocol(String),
+    #[error(transparent)]
+    Retired(#[from] SessionRetired),
 }
 
 impl OpenError {
-    /// Whether the answer says SPDY itself is not spoken there (a proxy in
-    /// front of the API server, say), so a WebSocket may do instead.
+    /// Whether the answer says SPDY itself is not spoken there: a refusal
+    /// of the upgrade by something in front of the API server (a proxy that
+    /// passes only WebSockets), not the API's own words (its 400 for a pod
+    /// not yet scheduled is about the pod).
     pub fn no_spdy(&self) -> bool {
-        matches!(self, OpenError::Refused { code, .. } if matches!(code, 400 | 405 | 426 | 501))
+        matches!(
+            self,
+            OpenError::Refused { code, from_api: false, .. } if matches!(code, 400 | 405 | 426 | 501)
+        )
     }
 }
 
@@ -104,9 +125,7 @@ impl Sessions {
                 return Err(err);
             }
         };
-        let stream = session
-            .open(port)
-            .map_err(|err| OpenError::Upgrade(err.to_string()))?;
+        let stream = session.open(port)?;
         sessions.push(session);
         Ok(stream)
     }
@@ -119,40 +138,65 @@ async fn upgrade(client: &Client, namespace: &str, name: &str) -> Result<Session
     ))
     .header(header::CONNECTION, "Upgrade")
     .header(header::UPGRADE, "SPDY/3.1")
-    .header("X-Stream-Protocol-Version", "portforward.k8s.io")
-    .body(kube::client::Body::empty())
-    .map_err(|err| OpenError::Upgrade(err.to_string()))?;
+    .header(PROTOCOL_HEADER, PROTOCOL)
+    .body(kube::client::Body::empty())?;
     let response = client.send(request).await?;
     let code = response.status();
     if code != StatusCode::SWITCHING_PROTOCOLS {
-        let body = response
-            .into_body()
-            .collect_bytes()
-            .await
-            .unwrap_or_default();
+        let body = start_of(response.into_body()).await;
+        let (message, from_api) = refusal_message(code, &body);
         return Err(OpenError::Refused {
             code: code.as_u16(),
-            message: refusal_message(code, &body),
+            message,
+            from_api,
         });
     }
-    let upgraded = hyper::upgrade::on(response)
-        .await
-        .map_err(|err| OpenError::Upgrade(err.to_string()))?;
+    if let Some(answered) = response.headers().get(PROTOCOL_HEADER) {
+        if answered.as_bytes() != PROTOCOL.as_bytes() {
+            return Err(OpenError::Protocol(
+                String::from_utf8_lossy(answered.as_bytes()).into_owned(),
+            ));
+        }
+    }
+    let upgraded = hyper::upgrade::on(response).await?;
     Ok(Session::start(TokioIo::new(upgraded)))
 }
 
-/// A refusal's words: the `message` of the API's Status, else the start of
-/// the body, else the status's reason.
-fn refusal_message(code: StatusCode, body: &[u8]) -> String {
-    let body = &body[..body.len().min(REFUSAL_BODY)];
-    serde_json::from_slice::<serde_json::Value>(body)
+/// The first [`REFUSAL_BODY`] bytes of a refusal's body, read no further.
+async fn start_of(mut body: kube::client::Body) -> Vec<u8> {
+    use http_body_util::BodyExt;
+    let mut start = Vec::new();
+    while start.len() < REFUSAL_BODY {
+        match body.frame().await {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    start.extend_from_slice(data);
+                }
+            }
+            _ => break,
+        }
+    }
+    start.truncate(REFUSAL_BODY);
+    start
+}
+
+/// A refusal's words: the `message` of the API's Status (and that it is
+/// one), else the start of the body, else the status's reason.
+fn refusal_message(code: StatusCode, body: &[u8]) -> (String, bool) {
+    if let Some(message) = serde_json::from_slice::<serde_json::Value>(body)
         .ok()
+        .filter(|status| status["kind"] == "Status")
         .and_then(|status| status["message"].as_str().map(str::to_owned))
-        .or_else(|| {
-            let text = String::from_utf8_lossy(body).trim().to_owned();
-            (!text.is_empty()).then_some(text)
-        })
-        .unwrap_or_else(|| code.canonical_reason().unwrap_or("refused").to_owned())
+    {
+        return (message, true);
+    }
+    let text = String::from_utf8_lossy(body).trim().to_owned();
+    let message = if text.is_empty() {
+        code.canonical_reason().unwrap_or("refused").to_owned()
+    } else {
+        text
+    };
+    (message, false)
 }
 
 #[cfg(test)]
@@ -164,32 +208,37 @@ mod tests {
         let status = br#"{"kind":"Status","message":"pods \"web\" not found","code":404}"#;
         assert_eq!(
             refusal_message(StatusCode::NOT_FOUND, status),
-            "pods \"web\" not found"
+            ("pods \"web\" not found".to_owned(), true)
         );
         assert_eq!(
             refusal_message(StatusCode::BAD_REQUEST, b"  upgrade not allowed\n"),
-            "upgrade not allowed"
+            ("upgrade not allowed".to_owned(), false)
         );
         assert_eq!(
             refusal_message(StatusCode::UPGRADE_REQUIRED, b""),
-            "Upgrade Required"
+            ("Upgrade Required".to_owned(), false)
         );
     }
 
     #[test]
-    fn only_answers_about_the_protocol_fall_back_to_a_websocket() {
-        let refused = |code| OpenError::Refused {
+    fn only_a_refusal_of_the_protocol_falls_back_to_a_websocket() {
+        let refused = |code, from_api| OpenError::Refused {
             code,
             message: String::new(),
+            from_api,
         };
-        assert!(refused(400).no_spdy());
-        assert!(refused(426).no_spdy());
+        assert!(refused(400, false).no_spdy(), "a proxy's 400");
+        assert!(refused(426, false).no_spdy());
         assert!(
-            !refused(404).no_spdy(),
+            !refused(400, true).no_spdy(),
+            "the API's 400 (a pod not scheduled yet) is about the pod"
+        );
+        assert!(
+            !refused(404, false).no_spdy(),
             "a missing pod is missing either way"
         );
-        assert!(!refused(403).no_spdy());
-        assert!(!refused(401).no_spdy());
-        assert!(!refused(503).no_spdy());
+        assert!(!refused(403, true).no_spdy());
+        assert!(!refused(401, true).no_spdy());
+        assert!(!refused(503, false).no_spdy());
     }
 }

@@ -2,24 +2,32 @@
 //! `kubectl port-forward` speaks) and the connections it carries. Each
 //! connection is a pair of streams named by one request id: an error
 //! stream (we send nothing on it; the kubelet writes why forwarding
-//! failed) and a data stream (the port's bytes, with a half-close each
-//! way). Opening one is two frames on a session already up, sent without
+//! failed) and a data stream (the port's bytes; our end of it is closed
+//! with a FIN when the client has finished sending, as kubectl does).
+//! Opening one is two frames on a session already up, sent without
 //! waiting for replies; a reset ends its one connection, and only the
 //! session's own end cuts them all.
 //!
-//! Two tasks drive a session: one writes frames (stream openings and
-//! resets before data, so an opening always precedes its data, and in the
-//! order of their ids, as SPDY requires), one reads them and hands each to
-//! its connection. Kubelets honour no SPDY flow control, so a connection
-//! whose client stops reading holds up the session's reading once its own
-//! queue ([`INCOMING_FRAMES`], a few MiB) is full, as in kubectl. Such a
-//! session is retired at once, so new connections go to another and only
-//! those already on it wait; and a session carries a bounded number of
-//! connections for the same reason.
+//! Two tasks drive a session: one writes frames (a connection's opening
+//! always before its data, openings in the order of their ids, as SPDY
+//! requires; a ping every [`PING_EVERY`] while it carries connections),
+//! one reads them and hands each to its connection. A session whose pings
+//! or writes go unanswered, or whose server does not acknowledge a new
+//! connection within [`REPLY_TIMEOUT`], is ended or retired: a laptop that
+//! slept or changed networks gets a fresh session, not a hang.
+//!
+//! Kubelets honour no SPDY flow control, so a connection whose client
+//! stops reading holds up the session's reading once its own queue
+//! ([`INCOMING_FRAMES`], a few MiB) is full, as in kubectl. Such a session
+//! is retired at once, so new connections go to another; and if the
+//! connection is still not read after [`STALL`] while others share the
+//! session, it alone is reset so the others carry on.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -28,7 +36,7 @@ use bytes::{Bytes, BytesMut};
 use k3s_local_agent_spdy::{Decoder, Encoder, Frame, CANCEL, FLAG_FIN, REFUSED_STREAM};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::mpsc;
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, PollSender};
 
 /// The largest data frame sent: what a tunnel hands over at once.
@@ -42,6 +50,16 @@ const INCOMING_FRAMES: usize = 128;
 const WRITE_BATCH: usize = 256 * 1024;
 /// A session that carried no connection for this long is closed.
 pub const IDLE: Duration = Duration::from_secs(30);
+/// How often a session carrying connections pings its server; two
+/// periods without an answer end it.
+pub const PING_EVERY: Duration = Duration::from_secs(10);
+/// How long the server may take to acknowledge a new connection.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one unread connection may hold up the others on its session.
+pub const STALL: Duration = Duration::from_secs(10);
+/// How long one write to the server may take before the session is
+/// taken for dead.
+const WRITE_STALL: Duration = Duration::from_secs(30);
 /// The highest stream id SPDY allows; a session that reaches it takes no
 /// more connections.
 const LAST_STREAM_ID: u32 = 0x7fff_ffff;
@@ -49,6 +67,8 @@ const LAST_STREAM_ID: u32 = 0x7fff_ffff;
 /// What the reading task hands a connection.
 #[derive(Debug)]
 enum Event {
+    /// The server acknowledged the data stream.
+    Replied,
     Data(Bytes),
     DataEnd,
     ErrorText(Bytes),
@@ -62,10 +82,15 @@ enum Role {
     Error,
 }
 
-#[derive(Debug)]
+/// Where one stream's frames go: its connection's queue.
+#[derive(Debug, Clone)]
 struct Route {
     role: Role,
     events: mpsc::Sender<Event>,
+    /// The connection's two stream ids (error, data).
+    pair: (u32, u32),
+    /// Set when the session reset the connection for not reading.
+    stalled: Arc<AtomicBool>,
 }
 
 /// The session's streams, and what it takes to open more: one lock, so
@@ -77,15 +102,25 @@ struct Streams {
     next_stream: u32,
     next_request: u64,
     connections: usize,
+    /// When a connection was last opened or ended.
+    last_used: Instant,
+    /// The id of our next ping (odd: the client's), and when the one
+    /// awaiting its answer went out.
+    next_ping: u32,
+    ping_sent: Option<Instant>,
+    /// The reading task waits for a connection's client to read: the
+    /// server's answers to pings wait unread too.
+    reader_waiting: bool,
     /// No connection may be opened any more (idle, gone away, ids used up,
-    /// or a connection failed in a way that suggests the pod changed).
+    /// unresponsive, or a connection failed in a way that suggests the pod
+    /// changed). The session ends once its last connection has.
     retired: bool,
 }
 
 #[derive(Debug)]
 struct Shared {
     streams: Mutex<Streams>,
-    /// Openings and resets: written before data.
+    /// Openings, resets and pings: written before data.
     control: mpsc::UnboundedSender<Frame>,
     data: mpsc::Sender<Frame>,
     /// Cancelled when the session ends, by either task.
@@ -97,6 +132,15 @@ impl Shared {
         match self.streams.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// No new connection here; and if none is left, the session ends now.
+    fn retire(&self) {
+        let mut streams = self.streams();
+        streams.retired = true;
+        if streams.connections == 0 {
+            self.closed.cancel();
         }
     }
 }
@@ -128,6 +172,10 @@ impl Session {
                 next_stream: 1,
                 next_request: 0,
                 connections: 0,
+                last_used: Instant::now(),
+                next_ping: 1,
+                ping_sent: None,
+                reader_waiting: false,
                 retired: false,
             }),
             control,
@@ -158,6 +206,7 @@ impl Session {
     /// and its data may follow them without waiting for the replies.
     pub fn open(&self, port: u16) -> Result<PairStream, SessionRetired> {
         let (events, incoming) = mpsc::channel(INCOMING_FRAMES);
+        let stalled = Arc::new(AtomicBool::new(false));
         let mut streams = self.shared.streams();
         if streams.retired || self.shared.closed.is_cancelled() {
             return Err(SessionRetired);
@@ -203,10 +252,13 @@ impl Session {
                 Route {
                     role,
                     events: events.clone(),
+                    pair: (error_id, data_id),
+                    stalled: stalled.clone(),
                 },
             );
         }
         streams.connections += 1;
+        streams.last_used = Instant::now();
         drop(streams);
         Ok(PairStream {
             shared: self.shared.clone(),
@@ -214,6 +266,9 @@ impl Session {
             error_id,
             incoming,
             outgoing: PollSender::new(self.shared.data.clone()),
+            stalled,
+            reply_deadline: Box::pin(tokio::time::sleep(REPLY_TIMEOUT)),
+            replied: false,
             unread: Bytes::new(),
             error_text: Vec::new(),
             data_seen: false,
@@ -224,9 +279,21 @@ impl Session {
     }
 }
 
-/// Writes the session's frames: openings and resets first, data after,
-/// gathered into large writes when they queue up. Closes the session when
-/// it has carried nothing for [`IDLE`].
+/// What the writing task does next.
+enum Next {
+    /// Write a frame: from the data queue, or an opening, reset or ping.
+    Frame {
+        frame: Frame,
+        is_data: bool,
+    },
+    Stop,
+    Nothing,
+}
+
+/// Writes the session's frames: openings, resets and pings before data,
+/// gathered into large writes when they queue up. Pings while connections
+/// are carried; ends the session when they go unanswered, when a write
+/// stalls, or when it has carried nothing for [`IDLE`].
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut socket: W,
     mut control: mpsc::UnboundedReceiver<Frame>,
@@ -235,40 +302,60 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 ) {
     let mut encoder = Encoder::new();
     let mut out = BytesMut::with_capacity(MAX_FRAME + 1024);
-    let mut idle_check = tokio::time::interval(IDLE / 3);
-    let mut idle_since: Option<Instant> = None;
-    loop {
-        let first = tokio::select! {
+    let mut tick = tokio::time::interval(PING_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    'session: loop {
+        let next = tokio::select! {
             biased;
-            _ = shared.closed.cancelled() => break,
-            Some(frame) = control.recv() => frame,
-            Some(frame) = data.recv() => frame,
-            _ = idle_check.tick() => {
-                let mut streams = shared.streams();
-                if streams.connections > 0 {
-                    idle_since = None;
-                } else if idle_since.is_some_and(|since| since.elapsed() >= IDLE) {
-                    streams.retired = true;
-                    break;
-                } else if idle_since.is_none() {
-                    idle_since = Some(Instant::now());
-                }
-                continue;
-            }
+            _ = shared.closed.cancelled() => Next::Stop,
+            Some(frame) = control.recv() => Next::Frame { frame, is_data: false },
+            Some(frame) = data.recv() => Next::Frame { frame, is_data: true },
+            _ = tick.tick() => keep_alive(&shared),
         };
-        let mut next = Some(first);
-        while let Some(frame) = next.take() {
-            if encoder.encode(&frame, &mut out).is_err() {
-                // Only a header block can fail to compress, and then the
-                // shared compression context is lost: the session ends.
-                shared.closed.cancel();
+        let frames: Vec<Frame> = match next {
+            Next::Stop => break,
+            Next::Nothing => continue,
+            Next::Frame {
+                frame,
+                is_data: false,
+            } => std::iter::once(frame)
+                .chain(std::iter::from_fn(|| control.try_recv().ok()))
+                .collect(),
+            // A data frame's opening was queued before it: the openings
+            // queued by the time it was taken go first.
+            Next::Frame {
+                frame,
+                is_data: true,
+            } => std::iter::from_fn(|| control.try_recv().ok())
+                .chain(std::iter::once(frame))
+                .collect(),
+        };
+        let mut batch = frames.into_iter();
+        loop {
+            for frame in batch.by_ref() {
+                if encoder.encode(&frame, &mut out).is_err() {
+                    // Only a header block can fail to compress, and then
+                    // the shared compression context is lost.
+                    break 'session;
+                }
+            }
+            if out.len() >= WRITE_BATCH {
                 break;
             }
-            if out.len() < WRITE_BATCH {
-                next = control.try_recv().ok().or_else(|| data.try_recv().ok());
-            }
+            let Ok(frame) = data.try_recv() else { break };
+            let mut more: Vec<Frame> = std::iter::from_fn(|| control.try_recv().ok()).collect();
+            more.push(frame);
+            batch = more.into_iter();
         }
-        if socket.write_all(&out).await.is_err() || socket.flush().await.is_err() {
+        let write = async {
+            socket.write_all(&out).await?;
+            socket.flush().await
+        };
+        let wrote = tokio::select! {
+            _ = shared.closed.cancelled() => false,
+            result = tokio::time::timeout(WRITE_STALL, write) => matches!(result, Ok(Ok(()))),
+        };
+        if !wrote {
             break;
         }
         out.clear();
@@ -276,6 +363,40 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     shared.streams().retired = true;
     shared.closed.cancel();
     let _ = socket.shutdown().await;
+}
+
+/// The writing task's tick: a ping while connections are carried (or the
+/// end, when the last went unanswered), the end when idle.
+fn keep_alive(shared: &Shared) -> Next {
+    let mut streams = shared.streams();
+    if streams.connections == 0 {
+        return if streams.retired || streams.last_used.elapsed() >= IDLE {
+            Next::Stop
+        } else {
+            Next::Nothing
+        };
+    }
+    if streams.reader_waiting {
+        // An answer may be waiting behind an unread connection's frames.
+        streams.ping_sent = None;
+        return Next::Nothing;
+    }
+    match streams.ping_sent {
+        Some(sent) if sent.elapsed() >= PING_EVERY * 2 => {
+            tracing::warn!("a staging port-forward session stopped answering; its connections end");
+            Next::Stop
+        }
+        Some(_) => Next::Nothing,
+        None => {
+            let id = streams.next_ping;
+            streams.next_ping = streams.next_ping.wrapping_add(2) | 1;
+            streams.ping_sent = Some(Instant::now());
+            Next::Frame {
+                frame: Frame::Ping { id },
+                is_data: false,
+            }
+        }
+    }
 }
 
 /// Reads the session's frames and hands each to its connection, until the
@@ -295,7 +416,7 @@ async fn read_frames<R: AsyncRead + Unpin>(mut socket: R, shared: Arc<Shared>) {
             buffer.reserve(MAX_FRAME);
         }
         tokio::select! {
-            _ = shared.closed.cancelled() => break "the port-forward session closed".to_owned(),
+            _ = shared.closed.cancelled() => break "the port-forward session ended".to_owned(),
             read = socket.read_buf(&mut buffer) => match read {
                 Ok(0) => break "the API server ended the port-forward session".to_owned(),
                 Ok(_) => {}
@@ -316,57 +437,49 @@ async fn read_frames<R: AsyncRead + Unpin>(mut socket: R, shared: Arc<Shared>) {
 
 /// Hands one frame to the connection it belongs to.
 async fn deliver(frame: Frame, shared: &Shared) {
-    let route = |stream: u32| {
-        shared
-            .streams()
-            .routes
-            .get(&stream)
-            .map(|route| (route.role, route.events.clone()))
-    };
+    let route = |stream: u32| shared.streams().routes.get(&stream).cloned();
     match frame {
         Frame::Data {
             stream,
             flags,
             data,
         } => {
-            let Some((role, events)) = route(stream) else {
+            let Some(route) = route(stream) else {
                 return;
             };
             if !data.is_empty() {
-                let event = match role {
+                let event = match route.role {
                     Role::Data => Event::Data(data),
                     Role::Error => Event::ErrorText(data),
                 };
-                match events.try_send(event) {
-                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                    Err(mpsc::error::TrySendError::Full(event)) => {
-                        // Its client stopped reading: the session waits for
-                        // it, and no new connection joins the wait.
-                        shared.streams().retired = true;
-                        let _ = events.send(event).await;
-                    }
-                }
+                hand_over(shared, &route, event).await;
             }
             if flags & FLAG_FIN != 0 {
-                let _ = events.send(end_of(role)).await;
+                hand_over(shared, &route, end_of(route.role)).await;
             }
         }
-        Frame::SynReply { stream, flags, .. } if flags & FLAG_FIN != 0 => {
-            if let Some((role, events)) = route(stream) {
-                let _ = events.send(end_of(role)).await;
+        Frame::SynReply { stream, flags, .. } => {
+            if let Some(route) = route(stream) {
+                if route.role == Role::Data {
+                    hand_over(shared, &route, Event::Replied).await;
+                }
+                if flags & FLAG_FIN != 0 {
+                    hand_over(shared, &route, end_of(route.role)).await;
+                }
             }
         }
         Frame::RstStream { stream, status } => {
-            if let Some((_, events)) = route(stream) {
+            if let Some(route) = route(stream) {
                 let why = format!("the API server reset the stream ({})", reset_reason(status));
-                let _ = events.send(Event::Reset(why)).await;
+                hand_over(shared, &route, Event::Reset(why)).await;
             }
         }
-        // Pings the server starts have even ids; each is answered.
-        Frame::Ping { id } if id % 2 == 0 => {
+        // Our pings have odd ids: one answered. The server's are echoed.
+        Frame::Ping { id } if id % 2 == 1 => shared.streams().ping_sent = None,
+        Frame::Ping { id } => {
             let _ = shared.control.send(Frame::Ping { id });
         }
-        Frame::GoAway { .. } => shared.streams().retired = true,
+        Frame::GoAway { .. } => shared.retire(),
         // A server does not open streams on a port-forward.
         Frame::SynStream { stream, .. } => {
             let _ = shared.control.send(Frame::RstStream {
@@ -375,6 +488,57 @@ async fn deliver(frame: Frame, shared: &Shared) {
             });
         }
         _ => {}
+    }
+}
+
+/// Puts `event` on a connection's queue. A full queue (its client stopped
+/// reading) retires the session, so no new connection joins the wait; if
+/// it is still full after [`STALL`] while other connections share the
+/// session, that connection is reset and the others carry on.
+async fn hand_over(shared: &Shared, route: &Route, event: Event) {
+    let event = match route.events.try_send(event) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+        Err(mpsc::error::TrySendError::Full(event)) => event,
+    };
+    {
+        let mut streams = shared.streams();
+        streams.retired = true;
+        streams.reader_waiting = true;
+    }
+    waiting_for_reader(shared, route, event).await;
+    shared.streams().reader_waiting = false;
+}
+
+/// The wait of [`hand_over`] on a full queue.
+async fn waiting_for_reader(shared: &Shared, route: &Route, event: Event) {
+    let stall = tokio::time::sleep(STALL);
+    tokio::pin!(stall);
+    loop {
+        tokio::select! {
+            permit = route.events.reserve() => {
+                if let Ok(permit) = permit {
+                    permit.send(event);
+                }
+                return;
+            }
+            _ = shared.closed.cancelled() => return,
+            _ = &mut stall => {
+                let mut streams = shared.streams();
+                if streams.connections > 1 {
+                    let (error_id, data_id) = route.pair;
+                    streams.routes.remove(&error_id);
+                    streams.routes.remove(&data_id);
+                    route.stalled.store(true, Ordering::Relaxed);
+                    let _ = shared.control.send(Frame::RstStream {
+                        stream: data_id,
+                        status: CANCEL,
+                    });
+                    return;
+                }
+                drop(streams);
+                stall.as_mut().reset(Instant::now() + STALL);
+            }
+        }
     }
 }
 
@@ -406,6 +570,11 @@ pub struct PairStream {
     error_id: u32,
     incoming: mpsc::Receiver<Event>,
     outgoing: PollSender<Frame>,
+    /// Set when the session reset this connection for not reading.
+    stalled: Arc<AtomicBool>,
+    /// Until the server acknowledges the data stream: when to give up.
+    reply_deadline: Pin<Box<Sleep>>,
+    replied: bool,
     /// What is left of the last data frame.
     unread: Bytes,
     /// What the kubelet wrote on the error stream so far.
@@ -441,6 +610,24 @@ impl PairStream {
         };
         io::Error::new(kind, String::from_utf8_lossy(&self.error_text).into_owned())
     }
+
+    /// Why the queue ended with no word: this connection was reset for not
+    /// reading, or the whole session ended.
+    fn cut(&mut self) -> io::Error {
+        self.failed = true;
+        if self.stalled.load(Ordering::Relaxed) {
+            io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!(
+                    "reset: its client read nothing for {} s while other connections to the \
+                     pod waited",
+                    STALL.as_secs()
+                ),
+            )
+        } else {
+            session_ended()
+        }
+    }
 }
 
 impl AsyncRead for PairStream {
@@ -458,8 +645,26 @@ impl AsyncRead for PairStream {
             if self.data_ended || self.failed {
                 return Poll::Ready(Ok(()));
             }
-            match ready!(self.incoming.poll_recv(cx)) {
+            let Poll::Ready(event) = self.incoming.poll_recv(cx) else {
+                // A server that does not acknowledge a new connection in
+                // time: this session is not to be trusted with more.
+                if !self.replied && self.reply_deadline.as_mut().poll(cx).is_ready() {
+                    self.failed = true;
+                    self.shared.retire();
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the API server did not answer the port-forward within {} s",
+                            REPLY_TIMEOUT.as_secs()
+                        ),
+                    )));
+                }
+                return Poll::Pending;
+            };
+            match event {
+                Some(Event::Replied) => self.replied = true,
                 Some(Event::Data(data)) => {
+                    self.replied = true;
                     self.data_seen = true;
                     self.unread = data;
                 }
@@ -479,10 +684,7 @@ impl AsyncRead for PairStream {
                     self.failed = true;
                     return Poll::Ready(Err(io::Error::new(io::ErrorKind::ConnectionReset, why)));
                 }
-                None => {
-                    self.failed = true;
-                    return Poll::Ready(Err(session_ended()));
-                }
+                None => return Poll::Ready(Err(self.cut())),
             }
         }
     }
@@ -521,7 +723,9 @@ impl AsyncWrite for PairStream {
         Poll::Ready(Ok(()))
     }
 
-    /// A half-close: FIN on the data stream; the pod's answer still comes.
+    /// FIN on the data stream, as kubectl sends when its client is done
+    /// sending. Whether the pod's answer still comes is the kubelet's
+    /// runtime's choice: some end both ways soon after.
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.shut && !self.failed {
             ready!(self.outgoing.poll_reserve(cx)).map_err(|_| session_ended())?;
@@ -539,18 +743,24 @@ impl AsyncWrite for PairStream {
 
 impl Drop for PairStream {
     /// Leaves the session; a connection that did not finish both ways is
-    /// reset, so the kubelet lets go of the pod's side at once.
+    /// reset, so the kubelet lets go of the pod's side at once. The last
+    /// connection of a retired session ends it.
     fn drop(&mut self) {
         let mut streams = self.shared.streams();
         streams.routes.remove(&self.data_id);
         streams.routes.remove(&self.error_id);
         streams.connections = streams.connections.saturating_sub(1);
+        streams.last_used = Instant::now();
+        let last_of_retired = streams.retired && streams.connections == 0;
         drop(streams);
         if !(self.shut && self.data_ended) {
             let _ = self.shared.control.send(Frame::RstStream {
                 stream: self.data_id,
                 status: CANCEL,
             });
+        }
+        if last_of_retired {
+            self.shared.closed.cancel();
         }
     }
 }
@@ -738,8 +948,82 @@ mod tests {
         let mut drained = vec![0u8; 6 * (INCOMING_FRAMES + 1)];
         stalled.read_exact(&mut drained).await.expect("read");
         let mut buffer = [0u8; 5];
-        other.read_exact(&mut buffer).await.expect("the other reads");
+        other
+            .read_exact(&mut buffer)
+            .await
+            .expect("the other reads");
         assert_eq!(&buffer, b"other");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_left_unread_is_reset_so_the_others_carry_on() {
+        let (session, mut server) = pair();
+        let mut stalled = session.open(80).expect("open");
+        let mut other = session.open(80).expect("open");
+        for _ in 0..=INCOMING_FRAMES {
+            server.send(data(3, b"unread", 0)).await;
+        }
+        server.send(data(7, b"other", 0)).await;
+        // Nobody reads the first for longer than STALL: the other gets its
+        // bytes, and the server is told to let go of the first.
+        tokio::time::sleep(STALL + Duration::from_secs(1)).await;
+        let mut buffer = [0u8; 5];
+        other
+            .read_exact(&mut buffer)
+            .await
+            .expect("the other reads");
+        assert_eq!(&buffer, b"other");
+        let reset = Frame::RstStream {
+            stream: 3,
+            status: CANCEL,
+        };
+        let mut seen = Vec::new();
+        while !seen.contains(&reset) {
+            assert!(seen.len() < 10, "no reset for the unread one: {seen:?}");
+            seen.push(server.next().await);
+        }
+        // What was queued is still read, then the reason.
+        let mut queued = Vec::new();
+        let err = stalled.read_to_end(&mut queued).await.expect_err("reset");
+        assert_eq!(queued.len(), 6 * INCOMING_FRAMES);
+        assert!(err.to_string().contains("read nothing"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_that_never_acknowledges_a_connection_times_it_out() {
+        let (session, _server) = pair();
+        let mut stream = session.open(80).expect("open");
+        let err = stream.read(&mut [0u8; 8]).await.expect_err("timed out");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(!session.is_usable(), "no new connection trusts it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_whose_pings_go_unanswered_ends() {
+        let (session, mut server) = pair();
+        let mut stream = session.open(80).expect("open");
+        server
+            .send(Frame::SynReply {
+                stream: 3,
+                flags: 0,
+                headers: Vec::new(),
+            })
+            .await;
+        let err = stream.read(&mut [0u8; 8]).await.expect_err("ended");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(!session.is_usable());
+        let mut pinged = false;
+        let mut rest = Vec::new();
+        server
+            .socket
+            .read_to_end(&mut rest)
+            .await
+            .expect("to the end");
+        server.buffer.extend_from_slice(&rest);
+        while let Ok(Some(frame)) = server.decoder.decode(&mut server.buffer) {
+            pinged |= matches!(frame, Frame::Ping { id } if id % 2 == 1);
+        }
+        assert!(pinged, "it asked before giving up");
     }
 
     #[tokio::test(start_paused = true)]
