@@ -697,10 +697,7 @@ impl AsyncWrite for PairStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         if self.shut || self.failed {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the port-forward is closed",
-            )));
+            return Poll::Ready(Err(super::closed_for_writing()));
         }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
@@ -928,16 +925,23 @@ mod tests {
         assert_eq!(server.next().await, Frame::Ping { id: 2 });
     }
 
-    #[tokio::test]
-    async fn a_connection_that_is_not_read_keeps_new_ones_off_its_session() {
+    /// Two connections on one session: the first's client reads nothing
+    /// while the server sends it one frame more than its queue holds, then
+    /// "other" to the second.
+    async fn one_unread_beside_another() -> (Session, Server, PairStream, PairStream) {
         let (session, mut server) = pair();
-        let mut stalled = session.open(80).expect("open");
-        let mut other = session.open(80).expect("open");
-        // The stalled connection's client reads nothing: its queue fills.
+        let stalled = session.open(80).expect("open");
+        let other = session.open(80).expect("open");
         for _ in 0..=INCOMING_FRAMES {
             server.send(data(3, b"unread", 0)).await;
         }
         server.send(data(7, b"other", 0)).await;
+        (session, server, stalled, other)
+    }
+
+    #[tokio::test]
+    async fn a_connection_that_is_not_read_keeps_new_ones_off_its_session() {
+        let (session, _server, mut stalled, mut other) = one_unread_beside_another().await;
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while session.is_usable() {
             assert!(std::time::Instant::now() < deadline, "never retired");
@@ -957,13 +961,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_connection_left_unread_is_reset_so_the_others_carry_on() {
-        let (session, mut server) = pair();
-        let mut stalled = session.open(80).expect("open");
-        let mut other = session.open(80).expect("open");
-        for _ in 0..=INCOMING_FRAMES {
-            server.send(data(3, b"unread", 0)).await;
-        }
-        server.send(data(7, b"other", 0)).await;
+        let (_session, mut server, mut stalled, mut other) = one_unread_beside_another().await;
         // Nobody reads the first for longer than STALL: the other gets its
         // bytes, and the server is told to let go of the first.
         tokio::time::sleep(STALL + Duration::from_secs(1)).await;

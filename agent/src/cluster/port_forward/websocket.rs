@@ -233,10 +233,7 @@ impl<S: Socket> AsyncWrite for PortForwardStream<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         if self.shut || self.ended {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the port-forward is closed",
-            )));
+            return Poll::Ready(Err(super::closed_for_writing()));
         }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
