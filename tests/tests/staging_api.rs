@@ -676,3 +676,42 @@ async fn a_server_that_refuses_spdy_is_reached_by_websocket() {
     );
     agent.terminate().expect("stop");
 }
+
+/// A pod replaced under its own name (a StatefulSet's): once the control
+/// plane pushes it with its new IP, the very next connection reaches it,
+/// on a session of its own rather than the old pod's. `api` only: no pod
+/// IP is dialled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_replaced_under_its_name_is_reached_at_once_after_the_push() {
+    let staging = KubeEmulator::start().await.expect("staging emulator");
+    staging.insert_pod("team-a", "db-0", json!({}), json!({}));
+    assert!(staging.set_backend("team-a", "db-0", greeting_server("old").expect("server")));
+    let sandbox = Sandbox::new().expect("sandbox");
+    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
+    staging
+        .write_kubeconfig(&kubeconfig, CONTEXT)
+        .expect("kubeconfig");
+    let agent = start_agent(&sandbox, &kubeconfig, "22720-22739", "api", &[]);
+    push(&agent, json!([staging_pod("db-0", "db-0", "team-a", 5432)]));
+    let port = range_port(&agent, "db-0");
+    assert_eq!(read_from(port).expect("the old pod"), "old");
+
+    staging.delete_pod("team-a", "db-0");
+    staging.insert_pod("team-a", "db-0", json!({}), json!({}));
+    assert!(staging.set_backend("team-a", "db-0", greeting_server("new").expect("server")));
+    let (code, answer) = agent
+        .push(&json!({
+            "agent_id": agent.agent_id().expect("agent id"),
+            "action": "update",
+            "pods": [{"id": "db-0", "name": "db-0", "namespace": "team-a",
+                      "ip": "10.0.1.101", "port": 5432}],
+        }))
+        .expect("push");
+    assert_eq!(code, 200, "{answer}");
+    assert_eq!(
+        read_from(port).expect("the first connection after the push"),
+        "new"
+    );
+    assert_eq!(staging.spdy_sessions(), 2, "one session per pod");
+    agent.terminate().expect("stop");
+}

@@ -436,6 +436,7 @@ fn staging_pod(spec: &PodSpec) -> StagingPod {
     StagingPod {
         namespace: spec.namespace.clone(),
         name: spec.name.clone(),
+        ip: spec.ip,
     }
 }
 

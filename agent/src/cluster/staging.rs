@@ -20,7 +20,7 @@ use super::connection::describe;
 use super::credentials::{login_shell_path, resolve_plugins, PluginLookup};
 use super::port_forward::{self, OpenError, Sessions};
 use crate::config::StagingSettings;
-use crate::tunnel::{DialError, LocalStream, StagingDialer};
+use crate::tunnel::{DialError, LocalStream, StagingDialer, StagingPod};
 
 /// Why the staging cluster's client could not be built.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -242,18 +242,13 @@ impl StagingCluster {
     /// A connection to `port` of a staging pod: on an SPDY session of the
     /// pod's (opened once, shared by its connections), or a WebSocket of
     /// its own where the API server refused SPDY.
-    async fn connect(
-        &self,
-        namespace: String,
-        name: String,
-        port: u16,
-    ) -> Result<LocalStream, DialError> {
+    async fn connect(&self, pod: StagingPod, port: u16) -> Result<LocalStream, DialError> {
         let client = self
             .client()
             .await
             .map_err(|err| DialError::StagingUnavailable(err.to_string()))?;
         if !self.sessions.refused() {
-            match self.sessions.open(&client, &namespace, &name, port).await {
+            match self.sessions.open(&client, &pod, port).await {
                 Ok(stream) => {
                     return Ok(LocalStream {
                         stream: Box::new(stream),
@@ -265,12 +260,12 @@ impl StagingCluster {
                      one upgrade per connection"
                 ),
                 Err(OpenError::Refused { code, message, .. }) => {
-                    return Err(self.refusal(namespace, name, port, code, message).await)
+                    return Err(self.refusal(pod, port, code, message).await)
                 }
                 Err(err) => {
                     return Err(DialError::StagingPortForward {
-                        namespace,
-                        name,
+                        namespace: pod.namespace,
+                        name: pod.name,
                         port,
                         message: match err {
                             OpenError::Kube(err) => describe(&err),
@@ -280,16 +275,16 @@ impl StagingCluster {
                 }
             }
         }
-        match port_forward::open(&client, &namespace, &name, port).await {
+        match port_forward::open(&client, &pod.namespace, &pod.name, port).await {
             Ok(stream) => Ok(LocalStream {
                 stream: Box::new(stream),
             }),
-            Err(kube::Error::Api(status)) => Err(self
-                .refusal(namespace, name, port, status.code, status.message)
-                .await),
+            Err(kube::Error::Api(status)) => {
+                Err(self.refusal(pod, port, status.code, status.message).await)
+            }
             Err(err) => Err(DialError::StagingPortForward {
-                namespace,
-                name,
+                namespace: pod.namespace,
+                name: pod.name,
                 port,
                 message: describe(&err),
             }),
@@ -298,14 +293,10 @@ impl StagingCluster {
 
     /// What the API server's refusal of a port-forward means for the
     /// tunnel: a pod that is gone, credentials to read again, or its words.
-    async fn refusal(
-        &self,
-        namespace: String,
-        name: String,
-        port: u16,
-        code: u16,
-        message: String,
-    ) -> DialError {
+    async fn refusal(&self, pod: StagingPod, port: u16, code: u16, message: String) -> DialError {
+        let StagingPod {
+            namespace, name, ..
+        } = pod;
         match code {
             404 => DialError::StagingPodGone { namespace, name },
             401 => {
@@ -333,12 +324,11 @@ impl StagingCluster {
 impl StagingDialer for StagingCluster {
     fn dial(
         &self,
-        namespace: &str,
-        name: &str,
+        pod: &StagingPod,
         port: u16,
     ) -> Pin<Box<dyn Future<Output = Result<LocalStream, DialError>> + Send>> {
         let cluster = self.clone();
-        let (namespace, name) = (namespace.to_owned(), name.to_owned());
-        Box::pin(async move { cluster.connect(namespace, name, port).await })
+        let pod = pod.clone();
+        Box::pin(async move { cluster.connect(pod, port).await })
     }
 }

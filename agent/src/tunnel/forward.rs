@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use crate::events::{AgentEvent, EventBus};
 use crate::model::{StagingVia, TunnelState, TunnelTarget, Way};
 use crate::tunnel::listen::{gone_before_accept, SharedListener};
-use crate::tunnel::reach::{Plan, PodWays};
+use crate::tunnel::reach::{Plan, PodWays, StagingPod};
 use crate::tunnel::relay::relay;
 use crate::tunnel::shards::{Balance, ForwardShards, LoadGuard, Pipes};
 
@@ -218,11 +218,10 @@ pub trait LocalDialer: Send + Sync + std::fmt::Debug {
 /// cluster module. A fresh stream per connection: a stream that fails
 /// fails that one connection, never the listener.
 pub trait StagingDialer: Send + Sync + std::fmt::Debug {
-    /// A fresh stream to `port` of pod `name` in `namespace`.
+    /// A fresh stream to `port` of `pod`.
     fn dial(
         &self,
-        namespace: &str,
-        name: &str,
+        pod: &StagingPod,
         port: u16,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LocalStream, DialError>> + Send>>;
 }
@@ -235,8 +234,7 @@ pub struct NoStagingCluster;
 impl StagingDialer for NoStagingCluster {
     fn dial(
         &self,
-        _namespace: &str,
-        _name: &str,
+        _pod: &StagingPod,
         _port: u16,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<LocalStream, DialError>> + Send>>
     {
@@ -859,7 +857,7 @@ async fn serve_stream(mut client: TcpStream, shared: &TunnelShared, way: Way, po
             let pod = shared.ways.pod();
             (
                 "the staging pod through the staging API",
-                shared.dialers.staging.dial(&pod.namespace, &pod.name, port),
+                shared.dialers.staging.dial(&pod, port),
             )
         }
         Way::Mirror | Way::Direct => (

@@ -4,6 +4,7 @@
 //! once it proved unreachable, and direct tried again now and then by one
 //! connection while the others stay on the API.
 
+use std::net::IpAddr;
 use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
 
@@ -27,10 +28,13 @@ enum Learned {
 }
 
 /// The staging pod a tunnel's API port-forward goes to.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct StagingPod {
     pub namespace: String,
     pub name: String,
+    /// Its IP as last pushed: a pod replaced under the same name comes
+    /// with a new one, and so gets port-forward sessions of its own.
+    pub ip: IpAddr,
 }
 
 /// What a pod's tunnels share about reaching it.
@@ -116,6 +120,7 @@ mod tests {
             StagingPod {
                 namespace: "staging".into(),
                 name: "web".into(),
+                ip: IpAddr::from([10, 0, 1, 100]),
             },
             Duration::from_secs(30),
         )
@@ -146,6 +151,7 @@ mod tests {
         let moved = StagingPod {
             namespace: "team-a".into(),
             name: "web-2".into(),
+            ip: IpAddr::from([10, 0, 1, 101]),
         };
         ways.set_pod(moved.clone());
         assert_eq!(ways.pod(), moved);

@@ -1,5 +1,6 @@
-//! The SPDY sessions to staging pods: per pod, the sessions its
-//! connections share (each carrying at most [`CONNECTIONS_PER_SESSION`]),
+//! The SPDY sessions to staging pods: per pod (its namespace, name and IP
+//! as pushed, so a pod replaced under the same name gets sessions of its
+//! own), the sessions its connections share (each carrying at most [`CONNECTIONS_PER_SESSION`]),
 //! a new one upgraded only when none can take another connection, and the
 //! upgrade itself (`POST .../portforward`, `Upgrade: SPDY/3.1`), through
 //! the kube client's connections and credentials.
@@ -13,6 +14,7 @@ use hyper_util::rt::TokioIo;
 use kube::Client;
 
 use super::spdy::{PairStream, Session, SessionRetired};
+use crate::tunnel::StagingPod;
 
 /// How many connections one session carries before another is opened: a
 /// connection whose client stops reading holds up its session's others.
@@ -65,10 +67,10 @@ impl OpenError {
 /// One pod's sessions, locked while a connection picks one (or upgrades).
 type PodSessions = Arc<tokio::sync::Mutex<Vec<Session>>>;
 
-/// The sessions, by pod (namespace, name).
+/// The sessions, by pod.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    by_pod: Mutex<HashMap<(String, String), PodSessions>>,
+    by_pod: Mutex<HashMap<StagingPod, PodSessions>>,
     /// The API server refused SPDY: connections go by WebSocket from now on.
     refused: AtomicBool,
 }
@@ -80,13 +82,12 @@ impl Sessions {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// A connection to `port` of pod `namespace/name`: on a session of the
-    /// pod's that has room, else on a new one.
+    /// A connection to `port` of `pod`: on a session of the pod's that has
+    /// room, else on a new one.
     pub async fn open(
         &self,
         client: &Client,
-        namespace: &str,
-        name: &str,
+        pod: &StagingPod,
         port: u16,
     ) -> Result<PairStream, OpenError> {
         let slot = {
@@ -101,10 +102,7 @@ impl Sessions {
                         .try_lock()
                         .map_or(true, |sessions| sessions.iter().any(Session::is_usable))
             });
-            by_pod
-                .entry((namespace.to_owned(), name.to_owned()))
-                .or_default()
-                .clone()
+            by_pod.entry(pod.clone()).or_default().clone()
         };
         // Held across an upgrade: connections arriving meanwhile share it.
         let mut sessions = slot.lock().await;
@@ -116,7 +114,7 @@ impl Sessions {
                 }
             }
         }
-        let session = match upgrade(client, namespace, name).await {
+        let session = match upgrade(client, &pod.namespace, &pod.name).await {
             Ok(session) => session,
             Err(err) => {
                 if err.no_spdy() {
