@@ -10,8 +10,3 @@ mod websocket;
 
 pub use sessions::{OpenError, Sessions};
 pub use websocket::open;
-
-/// A write after our side was closed, or after the connection broke.
-fn closed_for_writing() -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the port-forward is closed")
-}

@@ -39,6 +39,8 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, PollSender};
 
+use super::websocket::closed_for_writing;
+
 /// The largest data frame sent: what a tunnel hands over at once.
 const MAX_FRAME: usize = 64 * 1024;
 /// Data frames queued for the socket before writers wait.
@@ -697,7 +699,7 @@ impl AsyncWrite for PairStream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         if self.shut || self.failed {
-            return Poll::Ready(Err(super::closed_for_writing()));
+            return Poll::Ready(Err(closed_for_writing()));
         }
         if data.is_empty() {
             return Poll::Ready(Ok(0));

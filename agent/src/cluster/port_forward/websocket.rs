@@ -101,6 +101,12 @@ impl<S> std::fmt::Debug for PortForwardStream<S> {
     }
 }
 
+/// A write after our side was closed, or after the connection broke (both
+/// kinds of port-forward stream answer it so).
+pub(super) fn closed_for_writing() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the port-forward is closed")
+}
+
 fn ws_error(err: tungstenite::Error) -> io::Error {
     match err {
         tungstenite::Error::Io(err) => err,
@@ -233,7 +239,7 @@ impl<S: Socket> AsyncWrite for PortForwardStream<S> {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         if self.shut || self.ended {
-            return Poll::Ready(Err(super::closed_for_writing()));
+            return Poll::Ready(Err(closed_for_writing()));
         }
         if data.is_empty() {
             return Poll::Ready(Ok(0));
