@@ -111,21 +111,35 @@ fn start_agent(
     AgentProcess::run_command(&mut command).expect("agent runs")
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn api_carries_bytes_both_ways_fifty_at_once_and_a_reset_breaks_one_connection() {
+/// The staging cluster: an emulator holding pod `team-a/name`, whose
+/// port-forward reaches `backend`.
+async fn staging_holding(name: &str, backend: std::net::SocketAddr) -> KubeEmulator {
     let staging = KubeEmulator::start().await.expect("staging emulator");
-    staging.insert_pod("team-a", "web", json!({"app": "web"}), json!({}));
-    assert!(staging.set_backend(
-        "team-a",
-        "web",
-        echo_server_on("127.0.0.1:0").expect("echo")
-    ));
-    let sandbox = Sandbox::new().expect("sandbox");
-    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
+    staging.insert_pod("team-a", name, json!({}), json!({}));
+    assert!(staging.set_backend("team-a", name, backend));
+    staging
+}
+
+/// Where a test's staging kubeconfig is written.
+fn staging_kubeconfig(sandbox: &Sandbox) -> std::path::PathBuf {
+    sandbox.dir.path().join("staging.kubeconfig")
+}
+
+/// The agent whose staging context is `staging` (its kubeconfig written
+/// into `sandbox`), on port range `range`, reaching staging pods `via`.
+fn agent_of(sandbox: &Sandbox, staging: &KubeEmulator, range: &str, via: &str) -> AgentProcess {
+    let kubeconfig = staging_kubeconfig(sandbox);
     staging
         .write_kubeconfig(&kubeconfig, CONTEXT)
         .expect("kubeconfig");
-    let agent = start_agent(&sandbox, &kubeconfig, "22600-22619", "api", &[]);
+    start_agent(sandbox, &kubeconfig, range, via, &[])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn api_carries_bytes_both_ways_fifty_at_once_and_a_reset_breaks_one_connection() {
+    let staging = staging_holding("web", echo_server_on("127.0.0.1:0").expect("echo")).await;
+    let sandbox = Sandbox::new().expect("sandbox");
+    let agent = agent_of(&sandbox, &staging, "22600-22619", "api");
     push(&agent, json!([staging_pod("web-1", "web", "team-a", 8080)]));
     let tunnel = tunnel_of(&agent, "web-1");
     assert_eq!(tunnel["via"], "api", "{tunnel}");
@@ -237,15 +251,9 @@ async fn api_carries_bytes_both_ways_fifty_at_once_and_a_reset_breaks_one_connec
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_replaced_pod_gets_a_clear_404_and_the_listener_stays() {
-    let staging = KubeEmulator::start().await.expect("staging emulator");
-    staging.insert_pod("team-a", "api", json!({}), json!({}));
-    assert!(staging.set_backend("team-a", "api", greeting_server("first").expect("server")));
+    let staging = staging_holding("api", greeting_server("first").expect("server")).await;
     let sandbox = Sandbox::new().expect("sandbox");
-    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
-    staging
-        .write_kubeconfig(&kubeconfig, CONTEXT)
-        .expect("kubeconfig");
-    let agent = start_agent(&sandbox, &kubeconfig, "22620-22639", "api", &[]);
+    let agent = agent_of(&sandbox, &staging, "22620-22639", "api");
     push(&agent, json!([staging_pod("api-1", "api", "team-a", 9000)]));
     let port = range_port(&agent, "api-1");
     assert_eq!(read_from(port).expect("first"), "first");
@@ -371,11 +379,7 @@ async fn doctor_reports_the_staging_cluster_allowed_and_forbidden() {
     let staging = KubeEmulator::start().await.expect("staging emulator");
     staging.deny_in("create", "pods/portforward", "team-b");
     let sandbox = Sandbox::new().expect("sandbox");
-    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
-    staging
-        .write_kubeconfig(&kubeconfig, CONTEXT)
-        .expect("kubeconfig");
-    let agent = start_agent(&sandbox, &kubeconfig, "22660-22679", "api", &[]);
+    let agent = agent_of(&sandbox, &staging, "22660-22679", "api");
     push(
         &agent,
         json!([
@@ -385,7 +389,7 @@ async fn doctor_reports_the_staging_cluster_allowed_and_forbidden() {
     );
     let port = agent.base_url.rsplit(':').next().expect("port").to_owned();
     let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
-    let kubeconfig_text = kubeconfig.display().to_string();
+    let kubeconfig_text = staging_kubeconfig(&sandbox).display().to_string();
     // `doctor` for this agent, with the staging context `context`.
     let doctor = |context: &str, more: &[&str]| {
         let mut args = vec![
@@ -474,11 +478,10 @@ fn auto_falls_back_to_the_api_when_the_pod_ip_is_unroutable_and_comes_back() {
     }
     // In here only `lo` is up: 10.0.1.100 has no route (ENETUNREACH).
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let staging = runtime
-        .block_on(KubeEmulator::start())
-        .expect("staging emulator");
-    staging.insert_pod("team-a", "web", json!({}), json!({}));
-    assert!(staging.set_backend("team-a", "web", greeting_server("via api").expect("server")));
+    let staging = runtime.block_on(staging_holding(
+        "web",
+        greeting_server("via api").expect("server"),
+    ));
     // The pod itself, on every address of this namespace: reached directly
     // once its IP is routable.
     let direct = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
@@ -490,11 +493,7 @@ fn auto_falls_back_to_the_api_when_the_pod_ip_is_unroutable_and_comes_back() {
         }
     });
     let sandbox = Sandbox::new().expect("sandbox");
-    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
-    staging
-        .write_kubeconfig(&kubeconfig, CONTEXT)
-        .expect("kubeconfig");
-    let agent = start_agent(&sandbox, &kubeconfig, "22680-22699", "auto", &[]);
+    let agent = agent_of(&sandbox, &staging, "22680-22699", "auto");
     push(
         &agent,
         json!([staging_pod("web-1", "web", "team-a", pod_port)]),
@@ -639,20 +638,10 @@ async fn the_staging_cluster_runs_beside_the_mirror_cluster_and_each_way_is_the_
 /// nothing the user sees changes. No pod IP is dialled (`api`).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_server_that_refuses_spdy_is_reached_by_websocket() {
-    let staging = KubeEmulator::start().await.expect("staging emulator");
-    staging.insert_pod("team-a", "web", json!({}), json!({}));
-    assert!(staging.set_backend(
-        "team-a",
-        "web",
-        echo_server_on("127.0.0.1:0").expect("echo")
-    ));
+    let staging = staging_holding("web", echo_server_on("127.0.0.1:0").expect("echo")).await;
     staging.refuse_spdy();
     let sandbox = Sandbox::new().expect("sandbox");
-    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
-    staging
-        .write_kubeconfig(&kubeconfig, CONTEXT)
-        .expect("kubeconfig");
-    let agent = start_agent(&sandbox, &kubeconfig, "22700-22719", "api", &[]);
+    let agent = agent_of(&sandbox, &staging, "22700-22719", "api");
     push(&agent, json!([staging_pod("web-1", "web", "team-a", 8080)]));
     let port = range_port(&agent, "web-1");
     for round in 0..3u8 {
@@ -683,15 +672,9 @@ async fn a_server_that_refuses_spdy_is_reached_by_websocket() {
 /// IP is dialled.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pod_replaced_under_its_name_is_reached_at_once_after_the_push() {
-    let staging = KubeEmulator::start().await.expect("staging emulator");
-    staging.insert_pod("team-a", "db-0", json!({}), json!({}));
-    assert!(staging.set_backend("team-a", "db-0", greeting_server("old").expect("server")));
+    let staging = staging_holding("db-0", greeting_server("old").expect("server")).await;
     let sandbox = Sandbox::new().expect("sandbox");
-    let kubeconfig = sandbox.dir.path().join("staging.kubeconfig");
-    staging
-        .write_kubeconfig(&kubeconfig, CONTEXT)
-        .expect("kubeconfig");
-    let agent = start_agent(&sandbox, &kubeconfig, "22720-22739", "api", &[]);
+    let agent = agent_of(&sandbox, &staging, "22720-22739", "api");
     push(&agent, json!([staging_pod("db-0", "db-0", "team-a", 5432)]));
     let port = range_port(&agent, "db-0");
     assert_eq!(read_from(port).expect("the old pod"), "old");

@@ -906,11 +906,18 @@ async fn serve_stream(mut client: TcpStream, shared: &TunnelShared, way: Way, po
                 .from_pod
                 .fetch_add(from_pod, Ordering::Relaxed);
         }
-        // The pod's port refused the API's (or kubelet's) connection: the
-        // pod is not listening there, which is the tunnel's problem now.
-        Err(err) if err.kind() == io::ErrorKind::ConnectionRefused => {
+        // The pod's port refused the kubelet's connection (the pod is not
+        // listening there), or the API server never acknowledged the
+        // stream: the connection never got through, which is the tunnel's
+        // current problem, not a break mid-stream.
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut
+            ) =>
+        {
             shared.record_error(
-                ConnectErrorKind::Refused,
+                ConnectErrorKind::of(&err),
                 format!("cannot reach {what}: {err}"),
             );
         }

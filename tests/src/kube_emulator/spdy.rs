@@ -96,16 +96,13 @@ where
                         let (to_bridge, from_session) = mpsc::unbounded_channel();
                         bridges.insert(*data, to_bridge);
                         let backend = if pod.gone.is_cancelled() {
-                            Err(format!(
-                                "failed to find sandbox {:?} in store: not found",
-                                pod.uid
-                            ))
+                            Err(Unreachable::SandboxGone {
+                                uid: pod.uid.clone(),
+                            })
                         } else {
-                            backend(&shared, &pod.uid, *port).ok_or_else(|| {
-                                format!(
-                                    "error forwarding port {port} to pod {}: connection refused",
-                                    pod.name
-                                )
+                            backend(&shared, &pod.uid, *port).ok_or_else(|| Unreachable::NoServer {
+                                port: *port,
+                                pod: pod.name.clone(),
                             })
                         };
                         tokio::spawn(bridge(
@@ -180,12 +177,48 @@ fn backend(shared: &Shared, uid: &str, port: u16) -> Option<SocketAddr> {
         .copied()
 }
 
-/// One connection: its two streams, and where its port runs (or the
-/// runtime's words for why it cannot be reached).
+/// One connection: its two streams, and where its port runs (or why it
+/// cannot be reached).
 struct Pair {
     data: u32,
     error: u32,
-    backend: Result<SocketAddr, String>,
+    backend: Result<SocketAddr, Unreachable>,
+}
+
+/// Why a connection's port cannot be reached; written on its error stream
+/// in the container runtime's words.
+#[derive(Debug)]
+enum Unreachable {
+    /// The pod was deleted: its sandbox is gone.
+    SandboxGone { uid: String },
+    /// No server plays this port of the pod.
+    NoServer { port: u16, pod: String },
+    /// The server that plays it did not take the connection.
+    Dial {
+        address: SocketAddr,
+        error: std::io::Error,
+    },
+}
+
+impl std::fmt::Display for Unreachable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unreachable::SandboxGone { uid } => {
+                write!(f, "failed to find sandbox {uid:?} in store: not found")
+            }
+            Unreachable::NoServer { port, pod } => {
+                write!(
+                    f,
+                    "error forwarding port {port} to pod {pod}: connection refused"
+                )
+            }
+            Unreachable::Dial { address, error } => write!(
+                f,
+                "error forwarding port: dial tcp {address}: connect: {}",
+                error.to_string().to_lowercase()
+            ),
+        }
+    }
 }
 
 /// Carries one pair's bytes to and from the pod's port.
@@ -204,19 +237,17 @@ async fn bridge(
         let _ = outgoing.send(data_frame(pair.error, FLAG_FIN, Bytes::new()));
         let _ = outgoing.send(data_frame(pair.data, FLAG_FIN, Bytes::new()));
     };
-    let tcp = match &pair.backend {
+    let tcp = match pair.backend {
         Ok(address) => tokio::net::TcpStream::connect(address)
             .await
-            .map_err(|err| {
-                let why = err.to_string().to_lowercase();
-                format!("error forwarding port: dial tcp {address}: connect: {why}")
-            }),
-        Err(words) => Err(words.clone()),
+            .map_err(|error| Unreachable::Dial { address, error }),
+        Err(why) => Err(why),
     };
     let tcp = match tcp {
         Ok(tcp) => tcp,
-        Err(words) => {
-            let _ = outgoing.send(data_frame(pair.error, 0, Bytes::from(words)));
+        Err(why) => {
+            let words = Bytes::from(why.to_string());
+            let _ = outgoing.send(data_frame(pair.error, 0, words));
             finish(&outgoing);
             return;
         }
