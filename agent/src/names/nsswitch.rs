@@ -3,6 +3,11 @@
 //! ever changes, every other byte is kept, removal after adding gives back the
 //! original byte for byte, and every write is an atomic replace.
 //!
+//! The file is bytes, not text: glibc reads it byte by byte in whatever
+//! encoding its author used (a Latin-1 comment is common on older systems),
+//! and we must never refuse, or mangle, a file that glibc reads fine. Every
+//! offset below is a byte offset and every comparison a byte comparison.
+//!
 //! The file is read as glibc 2.33+ reads it (`nss/nss_database.c`,
 //! `nss/nss_action_parse.c`, checked against glibc 2.36 in a private mount
 //! namespace):
@@ -61,44 +66,42 @@ pub enum SetupError {
     NoEtc { path: PathBuf },
     #[error("cannot read {path}: {source}")]
     Read { path: PathBuf, source: io::Error },
-    #[error("{path} is not UTF-8 text; refusing to rewrite it")]
-    NotText { path: PathBuf },
     #[error("{path} is a chain of more than {MAX_LINKS} symbolic links; refusing to follow it")]
     TooManyLinks { path: PathBuf },
     #[error("cannot write {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
 }
 
-/// The text with our module on the effective `hosts:` line. `text` is the
-/// file's contents, `None` when there is no file; the result always is a
-/// file. Adding to a text that has the module already returns it unchanged.
-pub fn with_module(text: Option<&str>) -> String {
-    let Some(text) = text else {
-        return format!("{CREATED_MARKER}\n{ADDED_HOSTS_LINE}\n");
+/// The file with our module on the effective `hosts:` line. `text` is the
+/// file's bytes, `None` when there is no file; the result always is a file.
+/// Adding to a file that has the module already returns it unchanged.
+pub fn with_module<T: AsRef<[u8]> + ?Sized>(text: Option<&T>) -> Vec<u8> {
+    let Some(text) = text.map(AsRef::as_ref) else {
+        return format!("{CREATED_MARKER}\n{ADDED_HOSTS_LINE}\n").into_bytes();
     };
     let lines = lines(text);
     let Some((line, hosts)) = effective_hosts(text, &lines) else {
         // No hosts line: add ours, marked, where the settings begin.
         let at = block_position(text, &lines);
-        let eol = if lines
+        let eol: &[u8] = if lines
             .first()
-            .is_some_and(|l| l.content(text).ends_with('\r'))
+            .is_some_and(|l| l.content(text).ends_with(b"\r"))
         {
-            "\r\n"
+            b"\r\n"
         } else {
-            "\n"
+            b"\n"
         };
-        let mut out = String::with_capacity(text.len() + 160);
-        out.push_str(&text[..at]);
-        out.push_str(ADDED_MARKER);
-        out.push_str(eol);
-        out.push_str(ADDED_HOSTS_LINE);
-        out.push_str(eol);
-        out.push_str(&text[at..]);
+        let mut out = Vec::with_capacity(text.len() + 160);
+        out.extend_from_slice(&text[..at]);
+        out.extend_from_slice(ADDED_MARKER.as_bytes());
+        out.extend_from_slice(eol);
+        out.extend_from_slice(ADDED_HOSTS_LINE.as_bytes());
+        out.extend_from_slice(eol);
+        out.extend_from_slice(&text[at..]);
         return out;
     };
     let content = line.content(text);
-    if hosts.services.iter().any(|s| &content[s.name()] == MODULE) {
+    if hosts.services.iter().any(|s| is_module(content, *s)) {
         return text.to_owned();
     }
     // Right after `files` (and its action): names are looked up in the
@@ -107,7 +110,7 @@ pub fn with_module(text: Option<&str>) -> String {
     let files = hosts
         .services
         .iter()
-        .find(|s| &content[s.name()] == "files");
+        .find(|s| &content[s.name()] == b"files");
     let at = match files {
         Some(files) => files.end,
         None => hosts.services.first().map_or(hosts.key_end, |s| s.start),
@@ -116,7 +119,7 @@ pub fn with_module(text: Option<&str>) -> String {
     // end follows, else after it. One blank, never two or none, is what
     // makes removal exact: taking the word and the blank on either side
     // then gives the same text whenever both sides are blanks.
-    let bytes = content.as_bytes();
+    let bytes = content;
     let (at, inserted) = if at == bytes.len() || is_space(bytes[at]) {
         (at, format!(" {MODULE}"))
     } else if at > 0 && (matches!(bytes[at - 1], b':' | b']') || is_space(bytes[at - 1])) {
@@ -128,20 +131,20 @@ pub fn with_module(text: Option<&str>) -> String {
         // no room after it for the word with one blank, so before it.
         (files.map_or(at, |f| f.start), format!("{MODULE} "))
     };
-    let mut out = String::with_capacity(text.len() + inserted.len());
-    out.push_str(&text[..line.start + at]);
-    out.push_str(&inserted);
-    out.push_str(&text[line.start + at..]);
+    let mut out = Vec::with_capacity(text.len() + inserted.len());
+    out.extend_from_slice(&text[..line.start + at]);
+    out.extend_from_slice(inserted.as_bytes());
+    out.extend_from_slice(&text[line.start + at..]);
     out
 }
 
-/// The text without our module: our marked line taken away, and the module
+/// The file without our module: our marked line taken away, and the module
 /// taken off the effective `hosts:` line. `None` means no file: the file was
 /// ours alone. After [`with_module`], gives back the original byte for byte.
 /// A module placed by hand goes with its own `[...]` action (left behind,
 /// the action would change the service before it) and one adjacent blank.
-pub fn without_module(text: Option<&str>) -> Option<String> {
-    let text = text?;
+pub fn without_module<T: AsRef<[u8]> + ?Sized>(text: Option<&T>) -> Option<Vec<u8>> {
+    let text = text?.as_ref();
     let (mut text, created) = without_block(text);
     if created && text.is_empty() {
         return None;
@@ -153,20 +156,30 @@ pub fn without_module(text: Option<&str>) -> Option<String> {
 }
 
 /// Whether the effective `hosts:` line lists our module.
-pub fn has_module(text: Option<&str>) -> bool {
-    let Some(text) = text else { return false };
+pub fn has_module<T: AsRef<[u8]> + ?Sized>(text: Option<&T>) -> bool {
+    let Some(text) = text.map(AsRef::as_ref) else {
+        return false;
+    };
     let lines = lines(text);
     effective_hosts(text, &lines).is_some_and(|(line, hosts)| {
         let content = line.content(text);
-        hosts.services.iter().any(|s| &content[s.name()] == MODULE)
+        hosts.services.iter().any(|s| is_module(content, *s))
     })
 }
 
-/// Whether the text ends in a line without a newline that glibc 2.33+
+/// Whether the file ends in a line without a newline that glibc 2.33+
 /// therefore never reads (an edit there has no effect until a newline is
 /// added). Worth a warning from a doctor; not ours to fix silently.
-pub fn last_line_ignored(text: &str) -> bool {
-    !text.is_empty() && !text.ends_with('\n')
+pub fn last_line_ignored<T: AsRef<[u8]> + ?Sized>(text: &T) -> bool {
+    let text = text.as_ref();
+    !text.is_empty() && !text.ends_with(b"\n")
+}
+
+/// Whether `<root>/etc/nsswitch.conf` (following symbolic links within
+/// `root`) has our module on its effective `hosts:` line.
+pub fn installed(root: &Path) -> Result<bool, SetupError> {
+    let path = conf_path(root)?;
+    Ok(read(&path)?.is_some_and(|file| has_module(Some(&file.bytes))))
 }
 
 /// Adds our module to `<root>/etc/nsswitch.conf` (following symbolic links
@@ -174,9 +187,9 @@ pub fn last_line_ignored(text: &str) -> bool {
 pub fn install(root: &Path) -> Result<Outcome, SetupError> {
     let path = conf_path(root)?;
     let old = read(&path)?;
-    let new = with_module(old.as_ref().map(|f| f.text.as_str()));
+    let new = with_module(old.as_ref().map(|f| f.bytes.as_slice()));
     match &old {
-        Some(old) if old.text == new => Ok(Outcome::AlreadySo),
+        Some(old) if old.bytes == new => Ok(Outcome::AlreadySo),
         _ => {
             replace(&path, old.as_ref(), &new)?;
             Ok(Outcome::Changed)
@@ -185,14 +198,15 @@ pub fn install(root: &Path) -> Result<Outcome, SetupError> {
 }
 
 /// Takes our module out of `<root>/etc/nsswitch.conf` (following symbolic
-/// links within `root`), deleting the file if we had created it.
+/// links within `root`), deleting the file if we had created it. A file
+/// without our module is left exactly as it is, not even rewritten.
 pub fn remove(root: &Path) -> Result<Outcome, SetupError> {
     let path = conf_path(root)?;
     let Some(old) = read(&path)? else {
         return Ok(Outcome::AlreadySo);
     };
-    match without_module(Some(&old.text)) {
-        Some(new) if new == old.text => Ok(Outcome::AlreadySo),
+    match without_module(Some(&old.bytes)) {
+        Some(new) if new == old.bytes => Ok(Outcome::AlreadySo),
         Some(new) => {
             replace(&path, Some(&old), &new)?;
             Ok(Outcome::Changed)
@@ -213,7 +227,12 @@ fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r')
 }
 
-/// One line of the text: `start..end` with its `\n`, `content_end` without.
+/// Whether `service` on the line `content` is our module.
+fn is_module(content: &[u8], service: Service) -> bool {
+    &content[service.name()] == MODULE.as_bytes()
+}
+
+/// One line of the file: `start..end` with its `\n`, `content_end` without.
 #[derive(Debug, Clone, Copy)]
 struct Line {
     start: usize,
@@ -222,7 +241,7 @@ struct Line {
 }
 
 impl Line {
-    fn content(self, text: &str) -> &str {
+    fn content(self, text: &[u8]) -> &[u8] {
         &text[self.start..self.content_end]
     }
 
@@ -231,12 +250,12 @@ impl Line {
     }
 }
 
-fn lines(text: &str) -> Vec<Line> {
+fn lines(text: &[u8]) -> Vec<Line> {
     let mut out = Vec::new();
     let mut start = 0;
-    for piece in text.split_inclusive('\n') {
+    for piece in text.split_inclusive(|&b| b == b'\n') {
         let end = start + piece.len();
-        let content_end = if piece.ends_with('\n') { end - 1 } else { end };
+        let content_end = if piece.ends_with(b"\n") { end - 1 } else { end };
         out.push(Line {
             start,
             content_end,
@@ -272,8 +291,7 @@ struct HostsLine {
 
 /// Parses `line` (without its `\n`) if glibc would take it as the `hosts`
 /// database's line.
-fn parse_hosts(line: &str) -> Option<HostsLine> {
-    let b = line.as_bytes();
+fn parse_hosts(b: &[u8]) -> Option<HostsLine> {
     let skip_space = |mut i: usize| {
         while i < b.len() && is_space(b[i]) {
             i += 1;
@@ -285,7 +303,7 @@ fn parse_hosts(line: &str) -> Option<HostsLine> {
     while i < b.len() && !is_space(b[i]) && b[i] != b':' {
         i += 1;
     }
-    if &line[name_start..i] != "hosts" {
+    if &b[name_start..i] != b"hosts" {
         return None;
     }
     // Insertion into an empty list goes after the colon, not after blanks
@@ -335,7 +353,7 @@ fn parse_hosts(line: &str) -> Option<HostsLine> {
 }
 
 /// The last `hosts` line: the one glibc uses.
-fn effective_hosts(text: &str, lines: &[Line]) -> Option<(Line, HostsLine)> {
+fn effective_hosts(text: &[u8], lines: &[Line]) -> Option<(Line, HostsLine)> {
     lines
         .iter()
         .rev()
@@ -346,31 +364,36 @@ fn effective_hosts(text: &str, lines: &[Line]) -> Option<(Line, HostsLine)> {
 /// first setting, after the comments that head the file. Never after an
 /// unterminated last line (glibc would ignore ours, and a newline added
 /// there could not be told apart on removal).
-fn block_position(text: &str, lines: &[Line]) -> usize {
+fn block_position(text: &[u8], lines: &[Line]) -> usize {
     lines
         .iter()
         .find(|line| {
-            let content = line
-                .content(text)
-                .trim_start_matches(|c: char| u8::try_from(c).is_ok_and(is_space));
-            !line.terminated() || !(content.is_empty() || content.starts_with('#'))
+            let content = line.content(text);
+            let content = &content[content
+                .iter()
+                .position(|&b| !is_space(b))
+                .unwrap_or(content.len())..];
+            !line.terminated() || !(content.is_empty() || content.starts_with(b"#"))
         })
         .map_or(text.len(), |line| line.start)
 }
 
 /// `text` without our marked line(s): the marker and the `hosts` line under
 /// it. Also tells whether the marker said we created the file.
-fn without_block(text: &str) -> (String, bool) {
+fn without_block(text: &[u8]) -> (Vec<u8>, bool) {
     let lines = lines(text);
-    let mut out = String::with_capacity(text.len());
+    let mut out = Vec::with_capacity(text.len());
     let mut created = false;
     let mut i = 0;
     while i < lines.len() {
         let line = lines[i];
-        let content = line.content(text).trim_end_matches('\r');
-        let ours = content == ADDED_MARKER || content == CREATED_MARKER;
+        let mut content = line.content(text);
+        while let Some(shorter) = content.strip_suffix(b"\r") {
+            content = shorter;
+        }
+        let ours = content == ADDED_MARKER.as_bytes() || content == CREATED_MARKER.as_bytes();
         if ours {
-            created |= content == CREATED_MARKER;
+            created |= content == CREATED_MARKER.as_bytes();
             i += 1;
             // Our line goes with its marker even if edited since: it was
             // never the user's.
@@ -382,7 +405,7 @@ fn without_block(text: &str) -> (String, bool) {
             }
             continue;
         }
-        out.push_str(&text[line.start..line.end]);
+        out.extend_from_slice(&text[line.start..line.end]);
         i += 1;
     }
     (out, created)
@@ -390,20 +413,16 @@ fn without_block(text: &str) -> (String, bool) {
 
 /// `text` with one occurrence of our module taken off the effective `hosts`
 /// line, or `None` when there is none.
-fn without_one_module(text: &str) -> Option<String> {
+fn without_one_module(text: &[u8]) -> Option<Vec<u8>> {
     let lines = lines(text);
     let (line, hosts) = effective_hosts(text, &lines)?;
-    let content = line.content(text);
-    let index = hosts
-        .services
-        .iter()
-        .position(|s| &content[s.name()] == MODULE)?;
+    let b = line.content(text);
+    let index = hosts.services.iter().position(|s| is_module(b, *s))?;
     let service = hosts.services[index];
-    let b = content.as_bytes();
     let cut = |from: usize, to: usize| {
-        let mut out = String::with_capacity(text.len());
-        out.push_str(&text[..line.start + from]);
-        out.push_str(&text[line.start + to..]);
+        let mut out = Vec::with_capacity(text.len());
+        out.extend_from_slice(&text[..line.start + from]);
+        out.extend_from_slice(&text[line.start + to..]);
         out
     };
     // What `with_module` inserted: the word and a space before or after it.
@@ -442,7 +461,7 @@ fn without_one_module(text: &str) -> Option<String> {
 /// The file as read, with what a replacement must keep of it.
 #[derive(Debug)]
 struct Existing {
-    text: String,
+    bytes: Vec<u8>,
     mode: u32,
     uid: u32,
     gid: u32,
@@ -493,11 +512,8 @@ fn read(path: &Path) -> Result<Option<Existing>, SetupError> {
         path: path.to_owned(),
         source,
     })?;
-    let text = String::from_utf8(bytes).map_err(|_| SetupError::NotText {
-        path: path.to_owned(),
-    })?;
     Ok(Some(Existing {
-        text,
+        bytes,
         mode: meta.mode() & 0o7777,
         uid: meta.uid(),
         gid: meta.gid(),
@@ -507,7 +523,7 @@ fn read(path: &Path) -> Result<Option<Existing>, SetupError> {
 /// Atomic replace: a temporary file in the same directory with the old
 /// file's mode and owner, flushed to disk, renamed over the file, and the
 /// directory flushed, so a crash leaves the old file or the new, never half.
-fn replace(path: &Path, old: Option<&Existing>, text: &str) -> Result<(), SetupError> {
+fn replace(path: &Path, old: Option<&Existing>, bytes: &[u8]) -> Result<(), SetupError> {
     let write_error = |source| SetupError::Write {
         path: path.to_owned(),
         source,
@@ -534,7 +550,7 @@ fn replace(path: &Path, old: Option<&Existing>, text: &str) -> Result<(), SetupE
             // chown clears set-id bits; put back exactly what was there.
             file.set_permissions(fs::Permissions::from_mode(mode))?;
         }
-        file.write_all(text.as_bytes())?;
+        file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&temp, path)
     })();
@@ -562,19 +578,30 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// [`with_module`] on text, as text (the cases below are all UTF-8;
+    /// other encodings have tests of their own).
+    fn add(text: Option<&str>) -> String {
+        String::from_utf8(with_module(text)).unwrap()
+    }
+
+    /// [`without_module`] on text, as text.
+    fn take(text: Option<&str>) -> Option<String> {
+        without_module(text).map(|bytes| String::from_utf8(bytes).unwrap())
+    }
+
     /// Adds, checks the exact result and idempotence, removes, checks the
     /// original comes back.
     fn round_trip(original: Option<&str>, expected: &str) {
-        let added = with_module(original);
+        let added = add(original);
         assert_eq!(added, expected, "add to {original:?}");
-        assert_eq!(with_module(Some(&added)), added, "add twice {original:?}");
+        assert_eq!(add(Some(&added)), added, "add twice {original:?}");
         assert!(has_module(Some(&added)), "{added:?}");
         assert_eq!(
-            without_module(Some(&added)).as_deref(),
+            take(Some(&added)).as_deref(),
             original,
             "remove from {added:?}"
         );
-        assert!(!has_module(without_module(Some(&added)).as_deref()));
+        assert!(!has_module(take(Some(&added)).as_deref()));
     }
 
     const DEBIAN: &str = "# /etc/nsswitch.conf\n#\n# Example configuration of GNU Name Service Switch functionality.\n\npasswd:         files systemd\ngroup:          files systemd\nshadow:         files systemd\ngshadow:        files systemd\n\nhosts:          files mdns4_minimal [NOTFOUND=return] dns myhostname\nnetworks:       files\n\nprotocols:      db files\nnetgroup:       nis\n";
@@ -707,10 +734,7 @@ mod tests {
         round_trip(None, &format!("{CREATED_MARKER}\n{ADDED_HOSTS_LINE}\n"));
         // Lines the user added since are kept; only ours go.
         let grown = format!("{CREATED_MARKER}\n{ADDED_HOSTS_LINE}\npasswd: files\n");
-        assert_eq!(
-            without_module(Some(&grown)).as_deref(),
-            Some("passwd: files\n")
-        );
+        assert_eq!(take(Some(&grown)).as_deref(), Some("passwd: files\n"));
     }
 
     #[test]
@@ -720,7 +744,7 @@ mod tests {
             "hosts: dns k3slocal files\n",
             "hosts: files k3slocal [NOTFOUND=return] dns\n",
         ] {
-            assert_eq!(with_module(Some(text)), text);
+            assert_eq!(add(Some(text)), text);
         }
     }
 
@@ -743,22 +767,18 @@ mod tests {
             ("hosts: k3slocal files k3slocal dns\n", "hosts: files dns\n"),
         ];
         for (text, expected) in cases {
-            assert_eq!(
-                without_module(Some(text)).as_deref(),
-                Some(expected),
-                "{text:?}"
-            );
+            assert_eq!(take(Some(text)).as_deref(), Some(expected), "{text:?}");
         }
     }
 
     #[test]
     fn removal_leaves_other_lines_alone() {
         let text = "passwd: files k3slocal\nhosts: files dns # k3slocal\n";
-        assert_eq!(without_module(Some(text)).as_deref(), Some(text));
+        assert_eq!(take(Some(text)).as_deref(), Some(text));
         // Only the effective line is ours to edit.
         let text = "hosts: k3slocal\nhosts: files k3slocal dns\n";
         assert_eq!(
-            without_module(Some(text)).as_deref(),
+            take(Some(text)).as_deref(),
             Some("hosts: k3slocal\nhosts: files dns\n")
         );
     }
@@ -868,14 +888,57 @@ mod tests {
         assert_eq!(fs::read_to_string(&target).unwrap(), "hosts: files dns\n");
     }
 
+    /// A Debian file whose comments an older system wrote in Latin-1
+    /// (`é` as the single byte 0xe9), and a stray 0xff on the hosts line
+    /// after a comment sign: glibc reads it fine, so must we.
+    const LATIN1: &[u8] = b"# /etc/nsswitch.conf\n# r\xe9glages de l'\xe9t\xe9\n\npasswd: files\n\
+        hosts:          files mdns4_minimal [NOTFOUND=return] dns # \xff k3slocal\n\
+        networks:       files\n";
+
     #[test]
-    fn binary_files_are_refused() {
+    fn files_that_are_not_utf8_are_edited_byte_for_byte() {
+        let added = with_module(Some(LATIN1));
+        let expected: &[u8] =
+            b"# /etc/nsswitch.conf\n# r\xe9glages de l'\xe9t\xe9\n\npasswd: files\n\
+            hosts:          files k3slocal mdns4_minimal [NOTFOUND=return] dns # \xff k3slocal\n\
+            networks:       files\n";
+        assert_eq!(added, expected);
+        assert!(has_module(Some(&added)));
+        assert!(!has_module(Some(LATIN1)), "a word in a comment is not ours");
+        assert_eq!(without_module(Some(&added)).as_deref(), Some(LATIN1));
+        // The word in the comment is never ours to take.
+        assert_eq!(without_module(Some(LATIN1)).as_deref(), Some(LATIN1));
+    }
+
+    #[test]
+    fn install_and_remove_keep_every_other_byte_of_a_latin1_file() {
         let root = root_with(None);
-        fs::write(root.path().join(CONF), b"hosts: files \xff\n").unwrap();
-        assert!(matches!(
-            install(root.path()),
-            Err(SetupError::NotText { .. })
-        ));
+        let conf = root.path().join(CONF);
+        fs::write(&conf, LATIN1).unwrap();
+        assert_eq!(install(root.path()).unwrap(), Outcome::Changed);
+        assert_eq!(fs::read(&conf).unwrap(), with_module(Some(LATIN1)));
+        assert_eq!(remove(root.path()).unwrap(), Outcome::Changed);
+        assert_eq!(fs::read(&conf).unwrap(), LATIN1);
+    }
+
+    #[test]
+    fn a_file_without_our_word_is_not_touched_whatever_its_encoding() {
+        let root = root_with(None);
+        let conf = root.path().join(CONF);
+        // Latin-1, and bytes that are no text at all in any encoding.
+        for bytes in [LATIN1, b"\xff\xfe h\x00o\x00s\x00t\x00s\x00\n\x80"] {
+            fs::write(&conf, bytes).unwrap();
+            let before = fs::metadata(&conf).unwrap();
+            assert_eq!(remove(root.path()).unwrap(), Outcome::AlreadySo);
+            let after = fs::metadata(&conf).unwrap();
+            assert_eq!(fs::read(&conf).unwrap(), bytes);
+            assert_eq!(after.ino(), before.ino(), "not replaced");
+            assert_eq!(
+                (after.mtime(), after.mtime_nsec()),
+                (before.mtime(), before.mtime_nsec()),
+                "not rewritten"
+            );
+        }
     }
 
     /// A random line of a plausible nsswitch.conf.
@@ -959,7 +1022,7 @@ mod tests {
             let removed = without_module(Some(&added));
             prop_assert!(!has_module(removed.as_deref()));
             if !has_module(text.as_deref()) {
-                prop_assert_eq!(removed.as_deref(), text.as_deref());
+                prop_assert_eq!(removed.as_deref(), text.as_deref().map(str::as_bytes));
             }
             // Removing twice is removing once.
             prop_assert_eq!(without_module(removed.as_deref()), removed.clone());
