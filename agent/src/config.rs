@@ -104,7 +104,9 @@ pub struct RunOverrides {
     /// Host the tunnels listen on: localhost or an IP address [default: localhost].
     #[arg(long, env = "K3S_LOCAL_AGENT_LOCAL_HOST")]
     pub local_host: Option<String>,
-    /// Loopback block that pod addresses come from [default: 127.77.0.0/16].
+    /// Loopback block that pod addresses come from [default: this user's own
+    /// block, 127.128.0.0/9 carved into one /24 per uid unless root's
+    /// /etc/k3s-local-agent/bind-helper.conf says otherwise].
     #[arg(long, env = "K3S_LOCAL_AGENT_ADDRESS_BLOCK")]
     pub address_block: Option<AddressBlock>,
     /// Give each pod its own loopback address, with its names pointing there
@@ -237,8 +239,12 @@ pub struct Config {
     pub sync_interval: Duration,
     pub port_range: PortRange,
     pub local_host: String,
-    /// Where pod addresses come from, when `name_ports` is on.
-    pub address_block: AddressBlock,
+    /// Where pod addresses come from, when `name_ports` is on: this
+    /// user's own block unless set; none when this user has no block.
+    pub address_block: Option<AddressBlock>,
+    /// Why pods get no address of their own although name ports were asked
+    /// for (this user has no block of their own), said once at start.
+    pub address_block_note: Option<String>,
     /// Each pod on its own loopback address, with its own port there
     /// (never with names off: no name would lead there).
     pub name_ports: bool,
@@ -362,25 +368,32 @@ impl Config {
 
         let staging = staging_settings(flags, file)?;
 
+        let mut address_block_note = None;
         let address_block = match (flags.address_block, &file.address_block) {
-            (Some(block), _) => block,
-            (None, Some(text)) => {
-                text.parse()
-                    .map_err(
-                        |err: crate::tunnel::AddressBlockError| ConfigError::Invalid {
-                            setting: "address_block",
-                            message: err.to_string(),
-                        },
-                    )?
-            }
-            (None, None) => AddressBlock::DEFAULT,
+            (Some(block), _) => Some(block),
+            (None, Some(text)) => Some(text.parse().map_err(
+                |err: crate::tunnel::AddressBlockError| ConfigError::Invalid {
+                    setting: "address_block",
+                    message: err.to_string(),
+                },
+            )?),
+            (None, None) => match AddressBlock::of_this_user() {
+                Ok(block) => Some(block),
+                Err(why) => {
+                    address_block_note = Some(format!(
+                        "pods get no address of their own (names lead to their range port): {why}"
+                    ));
+                    None
+                }
+            },
         };
         let switch = |flag: Option<Switch>, file: Option<Switch>| {
             flag.or(file).unwrap_or(Switch::On) == Switch::On
         };
         let names = switch(flags.names, file.names);
         let forwarding = switch(flags.forwarding, file.forwarding);
-        let name_ports = names && switch(flags.name_ports, file.name_ports);
+        let name_ports =
+            names && switch(flags.name_ports, file.name_ports) && address_block_note.is_none();
 
         let forward_threads = flags
             .forward_threads
@@ -420,6 +433,7 @@ impl Config {
                 .unwrap_or(DEFAULT_PORT_RANGE),
             local_host,
             address_block,
+            address_block_note,
             name_ports,
             forwarding,
             names,

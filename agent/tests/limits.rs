@@ -57,7 +57,7 @@ async fn targets_that_lead_back_into_the_agent_are_refused_naming_the_field() {
         (SocketAddr::from(([0, 0, 0, 0], api.port())), "port"),
         (tunnel, "port"),
         (SocketAddr::from(([127, 0, 0, 1], fx.range.end)), "port"),
-        (SocketAddr::from(([127, 77, 3, 4], 80)), "ip"),
+        (SocketAddr::from(([127, 128, 0, 4], 80)), "ip"),
     ];
     for (target, field) in cases {
         let (code, answer) = agent

@@ -3,8 +3,10 @@
 //! addresses for the agent and passes the listening sockets back over its
 //! standard input, a Unix socket; see the library's `protocol` and `policy`.
 //!
-//! Being privileged and runnable by any local user, it does as little as it
-//! can: no arguments, no environment (beyond what libc does itself in
+//! Being privileged and runnable by any local user, it binds only inside
+//! the caller's own address block (one per uid, see `policy`), so no user
+//! can take a port on another user's pod address; and it does as little as
+//! it can: no arguments, no environment (beyond what libc does itself in
 //! secure-execution mode), no file but its root-owned config, no socket but
 //! the ones it is asked for and hands over at once.
 
@@ -14,7 +16,7 @@ use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
 use std::path::Path;
 use std::process::ExitCode;
 
-use k3s_local_agent_bind::policy::{self, Block, ConfigError};
+use k3s_local_agent_bind::policy::{self, ConfigError, Layout};
 use k3s_local_agent_bind::protocol::{self, BadRequest, Reply, Request, MAX_LINE};
 use nix::sys::socket::{
     bind, listen, setsockopt, socket, sockopt, AddressFamily, Backlog, SockFlag, SockProtocol,
@@ -60,7 +62,7 @@ fn main() -> ExitCode {
 
 /// Answers requests read from `socket` until end of file. A line longer
 /// than [`MAX_LINE`] is answered once, at its end, and skipped.
-fn serve(socket: BorrowedFd<'_>, policy: &Result<Block, ConfigError>) -> io::Result<()> {
+fn serve(socket: BorrowedFd<'_>, policy: &Result<Layout, ConfigError>) -> io::Result<()> {
     let mut input = io::stdin().lock();
     let mut line = Vec::with_capacity(MAX_LINE + 1);
     let mut too_long = false;
@@ -111,16 +113,20 @@ enum Answer {
     Os(i32, String),
 }
 
-fn answer(line: &[u8], policy: &Result<Block, ConfigError>) -> Answer {
+fn answer(line: &[u8], policy: &Result<Layout, ConfigError>) -> Answer {
     let addr = match protocol::parse_request(line) {
         Ok(Request::Tcp(addr)) => addr,
         Err(bad) => return Answer::Refused(bad.to_string()),
     };
-    let block = match policy {
-        Ok(block) => block,
+    let layout = match policy {
+        Ok(layout) => layout,
         Err(err) => return Answer::Refused(format!("bad config: {err}")),
     };
-    if let Err(refusal) = block.check(*addr.ip()) {
+    // The real uid: who ran us. The capability raises no uid, and a
+    // file-capability binary cannot be handed another real uid, so this is
+    // the caller, whose block alone is served.
+    let caller = nix::unistd::getuid().as_raw();
+    if let Err(refusal) = layout.check(caller, *addr.ip()) {
         return Answer::Refused(refusal.to_string());
     }
     match bind_listener(addr) {

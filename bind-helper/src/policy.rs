@@ -1,6 +1,21 @@
-//! Which addresses the helper binds: TCP on IPv4 pod addresses of one
-//! loopback block (127.77.0.0/16 unless root's config file says otherwise),
-//! never the system's own loopback addresses, never anything else.
+//! Which addresses the helper binds: TCP on IPv4 pod addresses of the
+//! calling user's own loopback block, never another user's, never the
+//! system's own loopback addresses, never anything else.
+//!
+//! The per-user layout: root's config file names a range (127.128.0.0/9
+//! unless it says otherwise) that is carved into one block per uid (a /24,
+//! 254 pod addresses, unless it says otherwise), uid `first_uid` (0) taking
+//! the first. With the defaults uids 0 to 32767 have a block, which covers
+//! root and every account Debian's `adduser` makes on a machine with fewer
+//! than 31,000 users; a uid past the range has none (the helper refuses it
+//! every address, the agent gives its pods no address of their own, the
+//! NSS module answers it nothing) until root sets `first_uid` (directory
+//! uids such as 1286000000 from SSSD) or a wider `block`. The agent, the
+//! helper and the NSS module read the same file, so they always agree on
+//! whose block an address is in: the helper binds only inside the caller's
+//! block (the caller's real uid, which a file-capability binary cannot be
+//! lied to about), the agent allocates only there, and the module answers
+//! a user only with addresses there.
 //!
 //! 127.0.0.0/23 is refused whatever the config says: 127.0.0.1 is what every
 //! program means by "this machine", 127.0.0.53 and 127.0.0.54 are
@@ -56,6 +71,10 @@ pub enum Refusal {
     System(Ipv4Addr, Block),
     #[error("{0} is outside the pod block {1}")]
     Outside(Ipv4Addr, Block),
+    #[error("{0} is in another user's address block: uid {uid} may bind only in {1}", uid = .2)]
+    NotYours(Ipv4Addr, Block, u32),
+    #[error("uid {0} has no address block: {1}")]
+    NoBlock(u32, NoBlock),
     #[error("{0} is the first or last address of {1}, never a pod's")]
     Edge(Ipv4Addr, Block),
 }
@@ -79,6 +98,122 @@ pub enum ConfigError {
         line: usize,
         source: BlockError,
     },
+    #[error("{path}: {source}")]
+    Layout { path: PathBuf, source: LayoutError },
+}
+
+/// Why the per-user layout was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LayoutError {
+    #[error("user_prefix /{user} must lie between the block's /{block} and /30")]
+    UserPrefix { user: u8, block: u8 },
+}
+
+/// Why a uid has no block of its own.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the per-user range {range} holds uids {first} to {last} (one /{prefix} each); set \
+     `first_uid` or a wider `block` in /etc/k3s-local-agent/bind-helper.conf"
+)]
+pub struct NoBlock {
+    range: Block,
+    prefix: u8,
+    first: u32,
+    last: u64,
+}
+
+/// The per-user layout: a range carved into one block per uid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    range: Block,
+    user_prefix: u8,
+    first_uid: u32,
+}
+
+impl Layout {
+    /// 127.128.0.0/9 in /24s from uid 0: uids 0 to 32767, 254 pod addresses each.
+    pub const DEFAULT: Layout = Layout {
+        range: Block {
+            base: Ipv4Addr::new(127, 128, 0, 0),
+            prefix: 9,
+        },
+        user_prefix: 24,
+        first_uid: 0,
+    };
+
+    /// A layout of `range` in blocks of `/user_prefix`, uid `first_uid` first.
+    pub fn new(range: Block, user_prefix: u8, first_uid: u32) -> Result<Self, LayoutError> {
+        if !(range.prefix..=30).contains(&user_prefix) {
+            return Err(LayoutError::UserPrefix {
+                user: user_prefix,
+                block: range.prefix,
+            });
+        }
+        Ok(Self {
+            range,
+            user_prefix,
+            first_uid,
+        })
+    }
+
+    /// The whole range the users' blocks are carved from.
+    pub fn range(&self) -> Block {
+        self.range
+    }
+
+    /// How many uids have a block.
+    fn capacity(&self) -> u64 {
+        1u64 << (self.user_prefix - self.range.prefix)
+    }
+
+    /// The block of `uid`, or why it has none.
+    pub fn user_block(&self, uid: u32) -> Result<Block, NoBlock> {
+        let no_block = || NoBlock {
+            range: self.range,
+            prefix: self.user_prefix,
+            first: self.first_uid,
+            last: u64::from(self.first_uid) + self.capacity() - 1,
+        };
+        let index = uid.checked_sub(self.first_uid).ok_or_else(no_block)?;
+        if u64::from(index) >= self.capacity() {
+            return Err(no_block());
+        }
+        let size = 1u32 << (32 - u32::from(self.user_prefix));
+        Ok(Block {
+            base: Ipv4Addr::from(self.range.first() + index * size),
+            prefix: self.user_prefix,
+        })
+    }
+
+    /// Whether the helper may bind `ip` for `uid`: a pod address of that
+    /// user's own block, and nobody else's.
+    pub fn check(&self, uid: u32, ip: Ipv4Addr) -> Result<(), Refusal> {
+        let block = self
+            .user_block(uid)
+            .map_err(|why| Refusal::NoBlock(uid, why))?;
+        match block.check(ip) {
+            Err(Refusal::Outside(..)) if self.range.contains(ip) => {
+                Err(Refusal::NotYours(ip, block, uid))
+            }
+            other => other,
+        }
+    }
+}
+
+impl Default for Layout {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} in /{} blocks from uid {}",
+            self.range, self.user_prefix, self.first_uid
+        )
+    }
 }
 
 /// 127.0.0.0/23: localhost, resolver stubs, Debian's host name.
@@ -88,12 +223,6 @@ const SYSTEM: Block = Block {
 };
 
 impl Block {
-    /// `127.77.0.0/16`, the agent's default pod block.
-    pub const DEFAULT: Block = Block {
-        base: Ipv4Addr::new(127, 77, 0, 0),
-        prefix: 16,
-    };
-
     fn mask(prefix: u8) -> u32 {
         u32::MAX
             .checked_shl(32 - u32::from(prefix))
@@ -142,6 +271,21 @@ impl Block {
         Ok(block)
     }
 
+    /// The block's network address.
+    pub fn base(self) -> Ipv4Addr {
+        self.base
+    }
+
+    /// The block's prefix length.
+    pub fn prefix(self) -> u8 {
+        self.prefix
+    }
+
+    /// Whether `ip` lies in the block (its edges included).
+    pub fn contains(self, ip: Ipv4Addr) -> bool {
+        (self.first()..=self.last()).contains(&u32::from(ip))
+    }
+
     /// Whether the helper may bind `ip`: one of this block's pod addresses
     /// (its first and last are left out, as the agent leaves them out).
     pub fn check(self, ip: Ipv4Addr) -> Result<(), Refusal> {
@@ -168,11 +312,15 @@ impl fmt::Display for Block {
     }
 }
 
-/// Parses the config file's text: blank lines, `#` comments, and at most one
-/// `block = a.b.c.d/len`. Anything else is an error rather than ignored, so
-/// a typo cannot silently leave the default in force.
-pub fn parse_config(path: &Path, text: &str) -> Result<Block, ConfigError> {
+/// Parses the config file's text: blank lines, `#` comments, and at most
+/// one each of `block = a.b.c.d/len` (the range every user's block is
+/// carved from), `user_prefix = N` (each user's block, /24 by default) and
+/// `first_uid = N`. Anything else is an error rather than ignored, so a
+/// typo cannot silently leave the default in force.
+pub fn parse_config(path: &Path, text: &str) -> Result<Layout, ConfigError> {
     let mut block = None;
+    let mut user_prefix = None;
+    let mut first_uid = None;
     for (index, line) in text.lines().enumerate() {
         let line_no = index + 1;
         let line = line.trim();
@@ -186,32 +334,53 @@ pub fn parse_config(path: &Path, text: &str) -> Result<Block, ConfigError> {
         };
         let Some((key, value)) = line.split_once('=') else {
             return Err(syntax(format!(
-                "expected `block = 127.NN.0.0/16`, got {line:?}"
+                "expected `block = 127.NN.0.0/9`, `user_prefix = 24` or `first_uid = 0`, got \
+                 {line:?}"
             )));
         };
-        if key.trim() != "block" {
-            return Err(syntax(format!("unknown setting {:?}", key.trim())));
+        let (key, value) = (key.trim(), value.trim());
+        let twice = || syntax(format!("{key} is set twice"));
+        let number = |max: u32| {
+            value
+                .parse::<u32>()
+                .ok()
+                .filter(|n| *n <= max && value.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| syntax(format!("{key} must be a number up to {max}, got {value:?}")))
+        };
+        match key {
+            "block" if block.is_some() => return Err(twice()),
+            "block" => {
+                block = Some(Block::parse(value).map_err(|source| ConfigError::Block {
+                    path: path.to_owned(),
+                    line: line_no,
+                    source,
+                })?);
+            }
+            "user_prefix" if user_prefix.is_some() => return Err(twice()),
+            "user_prefix" => user_prefix = Some(number(30)? as u8),
+            "first_uid" if first_uid.is_some() => return Err(twice()),
+            "first_uid" => first_uid = Some(number(u32::MAX)?),
+            _ => return Err(syntax(format!("unknown setting {key:?}"))),
         }
-        if block.is_some() {
-            return Err(syntax("block is set twice".to_owned()));
-        }
-        block = Some(
-            Block::parse(value.trim()).map_err(|source| ConfigError::Block {
-                path: path.to_owned(),
-                line: line_no,
-                source,
-            })?,
-        );
     }
-    Ok(block.unwrap_or(Block::DEFAULT))
+    let default = Layout::DEFAULT;
+    Layout::new(
+        block.unwrap_or(default.range),
+        user_prefix.unwrap_or(default.user_prefix),
+        first_uid.unwrap_or(default.first_uid),
+    )
+    .map_err(|source| ConfigError::Layout {
+        path: path.to_owned(),
+        source,
+    })
 }
 
-/// The block in force: from the config file at `path` if there is one, the
+/// The layout in force: from the config file at `path` if there is one, the
 /// default if neither it nor its directory exists. The directory and file
 /// must be root's and writable by root alone (else any user who could
 /// write them could widen what the helper binds), and the file a regular
 /// file, not a link.
-pub fn load_config(path: &Path) -> Result<Block, ConfigError> {
+pub fn load_config(path: &Path) -> Result<Layout, ConfigError> {
     let unsafe_config = |path: &Path, why| ConfigError::Unsafe {
         path: path.to_owned(),
         why,
@@ -222,7 +391,7 @@ pub fn load_config(path: &Path) -> Result<Block, ConfigError> {
     };
     if let Some(dir) = path.parent() {
         match fs::symlink_metadata(dir) {
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Block::DEFAULT),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Layout::DEFAULT),
             Err(source) => {
                 return Err(ConfigError::Read {
                     path: dir.to_owned(),
@@ -242,7 +411,7 @@ pub fn load_config(path: &Path) -> Result<Block, ConfigError> {
         .open(path);
     let file = match opened {
         Ok(file) => file,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Block::DEFAULT),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Layout::DEFAULT),
         Err(err) if err.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32) => {
             return Err(unsafe_config(path, "is a symbolic link"));
         }
@@ -289,8 +458,7 @@ mod tests {
 
     #[test]
     fn the_default_block_serves_pod_addresses_only() {
-        let block = Block::DEFAULT;
-        assert_eq!(block.to_string(), "127.77.0.0/16");
+        let block = Block::parse("127.77.0.0/16").unwrap();
         for ok in ["127.77.0.9", "127.77.0.1", "127.77.255.254"] {
             assert_eq!(block.check(ip(ok)), Ok(()), "{ok}");
         }
@@ -350,7 +518,10 @@ mod tests {
             ),
             (
                 "127.77.0.1/16",
-                BlockError::HostBits("127.77.0.1/16".into(), Block::DEFAULT),
+                BlockError::HostBits(
+                    "127.77.0.1/16".into(),
+                    Block::parse_unchecked("127.77.0.0", 16),
+                ),
             ),
             ("127.77.0.0/31", BlockError::Prefix(31)),
             ("127.77.0.0", BlockError::Syntax("127.77.0.0".into())),
@@ -375,16 +546,80 @@ mod tests {
     }
 
     #[test]
+    fn each_uid_has_a_block_of_its_own_and_none_of_anothers() {
+        let layout = Layout::DEFAULT;
+        assert_eq!(layout.user_block(0).unwrap().to_string(), "127.128.0.0/24");
+        assert_eq!(
+            layout.user_block(1000).unwrap().to_string(),
+            "127.131.232.0/24"
+        );
+        assert_eq!(
+            layout.user_block(32767).unwrap().to_string(),
+            "127.255.255.0/24"
+        );
+        let past = layout.user_block(32768).unwrap_err().to_string();
+        assert!(past.contains("holds uids 0 to 32767"), "{past}");
+        assert!(past.contains("first_uid"), "{past}");
+
+        assert_eq!(layout.check(1000, ip("127.131.232.9")), Ok(()));
+        let theirs = layout
+            .check(1001, ip("127.131.232.9"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            theirs.contains("another user's address block")
+                && theirs.contains("uid 1001 may bind only in 127.131.233.0/24"),
+            "{theirs}"
+        );
+        let outside = layout.check(1000, ip("127.77.0.9")).unwrap_err();
+        assert!(matches!(outside, Refusal::Outside(..)), "{outside}");
+        let system = layout.check(1000, ip("127.0.0.1")).unwrap_err();
+        assert!(matches!(system, Refusal::System(..)), "{system}");
+        let none = layout
+            .check(40000, ip("127.131.232.9"))
+            .unwrap_err()
+            .to_string();
+        assert!(none.starts_with("uid 40000 has no address block"), "{none}");
+
+        // Directory uids: root moves the first block to them.
+        let sssd = Layout::new(Block::parse("127.128.0.0/9").unwrap(), 24, 1_286_000_000).unwrap();
+        assert_eq!(
+            sssd.user_block(1_286_000_001).unwrap().to_string(),
+            "127.128.1.0/24"
+        );
+        assert!(sssd.user_block(1000).is_err());
+        assert!(sssd.user_block(u32::MAX).is_err());
+    }
+
+    proptest::proptest! {
+        /// Two uids never share an address.
+        #[test]
+        fn no_address_is_in_two_users_blocks(a in 0u32..40000, b in 0u32..40000, host in 0u32..256) {
+            let layout = Layout::DEFAULT;
+            if let (Ok(block_a), Ok(block_b)) = (layout.user_block(a), layout.user_block(b)) {
+                let ip = Ipv4Addr::from(u32::from(block_a.base()) + host);
+                if a != b {
+                    proptest::prop_assert!(!block_b.contains(ip));
+                    proptest::prop_assert!(layout.check(b, ip).is_err());
+                }
+            }
+        }
+    }
+
+    #[test]
     fn config_text() {
         let path = Path::new("/x.conf");
-        let block = parse_config(path, "# pods\n\n  block = 127.88.0.0/16  \n").unwrap();
-        assert_eq!(block.to_string(), "127.88.0.0/16");
-        assert_eq!(parse_config(path, "# nothing\n").unwrap(), Block::DEFAULT);
+        let layout = parse_config(path, "# pods\n\n  block = 127.88.0.0/16  \n").unwrap();
+        assert_eq!(layout.to_string(), "127.88.0.0/16 in /24 blocks from uid 0");
+        assert_eq!(parse_config(path, "# nothing\n").unwrap(), Layout::DEFAULT);
         assert_eq!(
-            parse_config(path, "block=127.88.0.0/16")
-                .unwrap()
-                .to_string(),
-            "127.88.0.0/16"
+            parse_config(
+                path,
+                "block=127.88.0.0/16\nuser_prefix = 20\nfirst_uid=1000"
+            )
+            .unwrap()
+            .to_string(),
+            "127.88.0.0/16 in /20 blocks from uid 1000"
         );
         for (text, why) in [
             ("blok = 127.88.0.0/16\n", "line 1: unknown setting \"blok\""),
@@ -396,6 +631,19 @@ mod tests {
             (
                 "\nblock = 127.0.0.0/16\n",
                 "line 2: 127.0.0.0/16 overlaps 127.0.0.0/23",
+            ),
+            (
+                "user_prefix = 31\n",
+                "line 1: user_prefix must be a number up to 30",
+            ),
+            ("first_uid = -1\n", "line 1: first_uid must be a number"),
+            (
+                "first_uid = 1\nfirst_uid = 2\n",
+                "line 2: first_uid is set twice",
+            ),
+            (
+                "block = 127.88.0.0/16\nuser_prefix = 12\n",
+                "user_prefix /12 must lie between the block's /16 and /30",
             ),
         ] {
             let err = parse_config(path, text).unwrap_err().to_string();
@@ -427,16 +675,19 @@ mod tests {
     fn config_file_is_read_when_root_owns_it() {
         let (dir, path) = config_dir("block = 127.88.0.0/16\n");
         if as_root() {
-            assert_eq!(load_config(&path).unwrap().to_string(), "127.88.0.0/16");
+            assert_eq!(
+                load_config(&path).unwrap().range().to_string(),
+                "127.88.0.0/16"
+            );
         }
         // Missing file, missing directory: the default.
         assert_eq!(
             load_config(&dir.path().join("none.conf")).unwrap(),
-            Block::DEFAULT
+            Layout::DEFAULT
         );
         assert_eq!(
             load_config(&dir.path().join("none/bind-helper.conf")).unwrap(),
-            Block::DEFAULT
+            Layout::DEFAULT
         );
     }
 

@@ -1,9 +1,12 @@
 //! The helper as it runs for real: a copy with `cap_net_bind_service=+ep`,
 //! used by an unprivileged user. These tests run as root, make the copy in
-//! a temporary directory, and run their checks as user nobody by running
-//! this very test binary again under `setpriv` with a scenario named in
-//! [`SCENARIO`]; the one test [`as_nobody_child_entry`] then does the
-//! checks (and does nothing in an ordinary run).
+//! a temporary directory, and run their checks as a plain user ("nobody"
+//! below: uid 4242, which needs no account for `setpriv`; its own address
+//! block under the default layout is 127.144.146.0/24, the next uid's
+//! 127.144.147.0/24) by running this very test binary again under
+//! `setpriv` with a scenario named in [`SCENARIO`]; the one test
+//! [`as_nobody_child_entry`] then does the checks (and does nothing in an
+//! ordinary run).
 
 // Test code: a failed expectation is a failed test, in helpers too.
 #![allow(clippy::expect_used)]
@@ -89,8 +92,8 @@ fn nobody_command(setup: &Setup, scenario: &str) -> Command {
     let mut command = Command::new("setpriv");
     command
         .args([
-            "--reuid=65534",
-            "--regid=65534",
+            "--reuid=4242",
+            "--regid=4242",
             "--clear-groups",
             "--inh-caps=-all",
         ])
@@ -200,7 +203,7 @@ fn run_with_config(scenario: &str, config: &str, mode: u32) {
 fn a_root_owned_config_moves_the_block() {
     run_with_config(
         "config-88",
-        "# pods live here\nblock = 127.88.0.0/16\n",
+        "# pods live here\nblock = 127.88.0.0/16\nfirst_uid = 4200\n",
         0o644,
     );
 }
@@ -230,35 +233,35 @@ fn as_nobody_child_entry() {
 }
 
 fn alone(plain: &Path) {
-    let err = TcpListener::bind(v4(127, 77, 0, 9, 80)).expect_err("nobody binds port 80 itself");
+    let err = TcpListener::bind(v4(127, 144, 146, 9, 80)).expect_err("nobody binds port 80 itself");
     assert_eq!(err.kind(), ErrorKind::PermissionDenied, "{err}");
-    eprintln!("nobody's own bind of 127.77.0.9:80: {err}");
+    eprintln!("nobody's own bind of 127.144.146.9:80: {err}");
     // The same binary without the capability fails the same way: the
     // capability is what makes the helper work.
-    let err = bind_via_helper(plain, v4(127, 77, 0, 9, 80)).expect_err("uncapable helper");
+    let err = bind_via_helper(plain, v4(127, 144, 146, 9, 80)).expect_err("uncapable helper");
     let errno = err.bind_error().expect("a bind error").kind();
     assert_eq!(errno, ErrorKind::PermissionDenied, "{err}");
     eprintln!("helper without the capability: {err}");
 }
 
 fn helper_binds(helper: &Path) {
-    let addr = v4(127, 77, 0, 9, 80);
-    let listener = bind_via_helper(helper, addr).expect("the helper binds 127.77.0.9:80");
+    let addr = v4(127, 144, 146, 9, 80);
+    let listener = bind_via_helper(helper, addr).expect("the helper binds 127.144.146.9:80");
     assert_eq!(
         listener.local_addr().expect("local addr"),
         SocketAddr::V4(addr)
     );
     assert_set_up_like_the_agents_own(&listener);
     accepts_a_real_connection(&listener, addr);
-    eprintln!("127.77.0.9:80 bound by the helper, listening, accepting");
+    eprintln!("127.144.146.9:80 bound by the helper, listening, accepting");
 
     // One helper for many requests; a port in use comes back as AddrInUse.
     let mut running = BindHelper::spawn(helper).expect("spawn");
     let mut held = Vec::new();
     for addr in [
-        v4(127, 77, 0, 10, 80),
-        v4(127, 77, 0, 10, 443),
-        v4(127, 77, 1, 2, 22),
+        v4(127, 144, 146, 10, 80),
+        v4(127, 144, 146, 10, 443),
+        v4(127, 144, 146, 200, 22),
     ] {
         let listener = running.bind(addr).expect("bind");
         assert_eq!(listener.local_addr().expect("addr"), SocketAddr::V4(addr));
@@ -266,13 +269,13 @@ fn helper_binds(helper: &Path) {
     }
     let err = running
         .bind(addr)
-        .expect_err("127.77.0.9:80 is ours already");
+        .expect_err("127.144.146.9:80 is ours already");
     assert_eq!(
         err.bind_error().map(|e| e.kind()),
         Some(ErrorKind::AddrInUse),
         "{err}"
     );
-    assert!(err.to_string().contains("127.77.0.9:80"), "{err}");
+    assert!(err.to_string().contains("127.144.146.9:80"), "{err}");
     eprintln!("in use: {err}");
     running
         .finish()
@@ -336,10 +339,22 @@ fn refusals(helper: &Path) {
         ),
         (v4(10, 1, 2, 3, 80), &["10.1.2.3", "not a loopback"]),
         (v4(0, 0, 0, 0, 80), &["0.0.0.0", "every address"]),
-        (v4(127, 77, 0, 9, 0), &["port 0"]),
+        (v4(127, 144, 146, 9, 0), &["port 0"]),
         (
             v4(127, 78, 0, 9, 80),
-            &["outside the pod block 127.77.0.0/16"],
+            &["outside the pod block 127.144.146.0/24"],
+        ),
+        // The next uid's block: another user's pod address is never served.
+        (
+            v4(127, 144, 147, 9, 80),
+            &[
+                "127.144.147.9 is in another user's address block",
+                "uid 4242 may bind only in 127.144.146.0/24",
+            ],
+        ),
+        (
+            v4(127, 144, 147, 9, 8080),
+            &["another user's address block"],
         ),
     ];
     for (addr, expected) in cases {
@@ -354,20 +369,20 @@ fn refusals(helper: &Path) {
         .stdin(OwnedFd::from(theirs))
         .spawn()
         .expect("spawn");
-    let long = format!("tcp 127.77.0.9 80{}", " ".repeat(300));
+    let long = format!("tcp 127.144.146.9 80{}", " ".repeat(300));
     let lines: &[(&str, &str)] = &[
         (
-            "udp 127.77.0.9 53",
+            "udp 127.144.146.9 53",
             "error refused UDP is not served: only TCP",
         ),
         ("tcp ::1 80", "error refused ::1 is an IPv6 address"),
         (
-            "tcp 127.77.0.9 +80",
+            "tcp 127.144.146.9 +80",
             "error refused \"+80\" is not a port number",
         ),
         ("hello", "error refused expected `tcp <ipv4> <port>`"),
         (&long, "error refused request is longer than 200 bytes"),
-        ("tcp 127.77.0.9 80", "ok"),
+        ("tcp 127.144.146.9 80", "ok"),
     ];
     let mut writer = &ours;
     for (line, expected) in lines {
@@ -388,23 +403,29 @@ fn refusals(helper: &Path) {
 fn config_88(helper: &Path) {
     let mut running = BindHelper::spawn(helper).expect("spawn");
     let listener = running
-        .bind(v4(127, 88, 0, 5, 80))
+        .bind(v4(127, 88, 42, 5, 80))
         .expect("in the configured block");
     assert_eq!(
         listener.local_addr().expect("addr"),
-        SocketAddr::V4(v4(127, 88, 0, 5, 80))
+        SocketAddr::V4(v4(127, 88, 42, 5, 80))
     );
     refused(
         running
-            .bind(v4(127, 77, 0, 9, 80))
+            .bind(v4(127, 144, 146, 9, 80))
             .expect_err("outside now"),
-        &["outside the pod block 127.88.0.0/16"],
+        &["outside the pod block 127.88.42.0/24"],
+    );
+    refused(
+        running
+            .bind(v4(127, 88, 0, 5, 80))
+            .expect_err("uid 4200's block"),
+        &["another user's address block"],
     );
     running.finish().expect("clean exit");
 }
 
 fn config_bad(helper: &Path) {
-    let err = bind_via_helper(helper, v4(127, 88, 0, 5, 80)).expect_err("bad config");
+    let err = bind_via_helper(helper, v4(127, 88, 42, 5, 80)).expect_err("bad config");
     refused(
         err,
         &[

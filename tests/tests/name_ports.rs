@@ -95,8 +95,9 @@ fn names_reach_pods_on_their_own_ports_without_a_port_in_the_url() {
         .map(|id| address_of(&agent, id))
         .collect();
     for address in &addresses {
+        // Root's own block under the default layout: 127.128.0.0/24.
         let ip: Ipv4Addr = address.parse().expect("an IPv4 address");
-        assert_eq!(ip.octets()[..2], [127, 77], "{address}");
+        assert_eq!(ip.octets()[..3], [127, 128, 0], "{address}");
     }
     assert!(addresses[0] != addresses[1] && addresses[1] != addresses[2]);
     for (name, address) in ["web-a", "web-b", "db"].iter().zip(&addresses) {
@@ -192,8 +193,9 @@ fn without_privileges_the_name_port_is_unavailable_and_says_how_to_enable_it() {
     let agent = AgentProcess::run_command(
         Command::new("setpriv")
             .args([
-                "--reuid=65534",
-                "--regid=65534",
+                // Any plain uid with a block of its own (127.144.146.0/24).
+                "--reuid=4242",
+                "--regid=4242",
                 "--clear-groups",
                 "--inh-caps=-all",
                 "--bounding-set=-all",

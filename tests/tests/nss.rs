@@ -6,9 +6,15 @@
 //! The machine's own /etc and /run/user are never touched. Needs root (CI runs
 //! as root); without it the test fails and says why.
 //!
+//! A user is answered only while a lock on `names.lock` beside the file is
+//! held (the user's agent holds it while it runs), only with addresses in
+//! that user's own block (uid 4244's is 127.144.148.0/24 under the default
+//! layout, uid 4245's 127.144.149.0/24), and nscd is answered nothing.
+//!
 //! At the end, the agent itself (run as a user with a runtime dir, and the
 //! module on the hosts line) picks the module's file for its names, and
-//! `getent` as that user finds its pod.
+//! `getent` as that user finds its pod; once the agent is killed with
+//! `SIGKILL`, the name no longer resolves although its file is still there.
 
 use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -20,10 +26,39 @@ use k3s_local_agent_e2e::{agent_binary, built_artifact, wait_until, AgentProcess
 const INNER: &str = "K3S_NSS_E2E_INNER";
 /// This test's name, for libtest's `--exact`.
 const TEST_NAME: &str = "the_nss_module_answers_each_user_from_its_own_names_file";
-/// A user with a names file (nobody) and one without.
-const A: u32 = 65534;
-const B: u32 = 65533;
-const LINE: &str = "127.77.0.9 web-staging.local web-staging-staging-staging.local\n";
+/// A user with a names file and one without (no accounts needed: `setpriv`
+/// takes any uid).
+const A: u32 = 4244;
+const B: u32 = 4245;
+/// A's pod, at an address of A's own block.
+const LINE: &str = "127.144.148.9 web-staging.local web-staging-staging-staging.local\n";
+/// The same, at an address of B's own block.
+const B_LINE: &str = "127.144.149.9 web-staging.local web-staging-staging-staging.local\n";
+
+/// Holds an open-file-description lock on UID's `names.lock`, as that
+/// user's running agent does, until dropped.
+fn hold_lock(uid: u32) -> std::fs::File {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let path = user_dir(uid).join("names.lock");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .expect("open the lock file");
+    chown(&path, Some(uid), Some(uid)).expect("chown");
+    chmod(&path, 0o600);
+    let lock = nix::libc::flock {
+        l_type: nix::libc::F_WRLCK as nix::libc::c_short,
+        l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+        l_start: 0,
+        l_len: 0,
+        l_pid: 0,
+    };
+    fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).expect("lock");
+    file
+}
 
 /// The built module: `K3S_LOCAL_AGENT_NSS`, else beside this test's target dir.
 fn nss_module() -> PathBuf {
@@ -78,9 +113,8 @@ fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-/// `/run/user/UID/k3s-local-agent` (dirs 0700, owned by UID); the names
-/// file in it removed.
-fn agent_dir(uid: u32) -> PathBuf {
+/// `/run/user/UID/k3s-local-agent` (dirs 0700, owned by UID).
+fn user_dir(uid: u32) -> PathBuf {
     let run = PathBuf::from(format!("/run/user/{uid}"));
     let dir = run.join("k3s-local-agent");
     std::fs::create_dir_all(&dir).expect("mkdir");
@@ -88,6 +122,12 @@ fn agent_dir(uid: u32) -> PathBuf {
         chown(path, Some(uid), Some(uid)).expect("chown");
         chmod(path, 0o700);
     }
+    dir
+}
+
+/// [`user_dir`], with the names file in it removed.
+fn agent_dir(uid: u32) -> PathBuf {
+    let dir = user_dir(uid);
     let _ = std::fs::remove_file(dir.join("names"));
     dir
 }
@@ -179,15 +219,24 @@ fn inside_private_mount_namespace() {
     );
     let lib = lib_dir.as_path();
 
-    // User A's own file answers A, by every glibc path.
+    // User A's own file answers nothing while no agent of A's holds the
+    // lock: the names of an agent that crashed are dead.
     write_names(A, A, 0o600, &format!("# k3s-local-agent names\n{LINE}"));
+    assert_eq!(
+        address_for(lib, A, "web-staging.local"),
+        None,
+        "no lock held"
+    );
+    let a_lock = hold_lock(A);
+    let _b_lock = hold_lock(B);
+    // With it, A's own file answers A, by every glibc path.
     let (code, out) = getent_as(lib, A, &["hosts", "web-staging.local"]);
     assert_eq!(code, 0, "{out}");
     let fields: Vec<&str> = out.split_whitespace().collect();
     assert_eq!(
         fields,
         [
-            "127.77.0.9",
+            "127.144.148.9",
             "web-staging.local",
             "web-staging-staging-staging.local"
         ]
@@ -196,7 +245,7 @@ fn inside_private_mount_namespace() {
         let (code, out) = getent_as(lib, A, &[database, "web-staging.local"]);
         assert_eq!(code, 0, "{database}: {out}");
         assert!(
-            out.starts_with("127.77.0.9 ") && out.contains("STREAM web-staging.local"),
+            out.starts_with("127.144.148.9 ") && out.contains("STREAM web-staging.local"),
             "{database}: {out}"
         );
     }
@@ -205,10 +254,10 @@ fn inside_private_mount_namespace() {
     assert_eq!(code, 0, "{out}");
     assert!(
         out.lines()
-            .all(|line| line.starts_with("::ffff:127.77.0.9 ")),
+            .all(|line| line.starts_with("::ffff:127.144.148.9 ")),
         "{out}"
     );
-    let expected = Some("127.77.0.9".to_owned());
+    let expected = Some("127.144.148.9".to_owned());
     assert_eq!(address_for(lib, A, "WEB-Staging.LOCAL."), expected);
     assert_eq!(
         address_for(lib, A, "web-staging-staging-staging.local"),
@@ -235,24 +284,46 @@ fn inside_private_mount_namespace() {
         "root has no file"
     );
 
+    // nscd caches for every user: it is answered nothing (getent run under
+    // the name nscd is, to the module, nscd).
+    let nscd = lib_dir.join("nscd");
+    std::fs::copy("/usr/bin/getent", &nscd).expect("copy getent");
+    chmod(&nscd, 0o755);
+    let output = Command::new("setpriv")
+        .args([
+            &format!("--reuid={A}"),
+            &format!("--regid={A}"),
+            "--clear-groups",
+        ])
+        .arg(&nscd)
+        .args(["hosts", "web-staging.local"])
+        .env("LD_LIBRARY_PATH", lib)
+        .output()
+        .expect("run getent as nscd");
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "nscd is answered nothing: {output:?}"
+    );
+
     // B's file, in every shape the module must refuse.
     let b_dir = agent_dir(B);
     let names = b_dir.join("names");
-    std::fs::write(b_dir.join("real"), LINE).expect("write");
+    std::fs::write(b_dir.join("real"), B_LINE).expect("write");
     chown(b_dir.join("real"), Some(B), Some(B)).expect("chown");
     chmod(&b_dir.join("real"), 0o600);
     symlink("real", &names).expect("symlink");
     lchown(&names, Some(B), Some(B)).expect("lchown");
     assert_eq!(address_for(lib, B, "web-staging.local"), None, "symlink");
-    write_names(B, A, 0o644, LINE);
+    write_names(B, A, 0o644, B_LINE);
     assert_eq!(address_for(lib, B, "web-staging.local"), None, "owned by A");
-    write_names(B, B, 0o620, LINE);
+    write_names(B, B, 0o620, B_LINE);
     assert_eq!(
         address_for(lib, B, "web-staging.local"),
         None,
         "group-writable"
     );
-    write_names(B, B, 0o602, LINE);
+    write_names(B, B, 0o602, B_LINE);
     assert_eq!(
         address_for(lib, B, "web-staging.local"),
         None,
@@ -266,8 +337,20 @@ fn inside_private_mount_namespace() {
         None,
         "FIFO, no hang"
     );
-    write_names(B, B, 0o600, &format!("{LINE}{}\n", "#".repeat(1024 * 1024)));
-    assert_eq!(address_for(lib, B, "web-staging.local"), None, "over 1 MiB");
+    write_names(
+        B,
+        B,
+        0o600,
+        &format!("{B_LINE}{}\n", "#".repeat(6 * 1024 * 1024)),
+    );
+    assert_eq!(address_for(lib, B, "web-staging.local"), None, "over 6 MiB");
+    // A's address in B's file: B's file never leads B into A's block.
+    write_names(B, B, 0o600, LINE);
+    assert_eq!(
+        address_for(lib, B, "web-staging.local"),
+        None,
+        "an address of another user's block"
+    );
 
     // Control: B's own good file answers B; malformed lines and foreign names
     // are skipped.
@@ -276,14 +359,22 @@ fn inside_private_mount_namespace() {
         B,
         0o600,
         "999.1.2.3 web-staging.local\nnot-an-address web-staging.local\n\
-         127.77.0.5 evil.example\n127.77.0.10 web-staging.local\n",
+         127.144.149.5 evil.example\n127.144.148.10 web-staging.local\n\
+         127.144.149.10 web-staging.local\n",
     );
     assert_eq!(
         address_for(lib, B, "web-staging.local").as_deref(),
-        Some("127.77.0.10")
+        Some("127.144.149.10")
     );
     assert_eq!(address_for(lib, B, "evil.example"), None);
     assert_eq!(address_for(lib, A, "web-staging.local"), expected);
+    drop(a_lock);
+    assert_eq!(
+        address_for(lib, A, "web-staging.local"),
+        None,
+        "the lock let go: A's names are dead"
+    );
+    drop(_b_lock);
 
     the_agent_writes_its_users_names_for_the_module(lib);
 }
@@ -356,6 +447,46 @@ fn the_agent_writes_its_users_names_for_the_module(lib: &Path) {
         None,
         "A does not see B's pod"
     );
+    // Killed outright, it removes nothing: its file stays, and its names
+    // stop resolving at once all the same (the kernel let its lock go).
+    let mut agent = agent;
+    agent.kill_hard().expect("kill -9 the agent");
+    let names = PathBuf::from(format!("/run/user/{B}/k3s-local-agent/names"));
+    assert!(
+        std::fs::read_to_string(&names).is_ok_and(|text| text.contains("db-staging.local")),
+        "the dead agent's file is still there"
+    );
+    assert_eq!(
+        address_for(lib, B, "db-staging.local"),
+        None,
+        "a killed agent's names do not resolve"
+    );
+
+    // Started again, its names come back; stopped, it takes them away.
+    let agent = AgentProcess::run_command(
+        Command::new("setpriv")
+            .args([
+                format!("--reuid={id}").as_str(),
+                &format!("--regid={id}"),
+                "--clear-groups",
+            ])
+            .arg(agent_binary())
+            .args([
+                "run",
+                "--agent-port",
+                "0",
+                "--no-cluster",
+                "--port-range",
+                "18760-18780",
+                "--state-dir",
+            ])
+            .arg(state.path().join("state")),
+    )
+    .expect("the agent starts again as B");
+    wait_until("the name to resolve again", || {
+        address_for(lib, B, "db-staging.local").is_some()
+    })
+    .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_lines().join("\n")));
     agent.terminate().expect("stop the agent");
     wait_until("the agent to take its names away", || {
         address_for(lib, B, "db-staging.local").is_none()

@@ -165,10 +165,26 @@ impl Agent {
         if inner.config.demo {
             tracing::warn!("DEMO MODE: pods come from a built-in stand-in control plane");
         }
+        if let Some(note) = &inner.config.address_block_note {
+            tracing::warn!("{note}");
+        }
+        if let (Some(block), Ok(own)) = (
+            inner.config.address_block,
+            crate::tunnel::AddressBlock::of_this_user(),
+        ) {
+            if inner.config.name_ports && !block.within(&own) {
+                tracing::warn!(
+                    %block,
+                    own = %own,
+                    "the address block set is not this user's own: the bind helper will not \
+                     bind there for this user, and the NSS module will not answer names there"
+                );
+            }
+        }
         if cfg!(not(target_os = "linux")) && inner.config.name_ports {
             // Only Linux routes all of 127/8 to the loopback interface.
             tracing::warn!(
-                block = %inner.config.address_block,
+                block = ?inner.config.address_block,
                 "pod addresses need loopback aliases here (`sudo ifconfig lo0 alias <address> up`); \
                  a pod whose address is missing says which, and its range port works meanwhile"
             );

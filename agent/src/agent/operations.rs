@@ -27,14 +27,13 @@ impl Agent {
     pub fn target_loops_back(&self, spec: &PodSpec) -> Option<(&'static str, String)> {
         let config = &self.inner.config;
         let ip = spec.ip;
-        if let IpAddr::V4(v4) = ip {
-            if config.address_block.contains(v4) {
+        if let (IpAddr::V4(v4), Some(block)) = (ip, config.address_block) {
+            if block.contains(v4) {
                 return Some((
                     "ip",
                     format!(
-                        "{ip} is in this agent's own address block {}: the tunnel would \
-                         connect to itself",
-                        config.address_block
+                        "{ip} is in this agent's own address block {block}: the tunnel would \
+                         connect to itself"
                     ),
                 ));
             }
@@ -239,6 +238,10 @@ impl Agent {
             }
             closing
         };
+        // Names first: a port turned off withdraws them before its number
+        // on the pod's address is free for anyone to take; one turned on
+        // publishes them once it listens.
+        self.write_names().await;
         for listener in closing {
             listener.close().await;
         }
@@ -362,6 +365,7 @@ impl Agent {
             // was, then the long one), each also as `.localhost`, which
             // browsers resolve to loopback with no setup.
             map.values()
+                .filter(|entry| entry.publishes_names())
                 .flat_map(|entry| {
                     let ip = entry.address.map_or(ip, IpAddr::V4);
                     entry.names.names.iter().map(move |name| HostEntry {

@@ -5,6 +5,12 @@
 //! their numbers for their return) and leaves the others untouched; ports
 //! are retried after a removal frees one; every failure is recorded on its
 //! port with the reason, never fatal.
+//!
+//! A pod's address is used only while every listener of the pod there is
+//! ours: any user may bind a port from 1024 up on any loopback address, so
+//! where another process already holds one of the pod's ports on its
+//! address (`EADDRINUSE`), the pod moves to a fresh address of this user's
+//! block and says so, rather than have its names lead to someone else.
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -63,6 +69,7 @@ impl Agent {
             tunnels,
             departed: BTreeMap::new(),
             address: None,
+            refused_addresses: Default::default(),
             mirror: None,
             names: Default::default(),
         };
@@ -308,7 +315,7 @@ impl Agent {
         if !self.inner.config.name_ports {
             return None;
         }
-        let block = self.inner.config.address_block;
+        let block = self.inner.config.address_block?;
         // The pod's own remembered address is not taken from it.
         let own = entry.address.filter(|own| taken.remove(own));
         let allocated = block.allocate(&entry.spec.id, entry.address, taken);
@@ -327,28 +334,103 @@ impl Agent {
     /// range port, so both `<name>-staging.local:<port>` and
     /// `<name>-staging.local:<range port>` work. The range port is left out
     /// when it is another port of the pod's (that port's own listener is
-    /// there). A port that cannot listen is noted with the reason, never fatal.
+    /// there). A port that cannot listen is noted with the reason, never
+    /// fatal; one that another process holds moves the whole pod to a fresh
+    /// address (at most [`MAX_ADDRESS_MOVES`] times).
     fn open_name_listeners(
         &self,
         entry: &mut PodEntry,
         index: usize,
         taken: &mut HashSet<Ipv4Addr>,
     ) {
+        for _ in 0..=MAX_ADDRESS_MOVES {
+            // This port, then the pod's other listening ports (a no-op
+            // where they listen already; after a move, their new listeners).
+            let held = self.try_name_listeners(entry, index, taken).or_else(|| {
+                (0..entry.tunnels.len())
+                    .filter(|other| *other != index)
+                    .filter(|other| {
+                        entry
+                            .tunnels
+                            .get(*other)
+                            .is_some_and(|p| p.listener.is_some())
+                    })
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .find_map(|other| self.try_name_listeners(entry, other, taken))
+            });
+            let Some(held) = held else {
+                return;
+            };
+            // Held elsewhere: this address is not the pod's to use. Every
+            // port of the pod leaves it, and tries the next free one.
+            let Some(old) = entry.address.take() else {
+                return;
+            };
+            tracing::warn!(
+                pod_id = %entry.spec.id,
+                address = %old,
+                "another process holds {held} on the pod's address; the pod moves to a fresh \
+                 address so its names never lead there"
+            );
+            entry.refused_addresses.insert(old);
+            taken.insert(old);
+            let mut leaving = Vec::new();
+            for port in &mut entry.tunnels {
+                leaving.extend(port.name_listeners.drain(..));
+                port.name_port_error = None;
+            }
+            self.close_later(leaving);
+            if let Some(port) = entry.tunnels.get_mut(index) {
+                port.port_note = Some(format!(
+                    "moved from {old}: another process holds {held} there, so the pod's names \
+                     never point at it"
+                ));
+            }
+        }
+        let gave_up = format!(
+            "cannot listen on an address of its own: another process held the pod's port on \
+             {} addresses in a row; names point at the range port",
+            MAX_ADDRESS_MOVES + 1
+        );
+        tracing::warn!(pod_id = %entry.spec.id, "{gave_up}");
+        if let Some(address) = entry.address.take() {
+            entry.refused_addresses.insert(address);
+        }
+        let mut leaving = Vec::new();
+        for port in &mut entry.tunnels {
+            leaving.extend(port.name_listeners.drain(..));
+        }
+        self.close_later(leaving);
+        if let Some(port) = entry.tunnels.get_mut(index) {
+            port.name_port_error = Some(gave_up);
+        }
+    }
+
+    /// One try of [`Self::open_name_listeners`] on the pod's current
+    /// address: `Some(addr)` when another process holds `addr` there.
+    fn try_name_listeners(
+        &self,
+        entry: &mut PodEntry,
+        index: usize,
+        taken: &mut HashSet<Ipv4Addr>,
+    ) -> Option<SocketAddr> {
+        // Addresses this pod left because another process held them are
+        // not tried again while the agent runs.
+        taken.extend(entry.refused_addresses.iter().copied());
         let address = match self.pod_address(entry, taken) {
-            None => return,
+            None => return None,
             Some(Ok(address)) => address,
             Some(Err(why)) => {
                 if let Some(port) = entry.tunnels.get_mut(index) {
                     port.name_port_error = Some(why.to_string());
                 }
-                return;
+                return None;
             }
         };
         let pod_ports: HashSet<u16> = entry.tunnels.iter().map(|p| p.staging_port).collect();
         let pod_id = entry.spec.id.clone();
-        let Some(port) = entry.tunnels.get_mut(index) else {
-            return;
-        };
+        let port = entry.tunnels.get_mut(index)?;
         port.name_port_error = None;
         let own = port.staging_port;
         let mut numbers = vec![own];
@@ -366,10 +448,25 @@ impl Agent {
             }
             match self.listen_by_name(&pod_id, &port.tunnel, address, number) {
                 Ok(listener) => port.name_listeners.push(listener),
+                Err(CannotListen::Taken { addr }) => return Some(addr),
                 Err(why) if number == own => port.name_port_error = Some(why.to_string()),
                 Err(_) => {}
             }
         }
+        None
+    }
+
+    /// Closes listeners off the caller's path (closing waits for their
+    /// accept loops): on the agent's tracker, so shutdown waits for them.
+    fn close_later(&self, listeners: Vec<RunningTunnel>) {
+        if listeners.is_empty() {
+            return;
+        }
+        self.inner.tracker.spawn(async move {
+            for listener in listeners {
+                listener.close().await;
+            }
+        });
     }
 
     /// One listener of a port's on the pod's own address; the reason,
@@ -430,6 +527,10 @@ impl Agent {
         closing
     }
 }
+
+/// How many times a pod moves to a fresh address because another process
+/// holds one of its ports, before it gives up on an address of its own.
+const MAX_ADDRESS_MOVES: usize = 8;
 
 /// The staging pod an `api` connection of `spec`'s goes to.
 fn staging_pod(spec: &PodSpec) -> StagingPod {

@@ -242,7 +242,15 @@ impl Names {
     }
 
     pub fn health(&self) -> NamesHealth {
-        self.health.clone()
+        let mut health = self.health.clone();
+        // What the last write of the NSS module's file could not do (names
+        // left out past its size, no lock) is the warning that matters now.
+        if let Target::User(file) = &self.target {
+            if let Some(problem) = file.problem() {
+                health.warning = Some(problem);
+            }
+        }
+        health
     }
 
     /// Checks, before the agent starts, that the file its names go to was

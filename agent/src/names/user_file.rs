@@ -6,11 +6,20 @@
 //! user and writable by nobody else, so the agent keeps it that way: the
 //! folder is made 0700 and must be ours and not a link, and the file is
 //! replaced atomically with mode 0600.
+//!
+//! The module answers only while the agent holds an open-file-description
+//! lock on `names.lock` beside it: taken once the file first says what this
+//! run holds, let go after the file is removed, and dropped by the kernel
+//! when the process dies however it dies, so a crashed agent's names stop
+//! resolving at once. The file holds only the `.local` names (the module
+//! answers nothing else; browsers resolve `.localhost` themselves) and never
+//! grows past what the module reads ([`MAX_NSS_FILE_BYTES`]).
 
 use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use super::{HostEntry, NamesError};
 use crate::state::fsio;
@@ -21,6 +30,11 @@ pub(super) const RUN_USER: &str = "/run/user";
 pub const USER_DIR: &str = "k3s-local-agent";
 /// The names file in that folder.
 pub const USER_FILE: &str = "names";
+/// The lock the agent holds while it runs, beside the names file.
+pub const LOCK_FILE: &str = "names.lock";
+/// The most the NSS module reads of the file (its `MAX_FILE_BYTES`): 10,000
+/// pods with two names of the longest each fit.
+pub const MAX_NSS_FILE_BYTES: usize = 6 * 1024 * 1024;
 
 /// The names file of one user, in that user's runtime dir.
 #[derive(Debug, Clone)]
@@ -28,6 +42,10 @@ pub struct UserNamesFile {
     dir: PathBuf,
     path: PathBuf,
     uid: u32,
+    /// The lock file, held open (and locked) while names are published.
+    lock: Arc<Mutex<Option<fs::File>>>,
+    /// What the last write could not do (names left out, no lock), for health.
+    problem: Arc<Mutex<Option<String>>>,
 }
 
 impl UserNamesFile {
@@ -35,7 +53,21 @@ impl UserNamesFile {
     pub fn in_runtime_dir(runtime_dir: &Path, uid: u32) -> Self {
         let dir = runtime_dir.join(USER_DIR);
         let path = dir.join(USER_FILE);
-        Self { dir, path, uid }
+        Self {
+            dir,
+            path,
+            uid,
+            lock: Arc::default(),
+            problem: Arc::default(),
+        }
+    }
+
+    /// What the last write could not do, if anything.
+    pub fn problem(&self) -> Option<String> {
+        self.problem
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -61,31 +93,95 @@ impl UserNamesFile {
         }
     }
 
-    /// Makes the file list exactly `entries`.
+    /// Makes the file list exactly `entries` (as many as the module reads),
+    /// then holds the lock that makes the module answer.
     pub fn write(&self, entries: &[HostEntry]) -> Result<(), NamesError> {
         self.own_folder()?;
-        let text = render_user_file(entries);
-        if fs::read(&self.path).is_ok_and(|existing| existing == text.as_bytes()) {
-            return Ok(());
+        let rendered = render_user_file(entries, MAX_NSS_FILE_BYTES);
+        let mut problem = rendered.left_out.map(|left_out| {
+            format!(
+                "{left_out} pod names are left out of {}: the NSS module reads at most {} MiB \
+                 of it (about 10,000 pods)",
+                self.path.display(),
+                MAX_NSS_FILE_BYTES / (1024 * 1024)
+            )
+        });
+        let unchanged =
+            fs::read(&self.path).is_ok_and(|existing| existing == rendered.text.as_bytes());
+        if !unchanged {
+            fsio::atomic_replace(&self.path, rendered.text.as_bytes(), 0o600).map_err(
+                |source| NamesError::Write {
+                    path: self.path.clone(),
+                    source,
+                },
+            )?;
         }
-        fsio::atomic_replace(&self.path, text.as_bytes(), 0o600).map_err(|source| {
-            NamesError::Write {
-                path: self.path.clone(),
-                source,
-            }
-        })
+        // Only now, with the file saying what this run holds (a crashed
+        // run's file never resolves again), does the module answer.
+        if let Err(why) = self.hold_lock() {
+            problem = Some(why);
+        }
+        if let Some(problem) = &problem {
+            tracing::warn!("{problem}");
+        }
+        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+        Ok(())
     }
 
-    /// Removes the file: no pod of this user's resolves any more.
+    /// Takes the lock, once: an open-file-description write lock on
+    /// [`LOCK_FILE`], ours and not a link.
+    fn hold_lock(&self) -> Result<(), String> {
+        use nix::fcntl::{fcntl, FcntlArg};
+        let mut held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.is_some() {
+            return Ok(());
+        }
+        let path = self.dir.join(LOCK_FILE);
+        let file = fsio::open_own_file(&path, 0o600).map_err(|err| {
+            format!(
+                "cannot open {}: {err}; names do not resolve",
+                path.display()
+            )
+        })?;
+        let lock = nix::libc::flock {
+            l_type: nix::libc::F_WRLCK as nix::libc::c_short,
+            l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            // Must be 0 for open-file-description locks.
+            l_pid: 0,
+        };
+        fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).map_err(|errno| match errno {
+            nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES => format!(
+                "another agent of this user holds {}: its names and this agent's share one \
+                 file; stop one of them",
+                path.display()
+            ),
+            other => format!(
+                "cannot lock {}: {other}; names do not resolve",
+                path.display()
+            ),
+        })?;
+        *held = Some(file);
+        Ok(())
+    }
+
+    /// Removes the file, then lets the lock go: no pod of this user's
+    /// resolves any more.
     pub fn clear(&self) -> Result<(), NamesError> {
-        match fs::remove_file(&self.path) {
+        let removed = match fs::remove_file(&self.path) {
             Ok(()) => Ok(()),
             Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(source) => Err(NamesError::Write {
                 path: self.path.clone(),
                 source,
             }),
-        }
+        };
+        self.lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        removed
     }
 
     /// Makes the folder (0700) if it is missing, and checks that it is a
@@ -139,17 +235,46 @@ impl UserNamesFile {
     }
 }
 
-/// The file's text: a comment saying whose it is, then one line per entry.
-pub fn render_user_file(entries: &[HostEntry]) -> String {
+/// The file's text, and how many names did not fit.
+#[derive(Debug)]
+pub struct Rendered {
+    pub text: String,
+    pub left_out: Option<usize>,
+}
+
+/// The file's text: a comment saying whose it is, then one line per entry
+/// with its `.local` names (the module answers no other), entries past
+/// `max_bytes` left out and counted.
+pub fn render_user_file(entries: &[HostEntry], max_bytes: usize) -> Rendered {
     let mut text = String::from(
         "# k3s-local-agent: this user's staging pod names, read by the k3slocal NSS module; \
          rewritten by the agent\n",
     );
+    let mut left_out = 0;
+    let mut line = String::new();
     for entry in entries {
+        let names: Vec<&str> = entry
+            .names
+            .iter()
+            .map(String::as_str)
+            .filter(|name| name.ends_with(".local"))
+            .collect();
+        if names.is_empty() {
+            continue;
+        }
+        line.clear();
         // Writing to a String cannot fail.
-        let _ = writeln!(text, "{} {}", entry.ip, entry.names.join(" "));
+        let _ = writeln!(line, "{} {}", entry.ip, names.join(" "));
+        if text.len() + line.len() > max_bytes {
+            left_out += names.len();
+            continue;
+        }
+        text.push_str(&line);
     }
-    text
+    Rendered {
+        text,
+        left_out: (left_out > 0).then_some(left_out),
+    }
 }
 
 #[cfg(all(test, target_os = "linux"))]
@@ -178,15 +303,83 @@ mod tests {
         let file = UserNamesFile::in_runtime_dir(runtime.path(), uid());
         file.write(&[web()]).expect("write");
         let text = fs::read_to_string(file.path()).expect("read");
-        assert!(text.ends_with("\n127.77.0.9 web-staging.local web-staging.localhost\n"));
+        assert!(
+            text.ends_with("\n127.77.0.9 web-staging.local\n"),
+            "no .localhost twin: the module answers none: {text}"
+        );
         let meta = fs::metadata(file.path()).expect("meta");
         assert_eq!(meta.mode() & 0o777, 0o600);
         assert_eq!(meta.uid(), uid());
         let dir = fs::metadata(runtime.path().join(USER_DIR)).expect("dir");
         assert_eq!(dir.mode() & 0o777, 0o700);
+        assert!(
+            nss_lock_is_held(&runtime.path().join(USER_DIR).join(LOCK_FILE)),
+            "written: the module may answer"
+        );
+        assert_eq!(file.problem(), None);
         file.clear().expect("clear");
         assert!(!file.path().exists());
+        assert!(
+            !nss_lock_is_held(&runtime.path().join(USER_DIR).join(LOCK_FILE)),
+            "cleared: the lock is gone"
+        );
         file.clear().expect("clearing twice is fine");
+    }
+
+    /// What the NSS module asks: whether anyone holds a lock on `path`.
+    fn nss_lock_is_held(path: &Path) -> bool {
+        use nix::fcntl::{fcntl, FcntlArg};
+        let file = fs::File::open(path).expect("open lock");
+        let mut probe = nix::libc::flock {
+            l_type: nix::libc::F_WRLCK as nix::libc::c_short,
+            l_whence: nix::libc::SEEK_SET as nix::libc::c_short,
+            l_start: 0,
+            l_len: 0,
+            l_pid: 0,
+        };
+        fcntl(&file, FcntlArg::F_OFD_GETLK(&mut probe)).expect("getlk");
+        probe.l_type != nix::libc::F_UNLCK as nix::libc::c_short
+    }
+
+    #[test]
+    fn a_second_agent_of_the_user_is_told_who_holds_the_names() {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        let first = UserNamesFile::in_runtime_dir(runtime.path(), uid());
+        first.write(&[web()]).expect("write");
+        let second = UserNamesFile::in_runtime_dir(runtime.path(), uid());
+        second.write(&[web()]).expect("write");
+        let problem = second.problem().expect("a problem");
+        assert!(problem.contains("another agent of this user"), "{problem}");
+    }
+
+    #[test]
+    fn ten_thousand_pods_fit_and_what_does_not_fit_is_counted() {
+        let long = |i: usize| format!("{}-{i:05}-staging.local", "x".repeat(230));
+        let entries: Vec<HostEntry> = (0..10_000)
+            .flat_map(|i| {
+                let ip = IpAddr::V4(Ipv4Addr::new(127, 255, 255, 254));
+                [
+                    HostEntry {
+                        ip,
+                        names: vec![long(i), format!("{}host", long(i))],
+                    },
+                    HostEntry {
+                        ip,
+                        names: vec![long(i + 10_000)],
+                    },
+                ]
+            })
+            .collect();
+        let rendered = render_user_file(&entries, MAX_NSS_FILE_BYTES);
+        assert_eq!(
+            rendered.left_out, None,
+            "10,000 pods of the longest names fit"
+        );
+        assert!(rendered.text.len() <= MAX_NSS_FILE_BYTES);
+        let small = render_user_file(&entries, 64 * 1024);
+        let kept = small.text.lines().count() - 1;
+        assert_eq!(small.left_out, Some(20_000 - kept));
+        assert!(small.text.len() <= 64 * 1024);
     }
 
     #[test]

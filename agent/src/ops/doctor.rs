@@ -101,6 +101,9 @@ pub async fn agent(
     checks.push(range_use(config, &status));
     checks.push(names(&health, &status).await);
     checks.push(control_plane(&health));
+    if let Some(staging) = &health.staging {
+        checks.push(crate::ops::staging_doctor::agent_view(staging));
+    }
     checks.push(open_files(health.pid, each_port(&status).count()));
     checks
 }
@@ -388,20 +391,17 @@ fn open_files(pid: u32, tunnels: usize) -> Check {
 /// Without it names still work with the range port, so this is never a
 /// failure, only a limit worth knowing.
 pub fn name_ports(config: &crate::config::Config) -> Check {
-    if !config.name_ports {
+    if let Some(note) = &config.address_block_note {
+        return Check::fail("name ports", note.clone());
+    }
+    let Some(block) = config.address_block.filter(|_| config.name_ports) else {
         return Check::ok(
             "name ports",
             "off (--name-ports off): names point at the tunnels' host",
         );
-    }
-    let Some(address) = config
-        .address_block
-        .allocate("doctor", None, &Default::default())
-    else {
-        return Check::fail(
-            "name ports",
-            format!("no address in {}", config.address_block),
-        );
+    };
+    let Some(address) = block.allocate("doctor", None, &Default::default()) else {
+        return Check::fail("name ports", format!("no address in {block}"));
     };
     let probe = std::net::SocketAddr::from((address, 80));
     // The same path a tunnel takes: a direct bind, else the bind helper.
@@ -417,9 +417,8 @@ pub fn name_ports(config: &crate::config::Config) -> Check {
         Ok(_) => Check::ok(
             "name ports",
             format!(
-                "pods get their own address in {} and their own port there (port 80 can \
-                 listen{how})",
-                config.address_block
+                "pods get their own address in {block} (this user's own) and their own port \
+                 there (port 80 can listen{how})"
             ),
         ),
         // Without the privilege (or the alias) names still work with the

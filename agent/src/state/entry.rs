@@ -165,6 +165,9 @@ pub struct PodEntry {
     /// The pod's own loopback address (its names point here), when name
     /// ports are on; kept while forwarding is off.
     pub address: Option<Ipv4Addr>,
+    /// Addresses the pod left because another process held one of its
+    /// ports there: not tried again while the agent runs.
+    pub refused_addresses: std::collections::HashSet<Ipv4Addr>,
     /// The pod's mirror in the local cluster, as last seen.
     pub mirror: Option<MirrorView>,
     /// The names it answers to (decided over every pod when names are written).
@@ -172,6 +175,26 @@ pub struct PodEntry {
 }
 
 impl PodEntry {
+    /// Whether the pod's names may be published: it is not paused, and on
+    /// an address of its own every port of it is on and listening, so
+    /// every listener of the pod there is this agent's own (a port that is
+    /// off, or failed, leaves a number there that another user could take;
+    /// a port that another process held moved the pod elsewhere). A name
+    /// never leads to an address where someone else may answer. Without an
+    /// address of its own (name ports off, no block) its names lead to the
+    /// tunnels' host, where its ports are the range ports this agent holds.
+    pub fn publishes_names(&self) -> bool {
+        let paused = self.tunnels.iter().all(|port| !port.forwarding);
+        if self.address.is_none() {
+            return !paused;
+        }
+        !paused
+            && self
+                .tunnels
+                .iter()
+                .all(|port| port.forwarding && port.listener.is_some())
+    }
+
     /// The first TCP port's tunnel, whose figures the seed's fields show.
     pub fn primary(&self) -> Option<&PortTunnel> {
         self.tunnels.first()

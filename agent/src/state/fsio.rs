@@ -217,6 +217,37 @@ pub fn open_own(path: &Path) -> io::Result<Option<Result<fs::File, NotOurs>>> {
     Ok(Some(check_meta(&meta).map(|()| file)))
 }
 
+/// Opens (making it, `mode`, when missing) one of the agent's own files
+/// for reading and writing, without following a link, and checks the open
+/// descriptor: a regular file of ours. For a file whose content does not
+/// matter, only its descriptor (a lock file).
+pub fn open_own_file(path: &Path, mode: u32) -> io::Result<fs::File> {
+    let mut options = fs::OpenOptions::new();
+    options.read(true).write(true).create(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let file = options.open(path).map_err(|err| {
+        if is_link_refusal(&err) {
+            io::Error::other(NotOurs::Link)
+        } else {
+            err
+        }
+    })?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::other(NotOurs::NotAFile));
+    }
+    check_meta(&meta).map_err(io::Error::other)?;
+    Ok(file)
+}
+
 /// Checks an existing file of the agent's without opening it through a
 /// link: `Ok(())` also when it does not exist.
 pub fn check_own_file(path: &Path) -> io::Result<Result<(), NotOurs>> {

@@ -1,8 +1,15 @@
-//! Loopback addresses for pods: each pod gets one of its own from a block
-//! (default `127.77.0.0/16`), so its names can point at it and the pod's own
-//! port (80 for most) can listen there, many pods on the same port. On Linux
-//! the whole of 127/8 is local with no setup; elsewhere each address needs an
-//! alias on the loopback interface.
+//! Loopback addresses for pods: each pod gets one of its own from a block,
+//! so its names can point at it and the pod's own port (80 for most) can
+//! listen there, many pods on the same port. On Linux the whole of 127/8 is
+//! local with no setup; elsewhere each address needs an alias on the
+//! loopback interface.
+//!
+//! The block is this user's own (one per uid, carved from the range root
+//! sets in `/etc/k3s-local-agent/bind-helper.conf`, 127.128.0.0/9 in /24s
+//! by default; see the bind helper's `policy`): the helper binds only there
+//! for this user and the NSS module answers this user only with addresses
+//! there, so no two users' agents ever hand out the same address, and no
+//! user can be given another's.
 //!
 //! Like the port allocator it holds no state: which addresses are in use is
 //! the store's. A pod keeps its remembered address; a new pod starts from a
@@ -39,13 +46,47 @@ pub enum AddressBlockError {
     Prefix(u8),
 }
 
+/// Why this user has no address block of their own (their pods then get
+/// no address of their own: names point at the range port).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoUserBlock {
+    #[error("{0}")]
+    Config(String),
+    #[error("uid {0} has no address block: {1}")]
+    Uid(u32, k3s_local_agent_bind::policy::NoBlock),
+}
+
 impl AddressBlock {
-    /// `127.77.0.0/16`: 65,534 pod addresses, away from 127.0.0.1 and the
-    /// 127.0.1.1 that Debian gives the host name.
-    pub const DEFAULT: AddressBlock = AddressBlock {
-        base: Ipv4Addr::new(127, 77, 0, 0),
-        prefix: 16,
-    };
+    /// The block of user `uid` under the per-user layout root configured
+    /// (the same file the bind helper and the NSS module read).
+    pub fn of_user(uid: u32) -> Result<Self, NoUserBlock> {
+        use k3s_local_agent_bind::policy;
+        let layout = policy::load_config(std::path::Path::new(policy::CONFIG_PATH))
+            .map_err(|err| NoUserBlock::Config(err.to_string()))?;
+        let block = layout
+            .user_block(uid)
+            .map_err(|why| NoUserBlock::Uid(uid, why))?;
+        Ok(Self {
+            base: block.base(),
+            prefix: block.prefix(),
+        })
+    }
+
+    /// The block of the user running this process.
+    pub fn of_this_user() -> Result<Self, NoUserBlock> {
+        Self::of_user(nix::unistd::getuid().as_raw())
+    }
+
+    /// Whether every address of `self` lies in `other`.
+    pub fn within(&self, other: &AddressBlock) -> bool {
+        self.prefix >= other.prefix && other.contains_any(self.base)
+    }
+
+    /// Whether `ip` lies in the block, its edges included.
+    fn contains_any(&self, ip: Ipv4Addr) -> bool {
+        let mask = u32::MAX << (32 - u32::from(self.prefix));
+        u32::from(ip) & mask == u32::from(self.base)
+    }
 
     fn host_count(&self) -> u32 {
         // The first (network) and last (broadcast-like) are left out, as
@@ -80,12 +121,6 @@ impl AddressBlock {
         (0..count)
             .map(|step| self.host((start + step) % count))
             .find(|ip| !taken.contains(ip))
-    }
-}
-
-impl Default for AddressBlock {
-    fn default() -> Self {
-        Self::DEFAULT
     }
 }
 
@@ -242,13 +277,16 @@ mod tests {
     #[test]
     fn blocks_parse_and_refuse_what_is_not_loopback() {
         let block: AddressBlock = "127.77.0.0/16".parse().expect("block");
-        assert_eq!(block, AddressBlock::DEFAULT);
         assert_eq!(block.to_string(), "127.77.0.0/16");
         // Host bits are dropped.
         assert_eq!(
             "127.77.3.9/16".parse::<AddressBlock>().expect("block"),
-            AddressBlock::DEFAULT
+            block
         );
+        let own: AddressBlock = "127.77.4.0/24".parse().expect("block");
+        assert!(own.within(&block));
+        assert!(!block.within(&own));
+        assert!(!own.within(&"127.78.0.0/16".parse().expect("block")));
         assert!(matches!(
             "10.0.0.0/16".parse::<AddressBlock>(),
             Err(AddressBlockError::NotLoopback(_))
@@ -265,6 +303,19 @@ mod tests {
         assert!(block.contains(Ipv4Addr::new(127, 77, 0, 1)));
         assert!(!block.contains(Ipv4Addr::new(127, 77, 255, 255)));
         assert!(!block.contains(Ipv4Addr::new(127, 0, 0, 1)));
+    }
+
+    #[test]
+    fn this_users_block_follows_the_layout() {
+        // No config file on a test machine's /etc, or root's: the default
+        // layout, one /24 per uid from 127.128.0.0.
+        let block = AddressBlock::of_user(1000).expect("uid 1000 has a block");
+        assert_eq!(block.to_string(), "127.131.232.0/24");
+        let none = AddressBlock::of_user(40_000).expect_err("past the range");
+        assert!(
+            none.to_string().contains("uid 40000 has no address block"),
+            "{none}"
+        );
     }
 
     #[test]
