@@ -1037,6 +1037,20 @@ pub struct HealthResponse {
     /// Why the cluster is unavailable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_reason: Option<String>,
+    /// The staging cluster's API, when a staging context is configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staging: Option<StagingHealth>,
+}
+
+/// The staging cluster's API as the agent reaches it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StagingHealth {
+    /// `ready`, `connecting` (no client yet) or `unavailable`.
+    pub status: String,
+    /// What is wrong, with what to do: a credential plugin that did not
+    /// answer, credentials refused, a kubeconfig that cannot be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// An agent that does not say has forwarding on (older agents).
@@ -1055,6 +1069,7 @@ impl HealthResponse {
             names: NamesHealth::default(),
             control_plane: ControlPlaneHealth::default(),
             cluster_reason: None,
+            staging: None,
             ..self
         }
     }

@@ -364,6 +364,7 @@ mod tests {
                 },
                 cluster_status: "disabled".into(),
                 cluster_reason: None,
+                staging: None,
             },
             pods,
             ports: Default::default(),

@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use k3s_local_agent_e2e::kube_emulator::{write_kubeconfig, KubeEmulator};
 use k3s_local_agent_e2e::{
-    agent_binary, cli, echo_server_on, greeting_server, read_from, wait_until, wait_until_within,
-    AgentProcess, Sandbox, DEADLINE,
+    agent_binary, cli, curl, echo_server_on, greeting_server, read_from, wait_until,
+    wait_until_within, AgentProcess, Sandbox, DEADLINE,
 };
 use serde_json::{json, Value};
 
@@ -696,5 +696,320 @@ async fn a_pod_replaced_under_its_name_is_reached_at_once_after_the_push() {
         "new"
     );
     assert_eq!(staging.spdy_sessions(), 2, "one session per pod");
+    agent.terminate().expect("stop");
+}
+
+/// A kubeconfig whose only user gets its credentials from `command`.
+fn exec_kubeconfig(path: &Path, staging: &KubeEmulator, command: &str) {
+    std::fs::write(
+        path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: staging\n  cluster:\n    server: {}\n\
+             users:\n- name: dev\n  user:\n    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      \
+             command: {command}\n      interactiveMode: Never\n\
+             contexts:\n- name: {CONTEXT}\n  context:\n    cluster: staging\n    user: dev\n\
+             current-context: {CONTEXT}\n",
+            staging.url()
+        ),
+    )
+    .expect("kubeconfig");
+}
+
+/// The lines of a file the test's scripts append to (none yet: empty).
+fn lines_of(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Whether process `pid` still runs (a zombie waiting for its parent to
+/// reap it runs no more).
+fn alive(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
+}
+
+/// `doctor --json` for `agent`'s staging context, killed if it takes more
+/// than `limit`: (its checks, how long it took).
+fn doctor_within(
+    agent: &AgentProcess,
+    sandbox: &Sandbox,
+    kubeconfig: &Path,
+    env: &[(&str, &str)],
+    limit: Duration,
+) -> (Vec<Value>, Duration) {
+    let port = agent.base_url.rsplit(':').next().expect("port").to_owned();
+    let (hosts, state) = (sandbox.hosts_str(), sandbox.state_dir());
+    let kubeconfig = kubeconfig.display().to_string();
+    let mut command = Command::new(agent_binary());
+    command
+        .args([
+            "doctor",
+            "--agent-port",
+            &port,
+            "--hosts-file",
+            &hosts,
+            "--state-dir",
+            &state,
+            "--no-cluster",
+            "--staging-kube-context",
+            CONTEXT,
+            "--staging-kubeconfig",
+            &kubeconfig,
+            "--json",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let started = std::time::Instant::now();
+    let mut child = command.spawn().expect("doctor runs");
+    let mut stdout = child.stdout.take().expect("stdout");
+    let reading = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    let finished = wait_until_within(limit, "doctor to finish", || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if finished.is_err() {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("doctor still running after {limit:?}");
+    }
+    let took = started.elapsed();
+    let out = reading.join().expect("doctor's output");
+    let checks = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+    (checks, took)
+}
+
+/// The detail of the check `name` in `checks`, and whether it passed.
+fn check_of(checks: &[Value], name: &str) -> (bool, String) {
+    let check = checks
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} check: {checks:#?}"));
+    (
+        check["ok"].as_bool().unwrap_or(true),
+        check["detail"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_from_a_plugin_that_never_answers_hold_neither_the_api_nor_the_exit() {
+    let staging = staging_holding("web", greeting_server("signed in").expect("server")).await;
+    let sandbox = Sandbox::new().expect("sandbox");
+    let root = sandbox.dir.path();
+    let home = root.join("home");
+    std::fs::create_dir_all(&home).expect("home");
+    // The plugin waits for a login that never comes, with a helper of its
+    // own holding its output open; each run notes both processes' ids.
+    let runs = root.join("plugin-runs");
+    let plugin = root.join("hanging-auth");
+    write_script(
+        &plugin,
+        &format!(
+            "#!/bin/sh\nsleep 1000 &\necho \"$$ $!\" >> '{}'\nwait\n",
+            runs.display()
+        ),
+    );
+    let kubeconfig = staging_kubeconfig(&sandbox);
+    exec_kubeconfig(&kubeconfig, &staging, &plugin.display().to_string());
+    let home_text = home.display().to_string();
+    let env = [
+        ("HOME", home_text.as_str()),
+        ("SHELL", "/bin/sh"),
+        // One runtime worker and one forwarding thread: a plugin run on
+        // either would stop everything on it.
+        ("TOKIO_WORKER_THREADS", "1"),
+        ("K3S_LOCAL_AGENT_FORWARD_THREADS", "1"),
+    ];
+    let mut agent = start_agent(&sandbox, &kubeconfig, "22740-22759", "api", &env);
+    wait_until("the plugin to start", || !lines_of(&runs).is_empty()).expect("plugin started");
+
+    // While it hangs, the API answers at once, every time.
+    for _ in 0..5 {
+        let started = std::time::Instant::now();
+        let (code, body) = curl(&["--max-time", "2", &agent.url("/health")]).expect("curl runs");
+        assert_eq!(code, 200, "/health while the plugin hangs: {body}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+    push(&agent, json!([staging_pod("web-1", "web", "team-a", 80)]));
+    let port = range_port(&agent, "web-1");
+    // A connection meanwhile waits for the plugin's deadline at most, then
+    // ends without the pod's bytes.
+    let started = std::time::Instant::now();
+    let answer = read_from(port).unwrap_or_default();
+    assert_ne!(answer, "signed in");
+    assert!(
+        started.elapsed() < Duration::from_secs(18),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // After its deadline: said in /health, and the plugin is gone with
+    // the helper it started.
+    let problem = || {
+        agent
+            .get_json("/health")
+            .ok()
+            .and_then(|health| health["staging"]["problem"].as_str().map(str::to_owned))
+    };
+    wait_until_within(Duration::from_secs(30), "health to name the plugin", || {
+        problem().is_some_and(|p| p.contains("credential plugin did not answer in 10 s"))
+    })
+    .unwrap_or_else(|err| panic!("{err}: {:?}", problem()));
+    let first: Vec<String> = lines_of(&runs)[0]
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(first.len(), 2, "{first:?}");
+    wait_until("the timed-out plugin and its helper to be killed", || {
+        first.iter().all(|pid| !alive(pid))
+    })
+    .expect("killed with its process group");
+
+    // doctor says so too, and itself gives up on the plugin in time.
+    let (checks, took) = doctor_within(
+        &agent,
+        &sandbox,
+        &kubeconfig,
+        &env[..2],
+        Duration::from_secs(40),
+    );
+    assert!(took < Duration::from_secs(30), "doctor took {took:?}");
+    let (ok, detail) = check_of(&checks, "credentials");
+    assert!(
+        !ok && detail.contains("credential plugin did not answer in 10 s"),
+        "{detail}"
+    );
+    let (ok, detail) = check_of(&checks, "staging now");
+    assert!(
+        !ok && detail.contains("credential plugin did not answer in 10 s"),
+        "{detail}"
+    );
+
+    // A connection starts the plugin again (its backoff is over); the
+    // agent told to stop meanwhile exits at once and kills it.
+    let before = lines_of(&runs).len();
+    std::thread::spawn(move || {
+        let _ = read_from(port);
+    });
+    wait_until("the plugin to run again", || lines_of(&runs).len() > before).expect("a new run");
+    let last: Vec<String> = lines_of(&runs)
+        .last()
+        .map(|line| line.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default();
+    assert!(last.iter().all(|pid| alive(pid)), "{last:?} runs");
+    agent.terminate().expect("SIGTERM");
+    let exit = agent.wait_exit(Duration::from_secs(8));
+    assert!(
+        exit.is_ok(),
+        "the agent did not exit on SIGTERM: {exit:?}; its log:\n{}",
+        agent.log_lines().join("\n")
+    );
+    wait_until("the running plugin and its helper to be killed", || {
+        last.iter().all(|pid| !alive(pid))
+    })
+    .expect("killed as the agent stopped");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn credentials_refused_are_not_asked_for_again_per_connection() {
+    let staging = staging_holding("web", greeting_server("signed in").expect("server")).await;
+    // The plugin's token is not (yet) one the API server takes: 401.
+    staging.accept_only_tokens(&["tok-other"]);
+    let sandbox = Sandbox::new().expect("sandbox");
+    let root = sandbox.dir.path();
+    let (tools, home) = (root.join("tools/bin"), root.join("home"));
+    std::fs::create_dir_all(&tools).expect("tools");
+    std::fs::create_dir_all(&home).expect("home");
+    std::fs::write(
+        home.join(".profile"),
+        format!("PATH=\"{}:$PATH\"\nexport PATH\n", tools.display()),
+    )
+    .expect("profile");
+    // Every login shell and every plugin run leaves a line.
+    let (shells, runs) = (root.join("shell-runs"), root.join("plugin-runs"));
+    let shell = root.join("login-shell");
+    write_script(
+        &shell,
+        &format!(
+            "#!/bin/sh\necho run >> '{}'\nexec /bin/sh \"$@\"\n",
+            shells.display()
+        ),
+    );
+    write_script(
+        &tools.join("staging-auth"),
+        &format!(
+            "#!/bin/sh\necho run >> '{}'\n\
+             printf '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\
+             \"status\":{{\"token\":\"tok-stale\"}}}}'\n",
+            runs.display()
+        ),
+    );
+    let kubeconfig = staging_kubeconfig(&sandbox);
+    exec_kubeconfig(&kubeconfig, &staging, "staging-auth");
+    let (home_text, shell_text) = (home.display().to_string(), shell.display().to_string());
+    let agent = start_agent(
+        &sandbox,
+        &kubeconfig,
+        "22760-22779",
+        "api",
+        &[
+            ("PATH", "/usr/bin:/bin"),
+            ("HOME", &home_text),
+            ("SHELL", &shell_text),
+        ],
+    );
+    push(&agent, json!([staging_pod("web-1", "web", "team-a", 80)]));
+    let port = range_port(&agent, "web-1");
+    wait_until("the client to be built", || !lines_of(&runs).is_empty()).expect("built");
+
+    // Ten connections, each refused: the credentials are not read again
+    // for each (a login shell and the plugins apiece), but backed off.
+    let started = std::time::Instant::now();
+    for n in 0..10 {
+        let answer = read_from(port).unwrap_or_default();
+        assert_ne!(answer, "signed in", "connection {n}");
+    }
+    let took = started.elapsed();
+    let (shell_runs, plugin_runs) = (lines_of(&shells).len(), lines_of(&runs).len());
+    assert!(
+        shell_runs <= 1,
+        "{shell_runs} login shells for 10 connections"
+    );
+    assert!(
+        plugin_runs <= 1 + usize::try_from(took.as_secs() / 5).unwrap_or(usize::MAX),
+        "{plugin_runs} plugin runs for 10 connections in {took:?}"
+    );
+    let staging_health = agent.get_json("/health").expect("health")["staging"].clone();
+    assert_eq!(staging_health["status"], "unavailable", "{staging_health}");
+    assert!(
+        staging_health["problem"]
+            .as_str()
+            .is_some_and(|p| p.contains("credentials refused")),
+        "{staging_health}"
+    );
+
+    // Once the API server takes the token, a connection after the backoff
+    // gets through, with no login shell run again, and health clears.
+    staging.accept_only_tokens(&["tok-stale"]);
+    wait_until_within(Duration::from_secs(30), "a connection through", || {
+        read_from(port).is_ok_and(|text| text == "signed in")
+    })
+    .unwrap_or_else(|err| panic!("{err}; agent log:\n{}", agent.log_lines().join("\n")));
+    assert!(lines_of(&shells).len() <= 1, "{:?}", lines_of(&shells));
+    let staging_health = agent.get_json("/health").expect("health")["staging"].clone();
+    assert_eq!(staging_health["status"], "ready", "{staging_health}");
+    assert!(staging_health.get("problem").is_none(), "{staging_health}");
     agent.terminate().expect("stop");
 }

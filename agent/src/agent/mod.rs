@@ -19,7 +19,7 @@ use tokio::sync::{watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::ClusterStatus;
+use crate::cluster::{ClusterStatus, StagingCluster};
 use crate::config::Config;
 use crate::events::EventBus;
 use crate::model::{ControlPlaneHealth, HealthResponse, PodView, Snapshot, StatusResponse};
@@ -94,6 +94,8 @@ struct Inner {
     cluster: watch::Receiver<ClusterStatus>,
     /// How tunnels reach mirrors and, through the staging API, staging pods.
     dialers: Dialers,
+    /// The staging cluster, when configured (its health is shown).
+    staging: Option<StagingCluster>,
     /// The per-core runtimes every tunnel's connections run on.
     shards: ForwardShards,
     /// Binds ports on pod addresses, through the bind helper when privileged.
@@ -252,6 +254,7 @@ impl Agent {
             control_plane: self.inner.control_plane.borrow().clone(),
             cluster_status: self.inner.cluster.borrow().word().to_owned(),
             cluster_reason: self.inner.cluster.borrow().reason(),
+            staging: self.inner.staging.as_ref().map(StagingCluster::health),
         }
     }
 }

@@ -20,7 +20,7 @@ mod port_forward;
 mod staging;
 
 pub use connection::{ClusterError, ClusterStatus};
-pub use credentials::PluginLookup;
+pub use credentials::{PluginError, PluginLookup};
 pub use dialer::MirrorDialer;
 pub use manifest::{
     agent_label_value, mirror_manifest, mirror_names, selector, AGENT_LABEL, FIELD_MANAGER,

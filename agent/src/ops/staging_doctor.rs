@@ -2,15 +2,18 @@
 //! through its API server: the context is there, credential plugins are
 //! found as a login shell would find them, the API answers, and
 //! `pods/portforward` is allowed in every namespace the agent holds pods
-//! in (a SelfSubjectAccessReview each); each failure with its fix.
+//! in (a SelfSubjectAccessReview each); each failure with its fix. A
+//! credential plugin that does not answer is stopped after its deadline
+//! and named, so `doctor` itself never hangs on one.
 
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use kube::api::{Api, PostParams};
 
-use crate::cluster::{staging_client, PluginLookup};
+use crate::cluster::{staging_client, PluginLookup, StagingError};
 use crate::config::StagingSettings;
+use crate::model::StagingHealth;
 use crate::ops::doctor::Check;
 
 /// One credential plugin: found (where), or what to do.
@@ -24,6 +27,18 @@ fn plugin_check(plugin: &PluginLookup) -> Check {
     }
 }
 
+/// What the running agent last met on the staging cluster (a plugin that
+/// did not answer, credentials refused), beside what `doctor` finds itself.
+pub fn agent_view(staging: &StagingHealth) -> Check {
+    match &staging.problem {
+        Some(problem) => Check::fail("staging now", format!("the agent says: {problem}")),
+        None => Check::ok(
+            "staging now",
+            format!("the agent's client is {}", staging.status),
+        ),
+    }
+}
+
 /// The staging cluster's checks for an agent holding pods in `namespaces`.
 pub async fn diagnose(settings: &StagingSettings, namespaces: &[String]) -> Vec<Check> {
     let Some(context) = settings.context.as_deref() else {
@@ -34,6 +49,14 @@ pub async fn diagnose(settings: &StagingSettings, namespaces: &[String]) -> Vec<
     };
     let built = match staging_client(settings).await {
         Ok(built) => built,
+        // A plugin that hung or failed is the credentials' fault, said so
+        // (its deadline already passed: doctor never hangs on it).
+        Err(StagingError::Plugin(err)) => {
+            return vec![
+                Check::ok("staging", format!("context {context}")),
+                Check::fail("credentials", err.to_string()),
+            ]
+        }
         Err(err) => return vec![Check::fail("staging", err.to_string())],
     };
     let mut checks = vec![Check::ok(
