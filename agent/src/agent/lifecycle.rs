@@ -106,6 +106,7 @@ impl Agent {
                     mirror: mirror.dialer(),
                     staging: staging_dialer,
                 },
+                staging: staging_cluster.clone(),
                 shards,
                 address_ports,
                 ops: Mutex::new(()),
@@ -118,13 +119,12 @@ impl Agent {
 
         let inner = &agent.inner;
         if let Some(cluster) = staging_cluster {
+            // Builds the client, and at shutdown kills the credential
+            // plugins still running rather than waiting on them.
             let cancel = inner.cancel.clone();
-            inner.tracker.spawn(async move {
-                tokio::select! {
-                    _ = cluster.prepare() => {}
-                    _ = cancel.cancelled() => {}
-                }
-            });
+            inner
+                .tracker
+                .spawn(async move { cluster.run(cancel).await });
         }
         let reporter = inner.reporter.clone();
         let cancel = inner.cancel.clone();
