@@ -16,7 +16,11 @@ pub const COALESCE: Duration = Duration::from_secs(2);
 /// More tunnels than this changing at once are summarised in one notice.
 pub const SUMMARY_THRESHOLD: usize = 3;
 
-/// One desktop notification.
+/// One desktop notification. Its text is plain text, as written: the
+/// summary holds only our words and pod names (DNS-1123 labels, which carry
+/// no markup), the body may hold what a pod, the staging API or the control
+/// plane said. A server that reads the body as markup gets
+/// [`Notice::body_markup`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Notice {
     pub summary: String,
@@ -26,6 +30,31 @@ pub struct Notice {
     /// The one pod it is about, if it is about one (a click on it then
     /// shows that pod).
     pub pod_id: Option<String>,
+}
+
+impl Notice {
+    /// The body for a notification server that reads it as markup (the
+    /// freedesktop spec's `body-markup`: `<b>`, `<i>`, `<a href>`, `<img>`).
+    /// Error text comes from outside (an API server's message, a pod's
+    /// refusal): escaped, it is shown as written, never turned into a link
+    /// to click or an image the server fetches.
+    pub fn body_markup(&self) -> String {
+        escape_markup(&self.body)
+    }
+}
+
+/// `text` with `&`, `<` and `>` escaped for notification body markup.
+pub fn escape_markup(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// The tray icon's one-word state, worst first.
@@ -524,6 +553,34 @@ mod tests {
         assert!(notices[1].urgent);
         // The same state again is not news.
         assert!(between(Some(&after), &after).is_empty());
+    }
+
+    #[test]
+    fn error_text_reaches_a_markup_reading_server_escaped() {
+        let hostile = "<b>x</b> & <a href=\"http://evil.example/\">click</a><img src=\"http://evil.example/p.png\">";
+        let before = snapshot(vec![view("a", TunnelState::Active, None)], Some(true));
+        let after = snapshot(
+            vec![view("a", TunnelState::Active, Some(hostile))],
+            Some(true),
+        );
+        let notices = between(Some(&before), &after);
+        assert_eq!(notices.len(), 1, "{notices:?}");
+        assert_eq!(notices[0].body, hostile, "the plain text is as written");
+        assert_eq!(
+            notices[0].body_markup(),
+            "&lt;b&gt;x&lt;/b&gt; &amp; &lt;a href=\"http://evil.example/\"&gt;click&lt;/a&gt;\
+             &lt;img src=\"http://evil.example/p.png\"&gt;"
+        );
+        // The control plane's error, in its outage notice, too.
+        let mut down = snapshot(vec![], Some(false));
+        down.health.control_plane.last_error = Some(hostile.to_owned());
+        let notices = between(Some(&snapshot(vec![], Some(true))), &down);
+        let markup = notices[0].body_markup();
+        assert!(!markup.contains('<') && !markup.contains('>'), "{markup}");
+        assert!(
+            markup.contains("&lt;b&gt;x&lt;/b&gt; &amp; &lt;a href="),
+            "{markup}"
+        );
     }
 
     #[test]

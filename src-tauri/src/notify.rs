@@ -1,7 +1,8 @@
 //! Desktop notifications over D-Bus (notify-rust). A notice about one pod
 //! carries a default action where the notification server supports actions:
-//! clicking it shows the window at that pod. Without a notification daemon
-//! the app says so once in the log and carries on.
+//! clicking it shows the window at that pod. A server that reads the body as
+//! markup gets it escaped (an error's `<a href>` is text, not a link). Without
+//! a notification daemon the app says so once in the log and carries on.
 
 use k3s_local_agent::notices::Notice;
 use tauri::AppHandle;
@@ -10,13 +11,22 @@ const APP_NAME: &str = "K3s Local Agent";
 /// The action a click on the notification's body invokes (the spec's name).
 const DEFAULT_ACTION: &str = "default";
 
+/// What the notification server does with a notice, as it says.
+#[derive(Debug, Clone, Copy, Default)]
+struct Capabilities {
+    /// It takes actions (a click on a notice).
+    actions: bool,
+    /// It reads the body as markup.
+    body_markup: bool,
+}
+
 /// Sends notices; remembers whether the daemon was missing so it warns once.
 #[derive(Debug)]
 pub struct Notifier {
     app: AppHandle,
     warned_unavailable: bool,
-    /// Whether the server takes actions (asked once, when first needed).
-    server_has_actions: Option<bool>,
+    /// What the server does (asked once, when first needed).
+    server: Option<Capabilities>,
 }
 
 impl Notifier {
@@ -24,26 +34,28 @@ impl Notifier {
         Self {
             app,
             warned_unavailable: false,
-            server_has_actions: None,
+            server: None,
         }
     }
 
     pub async fn send(&mut self, notice: Notice) {
         let summary = notice.summary.clone();
-        let ask_actions = self.server_has_actions.is_none();
-        let known_actions = self.server_has_actions.unwrap_or(false);
+        let known = self.server;
         let app = self.app.clone();
         let shown = tokio::task::spawn_blocking(move || {
-            let has_actions = if ask_actions {
-                server_has_actions()
+            let server = known.unwrap_or_else(server_capabilities);
+            // notify-rust hands the body over as is: escaped where the
+            // server would read markup in it, as written where it would not.
+            let body = if server.body_markup {
+                notice.body_markup()
             } else {
-                known_actions
+                notice.body.clone()
             };
             let mut notification = notify_rust::Notification::new();
             notification
                 .appname(APP_NAME)
                 .summary(&notice.summary)
-                .body(&notice.body)
+                .body(&body)
                 .icon("network-transmit-receive");
             #[cfg(all(unix, not(target_os = "macos")))]
             notification.urgency(if notice.urgent {
@@ -51,7 +63,7 @@ impl Notifier {
             } else {
                 notify_rust::Urgency::Normal
             });
-            let clickable = notice.pod_id.clone().filter(|_| has_actions);
+            let clickable = notice.pod_id.clone().filter(|_| server.actions);
             if clickable.is_some() {
                 notification.action(DEFAULT_ACTION, "Show");
             }
@@ -67,13 +79,13 @@ impl Notifier {
                     });
                 });
             }
-            Ok::<bool, notify_rust::error::Error>(has_actions)
+            Ok::<Capabilities, notify_rust::error::Error>(server)
         })
         .await;
         match shown {
-            Ok(Ok(has_actions)) => {
+            Ok(Ok(server)) => {
                 tracing::debug!(%summary, "notification shown");
-                self.server_has_actions = Some(has_actions);
+                self.server = Some(server);
                 self.warned_unavailable = false;
             }
             Ok(Err(err)) if !self.warned_unavailable => {
@@ -86,14 +98,24 @@ impl Notifier {
     }
 }
 
-/// Whether the notification server takes actions (a click on a notice).
+/// What the notification server says it does. A server that cannot be
+/// asked is taken to read markup: escaped text is the safe side.
 #[cfg(all(unix, not(target_os = "macos")))]
-fn server_has_actions() -> bool {
-    notify_rust::get_capabilities().is_ok_and(|caps| caps.iter().any(|cap| cap == "actions"))
+fn server_capabilities() -> Capabilities {
+    match notify_rust::get_capabilities() {
+        Ok(caps) => Capabilities {
+            actions: caps.iter().any(|cap| cap == "actions"),
+            body_markup: caps.iter().any(|cap| cap == "body-markup"),
+        },
+        Err(_) => Capabilities {
+            actions: false,
+            body_markup: true,
+        },
+    }
 }
 
-/// Elsewhere notify-rust has no actions to wait for.
+/// Elsewhere notify-rust has no actions to wait for, and no markup.
 #[cfg(not(all(unix, not(target_os = "macos"))))]
-fn server_has_actions() -> bool {
-    false
+fn server_capabilities() -> Capabilities {
+    Capabilities::default()
 }
