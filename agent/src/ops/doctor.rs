@@ -279,6 +279,9 @@ fn range_use(config: &crate::config::Config, status: &crate::model::StatusRespon
     }
 }
 
+/// Where glibc's clients find nscd.
+const NSCD_SOCKET: &str = "/var/run/nscd/socket";
+
 /// Names resolve, through the system resolver, to each pod's address.
 async fn names(
     health: &crate::model::HealthResponse,
@@ -298,9 +301,32 @@ async fn names(
             ),
         );
     }
+    let nss = health.names.mode == crate::model::NamesMode::NssModule;
+    if let Some(problem) = health.names.warning.as_ref().filter(|_| nss) {
+        // Names left out past the module's size, or no lock: the agent
+        // said what it could not do.
+        return Check::fail("names", problem.clone());
+    }
+    if nss && std::path::Path::new(NSCD_SOCKET).exists() {
+        // nscd's cache is shared by every user; the module answers it
+        // nothing, and programs that ask nscd first get nothing back.
+        return Check::fail(
+            "names",
+            format!(
+                "nscd runs ({NSCD_SOCKET}) and caches host names for every user, so this \
+                 user's names do not resolve through it: set `enable-cache hosts no` in \
+                 /etc/nscd.conf and restart nscd"
+            ),
+        );
+    }
     let mut wrong = Vec::new();
     let mut checked = 0;
-    for tunnel in status.redirections.values().take(20) {
+    // A paused pod's names are withdrawn, and through the NSS module a pod
+    // without an address of its own has none: only the others must resolve.
+    let named = status.redirections.values().filter(|tunnel| {
+        tunnel.status == crate::model::TunnelState::Active && (tunnel.address.is_some() || !nss)
+    });
+    for tunnel in named.take(20) {
         let expected = tunnel
             .address
             .map_or(std::net::IpAddr::from([127, 0, 0, 1]), std::net::IpAddr::V4);
