@@ -265,11 +265,46 @@ fn an_upgrade_leaves_the_word_off_once_the_administrator_took_it_off() {
     script_ok("postrm", &["remove"], root.path());
     assert_eq!(read(root.path()).as_deref(), Some(ORIGINAL));
     assert!(
-        !root.path().join("var/lib/k3s-local-agent").exists(),
+        !root
+            .path()
+            .join("var/lib/k3s-local-agent/nsswitch-added")
+            .exists(),
         "the record goes with the package"
     );
     script_ok("postinst", &["configure", "0.1.0"], root.path());
     assert_eq!(read(root.path()).as_deref(), Some(INSTALLED));
+    // And an upgrade after that still respects the administrator.
+    std::fs::write(root.path().join("etc/nsswitch.conf"), ORIGINAL).expect("write");
+    script_ok("postinst", &["configure", "0.1.0"], root.path());
+    assert_eq!(read(root.path()).as_deref(), Some(ORIGINAL));
+
+    // Purged: nothing of ours is left, and a new install is a first one.
+    script_ok("prerm", &["remove"], root.path());
+    script_ok("postrm", &["remove"], root.path());
+    script_ok("postrm", &["purge"], root.path());
+    assert!(!root.path().join("var/lib/k3s-local-agent").exists());
+    script_ok("postinst", &["configure", ""], root.path());
+    assert_eq!(read(root.path()).as_deref(), Some(INSTALLED));
+}
+
+#[test]
+fn the_first_upgrade_from_a_version_without_the_record_respects_the_administrator() {
+    // The version before kept no record; the administrator took the word
+    // off under it.
+    let root = package_root(Some("hosts: files dns\n"), true);
+    script_ok("postinst", &["configure", "0.1.0"], root.path());
+    assert_eq!(read(root.path()).as_deref(), Some("hosts: files dns\n"));
+    // With the word in place, the upgrade keeps it and records it.
+    let root = package_root(Some("hosts: files k3slocal dns\n"), true);
+    script_ok("postinst", &["configure", "0.1.0"], root.path());
+    assert_eq!(
+        read(root.path()).as_deref(),
+        Some("hosts: files k3slocal dns\n")
+    );
+    assert!(root
+        .path()
+        .join("var/lib/k3s-local-agent/nsswitch-added")
+        .exists());
 }
 
 #[test]
