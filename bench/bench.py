@@ -249,6 +249,10 @@ listen {name}
             self.through_the_api()
             return self.results
         self.start_agent()
+        if self.args.only_health:
+            self.health_crowded()
+            return self.results
+        self.health_crowded()
         tcp = self.start_peers("iperf", self.iperf_port)
         tcp["tunnel"] = self.tunnel_to("iperf", self.iperf_port)
         http = self.start_peers("http", self.http_port)
@@ -451,6 +455,37 @@ listen {name}
         r["health_during_push_ms"] = 1000 * slowest[0]
         self.push("sync", [])
 
+    def health_crowded(self):
+        """`/health` on a new connection while 400 new API connections each
+        send a request that asks who the caller is, with 4,000 listening
+        sockets on the machine (the kernel's socket table as thousands of
+        tunnels leave it): median and slowest over the rounds."""
+        r = self.results
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 65536), hard))
+        listeners = []
+        for _ in range(4000):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            s.listen(1)
+            listeners.append(s)
+        samples = []
+        for _ in range(3 if self.args.quick else 10):
+            crowd = [socket.create_connection(("127.0.0.1", self.agent_port)) for _ in range(400)]
+            for s in crowd:
+                s.sendall(b"GET /api/v1/pods HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            start = time.monotonic()
+            api(self.agent_base, "GET", "/health")
+            samples.append(time.monotonic() - start)
+            for s in crowd:
+                s.settimeout(60)
+                s.recv(12)
+                s.close()
+        for s in listeners:
+            s.close()
+        r["health_crowded_ms"] = 1000 * statistics.median(samples)
+        r["health_crowded_max_ms"] = 1000 * max(samples)
+
     def close(self):
         self.procs.stop_all()
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -493,9 +528,17 @@ def report(r, args):
     add(f"| idle agent CPU ({args.idle_seconds} s, 921 tunnels) | {r['idle_cpu_pct']:.2f} % of a core | < 0.5 % |")
     add(f"| 5,000-pod push onto 5,000 held (10,000 after) | {r['push5000_at_10k_s']:.3f} s | well under 1 s |")
     add(f"| slowest `/health` during that push | {r['health_during_push_ms']:.1f} ms | milliseconds |")
+    add(report_health(r))
     add("")
     lines.append(report_api(r))
     return "\n".join(lines)
+
+
+def report_health(r):
+    """The row of `/health` among 4,000 listeners and 400 new API connections."""
+    return (f"| `/health` on a new connection, 4,000 listeners, 400 API connections asking at once "
+            f"(median; slowest) | {r['health_crowded_ms']:.1f} ms; {r['health_crowded_max_ms']:.1f} ms "
+            f"| milliseconds |")
 
 
 def report_api(r):
@@ -533,6 +576,8 @@ def main():
     parser.add_argument("--out", type=Path, help="also write the report here")
     parser.add_argument("--only-api", action="store_true",
                         help="only the tunnels through the staging API and their peer")
+    parser.add_argument("--only-health", action="store_true",
+                        help="only /health among 4,000 listeners and 400 API connections")
     parser.add_argument("--tools", type=Path,
                         help="where kube-stand-in and kube-portforward-peer are [default: beside the binary]")
     args = parser.parse_args()
@@ -549,14 +594,22 @@ def main():
     finally:
         bench.close()
     missing = [k for k, v in results.items() if v is None or v != v]
-    text = report_api(results) if args.only_api else report(results, args)
+    if args.only_api:
+        text = report_api(results)
+    elif args.only_health:
+        text = "| measure | tunnel | target |\n|---|---|---|\n" + report_health(results)
+    else:
+        text = report(results, args)
     if bench.api_retries:
         text += "\n\niperf3 runs tried again (the connection ended early): " + ", ".join(
             f"{name} {count}" for name, count in sorted(bench.api_retries.items()))
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
-    expected = 4 * len(API_PEERS) + (0 if args.only_api else 6 * len(PEERS) + 8)
+    if args.only_health:
+        expected = 2
+    else:
+        expected = 4 * len(API_PEERS) + (0 if args.only_api else 6 * len(PEERS) + 8 + 2)
     if missing or len(results) < expected:
         print(f"error: figures missing: {missing or 'some'} ({len(results)} of {expected})", file=sys.stderr)
         return 1

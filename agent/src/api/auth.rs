@@ -1,5 +1,5 @@
 //! Who may call the agent. A loopback caller is known by the user who owns
-//! its socket (the kernel's socket table, looked up by the server): this
+//! its socket (asked of the kernel when needed, `peer`): this
 //! agent's user and root are trusted as they are; any other local user, and
 //! any caller beyond loopback when the agent listens there, needs the bearer
 //! token (compared in constant time) for every endpoint but `/health`, which
@@ -21,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
 use super::error::ApiError;
+use super::peer::Peer;
 use crate::agent::Agent;
 
 /// Paths anyone may read without the token: liveness, and the dashboard's
@@ -34,12 +35,9 @@ const OPEN_PATHS: [&str; 6] = [
     "/style.css",
 ];
 
-/// The user who owns a loopback caller's socket, as the server found it
-/// (`None`: the kernel's table did not show it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PeerUser {
-    pub uid: Option<u32>,
-}
+/// The open paths whose answer depends on who asks (`/health` shows pods to
+/// trusted callers only): the only open ones that look the caller up.
+const OPEN_PATHS_BY_CALLER: [&str; 1] = ["/health"];
 
 /// What a request may see, as [`check_caller`] decided; handlers read it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +101,7 @@ pub async fn check_caller(
     next: Next,
 ) -> Response {
     let open = OPEN_PATHS.contains(&request.uri().path());
+    let open_to_all = open && !OPEN_PATHS_BY_CALLER.contains(&request.uri().path());
     let headers = request.headers();
     if let Some(origin) = headers.get(header::ORIGIN) {
         let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
@@ -149,10 +148,14 @@ pub async fn check_caller(
         }
         Caller::Stranger
     } else {
-        match request.extensions().get::<PeerUser>() {
+        let peer = request.extensions().get::<Peer>().cloned();
+        match peer {
             // Not through the server: an in-process caller of the router.
             None => Caller::Trusted,
-            Some(peer) if is_own_user(peer.uid) => Caller::Trusted,
+            // The dashboard's files are the same for everyone: asking the
+            // kernel whose the connection is would be work for nothing.
+            Some(_) if open_to_all => Caller::Stranger,
+            Some(peer) if is_own_user(peer.uid().await) => Caller::Trusted,
             Some(_) if open => Caller::Stranger,
             Some(_) => {
                 return ApiError::new(

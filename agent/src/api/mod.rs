@@ -11,6 +11,7 @@
 mod auth;
 mod error;
 mod metrics;
+mod peer;
 mod receiver;
 mod server;
 mod ui;

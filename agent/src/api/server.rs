@@ -7,7 +7,6 @@
 //! Handlers have their own deadline (the router's `TimeoutLayer`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
@@ -19,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::auth::PeerUser;
+use super::peer::PeerLookups;
 use super::ui::ConnectionCloser;
 
 /// How long a client may take to send a request's line and headers.
@@ -30,8 +29,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 /// Serves `router` on `listener` until `cancel` fires, then lets the open
 /// requests finish. Each request carries the peer's address as
 /// [`ConnectInfo`], as `into_make_service_with_connect_info` would, and, on
-/// loopback, the user who owns the peer's socket as [`PeerUser`].
+/// loopback, the connection's [`Peer`](super::peer::Peer), whose user is
+/// looked up when a request needs it.
 pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationToken) {
+    let lookups = PeerLookups::kernel();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
@@ -57,31 +58,23 @@ pub async fn serve(listener: TcpListener, router: Router, cancel: CancellationTo
         // client stopped reading), which the server would otherwise keep.
         let closer = CancellationToken::new();
         let request_closer = ConnectionCloser(closer.clone());
-        // Whose the connection is, looked up once (the kernel's socket
-        // table), when a request first needs it.
-        let owner = Arc::new(tokio::sync::OnceCell::new());
+        // Whose the connection is: looked up (once) only if a request needs
+        // to know, so a connection to an open path costs no lookup.
+        let owner = match (peer.ip().is_loopback(), local) {
+            (true, Some(local)) => Some(lookups.peer(peer, local)),
+            _ => None,
+        };
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             let router = router.clone();
-            let owner = Arc::clone(&owner);
+            let owner = owner.clone();
             let closer = request_closer.clone();
             async move {
                 request
                     .extensions_mut()
                     .insert(ConnectInfo::<SocketAddr>(peer));
                 request.extensions_mut().insert(closer);
-                if let (true, Some(local)) = (peer.ip().is_loopback(), local) {
-                    let found = *owner
-                        .get_or_init(|| async move {
-                            let uid = tokio::task::spawn_blocking(move || {
-                                crate::ops::connection_owner(peer, local)
-                            })
-                            .await
-                            .ok()
-                            .flatten();
-                            PeerUser { uid }
-                        })
-                        .await;
-                    request.extensions_mut().insert(found);
+                if let Some(owner) = owner {
+                    request.extensions_mut().insert(owner);
                 }
                 router.oneshot(request).await
             }

@@ -12,10 +12,12 @@ pub mod autostart;
 pub mod client;
 pub mod demo;
 pub mod doctor;
+#[cfg(target_os = "linux")]
+mod sock_diag;
 mod sockets;
 pub mod staging_doctor;
 pub mod system_setup;
 
 pub use client::{AgentClient, ClientError};
 pub use demo::{Demo, DemoError, DEMO_PODS};
-pub(crate) use sockets::{connection_owner, own_uid};
+pub(crate) use sockets::{connection_owner, listener_owner, own_uid};
