@@ -1,6 +1,9 @@
 //! A client of a running agent's HTTP API, for the CLI (`status`, `pods`,
-//! `push`, `forward`): one place that knows the paths and the error shape.
+//! `push`, `forward`): one place that knows the paths and the error shape,
+//! and that sends the bearer token on loopback only to a listener of this
+//! user's.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use reqwest::{StatusCode, Url};
@@ -19,6 +22,19 @@ pub enum ClientError {
     Url { url: String, message: String },
     #[error("cannot reach the agent at {url}: {message} (is `k3s-local-agent run` running?)")]
     Unreachable { url: String, message: String },
+    /// The agent's loopback port is held by another user: whoever it is
+    /// would get the token, and with it this user's agent.
+    #[error(
+        "refusing to send the bearer token to {url}: the socket listening on {bound} belongs \
+         to uid {uid}, not to this user (uid {own}). Another user's program holds the agent's \
+         port; start your agent on another one (`--agent-port`) and point `--agent-url` at it"
+    )]
+    ForeignListener {
+        url: String,
+        bound: SocketAddr,
+        uid: u32,
+        own: u32,
+    },
     #[error("agent answered {status}: {message}")]
     Api { status: StatusCode, message: String },
     #[error("unexpected answer from the agent: {0}")]
@@ -60,7 +76,10 @@ impl AgentClient {
         request: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, Value), ClientError> {
         let request = match &self.token {
-            Some(token) => request.bearer_auth(token),
+            Some(token) => {
+                self.check_listener().await?;
+                request.bearer_auth(token)
+            }
             None => request,
         };
         let response = request
@@ -78,6 +97,50 @@ impl AgentClient {
         let value = serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
         Ok((status, value))
+    }
+
+    /// Before the token goes to a loopback address: every listener the URL
+    /// could reach there (each address a name resolves to) must be this
+    /// user's, or root's (who can read the token anyway). Any user can
+    /// listen on a free loopback port, the agent's when it is not running,
+    /// and the token would make them a trusted caller of this user's agent.
+    /// Checked right before each request, so the window between the check
+    /// and the connection is as short as the client makes it.
+    async fn check_listener(&self) -> Result<(), ClientError> {
+        let Some(own) = super::own_uid() else {
+            return Ok(());
+        };
+        let port = self.base.port_or_known_default().unwrap_or(80);
+        let host = self.base.host_str().unwrap_or_default();
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let targets: Vec<SocketAddr> = match bare.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            // A name that does not resolve fails the request on its own.
+            Err(_) => tokio::net::lookup_host((bare, port))
+                .await
+                .map(Iterator::collect)
+                .unwrap_or_default(),
+        };
+        for target in targets {
+            if !target.ip().to_canonical().is_loopback() {
+                continue;
+            }
+            let owner = tokio::task::spawn_blocking(move || super::listener_owner(target))
+                .await
+                .ok()
+                .flatten();
+            if let Some(owner) = owner {
+                if owner.uid != own && owner.uid != 0 {
+                    return Err(ClientError::ForeignListener {
+                        url: self.base.to_string(),
+                        bound: owner.bound,
+                        uid: owner.uid,
+                        own,
+                    });
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

@@ -60,6 +60,10 @@ pub async fn agent(
 ) -> Vec<Check> {
     let health = match client.health().await {
         Ok(health) => health,
+        // Something answers, but it is not this user's: say whose it is.
+        Err(err @ crate::ops::ClientError::ForeignListener { .. }) => {
+            return vec![Check::fail("agent", err.to_string())]
+        }
         Err(err) => {
             return vec![Check::fail(
                 "agent",
