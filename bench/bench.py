@@ -244,14 +244,15 @@ listen {name}
         return rps, lat["50"], lat["99"]
 
     def run(self):
+        if self.args.only_health:
+            self.start_agent()
+            self.health_crowded()
+            return self.results
         self.start_upstreams()
         if self.args.only_api:
             self.through_the_api()
             return self.results
         self.start_agent()
-        if self.args.only_health:
-            self.health_crowded()
-            return self.results
         self.health_crowded()
         tcp = self.start_peers("iperf", self.iperf_port)
         tcp["tunnel"] = self.tunnel_to("iperf", self.iperf_port)
