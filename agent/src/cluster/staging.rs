@@ -1,12 +1,13 @@
 //! The staging cluster, reached through its API server with the user's own
 //! kubeconfig: the client (built when the agent starts, off any
 //! connection's clock, with exec plugins resolved as a login shell would;
-//! built again after a failed build, at most every few seconds, and after
-//! the API server refused its credentials), and the dialer that opens a
-//! fresh port-forward stream to a staging pod per connection, on the pod's
-//! shared SPDY sessions (a WebSocket of its own where SPDY is refused), so
-//! a stream error breaks that one connection, never the listener
-//! (kubernetes#111825).
+//! built again after a failed build or the API server's refusal of its
+//! credentials, at most every few seconds; its exec plugin run by us under
+//! a deadline, never by kube on a runtime thread), and the dialer that
+//! opens a fresh port-forward stream to a staging pod per connection, on
+//! the pod's shared SPDY sessions (a WebSocket of its own where SPDY is
+//! refused), so a stream error breaks that one connection, never the
+//! listener (kubernetes#111825).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -219,12 +220,22 @@ async fn build(
         load_config(&read_settings, &read_context, login_path.as_deref())
     })
     .await?;
-    // The plugin is ours to run, never kube's: kube would run it
-    // synchronously on whichever thread builds the client or refreshes the
-    // token, with no deadline, and nothing could stop it. It runs once
-    // now, so the client starts with credentials (and a certificate, when
-    // that is what the plugin gives), then again when its token expires.
-    let exec = config.auth_info.exec.take();
+    // The plugin is ours to run, never kube's. kube runs it synchronously
+    // wherever the client is built (twice: for the TLS identity and for the
+    // token) and on its blocking pool at each refresh, which the runtime
+    // waits for at exit, with no deadline; nothing could stop it. Wrapping
+    // the kubeconfig's command in a timeout program would bound it but
+    // still hold those threads, needs a program every face ships (the tray
+    // app is another binary; timeout(1) is not everywhere), and could not
+    // say in /health why it failed. So it runs here, once now (the client
+    // starts with credentials, and a certificate when that is what the
+    // plugin gives) and again when its token expires. A user with a token
+    // or a password of its own never runs it (kube's order).
+    let own_credentials = config.auth_info.token.is_some()
+        || config.auth_info.token_file.is_some()
+        || config.auth_info.username.is_some()
+        || config.auth_info.auth_provider.is_some();
+    let exec = config.auth_info.exec.take().filter(|_| !own_credentials);
     let mut exec_token = None;
     if let Some(exec) = exec {
         let credentials = processes.run_plugin(&user, &exec, PLUGIN_TIMEOUT).await?;
