@@ -135,9 +135,11 @@ impl Names {
                 warning,
             );
         }
-        let listed = std::fs::read_to_string(&system.nsswitch)
+        // Bytes, as glibc reads the file: a Latin-1 comment must not hide
+        // the module.
+        let listed = std::fs::read(&system.nsswitch)
             .ok()
-            .is_some_and(|text| nsswitch::has_module(Some(&text)));
+            .is_some_and(|bytes| nsswitch::has_module(Some(&bytes)));
         let mut no_session = None;
         if let Some(uid) = uid.filter(|_| listed) {
             let runtime_dir = system.run_user.join(uid.to_string());
@@ -382,6 +384,14 @@ mod tests {
         // Another user's runtime dir is no use to this one.
         let names = Names::choose_among(None, &files, dir.path(), Some(1001));
         assert_eq!(names.health().mode, NamesMode::SystemHosts);
+        // A Latin-1 comment does not hide the module.
+        fs::write(
+            &files.nsswitch,
+            b"# r\xe9solution\nhosts: files k3slocal dns\n",
+        )
+        .expect("write");
+        let names = Names::choose_among(None, &files, dir.path(), Some(1000));
+        assert_eq!(names.health().mode, NamesMode::NssModule);
     }
 
     #[test]

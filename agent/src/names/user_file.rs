@@ -353,6 +353,26 @@ mod tests {
     }
 
     #[test]
+    fn names_past_what_the_module_reads_are_left_out_and_said() {
+        let runtime = tempfile::tempdir().expect("tempdir");
+        let file = UserNamesFile::in_runtime_dir(runtime.path(), uid());
+        let ip = IpAddr::V4(Ipv4Addr::new(127, 128, 0, 9));
+        let entries: Vec<HostEntry> = (0..30_000)
+            .map(|i| HostEntry {
+                ip,
+                names: vec![format!("{}-{i:05}-staging.local", "y".repeat(230))],
+            })
+            .collect();
+        file.write(&entries).expect("write");
+        let written = fs::metadata(file.path()).expect("meta").len();
+        assert!(written <= MAX_NSS_FILE_BYTES as u64, "{written}");
+        let problem = file.problem().expect("said");
+        assert!(problem.contains("pod names are left out"), "{problem}");
+        file.write(&[web()]).expect("write");
+        assert_eq!(file.problem(), None, "fits again: nothing to say");
+    }
+
+    #[test]
     fn ten_thousand_pods_fit_and_what_does_not_fit_is_counted() {
         let long = |i: usize| format!("{}-{i:05}-staging.local", "x".repeat(230));
         let entries: Vec<HostEntry> = (0..10_000)
