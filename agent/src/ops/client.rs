@@ -76,10 +76,12 @@ impl AgentClient {
         request: reqwest::RequestBuilder,
     ) -> Result<(StatusCode, Value), ClientError> {
         let request = match &self.token {
-            Some(token) => {
-                self.check_listener().await?;
-                request.bearer_auth(token)
-            }
+            Some(token) => match self.check_listener().await? {
+                Listener::Ours => request.bearer_auth(token),
+                // Whoever binds the port next would get it: the request goes
+                // without (and most likely finds nobody).
+                Listener::None => request,
+            },
             None => request,
         };
         let response = request
@@ -106,9 +108,9 @@ impl AgentClient {
     /// and the token would make them a trusted caller of this user's agent.
     /// Checked right before each request, so the window between the check
     /// and the connection is as short as the client makes it.
-    async fn check_listener(&self) -> Result<(), ClientError> {
+    async fn check_listener(&self) -> Result<Listener, ClientError> {
         let Some(own) = super::own_uid() else {
-            return Ok(());
+            return Ok(Listener::Ours);
         };
         let port = self.base.port_or_known_default().unwrap_or(80);
         let host = self.base.host_str().unwrap_or_default();
@@ -120,6 +122,12 @@ impl AgentClient {
                 .await
                 .map(Iterator::collect)
                 .unwrap_or_default(),
+        };
+        // Beyond loopback (another machine) the kernel here cannot tell.
+        let mut found = if targets.iter().all(|t| !t.ip().to_canonical().is_loopback()) {
+            Listener::Ours
+        } else {
+            Listener::None
         };
         for target in targets {
             if !target.ip().to_canonical().is_loopback() {
@@ -138,9 +146,10 @@ impl AgentClient {
                         own,
                     });
                 }
+                found = Listener::Ours;
             }
         }
-        Ok(())
+        Ok(found)
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
@@ -215,6 +224,14 @@ impl AgentClient {
             .await?;
         decode(status, value)
     }
+}
+
+/// Who listens where a request would go, as far as the token is concerned.
+enum Listener {
+    /// This user's agent (or root's), or an address beyond this machine.
+    Ours,
+    /// Nothing on loopback yet.
+    None,
 }
 
 fn decode<T: DeserializeOwned>(status: StatusCode, value: Value) -> Result<T, ClientError> {
