@@ -5,6 +5,12 @@
 //!
 //! Only what a port-forward uses is understood; a frame of any other type
 //! is read past whole and ignored, as the protocol asks.
+//!
+//! What a peer may make the decoder hold is bounded ([`Limits`]): a
+//! control frame's length is checked before it is buffered, a header block
+//! is inflated no further than a port-forward's headers need, and a data
+//! frame too long to buffer is passed over as its bytes arrive and named
+//! ([`Frame::DataTooLong`]) so the stream can be reset.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
@@ -35,6 +41,8 @@ pub const FLAG_FIN: u8 = 0x01;
 pub const REFUSED_STREAM: u32 = 3;
 /// RST_STREAM status: the stream is no longer needed.
 pub const CANCEL: u32 = 5;
+/// RST_STREAM status: a frame was longer than the receiver takes.
+pub const FRAME_TOO_LARGE: u32 = 11;
 
 /// Why bytes are not a frame.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +61,49 @@ pub enum FrameError {
     HeaderBlock(&'static str),
     #[error("a frame of {0} bytes is longer than SPDY's 16 MiB")]
     TooLong(usize),
+    #[error("a control frame (type {kind}) of {length} bytes is longer than the {limit} taken")]
+    ControlTooLong {
+        kind: u16,
+        length: usize,
+        limit: usize,
+    },
+    #[error("a header block inflates past the {limit} bytes taken")]
+    HeaderBlockTooLong { limit: usize },
+    #[error("a header block of {count} pairs has more than the {limit} taken")]
+    TooManyHeaders { count: u32, limit: usize },
+}
+
+/// What a decoder takes from its peer before it refuses. The defaults are
+/// a port-forward's: its headers are three short pairs (`streamtype`,
+/// `port`, `requestid`), a few dozen bytes, and a kubelet writes a pod's
+/// bytes at most 32 KiB a frame (Go's `io.Copy` buffer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// The longest control frame payload buffered; a longer one is an
+    /// error before any of it is held. A port-forward's SYN_REPLY is tens
+    /// of bytes compressed, RST_STREAM, PING and GOAWAY 4 to 8: 16 KiB is
+    /// hundreds of times what is needed.
+    pub control_payload: usize,
+    /// The most bytes one header block may inflate to (zlib inflates up
+    /// to ~1000 times, so 16 KiB compressed could be 16 MiB): 16 KiB,
+    /// hundreds of times a port-forward's few headers.
+    pub header_block: usize,
+    /// The most name/value pairs one header block may hold: 64.
+    pub header_pairs: usize,
+    /// The longest data frame buffered and handed over: 1 MiB, 32 times
+    /// what a kubelet writes at once. A longer one is passed over unheld.
+    pub data_payload: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            control_payload: 16 * 1024,
+            header_block: 16 * 1024,
+            header_pairs: 64,
+            data_payload: 1024 * 1024,
+        }
+    }
 }
 
 /// One frame, with what a port-forward needs of it.
@@ -83,6 +134,13 @@ pub enum Frame {
     GoAway {
         last_good: u32,
         status: u32,
+    },
+    /// A data frame longer than the decoder's [`Limits::data_payload`]:
+    /// its bytes are passed over as they arrive, never held. What follows
+    /// is the reader's call (a port-forward resets the stream).
+    DataTooLong {
+        stream: u32,
+        length: usize,
     },
     /// SETTINGS, HEADERS, WINDOW_UPDATE or a type this does not know: read
     /// and passed over (port-forward servers send no flow control).
@@ -171,8 +229,27 @@ impl Encoder {
                 out.put_u32(last_good & 0x7fff_ffff);
                 out.put_u32(*status);
             }
-            Frame::Ignored => {}
+            // Nothing that was read whole: there is nothing to write.
+            Frame::DataTooLong { .. } | Frame::Ignored => {}
         }
+        Ok(())
+    }
+
+    /// A SYN_REPLY whose header block is `plain` as given, piece by piece:
+    /// however long, well formed or not, compressed on this direction's
+    /// context. What a broken or hostile server sends; it lets a test make
+    /// a block that inflates far past its own size without holding it.
+    pub fn encode_raw_reply<'a>(
+        &mut self,
+        stream: u32,
+        plain: impl IntoIterator<Item = &'a [u8]>,
+        out: &mut BytesMut,
+    ) -> Result<(), FrameError> {
+        let block = self.compress(plain)?;
+        fits(4 + block.len())?;
+        control_header(out, SYN_REPLY, 0, 4 + block.len());
+        out.put_u32(stream & 0x7fff_ffff);
+        out.put_slice(&block);
         Ok(())
     }
 
@@ -187,26 +264,51 @@ impl Encoder {
             plain.put_u32(len_u32(value.len()));
             plain.put_slice(value.as_bytes());
         }
-        let mut compressed = Vec::with_capacity(plain.len() + 64);
-        let mut input: &[u8] = &plain;
+        self.compress([&plain[..]])
+    }
+
+    /// `pieces` compressed on this direction's context, then sync-flushed
+    /// so the block ends on a byte the peer can inflate up to.
+    fn compress<'a>(
+        &mut self,
+        pieces: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Vec<u8>, FrameError> {
+        let mut compressed = Vec::with_capacity(128);
+        for piece in pieces {
+            self.deflate_into(piece, FlushCompress::None, &mut compressed)?;
+        }
+        self.deflate_into(&[], FlushCompress::Sync, &mut compressed)?;
+        Ok(compressed)
+    }
+
+    fn deflate_into(
+        &mut self,
+        mut input: &[u8],
+        flush: FlushCompress,
+        compressed: &mut Vec<u8>,
+    ) -> Result<(), FrameError> {
         loop {
             let before_in = self.deflate.total_in();
             compressed.reserve(64);
-            self.deflate
-                .compress_vec(input, &mut compressed, FlushCompress::Sync)?;
+            self.deflate.compress_vec(input, compressed, flush)?;
             let used = usize::try_from(self.deflate.total_in() - before_in).unwrap_or(input.len());
             input = &input[used..];
-            // Done when all input is in and the flush fitted in the room left.
+            // Done when all input is in and the output fitted in the room
+            // left (a full buffer may mean more is waiting).
             if input.is_empty() && compressed.len() < compressed.capacity() {
-                return Ok(compressed);
+                return Ok(());
             }
         }
     }
 }
 
-/// Reads frames: the compression context for the header blocks we receive.
+/// Reads frames: the compression context for the header blocks we receive,
+/// what the peer may make it hold, and what is left to pass over of a data
+/// frame too long to hold.
 pub struct Decoder {
     inflate: Decompress,
+    limits: Limits,
+    skip: usize,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -222,20 +324,44 @@ impl Default for Decoder {
 }
 
 impl Decoder {
+    /// A decoder with a port-forward's [`Limits`].
     pub fn new() -> Self {
+        Self::with_limits(Limits::default())
+    }
+
+    pub fn with_limits(limits: Limits) -> Self {
         Self {
             inflate: Decompress::new(true),
+            limits,
+            skip: 0,
         }
     }
 
     /// Takes one whole frame off the front of `buffer`, or `None` when it
-    /// holds only part of one (read more and call again).
+    /// holds only part of one (read more and call again). The buffer is
+    /// never asked to hold more than one frame within the [`Limits`].
     pub fn decode(&mut self, buffer: &mut BytesMut) -> Result<Option<Frame>, FrameError> {
-        if buffer.len() < HEADER_LEN {
+        self.pass_over(buffer);
+        if self.skip > 0 || buffer.len() < HEADER_LEN {
             return Ok(None);
         }
         let length =
             usize::from(buffer[5]) << 16 | usize::from(buffer[6]) << 8 | usize::from(buffer[7]);
+        let is_control = buffer[0] & CONTROL_BIT != 0;
+        if is_control && length > self.limits.control_payload {
+            return Err(FrameError::ControlTooLong {
+                kind: u16::from(buffer[2]) << 8 | u16::from(buffer[3]),
+                length,
+                limit: self.limits.control_payload,
+            });
+        }
+        if !is_control && length > self.limits.data_payload {
+            let stream = buffer.get_u32() & 0x7fff_ffff;
+            buffer.advance(HEADER_LEN - 4);
+            self.skip = length;
+            self.pass_over(buffer);
+            return Ok(Some(Frame::DataTooLong { stream, length }));
+        }
         if buffer.len() < HEADER_LEN + length {
             buffer.reserve(HEADER_LEN + length - buffer.len());
             return Ok(None);
@@ -257,6 +383,13 @@ impl Decoder {
         }
         let kind = header.get_u16();
         self.control(kind, flags, payload).map(Some)
+    }
+
+    /// Drops what has arrived of a data frame too long to hold.
+    fn pass_over(&mut self, buffer: &mut BytesMut) {
+        let n = self.skip.min(buffer.len());
+        buffer.advance(n);
+        self.skip -= n;
     }
 
     fn control(&mut self, kind: u16, flags: u8, mut payload: Bytes) -> Result<Frame, FrameError> {
@@ -323,12 +456,22 @@ impl Decoder {
         })
     }
 
+    /// Inflates one block on the shared context, never past
+    /// [`Limits::header_block`] (the output is given one byte of room more
+    /// than the limit, to tell a block at it from one over it).
     fn header_block(&mut self, compressed: &[u8]) -> Result<Vec<(String, String)>, FrameError> {
-        let mut plain = Vec::with_capacity(compressed.len() * 4 + 64);
+        let limit = self.limits.header_block;
+        let over = FrameError::HeaderBlockTooLong { limit };
+        let mut plain = Vec::with_capacity((compressed.len() * 4 + 64).min(limit + 1));
         let mut input = compressed;
         loop {
+            if plain.len() > limit {
+                return Err(over);
+            }
             let before_in = self.inflate.total_in();
-            plain.reserve(256);
+            if plain.len() == plain.capacity() {
+                plain.reserve_exact((limit + 1 - plain.len()).min(4096));
+            }
             let outcome = self
                 .inflate
                 .decompress_vec(input, &mut plain, FlushDecompress::Sync);
@@ -342,17 +485,20 @@ impl Decoder {
                 }
                 Err(err) => return Err(err.into()),
             }
+            if plain.len() > limit {
+                return Err(over);
+            }
             if input.is_empty() && plain.len() < plain.capacity() {
                 break;
             }
         }
-        parse_pairs(&plain)
+        parse_pairs(&plain, self.limits.header_pairs)
     }
 }
 
 /// The name/value pairs of a decompressed header block. A value holding
 /// several values separated by NUL is kept whole.
-fn parse_pairs(mut plain: &[u8]) -> Result<Vec<(String, String)>, FrameError> {
+fn parse_pairs(mut plain: &[u8], limit: usize) -> Result<Vec<(String, String)>, FrameError> {
     let take = |plain: &mut &[u8]| -> Result<String, FrameError> {
         if plain.len() < 4 {
             return Err(FrameError::HeaderBlock("a length is cut short"));
@@ -369,6 +515,9 @@ fn parse_pairs(mut plain: &[u8]) -> Result<Vec<(String, String)>, FrameError> {
         return Err(FrameError::HeaderBlock("no pair count"));
     }
     let count = plain.get_u32();
+    if usize::try_from(count).map_or(true, |count| count > limit) {
+        return Err(FrameError::TooManyHeaders { count, limit });
+    }
     let mut pairs = Vec::new();
     for _ in 0..count {
         let name = take(&mut plain)?;
@@ -547,6 +696,161 @@ mod tests {
         assert_eq!(
             decoder.decode(&mut wire).expect("decode"),
             Some(Frame::Ping { id: 2 })
+        );
+    }
+
+    /// A SYN_REPLY for stream 1 whose block says one pair, named `bomb`,
+    /// of `value_len` zero bytes: a few KiB on the wire per MiB inflated.
+    fn bomb(encoder: &mut Encoder, value_len: usize) -> BytesMut {
+        let mut head = BytesMut::new();
+        head.put_u32(1);
+        head.put_u32(4);
+        head.put_slice(b"bomb");
+        head.put_u32(len_u32(value_len));
+        let zeros = vec![0u8; 64 * 1024];
+        let pieces = std::iter::once(&head[..]).chain(
+            std::iter::repeat_n(&zeros[..], value_len / zeros.len())
+                .chain(std::iter::once(&zeros[..value_len % zeros.len()])),
+        );
+        let mut wire = BytesMut::new();
+        encoder
+            .encode_raw_reply(1, pieces, &mut wire)
+            .expect("encode");
+        wire
+    }
+
+    #[test]
+    fn a_header_block_that_inflates_past_the_limit_is_a_typed_error() {
+        // 8 MiB in about 8 KiB: a frame short enough to be taken whole.
+        let mut wire = bomb(&mut Encoder::new(), 8 * 1024 * 1024);
+        assert!(
+            wire.len() < Limits::default().control_payload,
+            "the bomb is small on the wire: {} bytes",
+            wire.len()
+        );
+        let err = Decoder::new().decode(&mut wire).expect_err("refused");
+        assert!(
+            matches!(err, FrameError::HeaderBlockTooLong { limit } if limit == 16 * 1024),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_header_block_too_long_on_the_wire_is_refused_before_inflating() {
+        // 64 MiB in about 64 KiB: longer than any port-forward frame.
+        let mut wire = bomb(&mut Encoder::new(), 64 * 1024 * 1024);
+        let err = Decoder::new().decode(&mut wire).expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                FrameError::ControlTooLong {
+                    kind: SYN_REPLY,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_header_block_just_within_the_limit_is_read() {
+        let limit = Limits::default().header_block;
+        // 4 (count) + 4 + 4 ("bomb") + 4 (value length) before the value.
+        let mut wire = bomb(&mut Encoder::new(), limit - 16);
+        let Some(Frame::SynReply { headers, .. }) = Decoder::new().decode(&mut wire).expect("read")
+        else {
+            panic!("a SYN_REPLY");
+        };
+        assert_eq!(headers[0].1.len(), limit - 16);
+    }
+
+    #[test]
+    fn a_header_block_of_too_many_pairs_is_a_typed_error() {
+        let many: Vec<(String, String)> =
+            (0..65).map(|n| (format!("h{n}"), String::new())).collect();
+        let mut wire = BytesMut::new();
+        Encoder::new()
+            .encode(
+                &Frame::SynReply {
+                    stream: 1,
+                    flags: 0,
+                    headers: many,
+                },
+                &mut wire,
+            )
+            .expect("encode");
+        let err = Decoder::new().decode(&mut wire).expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                FrameError::TooManyHeaders {
+                    count: 65,
+                    limit: 64
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_control_frame_too_long_is_refused_from_its_header_alone() {
+        // Only the 8-byte header has come: the refusal needs no more, so
+        // none of the 16 MiB it announces is ever waited for or held.
+        let mut header = BytesMut::new();
+        control_header(&mut header, SYN_REPLY, 0, MAX_PAYLOAD);
+        let mut wire = BytesMut::from(&header[..HEADER_LEN]);
+        let err = Decoder::new().decode(&mut wire).expect_err("refused");
+        assert!(
+            matches!(
+                err,
+                FrameError::ControlTooLong {
+                    kind: SYN_REPLY,
+                    length: MAX_PAYLOAD,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(wire.capacity() < 1024, "nothing reserved for it");
+    }
+
+    #[test]
+    fn a_data_frame_too_long_is_named_and_passed_over_as_it_arrives() {
+        let mut decoder = Decoder::with_limits(Limits {
+            data_payload: 16,
+            ..Limits::default()
+        });
+        let mut encoder = Encoder::new();
+        let mut wire = BytesMut::new();
+        let long = Frame::Data {
+            stream: 3,
+            flags: 0,
+            data: Bytes::from(vec![7u8; 100]),
+        };
+        encoder.encode(&long, &mut wire).expect("encode");
+        encoder
+            .encode(&Frame::Ping { id: 2 }, &mut wire)
+            .expect("encode");
+        // In pieces of 10 bytes: the buffer never holds more than what
+        // came since the last call.
+        let mut buffer = BytesMut::new();
+        let mut seen = Vec::new();
+        for piece in wire.chunks(10) {
+            buffer.put_slice(piece);
+            while let Some(frame) = decoder.decode(&mut buffer).expect("decode") {
+                seen.push(frame);
+            }
+            assert!(buffer.len() <= 20, "{} bytes held", buffer.len());
+        }
+        assert_eq!(
+            seen,
+            vec![
+                Frame::DataTooLong {
+                    stream: 3,
+                    length: 100
+                },
+                Frame::Ping { id: 2 }
+            ]
         );
     }
 }

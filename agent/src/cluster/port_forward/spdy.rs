@@ -18,24 +18,35 @@
 //!
 //! Kubelets honour no SPDY flow control, so a connection whose client
 //! stops reading holds up the session's reading once its own queue
-//! ([`INCOMING_FRAMES`], a few MiB) is full, as in kubectl. Such a session
+//! ([`INCOMING_BYTES`], a few MiB) is full, as in kubectl. Such a session
 //! is retired at once, so new connections go to another; and if the
 //! connection is still not read after [`STALL`] while others share the
 //! session, it alone is reset so the others carry on.
+//!
+//! A broken or hostile API server cannot make a session hold much: frames
+//! are decoded within the port-forward limits of `k3s_local_agent_spdy`
+//! (a data frame over 1 MiB resets its connection, an oversized or
+//! over-inflating header block ends the session), a connection's error
+//! text is kept to [`MAX_ERROR_TEXT`], the frames waiting to be written
+//! to [`CONTROL_FRAMES`], the server's pings are answered only while
+//! [`MAX_PENDING_ECHOES`] wait to go out, and a server that opens a
+//! stream (which no port-forward server does) ends the session.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use k3s_local_agent_spdy::{Decoder, Encoder, Frame, CANCEL, FLAG_FIN, REFUSED_STREAM};
+use k3s_local_agent_spdy::{
+    Decoder, Encoder, Frame, CANCEL, FLAG_FIN, FRAME_TOO_LARGE, REFUSED_STREAM,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, PollSender};
 
@@ -46,8 +57,27 @@ const MAX_FRAME: usize = 64 * 1024;
 /// Data frames queued for the socket before writers wait.
 const OUTGOING_FRAMES: usize = 64;
 /// Frames queued for one connection before the session stops reading
-/// (kubelets send up to 32 KiB a frame: 4 MiB).
+/// (kubelets send up to 32 KiB a frame: 4 MiB), however small they are.
 const INCOMING_FRAMES: usize = 128;
+/// Bytes queued for one connection before the session stops reading: 128
+/// of a kubelet's 32 KiB frames. What one connection can hold is this,
+/// the frame its reader is taking from (at most the decoder's 1 MiB data
+/// limit), and the session's one frame being decoded (as large again).
+const INCOMING_BYTES: usize = 4 * 1024 * 1024;
+/// How much of a kubelet's words on the error stream is kept. They are one
+/// line ("error forwarding port 80 to pod …: connection refused", a few
+/// hundred bytes at most); past this the connection ends with what came.
+const MAX_ERROR_TEXT: usize = 4 * 1024;
+/// Openings, resets and pings waiting to be written. A session's 32
+/// connections need three each at most (two openings, one reset) and a
+/// ping: 97. A full queue means the server stopped reading, and the
+/// session takes no more connections.
+const CONTROL_FRAMES: usize = 256;
+/// The server's pings echoed but not yet written past which more are not
+/// answered: a server waits for its echo before the next ping (Go's
+/// spdystream does), so more pending means a flood or a server that does
+/// not read what it asked for.
+const MAX_PENDING_ECHOES: usize = 4;
 /// Bytes gathered into one socket write when frames queue up.
 const WRITE_BATCH: usize = 256 * 1024;
 /// A session that carried no connection for this long is closed.
@@ -84,15 +114,28 @@ enum Role {
     Error,
 }
 
+impl Event {
+    /// The bytes it holds, as counted against its connection's queue.
+    fn queued_bytes(&self) -> usize {
+        match self {
+            Event::Data(bytes) | Event::ErrorText(bytes) => bytes.len(),
+            _ => 0,
+        }
+    }
+}
+
 /// Where one stream's frames go: its connection's queue.
 #[derive(Debug, Clone)]
 struct Route {
     role: Role,
     events: mpsc::Sender<Event>,
+    /// The bytes its queue may still take (a permit a byte): taken when a
+    /// frame is queued, given back when the connection takes it.
+    budget: Arc<Semaphore>,
     /// The connection's two stream ids (error, data).
     pair: (u32, u32),
-    /// Set when the session reset the connection for not reading.
-    stalled: Arc<AtomicBool>,
+    /// Why the session cut the connection (not read, a frame too long).
+    cut: Arc<OnceLock<String>>,
 }
 
 /// The session's streams, and what it takes to open more: one lock, so
@@ -123,7 +166,9 @@ struct Streams {
 struct Shared {
     streams: Mutex<Streams>,
     /// Openings, resets and pings: written before data.
-    control: mpsc::UnboundedSender<Frame>,
+    control: mpsc::Sender<Frame>,
+    /// Echoes of the server's pings queued on `control`, not yet written.
+    pending_echoes: AtomicUsize,
     data: mpsc::Sender<Frame>,
     /// Cancelled when the session ends, by either task.
     closed: CancellationToken,
@@ -135,6 +180,17 @@ impl Shared {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// Queues a reset or an echo. A full queue means the server stopped
+    /// reading: the session takes no new connection, and its writes time
+    /// out on their own.
+    fn send_control(&self, frame: Frame) -> bool {
+        let sent = self.control.try_send(frame).is_ok();
+        if !sent {
+            self.streams().retired = true;
+        }
+        sent
     }
 
     /// No new connection here; and if none is left, the session ends now.
@@ -165,7 +221,7 @@ impl Session {
         T: AsyncRead + AsyncWrite + Send + 'static,
     {
         let (reader, writer) = tokio::io::split(socket);
-        let (control, control_queue) = mpsc::unbounded_channel();
+        let (control, control_queue) = mpsc::channel(CONTROL_FRAMES);
         let (data, data_queue) = mpsc::channel(OUTGOING_FRAMES);
         let shared = Arc::new(Shared {
             streams: Mutex::new(Streams {
@@ -181,6 +237,7 @@ impl Session {
                 retired: false,
             }),
             control,
+            pending_echoes: AtomicUsize::new(0),
             data,
             closed: CancellationToken::new(),
         });
@@ -208,9 +265,15 @@ impl Session {
     /// and its data may follow them without waiting for the replies.
     pub fn open(&self, port: u16) -> Result<PairStream, SessionRetired> {
         let (events, incoming) = mpsc::channel(INCOMING_FRAMES);
-        let stalled = Arc::new(AtomicBool::new(false));
+        let budget = Arc::new(Semaphore::new(INCOMING_BYTES));
+        let cut = Arc::new(OnceLock::new());
         let mut streams = self.shared.streams();
-        if streams.retired || self.shared.closed.is_cancelled() {
+        // Both openings must fit: half a connection is never announced.
+        if streams.retired
+            || self.shared.closed.is_cancelled()
+            || self.shared.control.capacity() < 2
+        {
+            streams.retired = true;
             return Err(SessionRetired);
         }
         let error_id = streams.next_stream;
@@ -232,13 +295,13 @@ impl Session {
         let opened = self
             .shared
             .control
-            .send(Frame::SynStream {
+            .try_send(Frame::SynStream {
                 stream: error_id,
                 flags: FLAG_FIN,
                 headers: headers("error"),
             })
             .and_then(|()| {
-                self.shared.control.send(Frame::SynStream {
+                self.shared.control.try_send(Frame::SynStream {
                     stream: data_id,
                     flags: 0,
                     headers: headers("data"),
@@ -254,8 +317,9 @@ impl Session {
                 Route {
                     role,
                     events: events.clone(),
+                    budget: budget.clone(),
                     pair: (error_id, data_id),
-                    stalled: stalled.clone(),
+                    cut: cut.clone(),
                 },
             );
         }
@@ -267,8 +331,9 @@ impl Session {
             data_id,
             error_id,
             incoming,
+            budget,
             outgoing: PollSender::new(self.shared.data.clone()),
-            stalled,
+            cut,
             reply_deadline: Box::pin(tokio::time::sleep(REPLY_TIMEOUT)),
             replied: false,
             unread: Bytes::new(),
@@ -298,7 +363,7 @@ enum Next {
 /// stalls, or when it has carried nothing for [`IDLE`].
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut socket: W,
-    mut control: mpsc::UnboundedReceiver<Frame>,
+    mut control: mpsc::Receiver<Frame>,
     mut data: mpsc::Receiver<Frame>,
     shared: Arc<Shared>,
 ) {
@@ -335,6 +400,9 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         let mut batch = frames.into_iter();
         loop {
             for frame in batch.by_ref() {
+                if matches!(frame, Frame::Ping { id } if id % 2 == 0) {
+                    shared.pending_echoes.fetch_sub(1, Ordering::Relaxed);
+                }
                 if encoder.encode(&frame, &mut out).is_err() {
                     // Only a header block can fail to compress, and then
                     // the shared compression context is lost.
@@ -409,7 +477,11 @@ async fn read_frames<R: AsyncRead + Unpin>(mut socket: R, shared: Arc<Shared>) {
     let why = 'session: loop {
         loop {
             match decoder.decode(&mut buffer) {
-                Ok(Some(frame)) => deliver(frame, &shared).await,
+                Ok(Some(frame)) => {
+                    if let Err(why) = deliver(frame, &shared).await {
+                        break 'session why;
+                    }
+                }
                 Ok(None) => break,
                 Err(err) => break 'session format!("the port-forward session broke: {err}"),
             }
@@ -437,8 +509,9 @@ async fn read_frames<R: AsyncRead + Unpin>(mut socket: R, shared: Arc<Shared>) {
     }
 }
 
-/// Hands one frame to the connection it belongs to.
-async fn deliver(frame: Frame, shared: &Shared) {
+/// Hands one frame to the connection it belongs to; an error (why) when
+/// the server broke the protocol so that the session must end.
+async fn deliver(frame: Frame, shared: &Shared) -> Result<(), String> {
     let route = |stream: u32| shared.streams().routes.get(&stream).cloned();
     match frame {
         Frame::Data {
@@ -447,7 +520,7 @@ async fn deliver(frame: Frame, shared: &Shared) {
             data,
         } => {
             let Some(route) = route(stream) else {
-                return;
+                return Ok(());
             };
             if !data.is_empty() {
                 let event = match route.role {
@@ -476,68 +549,117 @@ async fn deliver(frame: Frame, shared: &Shared) {
                 hand_over(shared, &route, Event::Reset(why)).await;
             }
         }
-        // Our pings have odd ids: one answered. The server's are echoed.
+        // Held by nobody: the connection is reset, the session goes on.
+        Frame::DataTooLong { stream, length } => {
+            if let Some(route) = route(stream) {
+                let why = format!(
+                    "reset: the API server sent a frame of {length} bytes, more than a \
+                     port-forward takes"
+                );
+                cut_connection(shared, &route, why, FRAME_TOO_LARGE);
+            }
+        }
+        // Our pings have odd ids: one answered. The server's are echoed
+        // while only a few echoes wait to be written.
         Frame::Ping { id } if id % 2 == 1 => shared.streams().ping_sent = None,
         Frame::Ping { id } => {
-            let _ = shared.control.send(Frame::Ping { id });
+            // Counted before it is queued: the writer may take it at once.
+            let pending = shared.pending_echoes.fetch_add(1, Ordering::Relaxed);
+            if pending >= MAX_PENDING_ECHOES || !shared.send_control(Frame::Ping { id }) {
+                shared.pending_echoes.fetch_sub(1, Ordering::Relaxed);
+            }
         }
         Frame::GoAway { .. } => shared.retire(),
-        // A server does not open streams on a port-forward.
+        // A port-forward server never opens a stream: one that does is not
+        // speaking the protocol, and refusing each would queue without end.
         Frame::SynStream { stream, .. } => {
-            let _ = shared.control.send(Frame::RstStream {
-                stream,
-                status: REFUSED_STREAM,
-            });
+            return Err(format!(
+                "the port-forward session broke: the API server opened stream {stream}, \
+                 which a port-forward server never does"
+            ));
         }
         _ => {}
     }
+    Ok(())
+}
+
+/// Ends one connection from the session's side: its streams get no more
+/// frames, the server is told with a reset of `status`, and its reader
+/// learns `why` once it has what was queued.
+fn cut_connection(shared: &Shared, route: &Route, why: String, status: u32) {
+    let (error_id, data_id) = route.pair;
+    {
+        let mut streams = shared.streams();
+        streams.routes.remove(&error_id);
+        streams.routes.remove(&data_id);
+    }
+    let _ = route.cut.set(why);
+    shared.send_control(Frame::RstStream {
+        stream: data_id,
+        status,
+    });
 }
 
 /// Puts `event` on a connection's queue. A full queue (its client stopped
-/// reading) retires the session, so no new connection joins the wait; if
-/// it is still full after [`STALL`] while other connections share the
-/// session, that connection is reset and the others carry on.
+/// reading: [`INCOMING_BYTES`] or [`INCOMING_FRAMES`] waiting) retires the
+/// session, so no new connection joins the wait; if it is still full after
+/// [`STALL`] while other connections share the session, that connection is
+/// reset and the others carry on.
 async fn hand_over(shared: &Shared, route: &Route, event: Event) {
-    let event = match route.events.try_send(event) {
-        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
-        Err(mpsc::error::TrySendError::Full(event)) => event,
+    // A frame is at most the decoder's data limit, far below u32::MAX.
+    let size = u32::try_from(event.queued_bytes()).unwrap_or(u32::MAX);
+    let event = match route.budget.try_acquire_many(size) {
+        Ok(bytes) => match route.events.try_send(event) {
+            Ok(()) => {
+                bytes.forget();
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+        },
+        Err(tokio::sync::TryAcquireError::Closed) => return,
+        Err(tokio::sync::TryAcquireError::NoPermits) => event,
     };
     {
         let mut streams = shared.streams();
         streams.retired = true;
         streams.reader_waiting = true;
     }
-    waiting_for_reader(shared, route, event).await;
+    waiting_for_reader(shared, route, event, size).await;
     shared.streams().reader_waiting = false;
 }
 
-/// The wait of [`hand_over`] on a full queue.
-async fn waiting_for_reader(shared: &Shared, route: &Route, event: Event) {
+/// The wait of [`hand_over`] on a full queue: for room for `size` bytes
+/// and a place in it.
+async fn waiting_for_reader(shared: &Shared, route: &Route, event: Event, size: u32) {
     let stall = tokio::time::sleep(STALL);
     tokio::pin!(stall);
+    let room = async {
+        let bytes = route.budget.acquire_many(size).await.ok()?;
+        let place = route.events.reserve().await.ok()?;
+        Some((bytes, place))
+    };
+    tokio::pin!(room);
     loop {
         tokio::select! {
-            permit = route.events.reserve() => {
-                if let Ok(permit) = permit {
-                    permit.send(event);
+            room = &mut room => {
+                if let Some((bytes, place)) = room {
+                    bytes.forget();
+                    place.send(event);
                 }
                 return;
             }
             _ = shared.closed.cancelled() => return,
             _ = &mut stall => {
-                let mut streams = shared.streams();
-                if streams.connections > 1 {
-                    let (error_id, data_id) = route.pair;
-                    streams.routes.remove(&error_id);
-                    streams.routes.remove(&data_id);
-                    route.stalled.store(true, Ordering::Relaxed);
-                    let _ = shared.control.send(Frame::RstStream {
-                        stream: data_id,
-                        status: CANCEL,
-                    });
+                if shared.streams().connections > 1 {
+                    let why = format!(
+                        "reset: its client read nothing for {} s while other connections to \
+                         the pod waited",
+                        STALL.as_secs()
+                    );
+                    cut_connection(shared, route, why, CANCEL);
                     return;
                 }
-                drop(streams);
                 stall.as_mut().reset(Instant::now() + STALL);
             }
         }
@@ -560,6 +682,7 @@ fn reset_reason(status: u32) -> &'static str {
         CANCEL => "cancelled",
         6 => "internal error",
         7 => "flow control error",
+        FRAME_TOO_LARGE => "frame too large",
         _ => "unknown status",
     }
 }
@@ -571,15 +694,18 @@ pub struct PairStream {
     data_id: u32,
     error_id: u32,
     incoming: mpsc::Receiver<Event>,
+    /// The queue's room in bytes, given back as frames are taken.
+    budget: Arc<Semaphore>,
     outgoing: PollSender<Frame>,
-    /// Set when the session reset this connection for not reading.
-    stalled: Arc<AtomicBool>,
+    /// Why the session cut this connection, when it did.
+    cut: Arc<OnceLock<String>>,
     /// Until the server acknowledges the data stream: when to give up.
     reply_deadline: Pin<Box<Sleep>>,
     replied: bool,
     /// What is left of the last data frame.
     unread: Bytes,
-    /// What the kubelet wrote on the error stream so far.
+    /// What the kubelet wrote on the error stream so far (at most
+    /// [`MAX_ERROR_TEXT`]).
     error_text: Vec<u8>,
     /// Whether the pod sent any data: an error before it is a refusal.
     data_seen: bool,
@@ -613,22 +739,27 @@ impl PairStream {
         io::Error::new(kind, String::from_utf8_lossy(&self.error_text).into_owned())
     }
 
-    /// Why the queue ended with no word: this connection was reset for not
-    /// reading, or the whole session ended.
+    /// Why the queue ended with no word: the session cut this connection
+    /// (not read, a frame too long), or the whole session ended.
     fn cut(&mut self) -> io::Error {
         self.failed = true;
-        if self.stalled.load(Ordering::Relaxed) {
-            io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!(
-                    "reset: its client read nothing for {} s while other connections to the \
-                     pod waited",
-                    STALL.as_secs()
-                ),
-            )
-        } else {
-            session_ended()
+        match self.cut.get() {
+            Some(why) => io::Error::new(io::ErrorKind::ConnectionReset, why.clone()),
+            None => session_ended(),
         }
+    }
+
+    /// Keeps the kubelet's words up to [`MAX_ERROR_TEXT`]; past it, the
+    /// connection ends with what came (`Some`, the read's error).
+    fn keep_error_text(&mut self, text: &[u8]) -> Option<io::Error> {
+        let room = MAX_ERROR_TEXT - self.error_text.len();
+        if text.len() <= room {
+            self.error_text.extend_from_slice(text);
+            return None;
+        }
+        self.error_text.extend_from_slice(&text[..room]);
+        self.error_text.extend_from_slice("…".as_bytes());
+        Some(self.fail_with_error_text())
     }
 }
 
@@ -663,6 +794,9 @@ impl AsyncRead for PairStream {
                 }
                 return Poll::Pending;
             };
+            if let Some(event) = &event {
+                self.budget.add_permits(event.queued_bytes());
+            }
             match event {
                 Some(Event::Replied) => self.replied = true,
                 Some(Event::Data(data)) => {
@@ -676,7 +810,11 @@ impl AsyncRead for PairStream {
                         return Poll::Ready(Err(self.fail_with_error_text()));
                     }
                 }
-                Some(Event::ErrorText(text)) => self.error_text.extend_from_slice(&text),
+                Some(Event::ErrorText(text)) => {
+                    if let Some(err) = self.keep_error_text(&text) {
+                        return Poll::Ready(Err(err));
+                    }
+                }
                 Some(Event::ErrorEnd) => {
                     if !self.error_text.is_empty() {
                         return Poll::Ready(Err(self.fail_with_error_text()));
@@ -753,7 +891,7 @@ impl Drop for PairStream {
         let last_of_retired = streams.retired && streams.connections == 0;
         drop(streams);
         if !(self.shut && self.data_ended) {
-            let _ = self.shared.control.send(Frame::RstStream {
+            self.shared.send_control(Frame::RstStream {
                 stream: self.data_id,
                 status: CANCEL,
             });
@@ -797,7 +935,12 @@ mod tests {
     }
 
     fn pair() -> (Session, Server) {
-        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        pair_of(1 << 20)
+    }
+
+    /// A session whose socket holds at most `capacity` bytes in flight.
+    fn pair_of(capacity: usize) -> (Session, Server) {
+        let (ours, theirs) = tokio::io::duplex(capacity);
         let server = Server {
             socket: theirs,
             encoder: Encoder::new(),
@@ -1036,5 +1179,183 @@ mod tests {
         let mut rest = Vec::new();
         server.socket.read_to_end(&mut rest).await.expect("read");
         assert!(session.open(80).is_err());
+    }
+
+    /// Every frame the server can read now, as many as come before a
+    /// moment with nothing more (the test's clock is paused: a timeout
+    /// fires only when no task can go on).
+    async fn frames_waiting(server: &mut Server) -> Vec<Frame> {
+        let mut seen = Vec::new();
+        loop {
+            while let Some(frame) = server.decoder.decode(&mut server.buffer).expect("a frame") {
+                seen.push(frame);
+            }
+            let read = tokio::time::timeout(
+                Duration::from_millis(100),
+                server.socket.read_buf(&mut server.buffer),
+            )
+            .await;
+            match read {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return seen,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_not_read_holds_a_few_mib_however_large_its_frames() {
+        let (_session, mut server) = pair();
+        let _stalled = session_open(&_session);
+        // Frames of 1 MiB (the most a frame may be): the server writes
+        // until the session stops reading. Before a byte bound, 128 such
+        // frames were queued for the one connection.
+        let frame = Frame::Data {
+            stream: 3,
+            flags: 0,
+            data: Bytes::from(vec![0u8; 1024 * 1024]),
+        };
+        let mut sent = 0usize;
+        while tokio::time::timeout(Duration::from_secs(1), server.send(frame.clone()))
+            .await
+            .is_ok()
+        {
+            sent += 1;
+            assert!(sent < 64, "the session kept reading: {sent} MiB taken");
+        }
+        // The queue's 4 MiB, the frame being handed over, the decoder's
+        // read buffer and the socket's 1 MiB in flight.
+        assert!(sent <= 4 + 3, "{sent} MiB taken");
+    }
+
+    fn session_open(session: &Session) -> PairStream {
+        session.open(80).expect("open")
+    }
+
+    #[tokio::test]
+    async fn a_data_frame_over_the_limit_resets_its_connection_and_the_other_carries_on() {
+        let (session, mut server) = pair();
+        let mut flooded = session.open(80).expect("open");
+        let mut other = session.open(80).expect("open");
+        let huge = Frame::Data {
+            stream: 3,
+            flags: 0,
+            data: Bytes::from(vec![0u8; 2 * 1024 * 1024]),
+        };
+        server.send(huge).await;
+        server.send(data(7, b"still here", 0)).await;
+        let err = flooded.read(&mut [0u8; 8]).await.expect_err("reset");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(err.to_string().contains("2097152 bytes"), "{err}");
+        let mut buffer = [0u8; 10];
+        other
+            .read_exact(&mut buffer)
+            .await
+            .expect("the other reads");
+        assert_eq!(&buffer, b"still here");
+        let reset = Frame::RstStream {
+            stream: 3,
+            status: FRAME_TOO_LARGE,
+        };
+        let mut seen = Vec::new();
+        while !seen.contains(&reset) {
+            assert!(seen.len() < 10, "no reset for the flooded one: {seen:?}");
+            seen.push(server.next().await);
+        }
+        assert!(session.is_usable(), "the session goes on");
+    }
+
+    #[tokio::test]
+    async fn endless_error_text_ends_the_connection_after_a_few_kib() {
+        let (session, mut server) = pair();
+        let mut stream = session.open(80).expect("open");
+        // Another connection keeps the session (retired by the refusal) up
+        // until the reset is written.
+        let _other = session.open(80).expect("open");
+        let line: &'static [u8] = &[b'x'; 1024];
+        // No FIN: the text would go on; the connection ends at the cap.
+        for _ in 0..64 {
+            server.send(data(1, line, 0)).await;
+        }
+        let err = stream.read(&mut [0u8; 8]).await.expect_err("ended");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionRefused);
+        let words = err.to_string();
+        assert!(
+            words.len() <= MAX_ERROR_TEXT + 4,
+            "{} bytes kept",
+            words.len()
+        );
+        assert!(words.ends_with('…'), "cut short, and said so");
+        drop(stream);
+        let reset = Frame::RstStream {
+            stream: 3,
+            status: CANCEL,
+        };
+        let mut seen = Vec::new();
+        while !seen.contains(&reset) {
+            assert!(seen.len() < 10, "no reset: {seen:?}");
+            seen.push(server.next().await);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ping_flood_from_a_server_that_does_not_read_gets_only_a_few_echoes() {
+        // The socket holds 4 KiB in flight: the echoes the session writes
+        // stop there while the server pings on and reads nothing.
+        let (session, mut server) = pair_of(4096);
+        let mut stream = session.open(80).expect("open");
+        let mut pings = BytesMut::new();
+        for id in 0..20_000u32 {
+            server
+                .encoder
+                .encode(&Frame::Ping { id: id * 2 + 2 }, &mut pings)
+                .expect("encode");
+        }
+        server.send(data(3, b"after", 0)).await;
+        let (wrote, read) = tokio::join!(server.socket.write_all(&pings), async {
+            let mut buffer = [0u8; 5];
+            stream.read_exact(&mut buffer).await.map(|_| buffer)
+        });
+        wrote.expect("the session read every ping");
+        assert_eq!(&read.expect("then the data"), b"after");
+        let echoes = frames_waiting(&mut server)
+            .await
+            .into_iter()
+            .filter(|frame| matches!(frame, Frame::Ping { id } if id % 2 == 0))
+            .count();
+        // What the socket held, plus the few pending: not one per ping.
+        assert!(
+            echoes < 4096 / 12 + 2 * MAX_PENDING_ECHOES,
+            "{echoes} echoes"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_server_that_opens_a_stream_ends_the_session_and_is_not_answered() {
+        let (session, mut server) = pair();
+        let mut stream = session.open(80).expect("open");
+        server
+            .send(Frame::SynStream {
+                stream: 2,
+                flags: 0,
+                headers: Vec::new(),
+            })
+            .await;
+        let err = stream.read(&mut [0u8; 8]).await.expect_err("ended");
+        assert_eq!(err.kind(), io::ErrorKind::ConnectionReset);
+        assert!(err.to_string().contains("opened stream 2"), "{err}");
+        assert!(!session.is_usable());
+        let mut rest = Vec::new();
+        server
+            .socket
+            .read_to_end(&mut rest)
+            .await
+            .expect("to the end");
+        server.buffer.extend_from_slice(&rest);
+        while let Ok(Some(frame)) = server.decoder.decode(&mut server.buffer) {
+            assert!(
+                !matches!(frame, Frame::RstStream { stream: 2, .. }),
+                "no reset is queued for it"
+            );
+        }
     }
 }

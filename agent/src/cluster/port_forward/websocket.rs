@@ -15,6 +15,10 @@
 //! gets [`LINGER`] of silence to finish its answer, and then the stream is
 //! closed (kube's `Portforwarder` closes at once, losing a late answer; a
 //! stream left open would hold the pod's connection for hours).
+//!
+//! A message from the API server is taken up to [`MAX_MESSAGE`] (a few
+//! MiB, not tungstenite's 64 MiB): a broken or hostile server cannot make
+//! one connection hold more.
 
 use std::future::Future;
 use std::io;
@@ -28,7 +32,9 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::Client;
 use kube::Resource;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::WebSocketStream;
 
 /// On v4, how long the pod may stay silent after the client finished
 /// sending before the stream is closed.
@@ -38,6 +44,18 @@ const DATA: u8 = 0;
 const ERROR: u8 = 1;
 /// v5's signal channel: `[CLOSE, DATA]` ends what we send on the data channel.
 const CLOSE: u8 = 255;
+/// The longest message (and frame) taken from the API server. It relays a
+/// kubelet's reads, 32 KiB each; 4 MiB is 128 of them, one connection's
+/// share as on an SPDY session. A longer one ends the connection.
+const MAX_MESSAGE: usize = 4 * 1024 * 1024;
+
+/// The WebSocket settings of a port-forward: tungstenite's, with messages
+/// and frames of at most [`MAX_MESSAGE`].
+fn config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE))
+        .max_frame_size(Some(MAX_MESSAGE))
+}
 
 /// What a port-forward's WebSocket is to us: messages in, messages out.
 pub trait Socket:
@@ -69,7 +87,11 @@ pub async fn open(
         .map_err(kube::Error::BuildRequest)?;
     let connection = client.connect(request).await?;
     let half_close = connection.supports_stream_close();
-    Ok(PortForwardStream::new(connection.into_stream(), half_close))
+    // kube wraps the upgraded socket with tungstenite's defaults; nothing
+    // has been read from it yet, so it is wrapped again with ours.
+    let upgraded = connection.into_stream().into_inner();
+    let socket = WebSocketStream::from_raw_socket(upgraded, Role::Client, Some(config())).await;
+    Ok(PortForwardStream::new(socket, half_close))
 }
 
 /// One port of a pod through the API server, as a byte stream.
@@ -281,8 +303,6 @@ mod tests {
     use super::*;
     use futures_util::{SinkExt, StreamExt};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    use tokio_tungstenite::tungstenite::protocol::Role;
-    use tokio_tungstenite::WebSocketStream;
 
     /// A port-forward stream over an in-memory WebSocket, and the API
     /// server's end of it.
@@ -291,7 +311,7 @@ mod tests {
         WebSocketStream<tokio::io::DuplexStream>,
     ) {
         let (ours, theirs) = tokio::io::duplex(1 << 16);
-        let client = WebSocketStream::from_raw_socket(ours, Role::Client, None).await;
+        let client = WebSocketStream::from_raw_socket(ours, Role::Client, Some(config())).await;
         let server = WebSocketStream::from_raw_socket(theirs, Role::Server, None).await;
         (PortForwardStream::new(client, false), server)
     }
@@ -393,5 +413,21 @@ mod tests {
         assert_eq!(signal, frame(CLOSE, &[DATA]));
         let err = stream.write(b"late").await.expect_err("closed");
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+    }
+
+    #[tokio::test]
+    async fn a_message_longer_than_a_few_mib_ends_the_connection_unheld() {
+        let (mut stream, mut server) = pair().await;
+        open_channels(&mut server).await;
+        // The server's send waits on a reader that gives up at the frame's
+        // header: it is left to run, not awaited.
+        tokio::spawn(async move {
+            let _ = server.send(frame(DATA, &vec![0u8; MAX_MESSAGE + 1])).await;
+            server
+        });
+        let mut got = Vec::new();
+        let err = stream.read_to_end(&mut got).await.expect_err("refused");
+        assert!(got.is_empty(), "none of it was handed over");
+        assert!(err.to_string().contains("too long"), "{err}");
     }
 }
