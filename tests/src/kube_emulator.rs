@@ -5,7 +5,9 @@
 //! 404 for what is missing, 409 on a create conflict, 422 for an invalid pod,
 //! 410 Gone for a watch older than its history, and no new resourceVersion
 //! for an apply that changes nothing. It can be stopped and started again on
-//! the same port with its state, to play a cluster going away.
+//! the same port with its state, to play a cluster going away. Its SPDY
+//! port-forwards can also misbehave on demand ([`Hostile`]), as a broken or
+//! hostile API server would.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -13,6 +15,8 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 mod spdy;
+
+pub use spdy::{Flood, FloodEnd, Hostile};
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
@@ -77,6 +81,10 @@ struct Cluster {
     refuse_spdy: bool,
     /// SPDY sessions upgraded so far.
     spdy_sessions: usize,
+    /// How SPDY sessions upgraded from now on misbehave, if they do.
+    hostile: Option<Hostile>,
+    /// How far the hostile sessions' floods went.
+    flood: Flood,
 }
 
 #[derive(Debug, Clone)]
@@ -932,6 +940,19 @@ impl KubeEmulator {
     /// Answers SPDY upgrades with 400 from now on (WebSockets still pass).
     pub fn refuse_spdy(&self) {
         self.shared.lock().refuse_spdy = true;
+    }
+
+    /// Makes the SPDY sessions upgraded from now on misbehave as `mode`
+    /// says (`None`: well again). Sessions already up keep their ways.
+    pub fn hostile(&self, mode: Option<Hostile>) {
+        let mut cluster = self.shared.lock();
+        cluster.hostile = mode;
+        cluster.flood = Flood::default();
+    }
+
+    /// How far the hostile sessions' floods went since the mode was set.
+    pub fn flood(&self) -> Flood {
+        self.shared.lock().flood
     }
 
     /// How many SPDY sessions port-forwards have upgraded so far.

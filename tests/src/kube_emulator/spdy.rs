@@ -3,11 +3,17 @@
 //! request id, each pair bridged to the TCP server that plays the pod's
 //! port, the kubelet's words on the error stream when the port refuses,
 //! and a reset (RST_STREAM) for the one stream the test asks to cut.
+//!
+//! A session upgraded while the test asks for it is hostile instead
+//! ([`Hostile`]): header blocks that inflate a thousandfold, data frames
+//! of SPDY's largest size, error text without end, a flood of pings or of
+//! streams opened by the server. Its flood is written by the session's
+//! writing task, which says how far it went ([`Flood`]).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use k3s_local_agent_spdy::{header, Decoder, Encoder, Frame, FLAG_FIN};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -17,6 +23,60 @@ use super::Shared;
 
 /// RST_STREAM status the emulator cuts a stream with.
 const INTERNAL_ERROR: u32 = 6;
+
+/// How a hostile session misbehaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hostile {
+    /// The session's first SYN_REPLY carries a header block whose one
+    /// value inflates to `inflated` bytes (about 1 KiB on the wire per
+    /// MiB); the later ones are as usual.
+    HeaderBomb { inflated: usize },
+    /// Each connection's data stream gets `count` frames of `size` bytes
+    /// at once, whether its client reads or not.
+    DataFrames { size: usize, count: usize },
+    /// Each connection's error stream gets `bytes` of text in 32 KiB
+    /// frames, never finished.
+    ErrorText { bytes: usize },
+    /// `count` pings as soon as the session is up; from then on the server
+    /// reads nothing, echoes included.
+    PingFlood { count: usize },
+    /// `count` streams opened by the server (SYN_STREAM, even ids) as
+    /// soon as the session is up; it reads nothing.
+    ServerStreams { count: usize },
+}
+
+/// How far the hostile sessions' floods went.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flood {
+    /// Bytes of flood written to the sockets.
+    pub written: u64,
+    /// How the last flood ended, once one has.
+    pub end: Option<FloodEnd>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloodEnd {
+    /// All of it was written.
+    Sent,
+    /// The client closed the session before all of it was written.
+    Cut,
+}
+
+/// What a hostile session hands its writing task.
+enum Raw {
+    /// A SYN_REPLY for `stream` whose block inflates to `inflated` bytes;
+    /// `written` says when it is on the socket.
+    Bomb {
+        stream: u32,
+        inflated: usize,
+        written: tokio::sync::oneshot::Sender<()>,
+    },
+    /// `frame`, `count` times over (its bytes repeated: it carries no
+    /// header block, whose compression would differ each time).
+    Repeat { frame: Frame, count: usize },
+    /// `count` SYN_STREAMs, each encoded on the session's context.
+    Streams { count: usize },
+}
 
 /// What the session hands a pair's bridge.
 enum Incoming {
@@ -49,19 +109,34 @@ pub(super) async fn serve<S>(socket: S, shared: Shared, pod: Pod, running: Cance
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (mut reader, mut writer) = tokio::io::split(socket);
-    let (outgoing, mut queue) = mpsc::unbounded_channel::<Frame>();
-    let writing = tokio::spawn(async move {
-        let mut encoder = Encoder::new();
-        let mut out = BytesMut::new();
-        while let Some(frame) = queue.recv().await {
-            out.clear();
-            if encoder.encode(&frame, &mut out).is_err() || writer.write_all(&out).await.is_err() {
-                break;
-            }
+    let (mut reader, writer) = tokio::io::split(socket);
+    let (outgoing, queue) = mpsc::unbounded_channel::<Frame>();
+    let (raw, raw_queue) = mpsc::channel::<Raw>(4);
+    let mut writing = tokio::spawn(write_frames(writer, queue, raw_queue, shared.clone()));
+    let hostile = shared.lock().hostile;
+    // The session's first reply only: one bomb makes the point.
+    let mut bomb = match hostile {
+        Some(Hostile::HeaderBomb { inflated }) => Some(inflated),
+        _ => None,
+    };
+    let flood = match hostile {
+        Some(Hostile::PingFlood { count }) => Some(Raw::Repeat {
+            frame: Frame::Ping { id: 2 },
+            count,
+        }),
+        Some(Hostile::ServerStreams { count }) => Some(Raw::Streams { count }),
+        _ => None,
+    };
+    if let Some(flood) = flood {
+        // Written at once; nothing is read, and the session ends with it.
+        let _ = raw.send(flood).await;
+        drop((raw, outgoing));
+        tokio::select! {
+            _ = running.cancelled() => writing.abort(),
+            _ = &mut writing => {}
         }
-        let _ = writer.shutdown().await;
-    });
+        return;
+    }
     let mut decoder = Decoder::new();
     let mut buffer = BytesMut::with_capacity(64 * 1024);
     let mut halves: HashMap<String, Half> = HashMap::new();
@@ -73,11 +148,24 @@ where
                 Frame::SynStream {
                     stream, headers, ..
                 } => {
-                    let _ = outgoing.send(Frame::SynReply {
-                        stream,
-                        flags: 0,
-                        headers: Vec::new(),
-                    });
+                    if let Some(inflated) = bomb.take() {
+                        // On the socket before anything else of the pair.
+                        let (written, on_socket) = tokio::sync::oneshot::channel();
+                        let bomb = Raw::Bomb {
+                            stream,
+                            inflated,
+                            written,
+                        };
+                        if raw.send(bomb).await.is_err() || on_socket.await.is_err() {
+                            break 'session;
+                        }
+                    } else {
+                        let _ = outgoing.send(Frame::SynReply {
+                            stream,
+                            flags: 0,
+                            headers: Vec::new(),
+                        });
+                    }
                     let request = header(&headers, "requestid").unwrap_or_default().to_owned();
                     let port = header(&headers, "port")
                         .and_then(|port| port.parse::<u16>().ok())
@@ -93,6 +181,30 @@ where
                         data: Some((data, port)),
                     }) = halves.get(&request)
                     {
+                        let flood = match hostile {
+                            Some(Hostile::DataFrames { size, count }) => Some(Raw::Repeat {
+                                frame: Frame::Data {
+                                    stream: *data,
+                                    flags: 0,
+                                    data: Bytes::from(vec![0u8; size]),
+                                },
+                                count,
+                            }),
+                            Some(Hostile::ErrorText { bytes }) => Some(Raw::Repeat {
+                                frame: Frame::Data {
+                                    stream: *error,
+                                    flags: 0,
+                                    data: Bytes::from(vec![b'x'; ERROR_TEXT_FRAME]),
+                                },
+                                count: bytes / ERROR_TEXT_FRAME,
+                            }),
+                            _ => None,
+                        };
+                        if let Some(flood) = flood {
+                            let _ = raw.send(flood).await;
+                            halves.remove(&request);
+                            continue;
+                        }
                         let (to_bridge, from_session) = mpsc::unbounded_channel();
                         bridges.insert(*data, to_bridge);
                         let backend = if pod.gone.is_cancelled() {
@@ -165,6 +277,136 @@ where
     }
     drop(outgoing);
     writing.abort();
+    // A flood the client cut short by ending the session: the writing
+    // task may have been stopped before its write failed.
+    let _ = writing.await;
+    if hostile.is_some() {
+        let mut cluster = shared.lock();
+        if cluster.flood.end.is_none() && cluster.flood.written > 0 {
+            cluster.flood.end = Some(FloodEnd::Cut);
+        }
+    }
+}
+
+/// The size of a hostile session's error text frames: what a kubelet
+/// writes at once at most.
+const ERROR_TEXT_FRAME: usize = 32 * 1024;
+
+/// The session's writing task: the frames of its streams, and a hostile
+/// session's floods, each whole before the next frame.
+async fn write_frames<W: AsyncWrite + Unpin>(
+    mut writer: W,
+    mut queue: mpsc::UnboundedReceiver<Frame>,
+    mut raw: mpsc::Receiver<Raw>,
+    shared: Shared,
+) {
+    let mut encoder = Encoder::new();
+    let mut out = BytesMut::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(frame) = queue.recv() => {
+                out.clear();
+                if encoder.encode(&frame, &mut out).is_err()
+                    || writer.write_all(&out).await.is_err()
+                {
+                    break;
+                }
+            }
+            Some(flood) = raw.recv() => {
+                let end = match write_flood(&mut writer, &mut encoder, flood, &shared).await {
+                    Ok(()) => FloodEnd::Sent,
+                    Err(_) => FloodEnd::Cut,
+                };
+                shared.lock().flood.end = Some(end);
+                if end == FloodEnd::Cut {
+                    break;
+                }
+            }
+            else => break,
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// Writes one flood, counting what reached the socket.
+async fn write_flood<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    encoder: &mut Encoder,
+    flood: Raw,
+    shared: &Shared,
+) -> std::io::Result<()> {
+    let mut out = BytesMut::new();
+    match flood {
+        Raw::Bomb {
+            stream,
+            inflated,
+            written,
+        } => {
+            // One pair, "x-bomb", whose value is `inflated` zero bytes.
+            let mut head = BytesMut::new();
+            head.put_u32(1);
+            head.put_u32(6);
+            head.put_slice(b"x-bomb");
+            head.put_u32(u32::try_from(inflated).unwrap_or(u32::MAX));
+            let zeros = vec![0u8; 1 << 20];
+            let pieces = std::iter::once(&head[..]).chain(
+                std::iter::repeat_n(&zeros[..], inflated / zeros.len())
+                    .chain(std::iter::once(&zeros[..inflated % zeros.len()])),
+            );
+            encoder
+                .encode_raw_reply(stream, pieces, &mut out)
+                .map_err(std::io::Error::other)?;
+            put(writer, &out, shared).await?;
+            let _ = written.send(());
+        }
+        Raw::Repeat { frame, count } => {
+            encoder
+                .encode(&frame, &mut out)
+                .map_err(std::io::Error::other)?;
+            // About 1 MiB a write, or one frame when it is larger.
+            let per_write = ((1 << 20) / out.len()).max(1);
+            let batch = out.repeat(per_write.min(count));
+            let mut left = count;
+            while left > 0 {
+                let n = left.min(per_write);
+                put(writer, &batch[..n * out.len()], shared).await?;
+                left -= n;
+            }
+        }
+        Raw::Streams { count } => {
+            let mut stream = 2u32;
+            let mut left = count;
+            while left > 0 {
+                for _ in 0..left.min(4096) {
+                    let open = Frame::SynStream {
+                        stream,
+                        flags: 0,
+                        headers: Vec::new(),
+                    };
+                    encoder
+                        .encode(&open, &mut out)
+                        .map_err(std::io::Error::other)?;
+                    stream += 2;
+                    left -= 1;
+                }
+                put(writer, &out, shared).await?;
+                out.clear();
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes part of a flood, and counts it.
+async fn put<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+    shared: &Shared,
+) -> std::io::Result<()> {
+    writer.write_all(bytes).await?;
+    shared.lock().flood.written += bytes.len() as u64;
+    Ok(())
 }
 
 /// Where the pod's `port` runs (its own server, or the pod's).
