@@ -377,7 +377,7 @@ impl Agent {
             taken.insert(old);
             let mut leaving = Vec::new();
             for port in &mut entry.tunnels {
-                leaving.extend(port.name_listeners.drain(..));
+                leaving.append(&mut port.name_listeners);
                 port.name_port_error = None;
             }
             self.close_later(leaving);
@@ -399,7 +399,7 @@ impl Agent {
         }
         let mut leaving = Vec::new();
         for port in &mut entry.tunnels {
-            leaving.extend(port.name_listeners.drain(..));
+            leaving.append(&mut port.name_listeners);
         }
         self.close_later(leaving);
         if let Some(port) = entry.tunnels.get_mut(index) {
