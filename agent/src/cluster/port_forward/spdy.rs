@@ -1358,4 +1358,19 @@ mod tests {
             );
         }
     }
+
+    #[tokio::test]
+    async fn a_server_that_reads_nothing_fills_the_control_queue_and_the_session_retires() {
+        // Nothing is written while this task runs on: each connection
+        // opened and dropped queues three frames (two openings, a reset),
+        // and the queue stops at its bound rather than growing.
+        let (session, _server) = pair_of(64);
+        let mut opened = 0;
+        while let Ok(stream) = session.open(80) {
+            drop(stream);
+            opened += 1;
+            assert!(opened <= CONTROL_FRAMES, "{opened} connections queued");
+        }
+        assert!(!session.is_usable(), "new connections go elsewhere");
+    }
 }
