@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{Container, ContainerPort, Pod, PodSpec as K8sPodSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
-use crate::model::{MirrorView, PodSpec};
+use crate::model::{is_label_value, MirrorView, PodSpec};
 
 /// Label every mirror carries, with [`MANAGED_BY_VALUE`].
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
@@ -22,14 +22,7 @@ pub const FIELD_MANAGER: &str = "k3s-local-agent";
 
 /// A label value for `agent_id`: itself when valid, else a stable hash.
 pub fn agent_label_value(agent_id: &str) -> String {
-    let valid = !agent_id.is_empty()
-        && agent_id.len() <= 63
-        && agent_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        && agent_id.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && agent_id.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if valid {
+    if is_label_value(agent_id) {
         return agent_id.to_owned();
     }
     // FNV-1a: stable across runs and versions, unlike std's hasher.
@@ -162,7 +155,7 @@ pub(super) fn pod_id_of(pod: &Pod) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::parse_pod;
+    use crate::model::{is_dns_label, parse_pod};
 
     #[test]
     fn manifests_carry_our_labels_and_the_pod_id() {
@@ -218,7 +211,7 @@ mod tests {
         assert_eq!(names["c-1"], "api", "a unique name stays");
         assert!(names["a-1"].starts_with("web-") && names["b-1"].starts_with("web-"));
         assert_ne!(names["a-1"], names["b-1"]);
-        assert!(names.values().all(|name| name.len() <= 63), "{names:?}");
+        assert!(names.values().all(|name| is_dns_label(name)), "{names:?}");
         let mut reversed = specs.clone();
         reversed.reverse();
         assert_eq!(mirror_names(&reversed), names, "order does not matter");
@@ -239,7 +232,7 @@ mod tests {
         );
         let long = "x".repeat(80);
         let hashed = agent_label_value(&long);
-        assert!(hashed.starts_with("agent-") && hashed.len() <= 63);
+        assert!(hashed.starts_with("agent-") && is_label_value(&hashed));
         assert_eq!(hashed, agent_label_value(&long), "stable");
         assert_ne!(agent_label_value("a:b"), "a:b");
     }

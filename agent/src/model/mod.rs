@@ -6,12 +6,14 @@
 //! concern; every item is exported here, so callers name `crate::model::X`
 //! and never the file it lives in.
 
+mod dns;
 mod health;
 mod pod;
 mod push;
 mod tunnel;
 mod views;
 
+pub use dns::{is_dns_label, is_label_value, MAX_LABEL_LEN};
 pub use health::{ControlPlaneHealth, HealthResponse, NamesHealth, NamesMode, StagingHealth};
 pub use pod::{
     validate_namespace, validate_pod_id, validate_pod_name, FieldError, PodSpec, PortSpec,

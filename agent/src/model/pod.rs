@@ -8,11 +8,13 @@ use std::net::IpAddr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::dns::{is_dns_label, MAX_LABEL_LEN};
+
 /// The staging port a pod is forwarded to when the push names none.
 pub const DEFAULT_STAGING_PORT: u16 = 80;
 
 /// The longest pod name whose `<name>-staging` still fits one DNS label (63).
-pub const MAX_POD_NAME_LEN: usize = 63 - "-staging".len();
+pub const MAX_POD_NAME_LEN: usize = MAX_LABEL_LEN - "-staging".len();
 
 /// One staging pod as the control plane describes it, after validation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,15 +208,7 @@ pub fn validate_pod_name(name: &str) -> Result<(), String> {
             name.len()
         ));
     }
-    let valid_chars = name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    let alnum_ends = name
-        .bytes()
-        .next()
-        .zip(name.bytes().last())
-        .is_some_and(|(first, last)| first.is_ascii_alphanumeric() && last.is_ascii_alphanumeric());
-    if !valid_chars || !alnum_ends {
+    if !is_dns_label(name) {
         return Err(format!(
             "pod name {name:?} is not a DNS-1123 label: lowercase letters, digits and '-', \
              starting and ending with a letter or digit"
@@ -230,13 +224,7 @@ pub fn validate_namespace(namespace: &str) -> Result<(), FieldError> {
     if namespace.is_empty() {
         return Ok(());
     }
-    let valid = namespace.len() <= 63
-        && namespace
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && namespace.starts_with(|c: char| c.is_ascii_alphanumeric())
-        && namespace.ends_with(|c: char| c.is_ascii_alphanumeric());
-    if valid {
+    if is_dns_label(namespace) {
         Ok(())
     } else {
         Err(FieldError::new(
@@ -259,13 +247,10 @@ pub(super) fn validate_port(value: u64, field: &str) -> Result<u16, String> {
 /// A port name as Kubernetes takes it (IANA_SVC_NAME): 1-15 lowercase
 /// letters, digits and '-', with a letter, not starting or ending with '-'.
 pub(super) fn validate_port_name(name: &str, field: &str) -> Result<(), FieldError> {
-    let ok = (1..=15).contains(&name.len())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    // A DNS label, shorter, with a letter, and no "--" (IANA's own rules).
+    let ok = name.len() <= 15
+        && is_dns_label(name)
         && name.bytes().any(|b| b.is_ascii_lowercase())
-        && !name.starts_with('-')
-        && !name.ends_with('-')
         && !name.contains("--");
     if ok {
         Ok(())

@@ -43,7 +43,7 @@ impl Claimant<'_> {
 pub use crate::model::AssignedNames as Assigned;
 
 /// Longest first label of a DNS name.
-const MAX_LABEL: usize = 63;
+const MAX_LABEL: usize = crate::model::MAX_LABEL_LEN;
 const SUFFIX: &str = "-staging";
 
 /// `<name>-staging.local`.
@@ -338,13 +338,7 @@ mod tests {
         let first = long.split('.').next().unwrap_or_default();
         assert!(first.len() <= MAX_LABEL, "{long}");
         assert!(first.ends_with("-staging"), "{long}");
-        assert!(
-            first
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !first.starts_with('-'),
-            "a DNS label: {long}"
-        );
+        assert!(crate::model::is_dns_label(first), "a DNS label: {long}");
         assert_ne!(long, long_name(&name, &"s".repeat(62)));
         assert_eq!(long, long_name(&name, &namespace), "deterministic");
     }
