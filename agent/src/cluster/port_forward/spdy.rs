@@ -883,6 +883,8 @@ impl Drop for PairStream {
     /// reset, so the kubelet lets go of the pod's side at once. The last
     /// connection of a retired session ends it.
     fn drop(&mut self) {
+        // A frame waiting for room in the queue waits no more.
+        self.budget.close();
         let mut streams = self.shared.streams();
         streams.routes.remove(&self.data_id);
         streams.routes.remove(&self.error_id);
@@ -1317,6 +1319,10 @@ mod tests {
         });
         wrote.expect("the session read every ping");
         assert_eq!(&read.expect("then the data"), b"after");
+        assert!(
+            session.is_usable(),
+            "the few echoes left the control queue room for openings and resets"
+        );
         let echoes = frames_waiting(&mut server)
             .await
             .into_iter()
@@ -1372,5 +1378,33 @@ mod tests {
             assert!(opened <= CONTROL_FRAMES, "{opened} connections queued");
         }
         assert!(!session.is_usable(), "new connections go elsewhere");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_dropped_while_its_full_queue_holds_the_session_frees_it_at_once() {
+        let (session, mut server) = pair();
+        let full = session.open(80).expect("open");
+        let mut other = session.open(80).expect("open");
+        // One frame of 1 MiB more than the unread queue's 4 MiB holds: the
+        // session waits for room, then its client goes away.
+        let mib = Bytes::from(vec![0u8; 1024 * 1024]);
+        for _ in 0..5 {
+            server
+                .send(Frame::Data {
+                    stream: 3,
+                    flags: 0,
+                    data: mib.clone(),
+                })
+                .await;
+        }
+        server.send(data(7, b"other", 0)).await;
+        tokio::task::yield_now().await;
+        drop(full);
+        let mut buffer = [0u8; 5];
+        tokio::time::timeout(Duration::from_secs(1), other.read_exact(&mut buffer))
+            .await
+            .expect("no wait for STALL")
+            .expect("the other reads");
+        assert_eq!(&buffer, b"other");
     }
 }
