@@ -10,25 +10,32 @@
 //! [`LocalDialer`] it is given, a staging pod through the staging API only
 //! through the [`StagingDialer`]), the HTTP API or the operator's tools.
 
+mod accept;
 mod address_ports;
 mod addresses;
-mod forward;
+mod dial;
 mod listen;
 mod ports;
 mod reach;
 mod relay;
+mod serve;
 mod shards;
+mod shared;
 #[cfg(target_os = "linux")]
 mod splice;
+mod stats;
+#[cfg(test)]
+mod testing;
 
+pub use accept::RunningTunnel;
 pub use address_ports::AddressPorts;
 pub use addresses::{AddressBlock, AddressBlockError, BlockFull, CannotListen};
-pub use forward::{
-    combined_activity, latency_buckets, ConnectErrorKind, DialError, Dialers, LocalDialer,
-    LocalStream, NoStagingCluster, Route, RunningTunnel, StagingDialer, TunnelShared, TunnelStats,
-    SAMPLE_EVERY,
+pub use dial::{
+    DialError, DialFuture, Dialers, LocalDialer, LocalStream, NoStagingCluster, StagingDialer,
 };
 pub use listen::bind_listener;
 pub use ports::{PortPlan, PortRange};
 pub use reach::{PodWays, StagingPod};
 pub use shards::{default_count as default_forward_threads, ForwardShards, ShardLoads};
+pub use shared::{combined_activity, Route, TunnelShared};
+pub use stats::{latency_buckets, ConnectErrorKind, TunnelStats, SAMPLE_EVERY};
