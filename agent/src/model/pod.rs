@@ -177,18 +177,19 @@ impl FieldError {
 }
 
 /// Checks a pod id: it keys our state and appears in URLs and the status JSON.
-pub fn validate_pod_id(id: &str) -> Result<(), String> {
+pub fn validate_pod_id(id: &str) -> Result<(), FieldError> {
+    let refuse = |message: String| Err(FieldError::new("id", message));
     if id.is_empty() {
-        return Err("pod id must not be empty".into());
+        return refuse("pod id must not be empty".into());
     }
     if id.len() > 253 {
-        return Err(format!("pod id is {} characters; at most 253", id.len()));
+        return refuse(format!("pod id is {} characters; at most 253", id.len()));
     }
     if let Some(bad) = id
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':')))
     {
-        return Err(format!(
+        return refuse(format!(
             "pod id {id:?} contains {bad:?}; allowed: letters, digits, '-', '_', '.', ':'"
         ));
     }
@@ -197,19 +198,20 @@ pub fn validate_pod_id(id: &str) -> Result<(), String> {
 
 /// Checks that a pod name is a DNS-1123 label short enough that
 /// `<name>-staging` is one too, so it is safe in a hosts file and a cluster.
-pub fn validate_pod_name(name: &str) -> Result<(), String> {
+pub fn validate_pod_name(name: &str) -> Result<(), FieldError> {
+    let refuse = |message: String| Err(FieldError::new("name", message));
     if name.is_empty() {
-        return Err("pod name must not be empty".into());
+        return refuse("pod name must not be empty".into());
     }
     if name.len() > MAX_POD_NAME_LEN {
-        return Err(format!(
+        return refuse(format!(
             "pod name {name:?} is {} characters; at most {MAX_POD_NAME_LEN} so that \
              \"<name>-staging\" fits one DNS label",
             name.len()
         ));
     }
     if !is_dns_label(name) {
-        return Err(format!(
+        return refuse(format!(
             "pod name {name:?} is not a DNS-1123 label: lowercase letters, digits and '-', \
              starting and ending with a letter or digit"
         ));
@@ -237,10 +239,15 @@ pub fn validate_namespace(namespace: &str) -> Result<(), FieldError> {
     }
 }
 
-pub(super) fn validate_port(value: u64, field: &str) -> Result<u16, String> {
+/// A port number as pushed, 1-65535; `field` says where it stood (`port`,
+/// `ports[2].port`).
+pub(super) fn validate_port(value: u64, field: &str) -> Result<u16, FieldError> {
     match u16::try_from(value) {
         Ok(port) if port != 0 => Ok(port),
-        _ => Err(format!("{field} {value} is out of range 1-65535")),
+        _ => Err(FieldError::new(
+            field,
+            format!("{field} {value} is out of range 1-65535"),
+        )),
     }
 }
 
@@ -287,6 +294,25 @@ mod tests {
         for good in ["a", "my-app", "a1", &"a".repeat(55)] {
             assert!(validate_pod_name(good).is_ok(), "{good:?} rejected");
         }
+    }
+
+    #[test]
+    fn id_and_name_errors_name_their_field() {
+        let err = validate_pod_id("a b").expect_err("space");
+        assert_eq!(err.field, "id");
+        assert!(
+            err.message.starts_with("pod id \"a b\" contains ' '"),
+            "{err}"
+        );
+        assert_eq!(
+            validate_pod_id("").expect_err("empty").message,
+            "pod id must not be empty"
+        );
+        let err = validate_pod_name("My-App").expect_err("capitals");
+        assert_eq!(err.field, "name");
+        assert!(err.message.contains("is not a DNS-1123 label"), "{err}");
+        let err = validate_pod_name(&"a".repeat(56)).expect_err("long");
+        assert!(err.message.contains("at most 55"), "{err}");
     }
 
     #[test]

@@ -119,11 +119,11 @@ pub fn parse_pod(index: usize, value: serde_json::Value) -> Result<PodSpec, PodR
     let id = raw
         .id
         .ok_or_else(|| reject(Some("id"), "missing field `id`".into()))?;
-    validate_pod_id(&id).map_err(|e| reject(Some("id"), e))?;
+    validate_pod_id(&id).map_err(|e| reject(Some(&e.field), e.message))?;
     let name = raw
         .name
         .ok_or_else(|| reject(Some("name"), "missing field `name`".into()))?;
-    validate_pod_name(&name).map_err(|e| reject(Some("name"), e))?;
+    validate_pod_name(&name).map_err(|e| reject(Some(&e.field), e.message))?;
     let ip_text = raw
         .ip
         .ok_or_else(|| reject(Some("ip"), "missing field `ip`".into()))?;
@@ -135,7 +135,9 @@ pub fn parse_pod(index: usize, value: serde_json::Value) -> Result<PodSpec, PodR
     })?;
 
     let first = match raw.port {
-        Some(port) => Some(validate_port(port, "port").map_err(|e| reject(Some("port"), e))?),
+        Some(port) => {
+            Some(validate_port(port, "port").map_err(|e| reject(Some(&e.field), e.message))?)
+        }
         None => None,
     };
     let ports = parse_ports(first, raw.ports.unwrap_or_default())
@@ -184,7 +186,8 @@ pub fn parse_pod_id_only(index: usize, value: &serde_json::Value) -> Result<Stri
             "field `id` must be a string",
         ));
     };
-    validate_pod_id(id).map_err(|e| PodRejection::new(Some(id), index, Some("id"), e))?;
+    validate_pod_id(id)
+        .map_err(|e| PodRejection::new(Some(id), index, Some(&e.field), e.message))?;
     Ok(id.to_owned())
 }
 
@@ -269,7 +272,7 @@ fn parse_port_entry(field: &str, entry: serde_json::Value) -> Result<PortSpec, F
             .ok_or_else(|| {
                 FieldError::new(field, format!("{field} must be a port number, not {value}"))
             })
-            .and_then(|n| validate_port(n, field).map_err(|e| FieldError::new(field, e)))
+            .and_then(|n| validate_port(n, field))
     };
     match entry {
         serde_json::Value::Number(_) => Ok(PortSpec::tcp(number(&entry, field)?)),
