@@ -3,8 +3,6 @@
 //! through the API server, so a replaced mirror or a cluster that went away
 //! fails that one connection, never the listener.
 
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -14,7 +12,7 @@ use tokio::sync::watch;
 use super::connection::{describe, ClusterStatus};
 use super::port_forward;
 use crate::state::Store;
-use crate::tunnel::{DialError, LocalDialer, LocalStream};
+use crate::tunnel::{DialError, DialFuture, LocalDialer, LocalStream};
 
 /// Opens port-forward streams to mirrors, for tunnels whose target is `local`.
 #[derive(Debug, Clone)]
@@ -27,11 +25,7 @@ pub struct MirrorDialer {
 }
 
 impl LocalDialer for MirrorDialer {
-    fn dial(
-        &self,
-        pod_id: &str,
-        port: u16,
-    ) -> Pin<Box<dyn Future<Output = Result<LocalStream, DialError>> + Send>> {
+    fn dial(&self, pod_id: &str, port: u16) -> DialFuture {
         let dialer = self.clone();
         let pod_id = pod_id.to_owned();
         Box::pin(async move {

@@ -31,7 +31,7 @@ use super::credentials::{
 use super::port_forward::{self, OpenError, Sessions};
 use crate::config::StagingSettings;
 use crate::model::StagingHealth;
-use crate::tunnel::{DialError, LocalStream, StagingDialer, StagingPod};
+use crate::tunnel::{DialError, DialFuture, LocalStream, StagingDialer, StagingPod};
 
 /// Least time between two builds of the client after one failed or the
 /// API server refused its credentials: each reads the kubeconfig and runs
@@ -742,11 +742,7 @@ impl StagingCluster {
 }
 
 impl StagingDialer for StagingCluster {
-    fn dial(
-        &self,
-        pod: &StagingPod,
-        port: u16,
-    ) -> Pin<Box<dyn Future<Output = Result<LocalStream, DialError>> + Send>> {
+    fn dial(&self, pod: &StagingPod, port: u16) -> DialFuture {
         let cluster = self.clone();
         let pod = pod.clone();
         Box::pin(async move { cluster.connect(pod, port).await })
