@@ -147,11 +147,13 @@ fn ends(mut client: TcpStream) -> bool {
     false
 }
 
-/// A header block of ~70 KiB on the wire inflating to 64 MiB, for each of
-/// a connection's two streams. Held, that is 64 MiB inflated plus its copy
-/// as a header value: 128 MiB at the peak; refused, it is 16 KiB. The
-/// bound, 32 MiB, leaves the session, the kube client's buffers and the
-/// allocator's arenas their slack.
+/// A SYN_REPLY whose header block, 65 KiB on the wire, inflates to 64
+/// MiB. Inflated, that is 64 MiB plus its copy as a header value: 128 MiB
+/// at the peak (197 MiB was measured). Refused from its frame header (no
+/// port-forward control frame is over 16 KiB; one that inflates past 16
+/// KiB is refused as it inflates, see the spdy crate's tests), it costs
+/// nothing. The bound, 32 MiB, leaves the session, the kube client's
+/// buffers and the allocator's arenas their slack (about 4 MiB measured).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_header_block_that_inflates_a_thousandfold_is_refused_not_inflated() {
     let staging = hostile_staging(Hostile::HeaderBomb { inflated: 64 << 20 }).await;
@@ -185,10 +187,11 @@ async fn a_header_block_that_inflates_a_thousandfold_is_refused_not_inflated() {
 }
 
 /// 24 data frames of SPDY's largest size (16 MiB) to a client that reads
-/// nothing: held, that is 384 MiB queued for one connection; each is
-/// passed over unheld and the connection reset at the first. The bound,
-/// 32 MiB, is two of the largest frames a port-forward takes (1 MiB) many
-/// times over, for the session's buffers and the allocator's slack.
+/// nothing: held, that is 384 MiB queued for one connection (388 MiB was
+/// measured); each is passed over unheld and the connection reset at the
+/// first. The bound, 32 MiB, is two of the largest frames a port-forward
+/// takes (1 MiB) many times over, for the session's buffers and the
+/// allocator's slack (about 4 MiB measured).
 #[tokio::test(flavor = "multi_thread")]
 async fn data_frames_of_16_mib_are_passed_over_and_their_connection_reset() {
     let staging = hostile_staging(Hostile::DataFrames {
@@ -212,8 +215,8 @@ async fn data_frames_of_16_mib_are_passed_over_and_their_connection_reset() {
 }
 
 /// 256 MiB of error text, never finished: held, that is 256 MiB for one
-/// connection; kept to 4 KiB, the connection ends. The bound, 32 MiB, is
-/// as the others'.
+/// connection, more as its buffer doubles (395 to 463 MiB measured); kept
+/// to 4 KiB, the connection ends. The bound, 32 MiB, is as the others'.
 #[tokio::test(flavor = "multi_thread")]
 async fn endless_error_text_ends_its_connection_after_a_few_kib() {
     let staging = hostile_staging(Hostile::ErrorText { bytes: 256 << 20 }).await;
@@ -234,9 +237,9 @@ async fn endless_error_text_ends_its_connection_after_a_few_kib() {
 }
 
 /// 4 million pings from a server that reads nothing: each echo queued is
-/// a frame waiting (tens of bytes), 150 MiB and more in all; answered only
-/// while a few are pending, they cost nothing. The bound, 32 MiB, as the
-/// others'.
+/// a frame waiting (tens of bytes), 150 MiB and more in all (202 MiB
+/// measured); answered only while a few are pending, they cost nothing.
+/// The bound, 32 MiB, as the others'.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_ping_flood_from_a_server_that_reads_nothing_queues_few_echoes() {
     let staging = hostile_staging(Hostile::PingFlood { count: 4_000_000 }).await;
