@@ -25,10 +25,7 @@ pub fn agent_label_value(agent_id: &str) -> String {
     if is_label_value(agent_id) {
         return agent_id.to_owned();
     }
-    // FNV-1a: stable across runs and versions, unlike std's hasher.
-    let hash = agent_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
+    let hash = crate::model::fnv1a_64(agent_id.as_bytes());
     format!("agent-{hash:016x}")
 }
 
@@ -51,10 +48,7 @@ pub fn mirror_names(specs: &[PodSpec]) -> BTreeMap<String, String> {
         .iter()
         .map(|spec| {
             let name = if by_name.get(spec.name.as_str()).copied().unwrap_or(0) > 1 {
-                // FNV-1a, as for the agent label: stable across releases.
-                let hash = spec.id.bytes().fold(0x811c_9dc5_u32, |h, b| {
-                    (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
-                });
+                let hash = crate::model::fnv1a_32(spec.id.as_bytes());
                 format!("{}-{:07x}", spec.name, hash & 0x0fff_ffff)
             } else {
                 spec.name.clone()

@@ -7,6 +7,7 @@
 //! and never the file it lives in.
 
 mod dns;
+mod hash;
 mod health;
 mod pod;
 mod push;
@@ -14,6 +15,7 @@ mod tunnel;
 mod views;
 
 pub use dns::{is_dns_label, is_label_value, MAX_LABEL_LEN};
+pub use hash::{fnv1a_32, fnv1a_64};
 pub use health::{ControlPlaneHealth, HealthResponse, NamesHealth, NamesMode, StagingHealth};
 pub use pod::{
     validate_namespace, validate_pod_id, validate_pod_name, FieldError, PodSpec, PortSpec,

@@ -23,6 +23,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
+use crate::model::fnv1a_32;
+
 /// What the assignment needs to know of a pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Claimant<'a> {
@@ -70,7 +72,7 @@ fn label(stem: &str) -> String {
     if whole.len() <= MAX_LABEL {
         return whole;
     }
-    let hash = format!("{:08x}", fnv1a(stem.as_bytes()));
+    let hash = format!("{:08x}", fnv1a_32(stem.as_bytes()));
     let keep = MAX_LABEL - SUFFIX.len() - 1 - hash.len();
     // Stems are DNS labels joined by '-': ASCII, so any cut is a char boundary.
     let cut = stem.get(..keep).unwrap_or(stem).trim_end_matches('-');
@@ -87,17 +89,10 @@ fn hashed_long_name(name: &str, namespace: &str) -> String {
         namespace
     };
     let stem = format!("{name}-{namespace}");
-    let hash = format!("{:08x}", fnv1a(format!("{name}/{namespace}").as_bytes()));
+    let hash = format!("{:08x}", fnv1a_32(format!("{name}/{namespace}").as_bytes()));
     let keep = MAX_LABEL - SUFFIX.len() - 1 - hash.len();
     let cut = stem.get(..keep).unwrap_or(&stem).trim_end_matches('-');
     format!("{cut}-{hash}{SUFFIX}.local")
-}
-
-/// FNV-1a: the same on every machine and release (std's hashers promise neither).
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5_u32, |hash, byte| {
-        (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
-    })
 }
 
 /// The most recent of `pods`.

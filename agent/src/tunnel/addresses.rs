@@ -117,7 +117,7 @@ impl AddressBlock {
             return Some(ip);
         }
         let count = self.host_count();
-        let start = fnv1a(pod_id.as_bytes()) % count;
+        let start = crate::model::fnv1a_32(pod_id.as_bytes()) % count;
         (0..count)
             .map(|step| self.host((start + step) % count))
             .find(|ip| !taken.contains(ip))
@@ -232,14 +232,6 @@ fn unprivileged_port_start() -> Option<u16> {
         .trim()
         .parse()
         .ok()
-}
-
-/// FNV-1a: a hash that is the same on every machine and release (std's
-/// hashers promise neither).
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5_u32, |hash, byte| {
-        (hash ^ u32::from(*byte)).wrapping_mul(0x0100_0193)
-    })
 }
 
 #[cfg(test)]
