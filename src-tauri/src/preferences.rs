@@ -3,9 +3,10 @@
 //! state dir whenever it changes.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use k3s_local_agent::state::DesktopSettings;
+use parking_lot::{Mutex, MutexGuard};
 
 /// The preferences and where they are kept; cheap to clone.
 #[derive(Debug, Clone)]
@@ -24,10 +25,7 @@ impl Preferences {
     }
 
     fn lock(&self) -> MutexGuard<'_, DesktopSettings> {
-        // A panic elsewhere while holding it leaves plain data behind.
-        self.settings
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.settings.lock()
     }
 
     pub fn get(&self) -> DesktopSettings {

@@ -56,7 +56,7 @@ pub struct Tray {
     /// What the menu shows now, as [`menu_key`] spells it: a change that
     /// does not touch the menu (a report, a mirror's phase) leaves an open
     /// menu alone rather than rebuilding it under the pointer.
-    shown: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    shown: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 impl std::fmt::Debug for Tray {
@@ -219,11 +219,8 @@ impl Tray {
         Ok(())
     }
 
-    fn shown(&self) -> std::sync::MutexGuard<'_, Option<String>> {
-        match self.shown.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+    fn shown(&self) -> parking_lot::MutexGuard<'_, Option<String>> {
+        self.shown.lock()
     }
 
     /// Rebuilds the menu on the next show, changed or not: a toggle the

@@ -4,10 +4,10 @@
 //! user last left it at, and put away when it loses focus unless pinned.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use k3s_local_agent::state::WindowSize;
+use parking_lot::Mutex;
 use tauri::{
     AppHandle, Emitter, LogicalSize, Manager, PhysicalPosition, Runtime, Window, WindowEvent,
 };
@@ -39,10 +39,7 @@ pub struct Popover {
 impl Popover {
     /// Notes a focus change; says whether a loss ends a settled focus.
     fn focus_changed(&self, focused: bool) -> bool {
-        let mut since = self
-            .focused_since
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut since = self.focused_since.lock();
         if focused {
             *since = Some(Instant::now());
             false

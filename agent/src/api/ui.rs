@@ -198,7 +198,7 @@ pub struct ConnectionCloser(pub CancellationToken);
 #[derive(Debug)]
 pub(super) struct EventStreams {
     limit: usize,
-    open: std::sync::Mutex<Vec<Weak<StreamState>>>,
+    open: parking_lot::Mutex<Vec<Weak<StreamState>>>,
     /// Serialized once and shared by every stream that wants it: the last
     /// snapshot, its revision and when it was made.
     cache: tokio::sync::Mutex<Option<CachedSnapshot>>,
@@ -251,16 +251,14 @@ impl EventStreams {
     pub(super) fn new(limit: usize) -> Arc<Self> {
         Arc::new(Self {
             limit,
-            open: std::sync::Mutex::new(Vec::new()),
+            open: parking_lot::Mutex::new(Vec::new()),
             cache: tokio::sync::Mutex::new(None),
             epoch: Instant::now(),
         })
     }
 
-    fn lock_open(&self) -> std::sync::MutexGuard<'_, Vec<Weak<StreamState>>> {
-        self.open
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock_open(&self) -> parking_lot::MutexGuard<'_, Vec<Weak<StreamState>>> {
+        self.open.lock()
     }
 
     fn now_ms(&self) -> u64 {

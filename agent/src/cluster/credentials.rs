@@ -18,13 +18,13 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use kube::config::{ExecConfig, Kubeconfig};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
+use parking_lot::Mutex;
 use tokio::io::AsyncReadExt;
 
 /// Most time a login shell gets to print its PATH (a slow profile).
@@ -156,9 +156,8 @@ fn kill_group(group: i32) {
 }
 
 impl CredentialProcesses {
-    fn lock_groups(&self) -> std::sync::MutexGuard<'_, Groups> {
-        // Nothing panics while holding it; a poisoned set is still right.
-        self.groups.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock_groups(&self) -> parking_lot::MutexGuard<'_, Groups> {
+        self.groups.lock()
     }
 
     /// Kills every credential process group still running and refuses new

@@ -11,7 +11,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,7 @@ use hyper::http::header::AUTHORIZATION;
 use hyper::http::{HeaderValue, Request};
 use kube::config::{ExecConfig, KubeConfigOptions, Kubeconfig};
 use kube::Client;
+use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tower::BoxError;
 
@@ -495,9 +496,8 @@ struct HealthState {
 }
 
 impl HealthCell {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HealthState> {
-        // Nothing panics while holding it; a poisoned state is still right.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> parking_lot::MutexGuard<'_, HealthState> {
+        self.0.lock()
     }
 
     fn set(&self, problem: Problem, why: String) {

@@ -19,9 +19,11 @@ use std::fmt::Write as _;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use super::{HostEntry, NamesError};
+use parking_lot::Mutex;
+
 use crate::state::fsio;
 
 /// Where every user's runtime dir lives, as the NSS module looks for it.
@@ -64,10 +66,7 @@ impl UserNamesFile {
 
     /// What the last write could not do, if anything.
     pub fn problem(&self) -> Option<String> {
-        self.problem
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.problem.lock().clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -124,7 +123,7 @@ impl UserNamesFile {
         if let Some(problem) = &problem {
             tracing::warn!("{problem}");
         }
-        *self.problem.lock().unwrap_or_else(PoisonError::into_inner) = problem;
+        *self.problem.lock() = problem;
         Ok(())
     }
 
@@ -132,7 +131,7 @@ impl UserNamesFile {
     /// [`LOCK_FILE`], ours and not a link.
     fn hold_lock(&self) -> Result<(), String> {
         use nix::fcntl::{fcntl, FcntlArg};
-        let mut held = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut held = self.lock.lock();
         if held.is_some() {
             return Ok(());
         }
@@ -177,10 +176,7 @@ impl UserNamesFile {
                 source,
             }),
         };
-        self.lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        self.lock.lock().take();
         removed
     }
 

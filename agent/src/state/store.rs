@@ -5,9 +5,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 use chrono::Utc;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::events::AgentEvent;
 use crate::events::EventBus;
@@ -74,18 +75,12 @@ impl Store {
 
     /// Read access; never held across an await.
     pub fn read(&self) -> RwLockReadGuard<'_, PodMap> {
-        match self.pods.read() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.pods.read()
     }
 
     /// Write access for the agent's operations; never held across an await.
     pub fn write(&self) -> StoreWrite<'_> {
-        let map = match self.pods.write() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let map = self.pods.write();
         StoreWrite {
             map,
             count: &self.count,

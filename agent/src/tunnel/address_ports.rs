@@ -7,9 +7,9 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Mutex;
 
 use k3s_local_agent_bind::{BindHelper, BindHelperError};
+use parking_lot::Mutex;
 
 use super::addresses::CannotListen;
 use super::listen::bind_listener;
@@ -70,10 +70,7 @@ impl AddressPorts {
                 source: std::io::Error::from(std::io::ErrorKind::NotFound),
             });
         };
-        let mut slot = self
-            .helper
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = self.helper.lock();
         for attempt in 0..2 {
             if slot.is_none() {
                 *slot = Some(BindHelper::spawn(path)?);

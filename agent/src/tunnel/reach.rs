@@ -5,8 +5,9 @@
 //! connection while the others stay on the API.
 
 use std::net::IpAddr;
-use std::sync::{Mutex, MutexGuard, RwLock};
 use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use crate::model::Way;
 
@@ -56,25 +57,16 @@ impl PodWays {
 
     /// The staging pod, as last pushed.
     pub fn pod(&self) -> StagingPod {
-        match self.pod.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.pod.read().clone()
     }
 
     /// After a push: new connections go to the pod as it is now.
     pub fn set_pod(&self, pod: StagingPod) {
-        match self.pod.write() {
-            Ok(mut guard) => *guard = pod,
-            Err(poisoned) => *poisoned.into_inner() = pod,
-        }
+        *self.pod.write() = pod;
     }
 
     fn learned(&self) -> MutexGuard<'_, Learned> {
-        match self.learned.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.learned.lock()
     }
 
     /// The way for one `auto` connection at `now`. When the API's time is

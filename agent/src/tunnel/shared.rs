@@ -7,8 +7,9 @@
 //! to rebuild anything.
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
+use parking_lot::RwLock;
 use prometheus_client::metrics::histogram::Histogram;
 
 use crate::events::{AgentEvent, EventBus};
@@ -91,17 +92,11 @@ impl TunnelShared {
     /// Where new connections go: the staging pod's address, and whether they
     /// reach it directly or through its local mirror.
     pub fn route(&self) -> Route {
-        match self.route.read() {
-            Ok(guard) => *guard,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
+        *self.route.read()
     }
 
     fn change_route(&self, change: impl FnOnce(&mut Route)) {
-        match self.route.write() {
-            Ok(mut guard) => change(&mut guard),
-            Err(poisoned) => change(&mut poisoned.into_inner()),
-        }
+        change(&mut self.route.write());
     }
 
     /// Where new connections go: the staging pod or its local mirror.

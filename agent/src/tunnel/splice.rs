@@ -9,10 +9,10 @@ use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use nix::fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags};
 use nix::unistd::pipe2;
+use parking_lot::{Mutex, MutexGuard};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -47,7 +47,7 @@ struct Pipe {
 
 impl PipePool {
     fn lock(&self) -> MutexGuard<'_, Vec<Pipe>> {
-        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+        self.idle.lock()
     }
 
     /// An empty pipe, from the pool or new, lent until the lease is dropped.

@@ -6,10 +6,10 @@
 use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, MutexGuard};
 use prometheus_client::metrics::histogram::Histogram;
 
 /// Why a connection through a tunnel failed, as the metrics count it.
@@ -150,17 +150,11 @@ impl Default for Figures {
 
 impl Figures {
     fn lock_recent(&self) -> MutexGuard<'_, Recent> {
-        match self.recent.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.recent.lock()
     }
 
     fn lock_errors(&self) -> MutexGuard<'_, Errors> {
-        match self.errors.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.errors.lock()
     }
 
     /// Counts one connection attempt: how long reaching the pod took, and

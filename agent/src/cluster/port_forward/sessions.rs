@@ -7,11 +7,12 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use hyper::http::{self, header, StatusCode};
 use hyper_util::rt::TokioIo;
 use kube::Client;
+use parking_lot::Mutex;
 
 use super::spdy::{PairStream, Session, SessionRetired};
 use crate::tunnel::StagingPod;
@@ -91,10 +92,7 @@ impl Sessions {
         port: u16,
     ) -> Result<PairStream, OpenError> {
         let slot = {
-            let mut by_pod = match self.by_pod.lock() {
-                Ok(guard) => guard,
-                Err(poisoned) => poisoned.into_inner(),
-            };
+            let mut by_pod = self.by_pod.lock();
             // Pods whose sessions all ended are forgotten.
             by_pod.retain(|_, sessions| {
                 Arc::strong_count(sessions) > 1

@@ -37,7 +37,8 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, OnceLock};
+
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ use bytes::{Bytes, BytesMut};
 use k3s_local_agent_spdy::{
     Decoder, Encoder, Frame, CANCEL, FLAG_FIN, FRAME_TOO_LARGE, REFUSED_STREAM,
 };
+use parking_lot::{Mutex, MutexGuard};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, Sleep};
@@ -176,10 +178,7 @@ struct Shared {
 
 impl Shared {
     fn streams(&self) -> MutexGuard<'_, Streams> {
-        match self.streams.lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        self.streams.lock()
     }
 
     /// Queues a reset or an echo. A full queue means the server stopped
