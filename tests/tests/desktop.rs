@@ -179,6 +179,7 @@ impl Drop for Driver {
 const WINDOW_TEST_PORTS: u16 = 21440;
 const MENU_TEST_PORTS: u16 = 21450;
 const INSTANCE_TEST_PORTS: u16 = 21460;
+const KILL_TEST_PORTS: u16 = 21480;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_window_shows_pods_live_and_its_buttons_work() {
@@ -776,6 +777,142 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
         .expect("the window shows");
     let (_, _, width, height) = desktop.window_geometry(&window).expect("geometry");
     assert_eq!((width, height), (520, 700), "the size is remembered");
+    desktop
+        .choose_in_tray_menu(&["q"], "the app to quit", || {
+            again.try_wait().expect("wait").is_some()
+        })
+        .expect("quit");
+}
+
+/// Every port's range port and toggle, by pod and staging port.
+fn ports_and_toggles(status: &Value) -> Vec<(String, u64, u64, bool)> {
+    let mut seen = Vec::new();
+    for (id, tunnel) in status["redirections"].as_object().into_iter().flatten() {
+        for port in tunnel["ports"].as_array().into_iter().flatten() {
+            seen.push((
+                id.clone(),
+                port["staging_port"].as_u64().unwrap_or_default(),
+                port["local_port"].as_u64().unwrap_or_default(),
+                port["forwarding"].as_bool().unwrap_or_default(),
+            ));
+        }
+    }
+    seen.sort();
+    seen
+}
+
+/// The names in our block of the hosts file.
+fn named(hosts: &str) -> Vec<String> {
+    let mut names: Vec<String> = hosts
+        .lines()
+        .skip_while(|line| !line.starts_with("# BEGIN k3s-local-agent"))
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| line.split_whitespace().nth(1))
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn the_tray_app_killed_outright_comes_back_with_every_port_toggle_and_name() {
+    let desktop = Desktop::start(200).expect("a private desktop");
+    let sandbox = Sandbox::new().expect("sandbox");
+    let agent_port = KILL_TEST_PORTS;
+    let agent = format!("http://127.0.0.1:{agent_port}");
+    let args = app_args(&sandbox, agent_port, "21620-21629", control_plane());
+    let launch = || {
+        let mut command = desktop.command(tray_binary());
+        command
+            .args(&args)
+            .env("XDG_CONFIG_HOME", sandbox.dir.path().join("config"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        command.spawn().expect("the app starts")
+    };
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let mut app = launch();
+    wait_until("the agent in the app", || {
+        std::net::TcpStream::connect(("127.0.0.1", agent_port)).is_ok()
+    })
+    .expect("agent up");
+    desktop.wait_for_tray_icon().expect("the tray icon");
+
+    let web = greeting_server("web after the crash").expect("pod");
+    let metrics = greeting_server("metrics after the crash").expect("pod");
+    let paused = greeting_server("paused after the crash").expect("pod");
+    runtime.block_on(push(
+        &agent,
+        "create",
+        json!([
+            {"id": "web-1", "name": "web", "ip": "127.0.0.1",
+             "ports": [web.port(), {"name": "metrics", "port": metrics.port()}]},
+            {"id": "paused-1", "name": "paused", "ip": "127.0.0.1", "port": paused.port()},
+        ]),
+    ));
+    // One pod off, through the tray's own agent.
+    let off = runtime.block_on(
+        reqwest::Client::new()
+            .post(format!("{agent}/api/v1/pods/paused-1/forwarding"))
+            .json(&json!({"enabled": false}))
+            .send(),
+    );
+    assert_eq!(off.expect("toggle").status(), 200);
+    let before = runtime.block_on(status(&agent));
+    let ports_before = ports_and_toggles(&before);
+    assert_eq!(ports_before.len(), 3, "{before}");
+    let web_port = runtime.block_on(port_of(&agent, "web-1"));
+    let paused_port = runtime.block_on(port_of(&agent, "paused-1"));
+    assert_eq!(read_from(web_port).expect("web"), "web after the crash");
+    assert!(refuses(paused_port));
+    let names_before = named(&sandbox.hosts_text());
+    assert!(
+        names_before.contains(&"web-staging.local".to_owned())
+            && !names_before.iter().any(|name| name.starts_with("paused-")),
+        "web named, the paused pod not: {names_before:?}"
+    );
+
+    // Killed outright: nothing of its own shutdown runs.
+    app.kill().expect("kill -9 the app");
+    app.wait().expect("reaped");
+    assert!(refuses(web_port), "its ports died with it");
+
+    let mut again = launch();
+    wait_until("the agent in the app again", || {
+        std::net::TcpStream::connect(("127.0.0.1", agent_port)).is_ok()
+    })
+    .expect("agent up again");
+    desktop.wait_for_tray_icon().expect("the tray icon again");
+    let after = runtime.block_on(status(&agent));
+    assert_eq!(
+        ports_and_toggles(&after),
+        ports_before,
+        "every port and toggle comes back: {after}"
+    );
+    wait_until("the tunnels to answer again", || {
+        read_from(web_port).is_ok_and(|text| text == "web after the crash")
+    })
+    .expect("web answers on its old port");
+    let metrics_port = after["redirections"]["web-1"]["ports"][1]["local_port"]
+        .as_u64()
+        .and_then(|p| u16::try_from(p).ok())
+        .expect("metrics port");
+    assert_eq!(
+        read_from(metrics_port).expect("metrics"),
+        "metrics after the crash"
+    );
+    assert!(refuses(paused_port), "the paused pod stays off");
+    let hosts = sandbox.hosts_text();
+    assert_eq!(
+        named(&hosts),
+        names_before,
+        "the names block is right: {hosts}"
+    );
+    assert_eq!(
+        hosts.matches("# BEGIN k3s-local-agent").count(),
+        1,
+        "one block: {hosts}"
+    );
     desktop
         .choose_in_tray_menu(&["q"], "the app to quit", || {
             again.try_wait().expect("wait").is_some()
