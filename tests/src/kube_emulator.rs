@@ -85,6 +85,8 @@ struct Cluster {
     hostile: Option<Hostile>,
     /// How far the hostile sessions' floods went.
     flood: Flood,
+    /// The header bomb the next session sends, made when the mode was set.
+    bomb: Option<spdy::Bomb>,
 }
 
 #[derive(Debug, Clone)]
@@ -580,6 +582,18 @@ async fn bridge(
             return;
         }
     }
+    let hostile = cutter.lock().hostile;
+    if let Some(Hostile::DataFrames { size, count }) = hostile {
+        // As large as asked, whatever the client reads; then the stream
+        // stays open with nothing more, as a stalled server's would.
+        for _ in 0..count {
+            if sink.send(prefix(0, &vec![0u8; size])).await.is_err() {
+                return;
+            }
+        }
+        running.cancelled().await;
+        return;
+    }
     let tcp = match backend {
         Some(address) => tokio::net::TcpStream::connect(address).await.ok(),
         None => None,
@@ -943,11 +957,17 @@ impl KubeEmulator {
     }
 
     /// Makes the SPDY sessions upgraded from now on misbehave as `mode`
-    /// says (`None`: well again). Sessions already up keep their ways.
+    /// says (`None`: well again). Sessions already up keep their ways. A
+    /// header bomb is made here, ahead of the session that sends it.
     pub fn hostile(&self, mode: Option<Hostile>) {
+        let bomb = match mode {
+            Some(Hostile::HeaderBomb { inflated }) => spdy::Bomb::new(inflated).ok(),
+            _ => None,
+        };
         let mut cluster = self.shared.lock();
         cluster.hostile = mode;
         cluster.flood = Flood::default();
+        cluster.bomb = bomb;
     }
 
     /// How far the hostile sessions' floods went since the mode was set.

@@ -214,6 +214,49 @@ async fn data_frames_of_16_mib_are_passed_over_and_their_connection_reset() {
     agent.terminate().expect("stop");
 }
 
+/// Where the server refuses SPDY, a WebSocket per connection: four
+/// connections, each sent one message of almost 16 MiB (tungstenite's
+/// largest frame by default) by a server whose clients read none of it.
+/// Taken, each is held whole until its client reads: 64 MiB and more. A
+/// message over 4 MiB ends its connection from its frame header. The
+/// bound, 32 MiB, as the others'.
+#[tokio::test(flavor = "multi_thread")]
+async fn websocket_messages_over_a_few_mib_end_their_connection_unheld() {
+    let staging = hostile_staging(Hostile::DataFrames {
+        size: (16 << 20) - 64,
+        count: 1,
+    })
+    .await;
+    staging.refuse_spdy();
+    let sandbox = Sandbox::new().expect("sandbox");
+    let (agent, port) = agent_for(&staging, &sandbox, "23150-23159");
+    let memory = Memory::from_now(&agent);
+    let clients: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(("127.0.0.1", port)).expect("connect"))
+        .collect();
+    // A message reaches its client only whole: once each client has a byte
+    // or its end, the agent has read or refused its message.
+    let mut ended = 0;
+    for mut client in clients.iter() {
+        client.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        let mut byte = [0u8; 1];
+        match client.read(&mut byte) {
+            Ok(1) => {}
+            Ok(_) => ended += 1,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("no byte and no end within {DEADLINE:?}")
+            }
+            Err(_) => ended += 1,
+        }
+    }
+    let growth = memory.peak_growth();
+    eprintln!("websocket: peak grew {growth} KiB ({ended} of 4 ended)");
+    assert!(growth < 32 * MIB, "peak grew {growth} KiB");
+    assert_eq!(ended, 4, "every connection ended");
+    drop(clients);
+    agent.terminate().expect("stop");
+}
+
 /// 256 MiB of error text, never finished: held, that is 256 MiB for one
 /// connection, more as its buffer doubles (395 to 463 MiB measured); kept
 /// to 4 KiB, the connection ends. The bound, 32 MiB, is as the others'.

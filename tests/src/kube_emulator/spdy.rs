@@ -32,7 +32,8 @@ pub enum Hostile {
     /// MiB); the later ones are as usual.
     HeaderBomb { inflated: usize },
     /// Each connection's data stream gets `count` frames of `size` bytes
-    /// at once, whether its client reads or not.
+    /// at once, whether its client reads or not. The one mode WebSocket
+    /// port-forwards follow too (`count` messages of `size` bytes).
     DataFrames { size: usize, count: usize },
     /// Each connection's error stream gets `bytes` of text in 32 KiB
     /// frames, never finished.
@@ -62,13 +63,47 @@ pub enum FloodEnd {
     Cut,
 }
 
+/// A header bomb made ahead (compressing tens of MiB takes seconds, which
+/// would otherwise fall inside what a test measures): a SYN_REPLY whose
+/// block inflates to the size asked, made as the first block of a fresh
+/// compression context, and that context, which the session that sends it
+/// goes on with.
+#[derive(Debug)]
+pub(super) struct Bomb {
+    encoder: Encoder,
+    /// The frame's bytes, its stream id to be written in when it is sent.
+    frame: BytesMut,
+}
+
+impl Bomb {
+    pub(super) fn new(inflated: usize) -> std::io::Result<Self> {
+        // One pair, "x-bomb", whose value is `inflated` zero bytes.
+        let mut head = BytesMut::new();
+        head.put_u32(1);
+        head.put_u32(6);
+        head.put_slice(b"x-bomb");
+        head.put_u32(u32::try_from(inflated).unwrap_or(u32::MAX));
+        let zeros = vec![0u8; 1 << 20];
+        let pieces = std::iter::once(&head[..]).chain(
+            std::iter::repeat_n(&zeros[..], inflated / zeros.len())
+                .chain(std::iter::once(&zeros[..inflated % zeros.len()])),
+        );
+        let mut encoder = Encoder::new();
+        let mut frame = BytesMut::new();
+        encoder
+            .encode_raw_reply(0, pieces, &mut frame)
+            .map_err(std::io::Error::other)?;
+        Ok(Self { encoder, frame })
+    }
+}
+
 /// What a hostile session hands its writing task.
 enum Raw {
-    /// A SYN_REPLY for `stream` whose block inflates to `inflated` bytes;
-    /// `written` says when it is on the socket.
+    /// A bomb's SYN_REPLY (see [`Bomb`]) for `stream`; `written` says when
+    /// it is on the socket.
     Bomb {
         stream: u32,
-        inflated: usize,
+        frame: BytesMut,
         written: tokio::sync::oneshot::Sender<()>,
     },
     /// `frame`, `count` times over (its bytes repeated: it carries no
@@ -112,13 +147,23 @@ where
     let (mut reader, writer) = tokio::io::split(socket);
     let (outgoing, queue) = mpsc::unbounded_channel::<Frame>();
     let (raw, raw_queue) = mpsc::channel::<Raw>(4);
-    let mut writing = tokio::spawn(write_frames(writer, queue, raw_queue, shared.clone()));
-    let hostile = shared.lock().hostile;
-    // The session's first reply only: one bomb makes the point.
-    let mut bomb = match hostile {
-        Some(Hostile::HeaderBomb { inflated }) => Some(inflated),
-        _ => None,
+    let (hostile, bomb) = {
+        let mut cluster = shared.lock();
+        (cluster.hostile, cluster.bomb.take())
     };
+    // The first session after the bomb was made sends it, as its first
+    // reply: one bomb makes the point.
+    let (encoder, mut bomb) = match bomb {
+        Some(Bomb { encoder, frame }) => (encoder, Some(frame)),
+        None => (Encoder::new(), None),
+    };
+    let mut writing = tokio::spawn(write_frames(
+        writer,
+        encoder,
+        queue,
+        raw_queue,
+        shared.clone(),
+    ));
     let flood = match hostile {
         Some(Hostile::PingFlood { count }) => Some(Raw::Repeat {
             frame: Frame::Ping { id: 2 },
@@ -148,12 +193,12 @@ where
                 Frame::SynStream {
                     stream, headers, ..
                 } => {
-                    if let Some(inflated) = bomb.take() {
+                    if let Some(frame) = bomb.take() {
                         // On the socket before anything else of the pair.
                         let (written, on_socket) = tokio::sync::oneshot::channel();
                         let bomb = Raw::Bomb {
                             stream,
-                            inflated,
+                            frame,
                             written,
                         };
                         if raw.send(bomb).await.is_err() || on_socket.await.is_err() {
@@ -296,11 +341,11 @@ const ERROR_TEXT_FRAME: usize = 32 * 1024;
 /// session's floods, each whole before the next frame.
 async fn write_frames<W: AsyncWrite + Unpin>(
     mut writer: W,
+    mut encoder: Encoder,
     mut queue: mpsc::UnboundedReceiver<Frame>,
     mut raw: mpsc::Receiver<Raw>,
     shared: Shared,
 ) {
-    let mut encoder = Encoder::new();
     let mut out = BytesMut::new();
     loop {
         tokio::select! {
@@ -340,24 +385,12 @@ async fn write_flood<W: AsyncWrite + Unpin>(
     match flood {
         Raw::Bomb {
             stream,
-            inflated,
+            mut frame,
             written,
         } => {
-            // One pair, "x-bomb", whose value is `inflated` zero bytes.
-            let mut head = BytesMut::new();
-            head.put_u32(1);
-            head.put_u32(6);
-            head.put_slice(b"x-bomb");
-            head.put_u32(u32::try_from(inflated).unwrap_or(u32::MAX));
-            let zeros = vec![0u8; 1 << 20];
-            let pieces = std::iter::once(&head[..]).chain(
-                std::iter::repeat_n(&zeros[..], inflated / zeros.len())
-                    .chain(std::iter::once(&zeros[..inflated % zeros.len()])),
-            );
-            encoder
-                .encode_raw_reply(stream, pieces, &mut out)
-                .map_err(std::io::Error::other)?;
-            put(writer, &out, shared).await?;
+            // After the control frame's 8-byte header: the stream id.
+            frame[8..12].copy_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());
+            put(writer, &frame, shared).await?;
             let _ = written.send(());
         }
         Raw::Repeat { frame, count } => {
