@@ -28,9 +28,11 @@
 //!   other, since that is what its author meant; see [`last_line_ignored`].
 
 use std::fs;
-use std::io::{self, Write as _};
-use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::io;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
+
+use crate::state::fsio;
 
 /// Our NSS module's name (`libnss_k3slocal.so.2`).
 pub const MODULE: &str = "k3slocal";
@@ -216,7 +218,7 @@ pub fn remove(root: &Path) -> Result<Outcome, SetupError> {
                 path: path.clone(),
                 source,
             })?;
-            sync_dir(&path)?;
+            sync_dir(&path);
             Ok(Outcome::Changed)
         }
     }
@@ -520,63 +522,30 @@ fn read(path: &Path) -> Result<Option<Existing>, SetupError> {
     }))
 }
 
-/// Atomic replace: a temporary file in the same directory with the old
-/// file's mode and owner, flushed to disk, renamed over the file, and the
-/// directory flushed, so a crash leaves the old file or the new, never half.
+/// Atomic replace ([`fsio::atomic_replace_owned`]) keeping the old file's
+/// mode and owner: the file is a system's, edited as root.
 fn replace(path: &Path, old: Option<&Existing>, bytes: &[u8]) -> Result<(), SetupError> {
-    let write_error = |source| SetupError::Write {
+    let mode = old.map_or(0o644, |old| old.mode);
+    let owner = old.map(|old| fsio::Owner {
+        uid: old.uid,
+        gid: old.gid,
+    });
+    fsio::atomic_replace_owned(path, bytes, mode, owner).map_err(|source| SetupError::Write {
         path: path.to_owned(),
         source,
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let temp = path.with_file_name(format!(
-        ".{name}.k3s-local-agent.{}.tmp",
-        std::process::id()
-    ));
-    let mode = old.map_or(0o644, |old| old.mode);
-    let written = (|| {
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&temp)?;
-        // The umask may have narrowed the mode given at creation.
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        if let Some(old) = old {
-            std::os::unix::fs::fchown(&file, Some(old.uid), Some(old.gid))?;
-            // chown clears set-id bits; put back exactly what was there.
-            file.set_permissions(fs::Permissions::from_mode(mode))?;
-        }
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        fs::rename(&temp, path)
-    })();
-    if let Err(source) = written {
-        // Best effort: the temporary file is ours and useless now.
-        let _ = fs::remove_file(&temp);
-        return Err(write_error(source));
-    }
-    sync_dir(path)
+    })
 }
 
-/// Flushes the directory holding `path`, so a rename or removal in it lasts.
-fn sync_dir(path: &Path) -> Result<(), SetupError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| SetupError::Write {
-            path: dir.to_owned(),
-            source,
-        })
+/// Flushes the directory holding `path`, so a removal in it lasts.
+fn sync_dir(path: &Path) {
+    fsio::sync_dir(path.parent().unwrap_or(Path::new(".")));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::os::unix::fs::PermissionsExt as _;
 
     /// [`with_module`] on text, as text (the cases below are all UTF-8;
     /// other encodings have tests of their own).

@@ -17,6 +17,26 @@ use std::path::Path;
 /// a rename over it fails with `EBUSY`; then, and only then, the file is
 /// rewritten in place, which is the best such a target allows.
 pub fn atomic_replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    atomic_replace_owned(path, contents, mode, None)
+}
+
+/// Who a replaced file belongs to: a system file edited as root (the
+/// nsswitch.conf of `system-setup`) keeps the owner it had, not root's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// [`atomic_replace`], the new file given `owner` as well when there is one.
+/// The temp file's name is unpredictable (`O_EXCL`, random suffix), so a
+/// name planted beforehand in a shared folder cannot be written through.
+pub fn atomic_replace_owned(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+    owner: Option<Owner>,
+) -> io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
@@ -24,9 +44,13 @@ pub fn atomic_replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()>
     let mut temp = tempfile::Builder::new()
         .prefix(".k3s-local-agent-")
         .tempfile_in(dir)?;
-    temp.write_all(contents)?;
+    set_owner(temp.as_file(), owner)?;
+    // After the chown, which clears set-id bits: exactly `mode` is kept.
     set_mode(temp.as_file(), mode)?;
+    temp.write_all(contents)?;
     temp.as_file().sync_all()?;
+    // On any error below the temp file is removed when `temp` (or the
+    // persist error holding it) drops.
     match temp.persist(path) {
         Ok(_) => {
             sync_dir(dir);
@@ -38,6 +62,19 @@ pub fn atomic_replace(path: &Path, contents: &[u8], mode: u32) -> io::Result<()>
         }
         Err(err) => Err(err.error),
     }
+}
+
+#[cfg(unix)]
+fn set_owner(file: &fs::File, owner: Option<Owner>) -> io::Result<()> {
+    match owner {
+        Some(Owner { uid, gid }) => std::os::unix::fs::fchown(file, Some(uid), Some(gid)),
+        None => Ok(()),
+    }
+}
+
+#[cfg(not(unix))]
+fn set_owner(_file: &fs::File, _owner: Option<Owner>) -> io::Result<()> {
+    Ok(())
 }
 
 /// Writes the whole new content from offset 0 before cutting the tail, so the
@@ -65,8 +102,9 @@ fn set_mode(_file: &fs::File, _mode: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Flushes `dir`, so a rename or removal in it lasts; best effort.
 #[cfg(unix)]
-fn sync_dir(dir: &Path) {
+pub fn sync_dir(dir: &Path) {
     // Best effort: some filesystems refuse fsync on a directory.
     if let Ok(handle) = fs::File::open(dir) {
         let _ = handle.sync_all();
@@ -74,7 +112,7 @@ fn sync_dir(dir: &Path) {
 }
 
 #[cfg(not(unix))]
-fn sync_dir(_dir: &Path) {}
+pub fn sync_dir(_dir: &Path) {}
 
 /// Creates `dir` (and missing parents) readable by its owner only; an
 /// existing directory is left as it is (it may be one the user shares).
@@ -271,6 +309,37 @@ fn is_link_refusal(_err: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The owner given is the new file's, and the mode exactly the one asked
+    /// (a chown clears set-id bits; they are put back after it). Another
+    /// user's owner only where the test may give files away (as root).
+    #[cfg(unix)]
+    #[test]
+    fn an_owned_replace_keeps_owner_and_mode() {
+        use std::os::unix::fs::MetadataExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("nsswitch.conf");
+        fs::write(&path, "old\n").expect("seed");
+        let root = nix::unistd::geteuid().is_root();
+        let owner = if root {
+            Owner {
+                uid: 65534,
+                gid: 65534,
+            }
+        } else {
+            Owner {
+                uid: nix::unistd::geteuid().as_raw(),
+                gid: nix::unistd::getegid().as_raw(),
+            }
+        };
+        let mode = if root { 0o2644 } else { 0o640 };
+        atomic_replace_owned(&path, b"new\n", mode, Some(owner)).expect("replace");
+        let meta = fs::metadata(&path).expect("stat");
+        assert_eq!((meta.uid(), meta.gid()), (owner.uid, owner.gid));
+        assert_eq!(mode_of(&path), Some(mode));
+        assert_eq!(fs::read_to_string(&path).expect("read"), "new\n");
+        assert_eq!(fs::read_dir(dir.path()).expect("list").count(), 1);
+    }
 
     #[test]
     fn replaces_content_and_keeps_no_temp_files() {
