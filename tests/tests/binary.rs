@@ -170,6 +170,14 @@ fn the_cli_drives_a_running_agent() {
     );
     assert!(row.contains("0/2"), "two connections so far: {row}");
     assert!(row.contains(" ms"), "{row}");
+    // Columns as wide as their longest cell: the state under its heading;
+    // bytes in binary units, whole bytes below a KiB.
+    let header = out
+        .lines()
+        .find(|l| l.starts_with("POD "))
+        .unwrap_or_else(|| panic!("no table heading:\n{out}"));
+    assert_eq!(header.find("STATE"), row.find("active"), "{header}\n{row}");
+    assert!(row.contains(" B/") && !row.contains("KB"), "{row}");
     let (ok, out, _) = cli(&["status", "--agent-url", &url, "--json"]).expect("status --json");
     assert!(ok);
     let figures = json_of(&out);

@@ -81,15 +81,38 @@ pub(super) fn is_cluster_fault(err: &kube::Error) -> bool {
     }
 }
 
-/// Connects to the configured context.
+/// Connects to the configured context: the kubeconfig read, then a client
+/// for the context. The agent's mirror and `doctor` both come through here,
+/// so what doctor finds is what the agent would meet.
 pub(super) async fn connect(settings: &ClusterSettings) -> Result<Client, ClusterError> {
-    let kubeconfig = match &settings.kubeconfig {
-        Some(path) => Kubeconfig::read_from(path).map_err(|err| ClusterError::Kubeconfig {
-            path: path.display().to_string(),
-            message: err.to_string(),
-        })?,
-        None => Kubeconfig::read().map_err(|err| ClusterError::NoKubeconfig(err.to_string()))?,
-    };
+    let (kubeconfig, _) = read_kubeconfig(settings)?;
+    client_for(kubeconfig, settings).await
+}
+
+/// The kubeconfig the settings name (`--kubeconfig`, else `$KUBECONFIG` or
+/// `~/.kube/config`), and where it came from as people read it. The first
+/// half of [`connect`], apart so `doctor` can say what it read before it
+/// tries the context.
+pub fn read_kubeconfig(settings: &ClusterSettings) -> Result<(Kubeconfig, String), ClusterError> {
+    match &settings.kubeconfig {
+        Some(path) => Kubeconfig::read_from(path)
+            .map(|kubeconfig| (kubeconfig, path.display().to_string()))
+            .map_err(|err| ClusterError::Kubeconfig {
+                path: path.display().to_string(),
+                message: err.to_string(),
+            }),
+        None => Kubeconfig::read()
+            .map(|kubeconfig| (kubeconfig, "$KUBECONFIG or ~/.kube/config".to_owned()))
+            .map_err(|err| ClusterError::NoKubeconfig(err.to_string())),
+    }
+}
+
+/// A client for the configured context of `kubeconfig`: the second half of
+/// [`connect`].
+pub async fn client_for(
+    kubeconfig: Kubeconfig,
+    settings: &ClusterSettings,
+) -> Result<Client, ClusterError> {
     if !kubeconfig
         .contexts
         .iter()

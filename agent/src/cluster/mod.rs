@@ -19,7 +19,7 @@ mod mirror;
 mod port_forward;
 mod staging;
 
-pub use connection::{ClusterError, ClusterStatus};
+pub use connection::{client_for, read_kubeconfig, ClusterError, ClusterStatus};
 pub use credentials::{PluginError, PluginLookup};
 pub use dialer::MirrorDialer;
 pub use manifest::{

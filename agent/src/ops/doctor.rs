@@ -2,17 +2,22 @@
 //! tunnel's port ours, range use, names resolving, control plane, open-file
 //! limit), the name ports, and the local mirror's setup (kubeconfig, context,
 //! API, namespace, permissions); says what it found and, for what is wrong,
-//! what to do.
+//! what to do. Where it looks for the agent: `--agent-url` (or
+//! `K3S_LOCAL_AGENT_URL`), else the address the run settings give it, as
+//! `status` finds it. The local cluster is reached through the agent's own
+//! connection (`cluster::read_kubeconfig`, `cluster::client_for`), so what
+//! `doctor` meets is what the agent would.
 
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::Client;
 
-use crate::config::ClusterSettings;
+use crate::cluster::{client_for, read_kubeconfig, ClusterError};
+use crate::config::{ClusterSettings, Config};
+use crate::ops::client::{AgentClient, ClientError};
+use crate::state::Identity;
 
 /// The verbs the mirror needs on pods, and on namespaces.
 const POD_VERBS: [&str; 5] = ["get", "list", "watch", "patch", "delete"];
@@ -43,6 +48,101 @@ impl Check {
     }
 }
 
+/// The agent's address as `doctor` looks for it: `explicit` (`--agent-url`,
+/// else `K3S_LOCAL_AGENT_URL`; clap reads both, the flag first), else the
+/// run settings' listener (its bind address, loopback when it binds every
+/// address, and its port).
+pub fn agent_url(explicit: Option<&str>, config: &Config) -> String {
+    if let Some(url) = explicit {
+        return url.to_owned();
+    }
+    let host = if config.bind.is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        config.bind
+    };
+    format!(
+        "http://{}",
+        std::net::SocketAddr::new(host, config.agent_port)
+    )
+}
+
+/// Every check, in order: the agent at `agent_url` (with the token in the
+/// state dir, when readable), the name ports, the local cluster, and the
+/// staging cluster for the namespaces the agent holds pods in.
+pub async fn run(config: &Config, agent_url: &str) -> Result<Vec<Check>, ClientError> {
+    let token = Identity::read_token(&config.state_dir).ok();
+    let client = AgentClient::new(agent_url, token)?;
+    let mut checks = agent(config, &client, loopback_port(agent_url)).await;
+    checks.push(name_ports(config));
+    checks.extend(diagnose(&config.cluster).await);
+    // An agent that does not answer holds no namespaces: the staging
+    // checks then stop at the context and the API.
+    let namespaces: Vec<String> = match client.status().await {
+        Ok(status) => {
+            let held: std::collections::BTreeSet<String> = status
+                .redirections
+                .into_values()
+                .map(|tunnel| tunnel.namespace)
+                .collect();
+            held.into_iter().collect()
+        }
+        Err(_) => Vec::new(),
+    };
+    checks.extend(crate::ops::staging_doctor::diagnose(&config.staging, &namespaces).await);
+    Ok(checks)
+}
+
+/// The port of a URL on this machine (a loopback address or `localhost`):
+/// only there can the process holding it be named.
+fn loopback_port(url: &str) -> Option<u16> {
+    let url = reqwest::Url::parse(url).ok()?;
+    let host = url.host_str()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let local = bare == "localhost"
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback());
+    local.then(|| url.port_or_known_default()).flatten()
+}
+
+/// The agent check when the agent did not answer: who holds its port when
+/// something does (a program that is not the agent, or an agent that does
+/// not answer as one), else how to start it.
+fn not_answering(err: &ClientError, port: Option<u16>) -> Check {
+    let holders: Vec<String> = port
+        .map(crate::ops::sockets::listeners_on)
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    // What answered, in a few words: an HTTP server's error page can be a
+    // whole document, which has no place on a check's line.
+    let answer = match err {
+        ClientError::Api { status, .. } => format!("it answers /health with {status}"),
+        ClientError::Decode(_) => "its answer to /health is not the agent's".to_owned(),
+        other => other.to_string(),
+    };
+    match port {
+        Some(port) if !holders.is_empty() => Check::fail(
+            "agent",
+            format!(
+                "port {port} is held by {}, which does not answer as the agent does ({answer}). Stop \
+                 it, or start the agent on another port (`k3s-local-agent run --agent-port`) \
+                 and point `--agent-url` at it",
+                holders.join(", ")
+            ),
+        ),
+        _ => Check::fail(
+            "agent",
+            format!(
+                "not answering ({err}). Start it: `k3s-local-agent run` (or the tray app) \
+                 with the same settings as this command"
+            ),
+        ),
+    }
+}
+
 fn kind_hint(context: &str) -> String {
     match context.strip_prefix("kind-") {
         Some(cluster) => format!(" Create it with: kind create cluster --name {cluster}"),
@@ -50,29 +150,19 @@ fn kind_hint(context: &str) -> String {
     }
 }
 
-/// Checks the agent that `config` describes, through its API: that it
-/// answers, that each tunnel's port is its own (and who holds it when not),
-/// how full the port range is, that names resolve to the pods' addresses,
-/// that the control plane takes reports, and the open-file limit.
-pub async fn agent(
-    config: &crate::config::Config,
-    client: &crate::ops::client::AgentClient,
-) -> Vec<Check> {
+/// Checks the agent `client` talks to, through its API: that it answers
+/// (who holds `port` when what answers is not the agent), that each
+/// tunnel's port is its own (and who holds it when not), how full the port
+/// range is, that names resolve to the pods' addresses, that the control
+/// plane takes reports, and the open-file limit.
+async fn agent(config: &Config, client: &AgentClient, port: Option<u16>) -> Vec<Check> {
     let health = match client.health().await {
         Ok(health) => health,
         // Something answers, but it is not this user's: say whose it is.
-        Err(err @ crate::ops::ClientError::ForeignListener { .. }) => {
+        Err(err @ ClientError::ForeignListener { .. }) => {
             return vec![Check::fail("agent", err.to_string())]
         }
-        Err(err) => {
-            return vec![Check::fail(
-                "agent",
-                format!(
-                    "not answering ({err}). Start it: `k3s-local-agent run` (or the tray app) \
-                     with the same settings as this command"
-                ),
-            )]
-        }
+        Err(err) => return vec![not_answering(&err, port)],
     };
     let status = match client.status().await {
         Ok(status) => status,
@@ -467,65 +557,47 @@ pub async fn diagnose(settings: &ClusterSettings) -> Vec<Check> {
         ));
         return checks;
     }
-    let read = match &settings.kubeconfig {
-        Some(path) => Kubeconfig::read_from(path).map(|k| (k, path.display().to_string())),
-        None => Kubeconfig::read().map(|k| (k, "$KUBECONFIG or ~/.kube/config".to_owned())),
-    };
-    let kubeconfig = match read {
-        Ok((kubeconfig, source)) => {
-            checks.push(Check::ok(
-                "kubeconfig",
-                format!("{source}: {} context(s)", kubeconfig.contexts.len()),
-            ));
-            kubeconfig
-        }
+    let (kubeconfig, source) = match read_kubeconfig(settings) {
+        Ok(read) => read,
         Err(err) => {
             checks.push(Check::fail(
                 "kubeconfig",
-                format!("none found ({err}).{}", kind_hint(&settings.context)),
+                format!("{err}.{}", kind_hint(&settings.context)),
             ));
             return checks;
         }
     };
-    if !kubeconfig
-        .contexts
-        .iter()
-        .any(|c| c.name == settings.context)
-    {
-        let known: Vec<&str> = kubeconfig
-            .contexts
-            .iter()
-            .map(|c| c.name.as_str())
-            .collect();
-        checks.push(Check::fail(
-            "context",
-            format!(
-                "{:?} is missing (found: {}).{} Or pick one with --kube-context.",
-                settings.context,
-                if known.is_empty() {
-                    "none".to_owned()
-                } else {
-                    known.join(", ")
-                },
-                kind_hint(&settings.context)
-            ),
-        ));
-        return checks;
-    }
-    checks.push(Check::ok("context", settings.context.clone()));
-
-    let options = KubeConfigOptions {
-        context: Some(settings.context.clone()),
-        ..KubeConfigOptions::default()
-    };
-    let client = match kube::Config::from_custom_kubeconfig(kubeconfig, &options)
-        .await
-        .map_err(|err| err.to_string())
-        .and_then(|config| Client::try_from(config).map_err(|err| err.to_string()))
-    {
-        Ok(client) => client,
+    checks.push(Check::ok(
+        "kubeconfig",
+        format!("{source}: {} context(s)", kubeconfig.contexts.len()),
+    ));
+    // Kept for the words when the context is missing: the client takes the
+    // kubeconfig.
+    let known: Vec<String> = kubeconfig.contexts.iter().map(|c| c.name.clone()).collect();
+    let client = match client_for(kubeconfig, settings).await {
+        Ok(client) => {
+            checks.push(Check::ok("context", settings.context.clone()));
+            client
+        }
+        Err(ClusterError::ContextMissing { .. }) => {
+            checks.push(Check::fail(
+                "context",
+                format!(
+                    "{:?} is missing (found: {}).{} Or pick one with --kube-context.",
+                    settings.context,
+                    if known.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        known.join(", ")
+                    },
+                    kind_hint(&settings.context)
+                ),
+            ));
+            return checks;
+        }
         Err(err) => {
-            checks.push(Check::fail("api", format!("cannot build a client: {err}")));
+            checks.push(Check::ok("context", settings.context.clone()));
+            checks.push(Check::fail("api", err.to_string()));
             return checks;
         }
     };
@@ -606,4 +678,49 @@ pub async fn diagnose(settings: &ClusterSettings) -> Vec<Check> {
         ));
     }
     checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FileSettings, RunOverrides};
+
+    fn config(agent_port: u16, bind: Option<std::net::IpAddr>) -> Config {
+        let flags = RunOverrides {
+            state_dir: Some(std::path::PathBuf::from("/tmp/state")),
+            agent_port: Some(agent_port),
+            bind,
+            ..RunOverrides::default()
+        };
+        Config::layer(&flags, &FileSettings::default()).expect("config")
+    }
+
+    #[test]
+    fn the_agent_url_given_beats_the_run_settings() {
+        let config = config(9123, None);
+        assert_eq!(
+            agent_url(Some("http://127.0.0.1:7000"), &config),
+            "http://127.0.0.1:7000"
+        );
+        assert_eq!(agent_url(None, &config), "http://127.0.0.1:9123");
+    }
+
+    #[test]
+    fn the_run_settings_give_the_bound_address_loopback_for_every_address() {
+        let every = config(9124, Some(std::net::IpAddr::from([0, 0, 0, 0])));
+        assert_eq!(agent_url(None, &every), "http://127.0.0.1:9124");
+        let one = config(9125, Some(std::net::IpAddr::from([127, 0, 0, 2])));
+        assert_eq!(agent_url(None, &one), "http://127.0.0.2:9125");
+    }
+
+    #[test]
+    fn only_a_port_on_this_machine_has_a_holder_to_name() {
+        assert_eq!(loopback_port("http://127.0.0.1:8082"), Some(8082));
+        assert_eq!(loopback_port("http://localhost:8083/"), Some(8083));
+        assert_eq!(loopback_port("http://[::1]:8084"), Some(8084));
+        assert_eq!(loopback_port("http://localhost"), Some(80));
+        assert_eq!(loopback_port("http://10.0.0.5:8082"), None);
+        assert_eq!(loopback_port("http://agent.example:8082"), None);
+        assert_eq!(loopback_port("not a url"), None);
+    }
 }
