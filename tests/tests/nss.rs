@@ -388,27 +388,22 @@ fn the_agent_writes_its_users_names_for_the_module(lib: &Path) {
     chmod(state.path(), 0o700);
     // The agent makes the folder itself.
     let _ = std::fs::remove_dir_all(format!("/run/user/{B}/k3s-local-agent"));
-    let id = B.to_string();
-    let agent = AgentProcess::run_command(
-        Command::new("setpriv")
-            .args([
-                format!("--reuid={id}").as_str(),
-                &format!("--regid={id}"),
-                "--clear-groups",
-            ])
-            .arg(agent_binary())
-            .args([
-                "run",
-                "--agent-port",
-                "0",
-                "--no-cluster",
-                "--port-range",
-                "18760-18780",
-                "--state-dir",
-            ])
-            .arg(state.path().join("state")),
-    )
-    .expect("the agent starts as B");
+    let start = || {
+        AgentProcess::run_command(
+            Command::new("setpriv")
+                .args([
+                    &format!("--reuid={B}"),
+                    &format!("--regid={B}"),
+                    "--clear-groups",
+                ])
+                .arg(agent_binary())
+                .args(["run", "--agent-port", "0", "--no-cluster"])
+                .args(["--port-range", "18760-18780", "--state-dir"])
+                .arg(state.path().join("state")),
+        )
+        .expect("the agent starts as B")
+    };
+    let agent = start();
     let health = agent.get_json("/health").expect("health");
     assert_eq!(health["names"]["mode"], "nss-module", "{health}");
     let agent_id = agent.agent_id().expect("agent id");
@@ -463,26 +458,7 @@ fn the_agent_writes_its_users_names_for_the_module(lib: &Path) {
     );
 
     // Started again, its names come back; stopped, it takes them away.
-    let agent = AgentProcess::run_command(
-        Command::new("setpriv")
-            .args([
-                format!("--reuid={id}").as_str(),
-                &format!("--regid={id}"),
-                "--clear-groups",
-            ])
-            .arg(agent_binary())
-            .args([
-                "run",
-                "--agent-port",
-                "0",
-                "--no-cluster",
-                "--port-range",
-                "18760-18780",
-                "--state-dir",
-            ])
-            .arg(state.path().join("state")),
-    )
-    .expect("the agent starts again as B");
+    let agent = start();
     wait_until("the name to resolve again", || {
         address_for(lib, B, "db-staging.local").is_some()
     })
