@@ -28,6 +28,24 @@ pub const STATUS_PATH: &str = "api/v1/staging/status";
 pub const CHANGE_DEBOUNCE: Duration = Duration::from_millis(250);
 /// First retry delay after a failed report; doubles up to the sync interval.
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
+
+/// The delays between failed reports: each between half the plain doubling
+/// (1 s, 2 s, ... up to the sync interval) and all of it, at random. Every
+/// agent of a control plane loses it at the same moment in an outage; the
+/// randomness spreads their retries, which would otherwise arrive in lockstep
+/// when it comes back. Never longer than the delay before it was random.
+fn retry_delays(interval: Duration) -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder as _;
+    // backon adds between 0 and all of the delay again: halving both ends
+    // gives [d/2, d). Its `std` feature seeds each process's generator apart.
+    backon::ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF / 2)
+        .with_max_delay(interval / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
 /// Per-request limit, so a slow control plane cannot hold a report forever.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// The last report on the way out must not hold up the exit.
@@ -199,7 +217,7 @@ impl Reporter {
     pub async fn run(&self, cancel: CancellationToken) {
         let mut changes = self.events().watch_revision();
         let mut next = Instant::now();
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = retry_delays(self.inner.interval);
         let mut failures: u32 = 0;
         loop {
             tokio::select! {
@@ -237,7 +255,7 @@ impl Reporter {
                         changes.mark_unchanged();
                     }
                     failures = 0;
-                    backoff = FIRST_BACKOFF;
+                    backoff = retry_delays(self.inner.interval);
                     next = Instant::now() + self.inner.interval;
                 }
                 Err(error) => {
@@ -263,8 +281,8 @@ impl Reporter {
                             .send_modify(|h| h.last_error = Some(error.to_string()));
                     }
                     failures = failures.saturating_add(1);
-                    next = Instant::now() + backoff;
-                    backoff = (backoff * 2).min(self.inner.interval);
+                    // Never ends (no most attempts); the interval if it did.
+                    next = Instant::now() + backoff.next().unwrap_or(self.inner.interval);
                 }
             }
         }
@@ -308,6 +326,29 @@ impl ReportMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each delay lies between half the plain doubling and all of it, the
+    /// last ones under the sync interval; two reporters draw different ones.
+    #[test]
+    fn retry_delays_double_with_jitter_up_to_the_interval() {
+        let interval = Duration::from_secs(30);
+        let drawn: Vec<Duration> = retry_delays(interval).take(8).collect();
+        let plain = [1, 2, 4, 8, 16, 30, 30, 30].map(Duration::from_secs);
+        for (delay, plain) in drawn.iter().zip(plain) {
+            assert!(
+                *delay >= plain / 2 && *delay < plain,
+                "{delay:?} outside [{:?}, {plain:?}): {drawn:?}",
+                plain / 2
+            );
+        }
+        let others: Vec<Vec<Duration>> = (0..4)
+            .map(|_| retry_delays(interval).take(8).collect())
+            .collect();
+        assert!(
+            others.iter().any(|other| *other != drawn),
+            "five reporters drew the same delays: {drawn:?}"
+        );
+    }
 
     #[test]
     fn a_refused_report_names_the_status_and_serializes_by_kind() {

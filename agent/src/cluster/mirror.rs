@@ -31,6 +31,22 @@ use crate::tunnel::LocalDialer;
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
+/// The delays between sessions with the cluster: each between half the plain
+/// doubling (1 s, 2 s, ... up to 30 s) and all of it, at random, so agents
+/// that lost one shared cluster do not come back to it in lockstep.
+fn retry_delays() -> backon::ExponentialBackoff {
+    use backon::BackoffBuilder as _;
+    // backon adds between 0 and all of the delay again: halving both ends
+    // gives [d/2, d). Its `std` feature seeds each process's generator apart.
+    backon::ExponentialBuilder::default()
+        .with_min_delay(FIRST_BACKOFF / 2)
+        .with_max_delay(MAX_BACKOFF / 2)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+}
+
 /// Mirrors the store's pods into the cluster until cancelled.
 #[derive(Debug, Clone)]
 pub struct Mirror {
@@ -102,7 +118,7 @@ impl Mirror {
         if !self.settings.enabled {
             return;
         }
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = retry_delays();
         let mut failures = 0u32;
         loop {
             let outcome = tokio::select! {
@@ -123,11 +139,11 @@ impl Mirror {
             self.set_status(ClusterStatus::Unavailable(reason));
             tokio::select! {
                 _ = cancel.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                // Never ends (no most attempts); the longest delay if it did.
+                _ = tokio::time::sleep(backoff.next().unwrap_or(MAX_BACKOFF)) => {}
             }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
             if matches!(*self.status.borrow(), ClusterStatus::Ready) {
-                backoff = FIRST_BACKOFF;
+                backoff = retry_delays();
             }
         }
     }
