@@ -8,7 +8,6 @@ mod common;
 use std::collections::VecDeque;
 
 use common::{read_all_from, refuses, rss_kib, wait_until, Fixture};
-use k3s_local_agent::config::PortRange;
 use serde_json::{json, Value};
 
 const PODS: usize = 1_000;
@@ -48,17 +47,12 @@ fn batch(ids: &[String], target: std::net::SocketAddr) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_creates_and_deletes_leave_nothing_behind() {
-    let mut fx = Fixture::new(46).await;
+    let mut fx = Fixture::with_ports(600).await;
     // Reports keep coming through the churn; the stand-in keeps only the
     // latest, so the test's own memory stays out of the figures.
     fx.control_plane = common::ControlPlane::start_latest_only().await;
-    let mut config = fx.config();
-    config.port_range = PortRange {
-        start: 31_000,
-        end: 31_599,
-    };
-    let range = config.port_range;
-    let agent = fx.start_with(config).await;
+    let range = fx.range;
+    let agent = fx.start().await;
     let upstream = common::greeting_server("hi").await;
 
     // The same churn once before the baseline, so lazily made things (client
@@ -83,9 +77,14 @@ async fn ten_thousand_creates_and_deletes_leave_nothing_behind() {
     for port in range.start..=range.end {
         assert!(refuses(port).await, "port {port} still listening");
     }
-    // Memory: freed pages may stay with the allocator, so allow some slack;
-    // a leak of a few KiB per operation (one tunnel's listener, task and
-    // records) would be tens of MiB.
+    // Memory: freed pages may stay with the allocator, so allow some slack.
+    // The margin: 16 MiB, where a quiet run grows by 1-2 MiB; 6 MiB failed
+    // once on a loaded machine, where more connections are open at once and
+    // more threads' allocator arenas hold freed pages. What an operation
+    // makes is far more: the first 500 pods held (their entries, listeners,
+    // tasks and records) grew RSS by about 10 MiB, 20 KiB a pod with the
+    // allocator's first arenas; if each of the 5,000 creates here kept its
+    // own, even at a fifth of that, the growth would pass this bound.
     let grown_kib = rss_kib().saturating_sub(rss);
     println!(
         "after 10,000 operations ({} reports): fds {fds} -> {}, tasks {tasks} -> {}, RSS +{grown_kib} KiB",
@@ -94,10 +93,9 @@ async fn ten_thousand_creates_and_deletes_leave_nothing_behind() {
         alive_tasks(&agent)
     );
     assert!(
-        grown_kib < 6 * 1024,
+        grown_kib < 16 * 1024,
         "RSS grew by {grown_kib} KiB over 10,000 operations"
     );
-    agent.agent.shutdown().await;
 }
 
 /// Creates a batch of pods per round, reaching each new tunnel and an older

@@ -57,7 +57,7 @@ async fn open_stream(agent: &common::TestAgent) -> (reqwest::Response, String, V
 
 #[tokio::test]
 async fn the_event_stream_pushes_a_snapshot_on_every_change() {
-    let fx = Fixture::new(30).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let (mut stream, mut buffer, first) = open_stream(&agent).await;
     assert_eq!(stream.status(), 200);
@@ -100,7 +100,7 @@ async fn the_event_stream_pushes_a_snapshot_on_every_change() {
 
 #[tokio::test]
 async fn connections_reach_every_dashboard_even_after_one_closed_mid_update() {
-    let fx = Fixture::new(56).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = greeting_server("hi").await;
     agent
@@ -122,12 +122,11 @@ async fn connections_reach_every_dashboard_even_after_one_closed_mid_update() {
     let (mut second_tab, mut buffer, _) = open_stream(&agent).await;
     assert_eq!(read_all_from(port).await.expect("through the tunnel"), "hi");
     next_snapshot(&mut second_tab, &mut buffer, connections(3)).await;
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn stop_removes_the_tunnel_and_its_name() {
-    let fx = Fixture::new(31).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = greeting_server("hi").await;
     agent
@@ -152,12 +151,11 @@ async fn stop_removes_the_tunnel_and_its_name() {
     let (code, answer) = agent.post("/api/v1/pods/a/stop", &json!({})).await;
     assert_eq!(code, 404);
     assert!(answer["error"].as_str().expect("error").contains("\"a\""));
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn the_dashboard_files_are_served_with_a_strict_policy() {
-    let fx = Fixture::new(32).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     for (path, kind, needle) in [
         ("/", "text/html", "K3s Local Agent"),
@@ -196,12 +194,11 @@ async fn the_dashboard_files_are_served_with_a_strict_policy() {
         .await
         .expect("answer");
     assert_eq!(missing.status(), 404);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_rebound_name_cannot_read_or_push() {
-    let fx = Fixture::new(33).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     // A page on evil.example whose name now resolves to 127.0.0.1.
     for path in ["/api/v1/pods", "/api/v1/snapshot", "/"] {
@@ -223,5 +220,4 @@ async fn a_rebound_name_cannot_read_or_push() {
         .await
         .expect("answer");
     assert_eq!(response.status(), 200, "local names are fine");
-    agent.agent.shutdown().await;
 }

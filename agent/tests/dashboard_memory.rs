@@ -21,7 +21,7 @@ fn many_pods(prefix: &str, count: usize, target: std::net::SocketAddr) -> Value 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_dashboards_share_one_snapshot_and_are_dropped() {
-    let fx = Fixture::new(62).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.name_ports = false;
     config.max_event_streams = 500;
@@ -49,16 +49,23 @@ async fn silent_dashboards_share_one_snapshot_and_are_dropped() {
         assert_eq!(code, 200);
     }
     let grown_mib = rss_kib().saturating_sub(before) / 1024;
-    // Each holding its own copy would take 500 snapshots; one shared copy
-    // plus each stream's own buffers stays far below: under a fifth of it.
-    // (The bound follows the snapshot, which grows as pods say more: every
-    // pod now lists each of its ports and the way its tunnel goes.)
+    // Each holding its own copy would take 500 snapshots at the least: a
+    // silent client's 1 KiB window keeps nearly all of each copy in this
+    // process. One shared copy plus each stream's own buffers stays far
+    // below. (The bound follows the snapshot, which grows as pods say more:
+    // every pod now lists each of its ports and the way its tunnel goes.)
+    //
+    // The margin: growth must stay under half of a copy each. A fifth failed
+    // once on a loaded machine; what a loaded run adds (streams still holding
+    // the snapshot from before the last change, the arenas of allocator
+    // threads that were busy at once) is not a copy per stream, and a copy
+    // each still fails this bound twice over.
     let own_copies_mib = 500 * snapshot.len() as u64 / (1024 * 1024);
     eprintln!(
         "500 silent dashboards: RSS grew by {grown_mib} MiB (a copy each: {own_copies_mib} MiB)"
     );
     assert!(
-        grown_mib < own_copies_mib / 5,
+        grown_mib < own_copies_mib / 2,
         "500 silent dashboards took {grown_mib} MiB, a copy each would be {own_copies_mib} MiB"
     );
 
@@ -66,5 +73,4 @@ async fn silent_dashboards_share_one_snapshot_and_are_dropped() {
     // held, a new stream gets one only once they are.
     wait_for_a_place(api, Duration::from_secs(60)).await;
     drop(silent);
-    agent.agent.shutdown().await;
 }

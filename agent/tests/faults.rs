@@ -48,7 +48,7 @@ async fn ends(mut stream: TcpStream, limit: Duration) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_black_holed_pod_times_out_its_connections_only_and_recovers() {
-    let fx = Fixture::new(43).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let (hole, _filler) = black_hole();
     let hole_addr = hole.local_addr().expect("addr");
@@ -108,12 +108,11 @@ async fn a_black_holed_pod_times_out_its_connections_only_and_recovers() {
     .await;
     assert!(served.load(Ordering::SeqCst));
     assert_eq!(agent.redirection("hole").await["error"], Value::Null);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reset_mid_stream_ends_that_connection_only() {
-    let fx = Fixture::new(44).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     // A pod that reads a first message, then resets the connection.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
@@ -195,7 +194,6 @@ async fn a_reset_mid_stream_ends_that_connection_only() {
     within("the pod's ack again", again.read_exact(&mut ack))
         .await
         .expect("ack");
-    agent.agent.shutdown().await;
 }
 
 /// A control plane that can be told to take requests and never answer.
@@ -238,7 +236,7 @@ impl SlowControlPlane {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_control_plane_that_never_answers_times_out_and_stalls_nothing() {
-    let fx = Fixture::new(45).await;
+    let fx = Fixture::new().await;
     let control_plane = SlowControlPlane::start().await;
     let mut config = fx.config();
     config.control_plane_url = control_plane.url.parse().expect("url");
@@ -284,5 +282,4 @@ async fn a_control_plane_that_never_answers_times_out_and_stalls_nothing() {
         agent.agent.health().control_plane.reachable == Some(true)
     })
     .await;
-    agent.agent.shutdown().await;
 }

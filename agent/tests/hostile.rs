@@ -32,7 +32,7 @@ fn push_with(field: &str, value: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_of_every_kind_is_named_and_changes_nothing() {
-    let fx = Fixture::new(47).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     let (code, _) = agent
@@ -253,12 +253,11 @@ async fn bad_input_of_every_kind_is_named_and_changes_nothing() {
     assert_eq!(after, before, "bad input changed the state");
     assert!(!fx.hosts_text().contains("bank.example"));
     println!("bad inputs refused: {}", cases.len());
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_pages_and_wrong_tokens_change_nothing() {
-    let fx = Fixture::new(48).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     agent
@@ -321,7 +320,7 @@ async fn foreign_pages_and_wrong_tokens_change_nothing() {
 
     // Beyond loopback the token is the key: without it, or with a wrong one,
     // a push is refused and changes nothing.
-    let fx = Fixture::new(49).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.bind = "0.0.0.0".parse().expect("ip");
     let agent = fx.start_with(config).await;
@@ -338,12 +337,11 @@ async fn foreign_pages_and_wrong_tokens_change_nothing() {
     }
     assert_eq!(agent.agent.health().pod_count, 0);
     assert_eq!(fx.hosts_text(), hosts_before);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_loris_client_is_cut_off_and_nobody_waits_for_it() {
-    let fx = Fixture::new(50).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let mut loris = TcpStream::connect(agent.agent.local_addr())
         .await
@@ -385,7 +383,6 @@ async fn a_slow_loris_client_is_cut_off_and_nobody_waits_for_it() {
     );
     // No response was ever started for the unfinished request.
     assert!(!String::from_utf8_lossy(&answer).contains("200 OK"));
-    agent.agent.shutdown().await;
 }
 
 /// Whether `future` finishes within `limit`.

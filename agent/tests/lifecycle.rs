@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 #[tokio::test]
 async fn names_follow_the_pods_and_leave_other_lines_alone() {
-    let fx = Fixture::new(20).await;
+    let fx = Fixture::new().await;
     // A stale block from a crashed run must go at start.
     std::fs::write(
         &fx.hosts,
@@ -71,7 +71,7 @@ async fn names_follow_the_pods_and_leave_other_lines_alone() {
 
 #[tokio::test]
 async fn reports_go_out_at_start_on_change_and_on_stop() {
-    let fx = Fixture::new(21).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let first = fx
         .control_plane
@@ -126,20 +126,39 @@ async fn reports_go_out_at_start_on_change_and_on_stop() {
 
 #[tokio::test]
 async fn reports_follow_the_interval() {
-    let fx = Fixture::new(22).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
-    config.sync_interval = std::time::Duration::from_secs(1);
-    let agent = fx.start_with(config).await;
-    // No change happens: three reports can only come from the interval.
+    let interval = std::time::Duration::from_secs(1);
+    config.sync_interval = interval;
+    let _agent = fx.start_with(config).await;
+    // No change happens: after the one at start, reports can only come from
+    // the interval.
     fx.control_plane
-        .wait_for(2, "a third periodic report", |_| true)
+        .wait_for(3, "a fourth report, the third periodic one", |_| true)
         .await;
-    agent.agent.shutdown().await;
+    let reports = fx.control_plane.reports();
+    for (_, report) in &reports {
+        assert_eq!(report["status"], "running", "{report}");
+        assert_eq!(report["total_pods"], 0, "{report}");
+    }
+    // The next report is due an interval after the last was answered, so no
+    // two arrive closer together than that; one sent for any other reason
+    // (a change is reported 250 ms after it) would.
+    let arrivals = fx.control_plane.arrivals();
+    assert_eq!(arrivals.len(), reports.len());
+    for (i, pair) in arrivals.windows(2).enumerate() {
+        let gap = pair[1] - pair[0];
+        assert!(
+            gap >= interval,
+            "reports {i} and {} came {gap:?} apart; the interval is {interval:?}",
+            i + 1
+        );
+    }
 }
 
 #[tokio::test]
 async fn an_absent_control_plane_is_retried_and_caught_up() {
-    let fx = Fixture::new(23).await;
+    let fx = Fixture::new().await;
     // Reserve an address for the control plane, but do not serve it yet.
     let reserved = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let address = reserved.local_addr().expect("addr");
@@ -186,12 +205,11 @@ async fn an_absent_control_plane_is_retried_and_caught_up() {
     })
     .await;
     assert!(agent.agent.health().control_plane.last_sync.is_some());
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_restart_brings_back_pods_ports_and_toggles() {
-    let fx = Fixture::new(24).await;
+    let fx = Fixture::new().await;
     let upstream = greeting_server("hello").await;
     let agent = fx.start().await;
     let pods: Vec<_> = (0..5)
@@ -230,12 +248,11 @@ async fn a_restart_brings_back_pods_ports_and_toggles() {
     let text = fx.hosts_text();
     assert_eq!(count_blocks(&text), 1);
     assert!(text.contains("app-5-staging.local"));
-    again.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn events_tell_subscribers_about_pushes() {
-    let fx = Fixture::new(25).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let mut events = agent.agent.events().subscribe();
     let upstream = greeting_server("hi").await;
@@ -255,12 +272,11 @@ async fn events_tell_subscribers_about_pushes() {
             removed: vec![]
         }
     );
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_control_plane_answering_500_counts_as_down() {
-    let fx = Fixture::new(26).await;
+    let fx = Fixture::new().await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -287,12 +303,11 @@ async fn a_control_plane_answering_500_counts_as_down() {
         "{health:?}"
     );
     assert!(health.control_plane.last_sync.is_none());
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn an_update_that_changes_the_pod_port_moves_its_name_port() {
-    let fx = Fixture::new(55).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let before = greeting_server("before").await;
     let after = greeting_server("after").await;
@@ -350,7 +365,7 @@ fn pod_created(id: &str, name: &str, target: std::net::SocketAddr, created: &str
 
 #[tokio::test]
 async fn two_ids_with_one_name_give_the_name_to_the_newest_whatever_the_order() {
-    let fx = Fixture::new(64).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = greeting_server("hi").await;
     let old = pod_created("old-id", "same", upstream, "2024-01-15T10:00:00Z");
@@ -395,5 +410,4 @@ async fn two_ids_with_one_name_give_the_name_to_the_newest_whatever_the_order() 
     assert!(fx.hosts_text().contains(&format!(
         "{address} same-staging.local same-staging.localhost\n"
     )));
-    agent.agent.shutdown().await;
 }

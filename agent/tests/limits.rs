@@ -42,7 +42,7 @@ fn lean_pods(prefix: &str, count: usize, target: SocketAddr) -> Value {
 
 #[tokio::test]
 async fn targets_that_lead_back_into_the_agent_are_refused_naming_the_field() {
-    let fx = Fixture::new(57).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let api = agent.agent.local_addr();
     let upstream = echo_server().await;
@@ -87,7 +87,6 @@ async fn targets_that_lead_back_into_the_agent_are_refused_naming_the_field() {
     let status = agent.get("/api/v1/pods/status").await;
     assert_eq!(status["total_redirections"], 1, "{status}");
     assert_eq!(fx.hosts_text(), hosts_before);
-    agent.agent.shutdown().await;
 }
 
 /// A forwarder that sends every connection to `to`: with `to` one of the
@@ -113,7 +112,7 @@ async fn forwarder(to: std::sync::Arc<std::sync::OnceLock<SocketAddr>>) -> Socke
 
 #[tokio::test]
 async fn a_loop_through_another_forwarder_is_cut_and_other_tunnels_still_answer() {
-    let fx = Fixture::new(58).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.max_tunnel_connections = 16;
     let agent = fx.start_with(config).await;
@@ -157,12 +156,11 @@ async fn a_loop_through_another_forwarder_is_cut_and_other_tunnels_still_answer(
     .expect("echo");
     assert_eq!(echoed, b"still here");
     drop(first);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_push_past_the_cap_is_refused_whole_and_changes_nothing() {
-    let fx = Fixture::new(59).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.max_pods = 30;
     let agent = fx.start_with(config).await;
@@ -183,12 +181,11 @@ async fn a_push_past_the_cap_is_refused_whole_and_changes_nothing() {
     let (code, _) = agent.push("sync", many_pods("b", 25, upstream)).await;
     assert_eq!(code, 200);
     assert_eq!(agent.get("/health").await["pod_count"], 25);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_push_finishes_as_one_unit_when_the_client_hangs_up_midway() {
-    let fx = Fixture::new(60).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.name_ports = false;
     let agent = fx.start_with(config).await;
@@ -228,12 +225,11 @@ async fn a_push_finishes_as_one_unit_when_the_client_hangs_up_midway() {
     .await;
     let status = agent.get("/api/v1/pods/status").await;
     assert_eq!(status["total_redirections"], 3_000);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_answers_throughout_pushes_of_thousands_into_ten_thousand() {
-    let fx = Fixture::new(61).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.name_ports = false;
     let agent = fx.start_with(config).await;
@@ -281,7 +277,7 @@ async fn health_answers_throughout_pushes_of_thousands_into_ten_thousand() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_streams_are_capped_with_a_clear_refusal() {
-    let fx = Fixture::new(63).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let api = agent.agent.local_addr();
     let mut open = Vec::new();
@@ -305,5 +301,4 @@ async fn event_streams_are_capped_with_a_clear_refusal() {
     // socket at its next write to it, a keep-alive within 15 s).
     drop(open.pop());
     wait_for_a_place(api, Duration::from_secs(40)).await;
-    agent.agent.shutdown().await;
 }

@@ -83,7 +83,7 @@ fn value(samples: &Samples, name: &str, labels: &[(&str, &str)]) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_move_by_the_traffic_sent_and_latency_counts_each_connection() {
-    let fx = Fixture::new(51).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let echo = common::echo_server().await;
     let (_reserved, refusing) = common::refusing_address();
@@ -248,12 +248,11 @@ async fn counters_move_by_the_traffic_sent_and_latency_counts_each_connection() 
     assert!(!gone
         .keys()
         .any(|(_, labels)| labels.get("pod_id").map(String::as_str) == Some("down")));
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn metrics_need_the_token_beyond_loopback() {
-    let fx = Fixture::new(52).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.bind = "0.0.0.0".parse().expect("ip");
     let agent = fx.start_with(config).await;
@@ -274,7 +273,6 @@ async fn metrics_need_the_token_beyond_loopback() {
     assert_eq!(with_token.status(), 200);
     let body: String = with_token.text().await.expect("text");
     assert!(body.ends_with("# EOF\n"), "{body}");
-    agent.agent.shutdown().await;
 }
 
 /// The open connections on each forwarding thread, by thread number.
@@ -289,7 +287,7 @@ fn thread_loads(samples: &Samples) -> BTreeMap<String, f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_of_long_lived_connections_spreads_evenly_over_the_forwarding_threads() {
     const CONNECTIONS: usize = 40;
-    let fx = Fixture::new(53).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.forward_threads = 4;
     let agent = fx.start_with(config).await;

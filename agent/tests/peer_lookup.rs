@@ -15,7 +15,7 @@ async fn health_answers_the_own_user_among_thousands_of_sockets() {
     // 4,000 listeners, 800 connection ends and the agent's own: more than
     // the usual soft limit of 1,024 descriptors.
     rlimit::increase_nofile_limit(u64::MAX).expect("raise the open-file limit");
-    let fx = Fixture::new(91).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     let (code, answer) = agent

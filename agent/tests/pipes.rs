@@ -23,7 +23,7 @@ fn open_fds() -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_bulk_transfers_share_a_few_pipes() {
-    let fx = Fixture::new(54).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let echo = echo_server().await;
     let (code, _) = agent

@@ -114,7 +114,7 @@ async fn still_carries(stream: &mut TcpStream, what: &str) {
 
 #[tokio::test]
 async fn every_tcp_port_answers_by_its_range_port_and_by_the_pod_address() {
-    let fx = Fixture::new(65).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let web = http_server("web").await;
     let metrics = http_server("metrics").await;
@@ -290,12 +290,11 @@ async fn every_tcp_port_answers_by_its_range_port_and_by_the_pod_address() {
         get_text(&format!("http://127.0.0.1:{}/", range[1])).await,
         "metrics"
     );
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn an_update_closes_the_port_that_left_and_leaves_the_others_carrying_bytes() {
-    let fx = Fixture::new(66).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let kept = echo_server().await;
     let leaving = echo_server().await;
@@ -368,12 +367,11 @@ async fn an_update_closes_the_port_that_left_and_leaves_the_others_carrying_byte
         2,
         "the kept port's counters went on"
     );
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_restart_gives_every_pod_port_its_range_port_back() {
-    let fx = Fixture::new(67).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let servers = [
         echo_server().await,
@@ -423,5 +421,4 @@ async fn a_restart_gives_every_pod_port_its_range_port_back() {
         left_range,
         "the port that left before the restart gets its number back"
     );
-    agent.agent.shutdown().await;
 }

@@ -23,7 +23,7 @@ const SEED_BODY: &str = r#"{"agent_id":"test-agent",
 
 #[tokio::test]
 async fn health_and_status_keep_the_seed_shape() {
-    let fx = Fixture::new(0).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let health = agent.get("/health").await;
     assert_eq!(health["status"], "healthy");
@@ -88,7 +88,6 @@ async fn health_and_status_keep_the_seed_shape() {
     );
     let one = agent.get("/api/v1/pods/pod-123").await;
     assert_eq!(one["pod"]["name"], "my-app");
-    agent.agent.shutdown().await;
 }
 
 /// Sends `body` to `POST /api/v1/pods` through the router; returns code and JSON.
@@ -119,7 +118,7 @@ async fn push_via_router(agent: &common::TestAgent, body: impl Into<Body>) -> (S
 
 #[tokio::test]
 async fn whole_request_errors_name_what_is_wrong_and_change_nothing() {
-    let fx = Fixture::new(1).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let hosts_before = fx.hosts_text();
     let cases: Vec<(String, StatusCode, &str)> = vec![
@@ -192,12 +191,11 @@ async fn whole_request_errors_name_what_is_wrong_and_change_nothing() {
     );
     assert_eq!(agent.get("/health").await["pod_count"], 0);
     assert_eq!(fx.hosts_text(), hosts_before);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn oversized_body_is_413_with_json() {
-    let fx = Fixture::new(2).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let huge = format!(
         r#"{{"agent_id":"test-agent","action":"create","pods":[],"pad":"{}"}}"#,
@@ -215,12 +213,11 @@ async fn oversized_body_is_413_with_json() {
         .await
         .expect("answer");
     assert_eq!(response.status(), 413);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn bad_pods_are_rejected_by_id_and_good_ones_still_apply() {
-    let fx = Fixture::new(3).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     let (code, answer) = agent
@@ -285,12 +282,11 @@ async fn bad_pods_are_rejected_by_id_and_good_ones_still_apply() {
         "a name injected a line:\n{hosts}"
     );
     assert!(!hosts.contains("duplicate"));
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn update_delete_and_sync_follow_the_contract() {
-    let fx = Fixture::new(4).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     let (code, _) = agent
@@ -339,12 +335,11 @@ async fn update_delete_and_sync_follow_the_contract() {
         .keys()
         .collect();
     assert_eq!(ids, vec!["c", "d"]);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn token_is_required_beyond_loopback() {
-    let fx = Fixture::new(5).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     config.bind = "0.0.0.0".parse().expect("ip");
     // The listener itself stays on loopback: what matters is the setting.
@@ -397,12 +392,11 @@ async fn token_is_required_beyond_loopback() {
         .expect("answer");
     assert_eq!(push.status(), 401, "a push without the token is refused");
     assert_eq!(agent.agent.store().len(), 0);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn local_endpoints_refuse_remote_peers_and_foreign_pages() {
-    let fx = Fixture::new(6).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     agent
@@ -480,12 +474,11 @@ async fn local_endpoints_refuse_remote_peers_and_foreign_pages() {
         .await
         .expect("answer");
     assert_eq!(bad.status(), 400);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn unknown_paths_and_methods_answer_json() {
-    let fx = Fixture::new(7).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let missing = agent
         .http
@@ -512,12 +505,11 @@ async fn unknown_paths_and_methods_answer_json() {
         .await
         .expect("answer");
     assert_eq!(unknown_pod.status(), 404);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn the_longest_name_in_the_longest_namespace_is_taken_with_a_valid_long_name() {
-    let fx = Fixture::new(5).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     let name = "n".repeat(55);
@@ -558,5 +550,4 @@ async fn the_longest_name_in_the_longest_namespace_is_taken_with_a_valid_long_na
         long_names.push(names[0].clone());
     }
     assert_ne!(long_names[0], long_names[1], "unique");
-    agent.agent.shutdown().await;
 }

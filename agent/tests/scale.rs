@@ -4,7 +4,6 @@
 mod common;
 
 use common::{echo_server, greeting_server, read_all_from, refuses, Fixture};
-use k3s_local_agent::config::PortRange;
 use serde_json::{json, Value};
 
 fn pods(prefix: &str, count: usize, target: std::net::SocketAddr) -> Value {
@@ -20,14 +19,10 @@ fn pods(prefix: &str, count: usize, target: std::net::SocketAddr) -> Value {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_whole_range_of_921_tunnels_is_live_at_once() {
-    let fx = Fixture::new(40).await;
-    let mut config = fx.config();
-    // The default range's size, away from the default's neighbours.
-    config.port_range = PortRange {
-        start: 30_000,
-        end: 30_920,
-    };
-    let agent = fx.start_with(config).await;
+    // The default range's size.
+    let fx = Fixture::with_ports(921).await;
+    let range = fx.range;
+    let agent = fx.start().await;
     let upstream = greeting_server("up").await;
     let (code, answer) = agent.push("create", pods("p", 921, upstream)).await;
     assert_eq!(code, 200, "{answer}");
@@ -36,7 +31,7 @@ async fn a_whole_range_of_921_tunnels_is_live_at_once() {
         status["active_redirections"], 921,
         "every port of the range is a live tunnel"
     );
-    for port in (30_000..=30_920).step_by(23) {
+    for port in (range.start..=range.end).step_by(23) {
         assert_eq!(
             read_all_from(port).await.expect("tunnel answers"),
             "up",
@@ -45,15 +40,14 @@ async fn a_whole_range_of_921_tunnels_is_live_at_once() {
     }
     let (code, _) = agent.push("sync", json!([])).await;
     assert_eq!(code, 200);
-    for port in (30_000..=30_920).step_by(7) {
+    for port in (range.start..=range.end).step_by(7) {
         assert!(refuses(port).await, "port {port} released");
     }
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn big_transfers_arrive_whole_both_ways_at_once() {
-    let fx = Fixture::new(41).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     agent
@@ -81,5 +75,4 @@ async fn big_transfers_arrive_whole_both_ways_at_once() {
     let tunnel = agent.redirection("e").await;
     assert_eq!(tunnel["bytes_to_pod"], 4 * SIZE as u64);
     assert_eq!(tunnel["bytes_from_pod"], 4 * SIZE as u64);
-    agent.agent.shutdown().await;
 }

@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn bytes_flow_both_ways_and_are_counted() {
-    let fx = Fixture::new(10).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = echo_server().await;
     let (code, _) = agent
@@ -35,12 +35,11 @@ async fn bytes_flow_both_ways_and_are_counted() {
         agent.agent.status().redirections["p1"].open_connections == 0
     })
     .await;
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn an_update_retargets_new_connections_without_closing_the_listener() {
-    let fx = Fixture::new(11).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let old_pod = echo_server().await;
     let new_pod = greeting_server("new pod").await;
@@ -73,12 +72,11 @@ async fn an_update_retargets_new_connections_without_closing_the_listener() {
         .await
         .expect("old pod still echoes");
     assert_eq!(&buf, b"pong");
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn a_refusing_pod_fails_its_connection_not_its_tunnel_or_others() {
-    let fx = Fixture::new(12).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let (reserved, dead) = common::refusing_address();
     let healthy = greeting_server("healthy").await;
@@ -138,12 +136,11 @@ async fn a_refusing_pod_fails_its_connection_not_its_tunnel_or_others() {
         agent.redirection("dead").await["error"].is_null(),
         "error cleared after recovery"
     );
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn forwarding_off_refuses_and_on_restores_the_same_port() {
-    let fx = Fixture::new(13).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let one = greeting_server("one").await;
     let two = greeting_server("two").await;
@@ -182,12 +179,11 @@ async fn forwarding_off_refuses_and_on_restores_the_same_port() {
     assert_eq!(tunnel["status"], "active");
     assert_eq!(tunnel["local_port"], port);
     assert_eq!(read_all_from(port).await.expect("read"), "one");
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn ports_held_elsewhere_are_skipped_and_exhaustion_fails_only_that_pod() {
-    let fx = Fixture::new(14).await;
+    let fx = Fixture::new().await;
     // Another process holds the first port of the range.
     let squatter = std::net::TcpListener::bind(("127.0.0.1", fx.range.start)).expect("squat");
     let mut config = fx.config();
@@ -249,12 +245,11 @@ async fn ports_held_elsewhere_are_skipped_and_exhaustion_fails_only_that_pod() {
     assert_eq!(c["status"], "active", "{c}");
     assert_eq!(c["local_port"], fx.range.start + 2);
     drop(squatter);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn the_agent_and_control_plane_ports_are_never_handed_out() {
-    let fx = Fixture::new(15).await;
+    let fx = Fixture::new().await;
     let mut config = fx.config();
     // The control plane "listens" on the first port of the range.
     config.control_plane_url = format!("http://127.0.0.1:{}", fx.range.start)
@@ -264,12 +259,11 @@ async fn the_agent_and_control_plane_ports_are_never_handed_out() {
     let upstream = greeting_server("hi").await;
     agent.push("create", json!([pod("a", "a", upstream)])).await;
     assert_eq!(agent.port_of("a").await, fx.range.start + 1);
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn deleting_a_pod_closes_its_port() {
-    let fx = Fixture::new(16).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = greeting_server("hi").await;
     agent.push("create", json!([pod("a", "a", upstream)])).await;
@@ -281,12 +275,11 @@ async fn deleting_a_pod_closes_its_port() {
         agent.get("/api/v1/pods/status").await["total_redirections"],
         0
     );
-    agent.agent.shutdown().await;
 }
 
 #[tokio::test]
 async fn pause_all_and_resume_all() {
-    let fx = Fixture::new(17).await;
+    let fx = Fixture::new().await;
     let agent = fx.start().await;
     let upstream = greeting_server("hi").await;
     agent
@@ -308,5 +301,4 @@ async fn pause_all_and_resume_all() {
     );
     assert_eq!(read_all_from(a).await.expect("a"), "hi");
     assert_eq!(read_all_from(b).await.expect("b"), "hi");
-    agent.agent.shutdown().await;
 }

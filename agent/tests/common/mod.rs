@@ -55,27 +55,97 @@ pub async fn within<T>(what: &str, future: impl Future<Output = T>) -> T {
         .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
 }
 
-/// A port range of 20 ports unique to one test (`slot` is assigned by hand
-/// per test, so concurrent tests never compete for ports).
-pub fn test_range(slot: u16) -> PortRange {
-    let start = 20_000 + slot * 20;
-    PortRange {
-        start,
-        end: start + 19,
+/// Where test agents' port ranges come from: 24000-31999, in blocks of 20.
+/// Below the kernel's ephemeral ports (32768 up), so no outgoing connection
+/// lands in one, and apart from the e2e tests' fixed ranges (18760-23189).
+const BAND_START: u16 = 24_000;
+const BLOCK: u16 = 20;
+const BLOCKS: u16 = 400;
+/// Block `i` is taken while someone holds port `MARKERS + i` (32000-32399).
+const MARKERS: u16 = 32_000;
+
+/// Leases a range of at least `ports` ports that no other test agent gets:
+/// not in this test binary, not in another one running beside it (a second
+/// `cargo test`), however the tests are scheduled.
+///
+/// A block is taken by binding its marker port, which the kernel grants to
+/// one socket only, atomically, across every process. The marker is then
+/// kept until this process exits, never given back when the test ends: an
+/// agent the test dropped may still be closing its listeners on its
+/// forwarding threads, so a block handed out again could find its ports
+/// taken. The kernel frees the markers together with every listener the
+/// process left, so the next process never meets them. Before a lease is
+/// made, each of its ports is bound once (as the agent binds them, with
+/// `SO_REUSEADDR`), so a range some other program holds is passed over.
+pub fn lease_ports(ports: u16) -> PortRange {
+    let blocks = ports.div_ceil(BLOCK).max(1);
+    let mut first = 0;
+    while first + blocks <= BLOCKS {
+        let mut markers = Vec::new();
+        for block in first..first + blocks {
+            match take_marker(block) {
+                Some(marker) => markers.push(marker),
+                None => break,
+            }
+        }
+        let taken = u16::try_from(markers.len()).expect("few blocks");
+        if taken < blocks {
+            // Block `first + taken` is someone else's; look past it.
+            first += taken + 1;
+            continue;
+        }
+        let start = BAND_START + first * BLOCK;
+        let range = PortRange {
+            start,
+            end: start + ports - 1,
+        };
+        for marker in markers {
+            // Held for the life of the process (see above).
+            let _held_until_exit = std::os::fd::IntoRawFd::into_raw_fd(marker);
+        }
+        if (range.start..=range.end)
+            .all(|port| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok())
+        {
+            return range;
+        }
+        first += blocks;
     }
+    panic!(
+        "no {ports} free ports left in {BAND_START}-{}",
+        BAND_START + BLOCKS * BLOCK - 1
+    );
+}
+
+/// Binds block `block`'s marker (without `SO_REUSEADDR`, never listening),
+/// or `None` when some socket holds it.
+fn take_marker(block: u16) -> Option<socket2::Socket> {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], MARKERS + block)).into())
+        .ok()?;
+    Some(socket)
 }
 
 /// A control-plane stand-in recording every status report it receives.
 #[derive(Debug, Clone)]
 pub struct ControlPlane {
     pub url: String,
-    reports: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
+    reports: Arc<Mutex<Vec<Report>>>,
     count: watch::Receiver<usize>,
+}
+
+/// One status report as received: its headers, its body and when it came.
+#[derive(Debug, Clone)]
+struct Report {
+    headers: HeaderMap,
+    body: Value,
+    at: std::time::Instant,
 }
 
 #[derive(Clone)]
 struct Recorder {
-    reports: Arc<Mutex<Vec<(HeaderMap, Value)>>>,
+    reports: Arc<Mutex<Vec<Report>>>,
     count: Arc<watch::Sender<usize>>,
     /// Keep only the latest report (and count the rest), so a long test's
     /// own memory stays flat.
@@ -92,7 +162,11 @@ async fn record(
         if rec.latest_only {
             reports.clear();
         }
-        reports.push((headers, body));
+        reports.push(Report {
+            headers,
+            body,
+            at: std::time::Instant::now(),
+        });
     }
     rec.count.send_modify(|count| *count += 1);
     Json(json!({"status": "ok"}))
@@ -140,7 +214,22 @@ impl ControlPlane {
     }
 
     pub fn reports(&self) -> Vec<(HeaderMap, Value)> {
-        self.reports.lock().expect("reports lock").clone()
+        self.reports
+            .lock()
+            .expect("reports lock")
+            .iter()
+            .map(|report| (report.headers.clone(), report.body.clone()))
+            .collect()
+    }
+
+    /// When each report came, in order.
+    pub fn arrivals(&self) -> Vec<std::time::Instant> {
+        self.reports
+            .lock()
+            .expect("reports lock")
+            .iter()
+            .map(|report| report.at)
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -296,14 +385,20 @@ pub struct Fixture {
 }
 
 impl Fixture {
-    pub async fn new(slot: u16) -> Self {
+    /// A fixture with a range of 20 ports of its own.
+    pub async fn new() -> Self {
+        Self::with_ports(20).await
+    }
+
+    /// A fixture with a range of `ports` ports of its own ([`lease_ports`]).
+    pub async fn with_ports(ports: u16) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let hosts = dir.path().join("hosts");
         std::fs::write(&hosts, FOREIGN_HOSTS).expect("hosts");
         Self {
             dir,
             hosts,
-            range: test_range(slot),
+            range: lease_ports(ports),
             control_plane: ControlPlane::start().await,
         }
     }
@@ -346,12 +441,26 @@ impl Fixture {
     }
 }
 
-/// A started agent and an HTTP client pointed at it.
-#[derive(Debug, Clone)]
+/// A started agent and an HTTP client pointed at it. Dropped (at the end of
+/// a test, or when it panics), it stops the agent: see [`Drop`] below.
+#[derive(Debug)]
 pub struct TestAgent {
     pub agent: Agent,
     pub base: String,
     pub http: reqwest::Client,
+}
+
+impl Drop for TestAgent {
+    /// `Drop` cannot await [`Agent::shutdown`], so it cancels the agent's root
+    /// token, which is what `shutdown` itself stops everything with: the API
+    /// server, the reporter, the mirror and every tunnel's accept loops (their
+    /// tokens are its children) end, and the API port and the tunnels' ports
+    /// close on their own runtimes. A test that checks what a graceful
+    /// shutdown does (the hosts block cleared, the last report) still awaits
+    /// `shutdown()`; cancelling again afterwards changes nothing.
+    fn drop(&mut self) {
+        self.agent.cancellation().cancel();
+    }
 }
 
 impl TestAgent {
