@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -194,6 +195,7 @@ impl Reporter {
 
     async fn send_once(&self, status: &str) -> Result<DateTime<Utc>, DeliveryError> {
         let report = self.build_report(status);
+        tracing::Span::current().record("pods", report.total_pods);
         let response = self
             .inner
             .client
@@ -235,56 +237,68 @@ impl Reporter {
                 _ = tokio::time::sleep_until(next) => {}
             }
             changes.mark_unchanged();
-            match self.send("running").await {
-                Ok(at) => {
-                    if failures > 0 {
-                        tracing::info!(failed_attempts = failures, "control plane reachable again");
-                    }
-                    let was_reachable = self.inner.health.borrow().reachable;
-                    self.inner.health.send_modify(|h| {
-                        h.reachable = Some(true);
-                        h.last_sync = Some(at);
-                        h.last_error = None;
-                    });
-                    if was_reachable != Some(true) {
-                        self.events().publish(AgentEvent::ControlPlane {
-                            reachable: true,
-                            error: None,
-                        });
-                        // Our own event bumped the revision; it is not news to report.
-                        changes.mark_unchanged();
-                    }
-                    failures = 0;
-                    backoff = retry_delays(self.inner.interval);
-                    next = Instant::now() + self.inner.interval;
-                }
-                Err(error) => {
-                    if failures == 0 {
-                        tracing::warn!(
-                            endpoint = %self.inner.endpoint,
-                            %error,
-                            "control plane unreachable; retrying with backoff"
-                        );
+            // One span per attempt: its warnings name the control plane and
+            // which attempt of an outage this is.
+            let span = tracing::info_span!(
+                "report",
+                endpoint = %self.inner.endpoint,
+                attempt = failures + 1,
+                pods = tracing::field::Empty,
+            );
+            async {
+                match self.send("running").await {
+                    Ok(at) => {
+                        if failures > 0 {
+                            tracing::info!(failed_attempts = failures, "control plane reachable again");
+                        }
+                        let was_reachable = self.inner.health.borrow().reachable;
                         self.inner.health.send_modify(|h| {
-                            h.reachable = Some(false);
-                            h.last_error = Some(error.to_string());
+                            h.reachable = Some(true);
+                            h.last_sync = Some(at);
+                            h.last_error = None;
                         });
-                        self.events().publish(AgentEvent::ControlPlane {
-                            reachable: false,
-                            error: Some(error.to_string()),
-                        });
-                        changes.mark_unchanged();
-                    } else {
-                        tracing::debug!(%error, attempt = failures + 1, "status report failed again");
-                        self.inner
-                            .health
-                            .send_modify(|h| h.last_error = Some(error.to_string()));
+                        if was_reachable != Some(true) {
+                            self.events().publish(AgentEvent::ControlPlane {
+                                reachable: true,
+                                error: None,
+                            });
+                            // Our own event bumped the revision; it is not news to report.
+                            changes.mark_unchanged();
+                        }
+                        failures = 0;
+                        backoff = retry_delays(self.inner.interval);
+                        next = Instant::now() + self.inner.interval;
                     }
-                    failures = failures.saturating_add(1);
-                    // Never ends (no most attempts); the interval if it did.
-                    next = Instant::now() + backoff.next().unwrap_or(self.inner.interval);
+                    Err(error) => {
+                        if failures == 0 {
+                            tracing::warn!(
+                                endpoint = %self.inner.endpoint,
+                                %error,
+                                "control plane unreachable; retrying with backoff"
+                            );
+                            self.inner.health.send_modify(|h| {
+                                h.reachable = Some(false);
+                                h.last_error = Some(error.to_string());
+                            });
+                            self.events().publish(AgentEvent::ControlPlane {
+                                reachable: false,
+                                error: Some(error.to_string()),
+                            });
+                            changes.mark_unchanged();
+                        } else {
+                            tracing::debug!(%error, attempt = failures + 1, "status report failed again");
+                            self.inner
+                                .health
+                                .send_modify(|h| h.last_error = Some(error.to_string()));
+                        }
+                        failures = failures.saturating_add(1);
+                        // Never ends (no most attempts); the interval if it did.
+                        next = Instant::now() + backoff.next().unwrap_or(self.inner.interval);
+                    }
                 }
             }
+            .instrument(span)
+            .await;
         }
     }
 

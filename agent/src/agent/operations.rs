@@ -74,6 +74,11 @@ impl Agent {
     /// Applies a push: upserts for create/update/sync, removals for delete,
     /// and for sync the removal of every pod not listed and not in `keep`
     /// (ids of pods rejected from this push, which must not be lost).
+    #[tracing::instrument(
+        name = "push",
+        skip_all,
+        fields(action = ?action, pods = pods.len(), deletes = delete_ids.len())
+    )]
     pub async fn apply(
         &self,
         action: Action,

@@ -3,7 +3,7 @@
 //! through the API server, so a replaced mirror or a cluster that went away
 //! fails that one connection, never the listener.
 
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
@@ -19,7 +19,7 @@ use crate::tunnel::{DialError, DialFuture, LocalDialer, LocalStream};
 pub struct MirrorDialer {
     pub(super) store: Store,
     pub(super) status: watch::Receiver<ClusterStatus>,
-    pub(super) pods_api: Arc<RwLock<Option<Api<Pod>>>>,
+    pub(super) pods_api: Arc<parking_lot::RwLock<Option<Api<Pod>>>>,
     /// The local namespace the mirrors live in.
     pub(super) namespace: String,
 }
@@ -29,15 +29,12 @@ impl LocalDialer for MirrorDialer {
         let dialer = self.clone();
         let pod_id = pod_id.to_owned();
         Box::pin(async move {
-            let api = dialer
-                .pods_api
-                .read()
-                .ok()
-                .and_then(|api| api.clone())
-                .ok_or_else(|| match dialer.status.borrow().reason() {
+            let api = dialer.pods_api.read().clone().ok_or_else(|| {
+                match dialer.status.borrow().reason() {
                     Some(reason) => DialError::ClusterUnavailable(reason),
                     None => DialError::Disabled,
-                })?;
+                }
+            })?;
             // Resolved now, from what the watch last saw: a replaced mirror is
             // picked up without touching the listener.
             let name = dialer

@@ -6,7 +6,7 @@
 //! status says why, and the mirror retries with backoff and catches up.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -16,6 +16,7 @@ use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
 
 use super::connection::{connect, describe, is_cluster_fault, ClusterError, ClusterStatus};
 use super::dialer::MirrorDialer;
@@ -55,7 +56,7 @@ pub struct Mirror {
     store: Store,
     status: watch::Sender<ClusterStatus>,
     /// The pods API of the current session, for port-forwards; `None` while away.
-    pods_api: Arc<RwLock<Option<Api<Pod>>>>,
+    pods_api: Arc<parking_lot::RwLock<Option<Api<Pod>>>>,
 }
 
 impl Mirror {
@@ -77,7 +78,7 @@ impl Mirror {
                 agent_label: agent_label_value(agent_id),
                 store,
                 status,
-                pods_api: Arc::new(RwLock::new(None)),
+                pods_api: Arc::new(parking_lot::RwLock::new(None)),
             },
             receiver,
         )
@@ -94,9 +95,7 @@ impl Mirror {
     }
 
     fn set_pods_api(&self, api: Option<Api<Pod>>) {
-        if let Ok(mut slot) = self.pods_api.write() {
-            *slot = api;
-        }
+        *self.pods_api.write() = api;
     }
 
     fn set_status(&self, status: ClusterStatus) {
@@ -150,6 +149,11 @@ impl Mirror {
 
     /// One connection's life: ensure the namespace, then keep the mirrors in
     /// step with the store and the watch. Returns the reason it ended.
+    #[tracing::instrument(
+        name = "mirror",
+        skip_all,
+        fields(context = %self.settings.context, namespace = %self.settings.namespace)
+    )]
     async fn session(&self) -> Result<(), ClusterError> {
         let client = connect(&self.settings).await?;
         let namespace = &self.settings.namespace;
@@ -245,6 +249,7 @@ impl Mirror {
     /// Applies what the store wants and the cluster lacks, and deletes ours
     /// that the store no longer holds. A pod the cluster refuses gets the error
     /// on its own mirror; a cluster fault ends the session.
+    #[tracing::instrument(name = "reconcile", skip_all, fields(pods = Empty, listed = actual.len()))]
     async fn reconcile(
         &self,
         pods: &Api<Pod>,
@@ -252,20 +257,23 @@ impl Mirror {
         applied: &mut HashMap<String, String>,
     ) -> Result<(), ClusterError> {
         let desired: Vec<PodSpec> = self.store.read().values().map(|e| e.spec.clone()).collect();
+        tracing::Span::current().record("pods", desired.len());
         let mirror_names = mirror_names(&desired);
         let wanted_names: HashMap<&str, &str> = mirror_names
             .iter()
             .map(|(id, name)| (name.as_str(), id.as_str()))
             .collect();
-        let unwanted: Vec<String> = actual
+        // Each with the pod id it carries, if any, for the warning below.
+        let unwanted: Vec<(String, Option<String>)> = actual
             .iter()
-            .filter(|(name, pod)| {
-                pod_id_of(pod)
+            .map(|(name, pod)| (name, pod_id_of(pod)))
+            .filter(|(name, id)| {
+                id.as_ref()
                     .is_none_or(|id| wanted_names.get(name.as_str()) != Some(&id.as_str()))
             })
-            .map(|(name, _)| name.clone())
+            .map(|(name, id)| (name.clone(), id))
             .collect();
-        for name in unwanted {
+        for (name, pod_id) in unwanted {
             match pods.delete(&name, &DeleteParams::default()).await {
                 Ok(_) => {
                     tracing::info!(mirror = %name, "removed a mirror that is no longer wanted")
@@ -275,7 +283,7 @@ impl Mirror {
                     return Err(ClusterError::Api(describe(&err)))
                 }
                 Err(err) => {
-                    tracing::warn!(mirror = %name, error = %describe(&err), "cannot remove mirror");
+                    tracing::warn!(mirror = %name, pod_id = pod_id.as_deref().unwrap_or("unknown"), error = %describe(&err), "cannot remove mirror");
                     continue;
                 }
             }
@@ -306,7 +314,7 @@ impl Mirror {
                     // Refused by the cluster: shown on this pod only, retried on its next change.
                     applied.insert(spec.id.clone(), json);
                     let reason = describe(&err);
-                    tracing::warn!(pod_id = %spec.id, error = %reason, "the cluster refused the mirror");
+                    tracing::warn!(pod_id = %spec.id, mirror = %name, error = %reason, "the cluster refused the mirror");
                     self.store.set_mirror(
                         &spec.id,
                         Some(MirrorView {

@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument as _;
 
 use crate::tunnel::listen::{gone_before_accept, SharedListener};
 use crate::tunnel::serve::Connection;
@@ -60,13 +61,25 @@ impl RunningTunnel {
                     return Err(err);
                 }
             };
-            accept_loops.push(shard.spawn(tracker.track_future(accept_loop(
-                listener,
-                Arc::clone(&shared),
-                balance,
-                tracker.clone(),
-                cancel.clone(),
-            ))));
+            // One per shard for the tunnel's life, so its accept failures
+            // say whose tunnel they are about.
+            let span =
+                tracing::info_span!("tunnel", pod = %shared.pod_id, port = local_addr.port());
+            accept_loops.push(
+                shard.spawn(
+                    tracker.track_future(
+                        accept_loop(
+                            listener,
+                            local_addr.port(),
+                            Arc::clone(&shared),
+                            balance,
+                            tracker.clone(),
+                            cancel.clone(),
+                        )
+                        .instrument(span),
+                    ),
+                ),
+            );
         }
         // `listener` itself closes here; the shards hold the socket open.
         Ok(Self {
@@ -85,7 +98,7 @@ impl RunningTunnel {
         self.cancel.cancel();
         for accept_loop in self.accept_loops {
             if let Err(err) = accept_loop.await {
-                tracing::warn!(error = %err, "tunnel accept loop ended abnormally");
+                tracing::warn!(port = self.local_addr.port(), error = %err, "tunnel accept loop ended abnormally");
             }
         }
     }
@@ -93,6 +106,7 @@ impl RunningTunnel {
 
 async fn accept_loop(
     listener: SharedListener,
+    port: u16,
     shared: Arc<TunnelShared>,
     balance: Balance,
     tracker: TaskTracker,
@@ -121,6 +135,7 @@ async fn accept_loop(
                     shared: Arc::clone(&shared),
                     cancel: cancel.clone(),
                     pipes: balance.pipes(),
+                    port,
                 };
                 place(client, connection, &balance, &tracker);
             }

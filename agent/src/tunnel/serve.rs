@@ -9,6 +9,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use crate::model::Way;
 use crate::tunnel::dial::{destination, dial, LocalStream, Upstream};
@@ -25,6 +27,8 @@ pub(super) struct Connection {
     pub(super) shared: Arc<TunnelShared>,
     pub(super) cancel: CancellationToken,
     pub(super) pipes: Pipes,
+    /// The tunnel's local port, the one its client connected to.
+    pub(super) port: u16,
 }
 
 impl Connection {
@@ -32,11 +36,33 @@ impl Connection {
     /// counts it on its shard meanwhile.
     pub(super) async fn run(self, client: TcpStream, load: LoadGuard) {
         let _load = load;
-        tokio::select! {
-            _ = self.cancel.cancelled() => {}
-            _ = serve_connection(client, &self.shared, &self.pipes) => {}
+        // Per connection, on the hot path: only what is at hand (the pod id
+        // borrowed, the port a number), nothing formatted or looked up by
+        // us; the subscriber's own bookkeeping is the whole cost, and none
+        // when `info` is filtered out. `way` is known once dialled; `peer`
+        // is asked of the kernel (getpeername) only when the connection
+        // fails, which is when a warning needs it.
+        let span = connection_span(&self.shared, self.port);
+        async {
+            tokio::select! {
+                _ = self.cancel.cancelled() => {}
+                _ = serve_connection(client, &self.shared, &self.pipes) => {}
+            }
         }
+        .instrument(span)
+        .await;
     }
+}
+
+/// The span of one connection to the tunnel on local `port`.
+fn connection_span(shared: &TunnelShared, port: u16) -> tracing::Span {
+    tracing::info_span!(
+        "connection",
+        pod = %shared.pod_id,
+        port,
+        way = Empty,
+        peer = Empty,
+    )
 }
 
 /// Decrements the open-connection count however the connection ends.
@@ -61,14 +87,27 @@ async fn serve_connection(client: TcpStream, shared: &TunnelShared, pipes: &Pipe
     let route = shared.route();
     match dial(shared, route).await {
         Ok(Upstream::Direct(upstream)) => {
+            tracing::Span::current().record("way", Way::Direct.as_str());
             shared.record_success();
             relay_both_ways(client, upstream, shared, pipes, route.target).await;
         }
         Ok(Upstream::Forwarded { stream, way }) => {
+            tracing::Span::current().record("way", way.as_str());
             shared.record_success();
             copy_both_ways(client, stream, shared, way).await;
         }
-        Err(unreached) => shared.record_error(unreached.kind, unreached.message),
+        Err(unreached) => {
+            record_peer(&client);
+            shared.record_error(unreached.kind, unreached.message);
+        }
+    }
+}
+
+/// Names the client in the connection's span, for the warning about to be
+/// logged: asked of the kernel only on this, the failing, path.
+fn record_peer(client: &TcpStream) {
+    if let Ok(peer) = client.peer_addr() {
+        tracing::Span::current().record("peer", tracing::field::display(peer));
     }
 }
 
@@ -106,6 +145,7 @@ async fn relay_both_ways(
         ),
     );
     if let Err(err) = result {
+        record_peer(&client);
         // A reset mid-stream ends this connection only; the tunnel is fine.
         shared.record_dropped(
             ConnectErrorKind::of(&err),
@@ -148,12 +188,14 @@ async fn copy_both_ways(
                 io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut
             ) =>
         {
+            record_peer(&client);
             shared.record_error(
                 ConnectErrorKind::of(&err),
                 format!("cannot reach {}: {err}", destination(way)),
             );
         }
         Err(err) => {
+            record_peer(&client);
             // A stream reset mid-transfer: this connection ends, the
             // listener and the other connections carry on.
             shared.record_dropped(
@@ -268,6 +310,55 @@ mod tests {
         assert_eq!((stats.current_error, stats.last_error), (None, None));
         // The agent-wide tally saw it open and close.
         assert_eq!(events.connections(), (1, 0));
+    }
+
+    /// What a test's subscriber wrote.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().expect("capture").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_connection_warns_naming_its_pod_port_and_peer() {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let (_held, target) = closed_port();
+        let shared = tunnel_with(
+            target,
+            StagingVia::Direct,
+            no_dialers(),
+            &EventBus::new(),
+            16,
+        );
+
+        exchange(&shared, b"ping")
+            .instrument(connection_span(&shared, 18080))
+            .await;
+        let text = String::from_utf8(captured.0.lock().expect("capture").clone()).expect("utf-8");
+        let warning = text
+            .lines()
+            .find(|line| line.contains("tunnel connection failed"))
+            .unwrap_or_else(|| panic!("no warning in {text:?}"));
+        assert!(
+            warning.contains(&format!(
+                "connection{{pod={} port=18080 peer=127.0.0.1:",
+                shared.pod_id
+            )),
+            "{warning}"
+        );
     }
 
     #[tokio::test]

@@ -6,13 +6,14 @@
 //! the kube client's connections and credentials.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use hyper::http::{self, header, StatusCode};
 use hyper_util::rt::TokioIo;
 use kube::Client;
 use parking_lot::Mutex;
+use tracing::Instrument as _;
 
 use super::spdy::{PairStream, Session, SessionRetired};
 use crate::tunnel::StagingPod;
@@ -74,6 +75,8 @@ pub struct Sessions {
     by_pod: Mutex<HashMap<StagingPod, PodSessions>>,
     /// The API server refused SPDY: connections go by WebSocket from now on.
     refused: AtomicBool,
+    /// The last session's number: the logs tell a pod's sessions apart by it.
+    last_id: AtomicU64,
 }
 
 impl Sessions {
@@ -112,7 +115,17 @@ impl Sessions {
                 }
             }
         }
-        let session = match upgrade(client, &pod.namespace, &pod.name).await {
+        let id = self.last_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let span = tracing::info_span!(
+            "staging_session",
+            namespace = %pod.namespace,
+            pod = %pod.name,
+            session = id,
+        );
+        let session = match upgrade(client, &pod.namespace, &pod.name)
+            .instrument(span)
+            .await
+        {
             Ok(session) => session,
             Err(err) => {
                 if err.no_spdy() {
@@ -155,6 +168,7 @@ async fn upgrade(client: &Client, namespace: &str, name: &str) -> Result<Session
         }
     }
     let upgraded = hyper::upgrade::on(response).await?;
+    // Within the caller's span: the session's tasks keep it.
     Ok(Session::start(TokioIo::new(upgraded)))
 }
 

@@ -51,6 +51,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, PollSender};
+use tracing::Instrument as _;
 
 use super::websocket::closed_for_writing;
 
@@ -240,13 +241,15 @@ impl Session {
             data,
             closed: CancellationToken::new(),
         });
-        tokio::spawn(write_frames(
-            writer,
-            control_queue,
-            data_queue,
-            shared.clone(),
-        ));
-        tokio::spawn(read_frames(reader, shared.clone()));
+        // Its tasks log within the span current here (the pod and the
+        // session's number, when the sessions made it): a warning says
+        // whose session it is about.
+        let span = tracing::Span::current();
+        tokio::spawn(
+            write_frames(writer, control_queue, data_queue, shared.clone())
+                .instrument(span.clone()),
+        );
+        tokio::spawn(read_frames(reader, shared.clone()).instrument(span));
         Self { shared }
     }
 
