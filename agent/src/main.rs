@@ -112,6 +112,7 @@ fn target_parser() -> impl TypedValueParser<Value = TunnelTarget> {
         [TunnelTarget::Staging, TunnelTarget::Local]
             .map(|target| PossibleValue::new(target.as_str()).help(help(target))),
     )
+    // The possible values admit only the target's own words, so parse finds one.
     .map(|word| TunnelTarget::parse(&word).unwrap_or_default())
 }
 
