@@ -1,22 +1,32 @@
 //! A Kubernetes API emulator for tests: a separate server on loopback that
-//! speaks the real wire protocol for what the agent uses (Namespaces and Pods:
-//! get, list with label selectors, create, server-side apply, delete, watch
-//! streams with resourceVersion) and behaves as the API does where it matters:
-//! 404 for what is missing, 409 on a create conflict, 422 for an invalid pod,
-//! 410 Gone for a watch older than its history, and no new resourceVersion
-//! for an apply that changes nothing. It can be stopped and started again on
-//! the same port with its state, to play a cluster going away. Its SPDY
-//! port-forwards can also misbehave on demand ([`Hostile`]), as a broken or
-//! hostile API server would.
+//! speaks the real wire protocol for what the agent uses and behaves as the
+//! API does where it matters. Every resource it serves (Namespaces, Pods,
+//! Services, EndpointSlices, Deployments, ReplicaSets, StatefulSets,
+//! DaemonSets) lives in one store (`store`) and is read through one handler
+//! (`list_watch`): get by name, list and watch with label and field
+//! selectors and resourceVersions, streaming lists, across all namespaces
+//! too, each answered 403 where the test denied it. Pods can also be created
+//! by server-side apply and deleted; tests write the other objects, playing
+//! the controllers (`objects`). 404 for what is missing, 409 on a create
+//! conflict, 422 for an invalid pod, 410 Gone for a watch older than its
+//! history, and no new resourceVersion for an apply that changes nothing.
+//! It can be stopped and started again on the same port with its state, to
+//! play a cluster going away. Its SPDY port-forwards can also misbehave on
+//! demand ([`Hostile`]), as a broken or hostile API server would.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod list_watch;
+pub mod objects;
 mod spdy;
+mod store;
 
+pub use objects::{Endpoint, ServicePort};
 pub use spdy::{Flood, FloodEnd, Hostile};
+use store::{Objects, Resource, NAMESPACES, PODS};
 
 use anyhow::{Context, Result};
 use axum::body::{Body, Bytes};
@@ -41,9 +51,14 @@ fn tracing_free_note(message: &str) {
 #[derive(Debug, Clone)]
 struct Change {
     resource_version: u64,
+    resource: &'static Resource,
     namespace: String,
-    kind: &'static str,
+    /// ADDED, MODIFIED or DELETED.
+    event: &'static str,
     object: Value,
+    /// The object before a MODIFIED change (a watch with a selector sees an
+    /// object that leaves it as DELETED, one that comes as ADDED).
+    previous: Option<Value>,
 }
 
 #[derive(Debug, Default)]
@@ -51,10 +66,12 @@ struct Cluster {
     resource_version: u64,
     /// Oldest resourceVersion a watch may resume from (after a compaction).
     oldest: u64,
-    namespaces: BTreeMap<String, Value>,
-    pods: BTreeMap<(String, String), Value>,
+    /// Every object, namespaces and pods among them.
+    objects: Objects,
     history: Vec<Change>,
     next_ip: u8,
+    /// Pods the test's controllers started so far (their addresses).
+    controller_ips: u32,
     /// Every mutating request, as "VERB namespace/name", for assertions.
     requests: Vec<String>,
     /// Where each pod (by uid) "runs": the TCP server a port-forward reaches.
@@ -62,7 +79,9 @@ struct Cluster {
     /// Where one port of a pod (by uid) runs, when it has a server of its
     /// own; the pod's backend otherwise.
     port_backends: BTreeMap<(String, u16), SocketAddr>,
-    /// "verb resource" pairs the caller may not do (SelfSubjectAccessReview).
+    /// "verb resource" and "verb resource namespace" the caller may not do:
+    /// access reviews say so, and lists, watches, gets and port-forwards are
+    /// answered 403.
     denied: Vec<String>,
     /// Bearer tokens the API takes, when the test asks for them (`None`:
     /// every caller is let in).
@@ -116,21 +135,66 @@ impl Shared {
     fn record(
         &self,
         cluster: &mut Cluster,
+        resource: &'static Resource,
         namespace: &str,
-        kind: &'static str,
+        event: &'static str,
         object: &mut Value,
+        previous: Option<Value>,
     ) {
         cluster.resource_version += 1;
         let rv = cluster.resource_version;
         object["metadata"]["resourceVersion"] = json!(rv.to_string());
         let change = Change {
             resource_version: rv,
+            resource,
             namespace: namespace.to_owned(),
-            kind,
+            event,
             object: object.clone(),
+            previous,
         };
         cluster.history.push(change.clone());
         let _ = self.changes.send(change);
+    }
+
+    /// Stores `object` as `resource` `namespace`/`name` with a new
+    /// resourceVersion (ADDED or MODIFIED, as it was there or not) and
+    /// tells the watchers; the object as stored.
+    fn put(
+        &self,
+        cluster: &mut Cluster,
+        resource: &'static Resource,
+        namespace: &str,
+        name: &str,
+        mut object: Value,
+    ) -> Value {
+        let previous = cluster.objects.get(resource, namespace, name).cloned();
+        let event = if previous.is_some() {
+            "MODIFIED"
+        } else {
+            "ADDED"
+        };
+        self.record(cluster, resource, namespace, event, &mut object, previous);
+        cluster
+            .objects
+            .insert(resource, namespace, name, object.clone());
+        object
+    }
+
+    /// Removes an object and tells the watchers (DELETED, with a new
+    /// resourceVersion); a pod's port-forward streams end with it.
+    fn take(
+        &self,
+        cluster: &mut Cluster,
+        resource: &'static Resource,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Value> {
+        let mut object = cluster.objects.remove(resource, namespace, name)?;
+        if *resource == PODS {
+            end_streams(cluster, &object);
+        }
+        self.record(cluster, resource, namespace, "DELETED", &mut object, None);
+        Some(object)
     }
 }
 
@@ -142,33 +206,20 @@ fn status(code: StatusCode, reason: &str, message: impl Into<String>) -> Respons
     (code, Json(body)).into_response()
 }
 
+fn method_not_allowed() -> Response {
+    status(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "MethodNotAllowed",
+        "the server does not allow this method on the requested resource",
+    )
+}
+
 fn not_found(kind: &str, name: &str) -> Response {
     status(
         StatusCode::NOT_FOUND,
         "NotFound",
         format!("{kind} \"{name}\" not found"),
     )
-}
-
-/// Equality-based label selectors ("a=b,c=d"), what the agent sends.
-fn matches_selector(object: &Value, selector: Option<&str>) -> bool {
-    let Some(selector) = selector.filter(|s| !s.is_empty()) else {
-        return true;
-    };
-    let labels = &object["metadata"]["labels"];
-    selector.split(',').all(|term| match term.split_once('=') {
-        Some((key, value)) => {
-            labels[key.trim()].as_str() == Some(value.trim_start_matches('=').trim())
-        }
-        None => labels.get(term.trim()).is_some(),
-    })
-}
-
-async fn get_namespace(State(shared): State<Shared>, Path(name): Path<String>) -> Response {
-    match shared.lock().namespaces.get(&name) {
-        Some(ns) => Json(ns.clone()).into_response(),
-        None => not_found("namespaces", &name),
-    }
 }
 
 async fn create_namespace(State(shared): State<Shared>, Json(mut body): Json<Value>) -> Response {
@@ -180,7 +231,7 @@ async fn create_namespace(State(shared): State<Shared>, Json(mut body): Json<Val
         );
     };
     let mut cluster = shared.lock();
-    if cluster.namespaces.contains_key(&name) {
+    if cluster.objects.contains(&NAMESPACES, "", &name) {
         return status(
             StatusCode::CONFLICT,
             "AlreadyExists",
@@ -192,109 +243,8 @@ async fn create_namespace(State(shared): State<Shared>, Json(mut body): Json<Val
     body["metadata"]["uid"] = json!(format!("ns-{name}"));
     body["status"] = json!({"phase": "Active"});
     cluster.requests.push(format!("CREATE namespace/{name}"));
-    shared.record(&mut cluster, &name, "ADDED", &mut body);
-    cluster.namespaces.insert(name, body.clone());
+    let body = shared.put(&mut cluster, &NAMESPACES, "", &name, body);
     (StatusCode::CREATED, Json(body)).into_response()
-}
-
-async fn list_or_watch_pods(
-    State(shared): State<Shared>,
-    Path(namespace): Path<String>,
-    Query(query): Query<BTreeMap<String, String>>,
-) -> Response {
-    let selector = query.get("labelSelector").cloned();
-    if query.get("watch").is_some_and(|w| w == "true" || w == "1") {
-        let since: u64 = query
-            .get("resourceVersion")
-            .and_then(|rv| rv.parse().ok())
-            .unwrap_or(0);
-        return watch_pods(shared, namespace, selector, since);
-    }
-    let cluster = shared.lock();
-    let items: Vec<Value> = cluster
-        .pods
-        .iter()
-        .filter(|((ns, _), pod)| *ns == namespace && matches_selector(pod, selector.as_deref()))
-        .map(|(_, pod)| pod.clone())
-        .collect();
-    Json(json!({
-        "apiVersion": "v1", "kind": "PodList",
-        "metadata": {"resourceVersion": cluster.resource_version.to_string()},
-        "items": items,
-    }))
-    .into_response()
-}
-
-/// A watch: the changes after `since` from history, then live ones, as
-/// newline-delimited JSON; a `since` older than the history gets 410 Gone.
-fn watch_pods(shared: Shared, namespace: String, selector: Option<String>, since: u64) -> Response {
-    let running = shared.running();
-    let (backlog, mut live, gone) = {
-        let cluster = shared.lock();
-        let gone = since != 0 && since < cluster.oldest;
-        let backlog: Vec<Change> = cluster
-            .history
-            .iter()
-            .filter(|c| c.resource_version > since)
-            .cloned()
-            .collect();
-        (backlog, shared.changes.subscribe(), gone)
-    };
-    let wanted = move |change: &Change| {
-        change.namespace == namespace
-            && change.object["kind"] == "Pod"
-            && matches_selector(&change.object, selector.as_deref())
-    };
-    let line = |kind: &str, object: &Value| {
-        let mut text = json!({"type": kind, "object": object}).to_string();
-        text.push('\n');
-        Ok::<_, Infallible>(Bytes::from(text))
-    };
-    let stream = async_stream(move |sender| async move {
-        if gone {
-            let expired = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": "too old resource version", "reason": "Expired", "code": 410});
-            let _ = sender.send(line("ERROR", &expired)).await;
-            return;
-        }
-        let mut last = since;
-        for change in backlog.iter().filter(|c| wanted(c)) {
-            last = change.resource_version;
-            if sender
-                .send(line(change.kind, &change.object))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-        loop {
-            let received = tokio::select! {
-                _ = running.cancelled() => return,
-                received = live.recv() => received,
-            };
-            match received {
-                Ok(change) if change.resource_version > last && wanted(&change) => {
-                    last = change.resource_version;
-                    if sender
-                        .send(line(change.kind, &change.object))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(broadcast::error::RecvError::Closed) => return,
-            }
-        }
-    });
-    (
-        [(header::CONTENT_TYPE, "application/json")],
-        Body::from_stream(stream),
-    )
-        .into_response()
 }
 
 /// A stream fed by a task through a channel: enough for a watch body.
@@ -330,21 +280,11 @@ mod futures_stream {
     }
 }
 
-async fn get_pod(
-    State(shared): State<Shared>,
-    Path((namespace, name)): Path<(String, String)>,
-) -> Response {
-    match shared.lock().pods.get(&(namespace, name.clone())) {
-        Some(pod) => Json(pod.clone()).into_response(),
-        None => not_found("pods", &name),
-    }
-}
-
 /// Server-side apply: creates the pod, or replaces the fields the applier
 /// owns (labels, annotations, spec) and keeps uid, creation and status.
 async fn apply_pod(
     State(shared): State<Shared>,
-    Path((namespace, name)): Path<(String, String)>,
+    Path((namespace, resource, name)): Path<(String, String, String)>,
     Query(query): Query<BTreeMap<String, String>>,
     headers: axum::http::HeaderMap,
     body: Bytes,
@@ -353,6 +293,9 @@ async fn apply_pod(
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    if resource != "pods" {
+        return method_not_allowed();
+    }
     if !content_type.starts_with("application/apply-patch") {
         return status(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -385,12 +328,11 @@ async fn apply_pod(
         );
     }
     let mut cluster = shared.lock();
-    if !cluster.namespaces.contains_key(&namespace) {
+    if !cluster.objects.contains(&NAMESPACES, "", &namespace) {
         return not_found("namespaces", &namespace);
     }
     cluster.requests.push(format!("APPLY {namespace}/{name}"));
-    let key = (namespace.clone(), name.clone());
-    let (mut pod, kind) = match cluster.pods.get(&key) {
+    let pod = match cluster.objects.get(&PODS, &namespace, &name) {
         Some(existing) => {
             let mut updated = existing.clone();
             updated["metadata"]["labels"] = applied["metadata"]["labels"].clone();
@@ -400,7 +342,7 @@ async fn apply_pod(
                 // Nothing changed: no new resourceVersion, no watch event.
                 return Json(updated).into_response();
             }
-            (updated, "MODIFIED")
+            updated
         }
         None => {
             cluster.next_ip = cluster.next_ip.wrapping_add(1).max(2);
@@ -417,26 +359,24 @@ async fn apply_pod(
                 "containerStatuses": [{"name": "app", "image": image, "imageID": "",
                                        "ready": true, "restartCount": 0}],
             });
-            (created, "ADDED")
+            created
         }
     };
-    shared.record(&mut cluster, &namespace, kind, &mut pod);
-    cluster.pods.insert(key, pod.clone());
+    let pod = shared.put(&mut cluster, &PODS, &namespace, &name, pod);
     Json(pod).into_response()
 }
 
 async fn delete_pod(
     State(shared): State<Shared>,
-    Path((namespace, name)): Path<(String, String)>,
+    Path((namespace, resource, name)): Path<(String, String, String)>,
 ) -> Response {
+    if resource != "pods" {
+        return method_not_allowed();
+    }
     let mut cluster = shared.lock();
     cluster.requests.push(format!("DELETE {namespace}/{name}"));
-    match cluster.pods.remove(&(namespace.clone(), name.clone())) {
-        Some(mut pod) => {
-            end_streams(&mut cluster, &pod);
-            shared.record(&mut cluster, &namespace, "DELETED", &mut pod);
-            Json(pod).into_response()
-        }
+    match shared.take(&mut cluster, &PODS, &namespace, &name) {
+        Some(pod) => Json(pod).into_response(),
         None => not_found("pods", &name),
     }
 }
@@ -480,7 +420,23 @@ async fn port_forward(
             )
                 .into_response();
         }
-        let Some(pod) = cluster.pods.get(&(namespace, name.clone())) else {
+        let verb = if request.method() == axum::http::Method::GET {
+            "get"
+        } else {
+            "create"
+        };
+        for verb in ["create", verb] {
+            if list_watch::denied(&cluster, verb, "pods/portforward", Some(&namespace)) {
+                return list_watch::forbidden_subresource(
+                    verb,
+                    &PODS,
+                    "portforward",
+                    &namespace,
+                    &name,
+                );
+            }
+        }
+        let Some(pod) = cluster.objects.get(&PODS, &namespace, &name) else {
             return not_found("pods", &name);
         };
         let uid = pod["metadata"]["uid"]
@@ -746,12 +702,33 @@ impl KubeEmulator {
 
     fn serve(&mut self, listener: tokio::net::TcpListener) {
         let app = Router::new()
-            .route("/api/v1/namespaces", axum::routing::post(create_namespace))
-            .route("/api/v1/namespaces/{ns}", get(get_namespace))
-            .route("/api/v1/namespaces/{ns}/pods", get(list_or_watch_pods))
             .route(
-                "/api/v1/namespaces/{ns}/pods/{name}",
-                get(get_pod).patch(apply_pod).delete(delete_pod),
+                "/api/v1/namespaces",
+                get(list_watch::core_namespaces).post(create_namespace),
+            )
+            .route("/api/v1/{resource}", get(list_watch::core_all))
+            .route("/api/v1/namespaces/{ns}", get(list_watch::get_namespace))
+            .route(
+                "/api/v1/namespaces/{ns}/{resource}",
+                get(list_watch::core_in),
+            )
+            .route(
+                "/api/v1/namespaces/{ns}/{resource}/{name}",
+                get(list_watch::core_get)
+                    .patch(apply_pod)
+                    .delete(delete_pod),
+            )
+            .route(
+                "/apis/{group}/{version}/{resource}",
+                get(list_watch::group_all),
+            )
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/{resource}",
+                get(list_watch::group_in),
+            )
+            .route(
+                "/apis/{group}/{version}/namespaces/{ns}/{resource}/{name}",
+                get(list_watch::group_get),
             )
             .route(
                 "/api/v1/namespaces/{ns}/pods/{name}/portforward",
@@ -815,63 +792,55 @@ impl KubeEmulator {
 
     pub fn create_namespace(&self, name: &str) {
         let mut cluster = self.shared.lock();
-        let mut body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
-        self.shared.record(&mut cluster, name, "ADDED", &mut body);
-        cluster.namespaces.insert(name.to_owned(), body);
+        let body = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+                          "status": {"phase": "Active"}});
+        self.shared.put(&mut cluster, &NAMESPACES, "", name, body);
     }
 
     pub fn has_namespace(&self, name: &str) -> bool {
-        self.shared.lock().namespaces.contains_key(name)
+        self.shared.lock().objects.contains(&NAMESPACES, "", name)
     }
 
     /// Puts a pod in directly (as another tool would), with `labels`.
     pub fn insert_pod(&self, namespace: &str, name: &str, labels: Value, annotations: Value) {
         let mut cluster = self.shared.lock();
-        let mut pod = json!({
+        let pod = json!({
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": name, "namespace": namespace, "uid": format!("uid-{name}"),
                          "labels": labels, "annotations": annotations},
             "spec": {"containers": [{"name": "app", "image": "busybox"}]},
             "status": {"phase": "Running", "podIP": "10.244.9.9"},
         });
-        self.shared
-            .record(&mut cluster, namespace, "ADDED", &mut pod);
-        cluster
-            .pods
-            .insert((namespace.to_owned(), name.to_owned()), pod);
+        self.shared.put(&mut cluster, &PODS, namespace, name, pod);
     }
 
     /// The pod as stored, if any.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Value> {
         self.shared
             .lock()
-            .pods
-            .get(&(namespace.to_owned(), name.to_owned()))
+            .objects
+            .get(&PODS, namespace, name)
             .cloned()
     }
 
     pub fn pod_names(&self, namespace: &str) -> Vec<String> {
         self.shared
             .lock()
-            .pods
-            .keys()
-            .filter(|(ns, _)| ns == namespace)
-            .map(|(_, name)| name.clone())
+            .objects
+            .list(&PODS, Some(namespace))
+            .map(|(_, name, _)| name.to_owned())
             .collect()
     }
 
     /// Sets a pod's phase and restart count, as a kubelet would.
     pub fn set_pod_status(&self, namespace: &str, name: &str, phase: &str, restarts: i32) {
         let mut cluster = self.shared.lock();
-        let key = (namespace.to_owned(), name.to_owned());
-        let Some(mut pod) = cluster.pods.get(&key).cloned() else {
+        let Some(mut pod) = cluster.objects.get(&PODS, namespace, name).cloned() else {
             return;
         };
         pod["status"]["phase"] = json!(phase);
         pod["status"]["containerStatuses"][0]["restartCount"] = json!(restarts);
-        self.shared
-            .record(&mut cluster, namespace, "MODIFIED", &mut pod);
-        cluster.pods.insert(key, pod);
+        self.shared.put(&mut cluster, &PODS, namespace, name, pod);
     }
 
     /// Makes one port of the pod as it is now "run" at `backend` (its other
@@ -906,14 +875,7 @@ impl KubeEmulator {
     /// Deletes a pod as another tool would (the agent sees it go by its watch).
     pub fn delete_pod(&self, namespace: &str, name: &str) {
         let mut cluster = self.shared.lock();
-        if let Some(mut pod) = cluster
-            .pods
-            .remove(&(namespace.to_owned(), name.to_owned()))
-        {
-            end_streams(&mut cluster, &pod);
-            self.shared
-                .record(&mut cluster, namespace, "DELETED", &mut pod);
-        }
+        self.shared.take(&mut cluster, &PODS, namespace, name);
     }
 
     /// The pod's uid now, if it exists.
@@ -989,17 +951,14 @@ impl KubeEmulator {
     /// image cannot be pulled.
     pub fn set_container_waiting(&self, namespace: &str, name: &str, reason: &str, message: &str) {
         let mut cluster = self.shared.lock();
-        let key = (namespace.to_owned(), name.to_owned());
-        let Some(mut pod) = cluster.pods.get(&key).cloned() else {
+        let Some(mut pod) = cluster.objects.get(&PODS, namespace, name).cloned() else {
             return;
         };
         pod["status"]["phase"] = json!("Pending");
         pod["status"]["containerStatuses"][0]["ready"] = json!(false);
         pod["status"]["containerStatuses"][0]["state"] =
             json!({"waiting": {"reason": reason, "message": message}});
-        self.shared
-            .record(&mut cluster, namespace, "MODIFIED", &mut pod);
-        cluster.pods.insert(key, pod);
+        self.shared.put(&mut cluster, &PODS, namespace, name, pod);
     }
 
     /// Every mutating request so far ("APPLY ns/name", "DELETE ns/name", ...).
