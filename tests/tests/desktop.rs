@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use k3s_local_agent_e2e::desktop::{tray_binary, Desktop, SCREEN_WIDTH};
@@ -93,17 +93,32 @@ async fn port_of(agent: &str, id: &str) -> u16 {
 }
 
 /// Waits (async) until `check` holds, with the suite's deadline.
-async fn eventually<F, Fut>(what: &str, mut check: F)
+async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + DEADLINE;
+    assert!(
+        holds_within(DEADLINE, check).await,
+        "timed out waiting for {what}"
+    );
+}
+
+/// Whether `check` comes to hold within `limit`, asked every 50 ms: the one
+/// async polling loop here, as `wait_until` is for the synchronous waits.
+async fn holds_within<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let mut poll = tokio::time::interval(Duration::from_millis(50));
-    while !check().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        poll.tick().await;
-    }
+    tokio::time::timeout(limit, async {
+        while !check().await {
+            poll.tick().await;
+        }
+    })
+    .await
+    .is_ok()
 }
 
 async fn shot(client: &Client, name: &str) {
@@ -147,17 +162,12 @@ async fn switch_forwarding(client: &Client, agent: &str, id: &str, on: bool) {
     let slider = format!("tr[data-pod-id=\"{id}\"] .slider");
     let forwarding =
         || async { status(agent).await["redirections"][id]["forwarding"].as_bool() == Some(on) };
-    let mut poll = tokio::time::interval(Duration::from_millis(50));
     for _ in 0..3 {
         if let Ok(element) = client.find(Locator::Css(&slider)).await {
             let _ = element.click().await;
         }
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if forwarding().await {
-                return;
-            }
-            poll.tick().await;
+        if holds_within(Duration::from_secs(5), &forwarding).await {
+            return;
         }
     }
     panic!("the switch of {id} did not set forwarding {on}");
@@ -710,14 +720,13 @@ fn a_second_launch_shows_the_first_and_start_at_login_is_remembered() {
     // A second launch (the app menu's entry, clicked again) hands over to
     // the running app and ends with success; the first one's window shows.
     let mut second = launch().spawn().expect("the second launch starts");
-    let deadline = Instant::now() + DEADLINE;
-    let status = loop {
-        if let Some(status) = second.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the second launch did not exit");
-        std::thread::park_timeout(Duration::from_millis(50));
-    };
+    let mut exited = None;
+    wait_until("the second launch to exit", || {
+        exited = second.try_wait().expect("wait");
+        exited.is_some()
+    })
+    .expect("the second launch exits");
+    let status = exited.expect("an exit status");
     assert!(status.success(), "the second launch exits 0: {status}");
     let window = desktop
         .wait_for_drawn_window("K3s Local Agent")

@@ -11,9 +11,9 @@
 //! `kind-staging-cluster`.) The same scenarios run against the emulator in
 //! `cluster.rs` on every CI run.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use k3s_local_agent_e2e::{cli, AgentProcess, Sandbox};
+use k3s_local_agent_e2e::{cli, wait_until_within, AgentProcess, Sandbox};
 use serde_json::json;
 
 #[test]
@@ -63,15 +63,12 @@ fn a_real_cluster_runs_the_mirror_and_carries_a_local_tunnel() {
     );
     assert_eq!(code, 200);
     // Pulling an image takes a while on a real cluster.
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let status = agent.get_json("/api/v1/pods/status").expect("status");
-        if status["redirections"]["web-1"]["mirror"]["phase"] == "Running" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the mirror never ran: {status}");
-        std::thread::park_timeout(Duration::from_millis(500));
-    }
+    let mut status = serde_json::Value::Null;
+    wait_until_within(Duration::from_secs(180), "the mirror to run", || {
+        status = agent.get_json("/api/v1/pods/status").expect("status");
+        status["redirections"]["web-1"]["mirror"]["phase"] == "Running"
+    })
+    .unwrap_or_else(|err| panic!("{err}: {status}"));
     let (ok, _, err) =
         cli(&["target", "web-1", "local", "--agent-url", &agent.base_url]).expect("cli");
     assert!(ok, "{err}");
@@ -85,14 +82,12 @@ fn a_real_cluster_runs_the_mirror_and_carries_a_local_tunnel() {
     assert!(page.contains("nginx"), "{page}");
 
     push("sync", json!([]));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !agent.get_json("/api/v1/pods/status").expect("status")["redirections"]
-        .as_object()
-        .is_some_and(|r| r.is_empty())
-    {
-        assert!(Instant::now() < deadline, "pods not removed");
-        std::thread::park_timeout(Duration::from_millis(200));
-    }
+    wait_until_within(Duration::from_secs(60), "the pods to be removed", || {
+        agent.get_json("/api/v1/pods/status").expect("status")["redirections"]
+            .as_object()
+            .is_some_and(|r| r.is_empty())
+    })
+    .expect("pods removed");
     eprintln!(
         "the namespace {namespace} is left in the cluster: kubectl delete namespace {namespace}"
     );
