@@ -614,3 +614,35 @@ async fn a_denied_namespace_answers_403_as_the_api_server_words_it() {
         format!("pods \"{pod}\" is forbidden: User \"tester\" cannot create resource \"pods/portforward\" in API group \"\" in the namespace \"staging\"")
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_watcher_resuming_after_a_compaction_is_told_410_and_lists_again() {
+    let mut emulator = KubeEmulator::start().await.expect("emulator");
+    emulator.apply_object(objects::service(
+        "staging",
+        "web",
+        &[("app", "web")],
+        &web_ports(),
+    ));
+    let (client, _dir) = client(&emulator).await;
+    let services: Api<Service> = Api::namespaced(client, "staging");
+    let mut stream = watcher::watcher(services, watcher::Config::default()).boxed();
+    assert_eq!(initial(&mut stream).await, set_of("web"));
+
+    // The API server restarts with its history gone, and a Service came
+    // meanwhile: the watch resumes from a version too old.
+    emulator.stop().await;
+    emulator.apply_object(objects::service(
+        "staging",
+        "api",
+        &[("app", "api")],
+        &web_ports(),
+    ));
+    emulator.compact();
+    emulator.restart().await.expect("restart");
+    match tokio::time::timeout(DEADLINE, stream.next()).await {
+        Ok(Some(Err(watcher::Error::WatchError(status)))) => assert_eq!(status.code, 410),
+        other => panic!("not a 410: {other:?}"),
+    }
+    assert_eq!(initial(&mut stream).await, set(&["api", "web"]));
+}
