@@ -74,7 +74,7 @@ impl Agent {
             store.clone(),
             cluster.clone(),
         )
-        .map_err(|err| AgentError::Reporter(err.to_string()))?;
+        .map_err(AgentError::Reporter)?;
 
         let shards = ForwardShards::new(config.forward_threads).map_err(AgentError::Shards)?;
         // The staging cluster's client is built at the first `api`

@@ -37,15 +37,15 @@ pub enum AgentError {
     #[error(transparent)]
     Persist(#[from] PersistError),
     #[error("cannot read the receiver's address: {0}")]
-    Listener(std::io::Error),
+    Listener(#[source] std::io::Error),
     #[error("no pod with id {0:?}")]
     UnknownPod(String),
     #[error("pod {id:?} has no tunnelled port {port}: {why}")]
     UnknownPort { id: String, port: u16, why: String },
     #[error("cannot build the status reporter: {0}")]
-    Reporter(String),
+    Reporter(#[source] crate::report::ReportError),
     #[error("cannot start the forwarding threads: {0}")]
-    Shards(std::io::Error),
+    Shards(#[source] std::io::Error),
     #[error(transparent)]
     Names(#[from] crate::names::NamesError),
     #[error(

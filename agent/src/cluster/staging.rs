@@ -51,10 +51,11 @@ const REFRESH_BEFORE: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 pub enum StagingError {
     #[error("no staging context configured (--staging-kube-context)")]
     NotConfigured,
-    #[error("cannot read the kubeconfig {source_name}: {message}")]
+    #[error("cannot read the kubeconfig {source_name}: {source}")]
     Kubeconfig {
         source_name: String,
-        message: String,
+        // Shared: the error is cloned to every connection waiting on a build.
+        source: Arc<kube::config::KubeconfigError>,
     },
     #[error(
         "context {context:?} is not in {source_name} (found: {known}); pick one with \
@@ -65,8 +66,19 @@ pub enum StagingError {
         source_name: String,
         known: String,
     },
-    #[error("cannot build a client for context {context:?}: {message}")]
-    Client { context: String, message: String },
+    #[error("cannot build a client for context {context:?}: {source}")]
+    Client {
+        context: String,
+        // Shared: the error is cloned to every connection waiting on a build.
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot build a client for context {context:?}: the plugin's certificate: {source}")]
+    Certificate {
+        context: String,
+        source: Arc<serde_json::Error>,
+    },
+    #[error("cannot build a client for context {context:?}: the thread building it ended early")]
+    BuildThread { context: String },
     #[error(transparent)]
     Plugin(#[from] PluginError),
     #[error(
@@ -108,6 +120,17 @@ pub async fn staging_client(settings: &StagingSettings) -> Result<StagingClient,
     build(settings, &Arc::default(), &Arc::default()).await
 }
 
+/// A client for `context` could not be built, for `source`'s reason.
+fn client_error(
+    context: &str,
+    source: impl std::error::Error + Send + Sync + 'static,
+) -> StagingError {
+    StagingError::Client {
+        context: context.to_owned(),
+        source: Arc::new(source),
+    }
+}
+
 /// Runs `work` on a thread of its own and waits at most [`BUILD_DEADLINE`]
 /// for it. Not tokio's blocking pool: the runtime waits for those tasks
 /// as it shuts down, and this one may never end; a thread left behind
@@ -117,21 +140,17 @@ async fn off_thread<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StagingError> + Send + 'static,
 ) -> Result<T, StagingError> {
     let (sender, receiver) = tokio::sync::oneshot::channel();
-    let client_error = |message: String| StagingError::Client {
-        context: context.to_owned(),
-        message,
-    };
     std::thread::Builder::new()
         .name("staging-client".to_owned())
         .spawn(move || {
             let _ = sender.send(work());
         })
-        .map_err(|err| client_error(err.to_string()))?;
+        .map_err(|err| client_error(context, err))?;
     match tokio::time::timeout(BUILD_DEADLINE, receiver).await {
         Ok(Ok(built)) => built,
-        Ok(Err(_)) => Err(client_error(
-            "the thread building it ended early".to_owned(),
-        )),
+        Ok(Err(_)) => Err(StagingError::BuildThread {
+            context: context.to_owned(),
+        }),
         Err(_) => Err(StagingError::Slow {
             context: context.to_owned(),
             after: BUILD_DEADLINE,
@@ -155,7 +174,7 @@ fn load_config(
     };
     let mut kubeconfig = read.map_err(|err| StagingError::Kubeconfig {
         source_name: source_name.clone(),
-        message: err.to_string(),
+        source: Arc::new(err),
     })?;
     if !kubeconfig.contexts.iter().any(|c| c.name == context) {
         let known: Vec<&str> = kubeconfig
@@ -185,19 +204,15 @@ fn load_config(
         context: Some(context.to_owned()),
         ..KubeConfigOptions::default()
     };
-    let client_error = |message: String| StagingError::Client {
-        context: context.to_owned(),
-        message,
-    };
     // kube's loader is async in name only (it reads files): a runtime of
     // this thread's own runs it.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|err| client_error(err.to_string()))?;
+        .map_err(|err| client_error(context, err))?;
     let config = runtime
         .block_on(kube::Config::from_custom_kubeconfig(kubeconfig, &options))
-        .map_err(|err| client_error(err.to_string()))?;
+        .map_err(|err| client_error(context, err))?;
     Ok((config, source_name, plugins, user))
 }
 
@@ -259,10 +274,8 @@ async fn build(
     // the service back on this runtime, where its buffer's task runs.
     let parts_context = context.clone();
     let (service, namespace) = off_thread(&context, move || {
-        let service = client_service(&config, exec_token).map_err(|err| StagingError::Client {
-            context: parts_context,
-            message: err.to_string(),
-        })?;
+        let service =
+            client_service(&config, exec_token).map_err(|err| client_error(&parts_context, err))?;
         Ok((service, config.default_namespace))
     })
     .await?;
@@ -284,9 +297,9 @@ fn use_certificate(
     key: &str,
 ) -> Result<(), StagingError> {
     let base64 = |pem: &str| serde_json::to_value(k8s_openapi::ByteString(pem.as_bytes().to_vec()));
-    let client_error = |err: serde_json::Error| StagingError::Client {
+    let client_error = |err: serde_json::Error| StagingError::Certificate {
         context: context.to_owned(),
-        message: format!("the plugin's certificate: {err}"),
+        source: Arc::new(err),
     };
     let certificate = base64(certificate).map_err(client_error)?;
     config.auth_info.client_certificate_data = certificate.as_str().map(str::to_owned);

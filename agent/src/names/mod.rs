@@ -42,6 +42,12 @@ pub enum NamesError {
     Write { path: PathBuf, source: io::Error },
     #[error("refusing to use {path}: {why}")]
     Unsafe { path: PathBuf, why: String },
+    #[error("refusing to use {path}: {why}")]
+    NotOurs {
+        path: PathBuf,
+        #[source]
+        why: crate::state::fsio::NotOurs,
+    },
 }
 
 /// One line of names: an address and the names that resolve to it.
@@ -267,9 +273,9 @@ impl Names {
         };
         match crate::state::fsio::check_own_file(path) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(why)) => Err(NamesError::Unsafe {
+            Ok(Err(why)) => Err(NamesError::NotOurs {
                 path: path.to_owned(),
-                why: why.to_string(),
+                why,
             }),
             Err(source) => Err(NamesError::Read {
                 path: path.to_owned(),

@@ -81,9 +81,9 @@ impl UserNamesFile {
         self.own_folder()?;
         match crate::state::fsio::check_own_file(&self.path) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(why)) => Err(NamesError::Unsafe {
+            Ok(Err(why)) => Err(NamesError::NotOurs {
                 path: self.path.clone(),
-                why: why.to_string(),
+                why,
             }),
             Err(source) => Err(NamesError::Read {
                 path: self.path.clone(),

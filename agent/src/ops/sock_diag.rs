@@ -23,9 +23,9 @@ const TCP_LISTEN: u8 = 10;
 pub enum DiagError {
     /// No `sock_diag` here (the netlink family or `inet_diag` is missing).
     #[error("sock_diag is not available: {0}")]
-    Unavailable(io::Error),
+    Unavailable(#[source] io::Error),
     #[error("sock_diag query failed: {0}")]
-    Query(io::Error),
+    Query(#[source] io::Error),
     #[error("sock_diag answer unreadable: {0}")]
     Decode(String),
 }

@@ -6,7 +6,7 @@
 use std::io;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use rusqlite::{params, Connection, OptionalExtension};
 
@@ -31,10 +31,13 @@ pub enum PersistError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("stored pod {id} is unreadable: {message}")]
-    BadPod { id: String, message: String },
+    #[error("stored pod {id} is unreadable: {source}")]
+    BadPod {
+        id: String,
+        source: serde_json::Error,
+    },
     #[error("state database task failed: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
     #[error("refusing to use {path}: {why}")]
     NotOurs { path: PathBuf, why: fsio::NotOurs },
 }
@@ -240,7 +243,7 @@ pub struct StoredPod {
 #[derive(Debug, Clone)]
 pub struct StateDb {
     path: PathBuf,
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<parking_lot::Mutex<Connection>>,
 }
 
 impl StateDb {
@@ -304,7 +307,7 @@ impl StateDb {
         }
         Ok(Self {
             path,
-            conn: Arc::new(Mutex::new(conn)),
+            conn: Arc::new(parking_lot::Mutex::new(conn)),
         })
     }
 
@@ -316,13 +319,13 @@ impl StateDb {
         let conn = Arc::clone(&self.conn);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let mut guard = conn
-                .lock()
-                .map_err(|_| PersistError::Task("state database lock poisoned".into()))?;
+            // A panic in an earlier `work` leaves no transaction open (it
+            // rolls back on drop), so the connection is fine to use again.
+            let mut guard = conn.lock();
             work(&mut guard).map_err(|source| PersistError::Db { path, source })
         })
         .await
-        .map_err(|err| PersistError::Task(err.to_string()))?
+        .map_err(PersistError::Task)?
     }
 
     /// Every stored pod, in id order.
@@ -351,11 +354,8 @@ impl StateDb {
         rows.into_iter()
             .map(
                 |(id, spec, local_port, forwarding, target, address, ports, via)| {
-                    let spec: PodSpec =
-                        serde_json::from_str(&spec).map_err(|err| PersistError::BadPod {
-                            id,
-                            message: err.to_string(),
-                        })?;
+                    let spec: PodSpec = serde_json::from_str(&spec)
+                        .map_err(|err| PersistError::BadPod { id, source: err })?;
                     // Saved before ports had tunnels of their own (or unreadable):
                     // the primary port's columns are all there is.
                     let ports = ports
@@ -395,12 +395,12 @@ impl StateDb {
                 let spec =
                     serde_json::to_string(&pod.spec).map_err(|err| PersistError::BadPod {
                         id: pod.spec.id.clone(),
-                        message: err.to_string(),
+                        source: err,
                     })?;
                 let ports =
                     serde_json::to_string(&pod.ports).map_err(|err| PersistError::BadPod {
                         id: pod.spec.id.clone(),
-                        message: err.to_string(),
+                        source: err,
                     })?;
                 Ok((
                     pod.spec.id,
@@ -457,6 +457,24 @@ impl StateDb {
 mod tests {
     use super::*;
     use crate::model::parse_pod;
+
+    /// The cause stays a source (logs and `doctor` print the chain) and
+    /// the text still says it, as the API's error bodies show it.
+    #[test]
+    fn an_unreadable_pod_keeps_its_cause_as_the_source() {
+        let cause = serde_json::from_str::<PodSpec>("{").expect_err("not JSON");
+        let text = cause.to_string();
+        let err = PersistError::BadPod {
+            id: "web".to_owned(),
+            source: cause,
+        };
+        assert_eq!(
+            err.to_string(),
+            format!("stored pod web is unreadable: {text}")
+        );
+        let source = std::error::Error::source(&err).expect("a source");
+        assert_eq!(source.to_string(), text);
+    }
 
     #[test]
     fn identity_is_made_once_and_token_is_private() {
