@@ -37,14 +37,29 @@ pub async fn wait_until(what: &str, condition: impl FnMut() -> bool) {
 /// [`wait_until`] with a deadline of its own, for conditions that involve a
 /// timeout of the agent's.
 pub async fn wait_until_within(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    eventually_within(limit, what, || std::future::ready(condition())).await;
+}
+
+/// The one polling loop of these tests: asks `check` until it holds, and
+/// fails the test with `what` when `limit` passes first. The deadline only
+/// fails the wait; it is never what a test asserts. Checks come every 10 ms
+/// at first and slow to every 100 ms, so a quick condition is seen at once
+/// and one that asks the agent over a connection does not ask it a hundred
+/// times a second for a minute.
+pub async fn eventually_within<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
     let deadline = tokio::time::Instant::now() + limit;
-    let mut poll = tokio::time::interval(Duration::from_millis(10));
-    while !condition() {
+    let mut pause = Duration::from_millis(10);
+    while !check().await {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
+            "timed out after {limit:?} waiting for {what}"
         );
-        poll.tick().await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 
@@ -567,22 +582,17 @@ pub async fn silent_subscriber(api: SocketAddr) -> (TcpStream, u16) {
     (stream, code)
 }
 
-/// Asks for an event stream until one is granted (200), within `limit`.
+/// Asks for an event stream until one is granted (200), within `limit`;
+/// every refusal meanwhile is a 503.
 pub async fn wait_for_a_place(api: SocketAddr, limit: Duration) {
-    let deadline = tokio::time::Instant::now() + limit;
-    let mut poll = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        poll.tick().await;
+    eventually_within(limit, "an event stream to be granted", || async {
         let (_stream, code) = silent_subscriber(api).await;
-        if code == 200 {
-            return;
+        if code != 200 {
+            assert_eq!(code, 503);
         }
-        assert_eq!(code, 503);
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no event stream was granted within {limit:?}"
-        );
-    }
+        code == 200
+    })
+    .await;
 }
 
 /// Resident memory of this process, in KiB.
