@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 
 pub mod desktop;
 pub mod kube_emulator;
+pub mod name_service;
 
 /// How long any awaited condition may take.
 pub const DEADLINE: Duration = Duration::from_secs(20);

@@ -27,6 +27,7 @@ use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
+use k3s_local_agent_e2e::name_service::private_name_service;
 use k3s_local_agent_e2e::{agent_binary, built_artifact, http_pod, wait_until, AgentProcess};
 use serde_json::{json, Value};
 
@@ -107,13 +108,7 @@ struct World {
 impl World {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        chmod(dir.path(), 0o755);
-        let lib = dir.path().join("lib");
-        std::fs::create_dir(&lib).expect("mkdir");
-        chmod(&lib, 0o755);
-        let module = built_artifact("K3S_LOCAL_AGENT_NSS", "libnss_k3slocal.so", "nss-k3slocal");
-        std::fs::copy(module, lib.join("libnss_k3slocal.so.2")).expect("copy module");
-
+        let lib = private_name_service(dir.path()).expect("a private name service");
         let helper = dir.path().join("k3s-local-agent-bind");
         let built = built_artifact(
             "K3S_LOCAL_AGENT_BIND",
@@ -127,47 +122,6 @@ impl World {
             &["cap_net_bind_service=+ep", &helper.display().to_string()],
         );
 
-        let real = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
-        let mut nsswitch: String = real
-            .lines()
-            .filter(|line| !line.starts_with("hosts:"))
-            .map(|line| format!("{line}\n"))
-            .collect();
-        nsswitch.push_str("hosts: files k3slocal dns\n");
-        let nsswitch_path = dir.path().join("nsswitch.conf");
-        std::fs::write(&nsswitch_path, nsswitch).expect("write nsswitch.conf");
-        // Hermetic DNS: nothing listens on 127.0.0.1:53, so lookups fail at
-        // once instead of leaving the machine.
-        let resolv_path = dir.path().join("resolv.conf");
-        std::fs::write(
-            &resolv_path,
-            "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-        )
-        .expect("write resolv.conf");
-        for (file, target) in [
-            (&nsswitch_path, "/etc/nsswitch.conf"),
-            (&resolv_path, "/etc/resolv.conf"),
-        ] {
-            run("mount", &["--bind", &file.display().to_string(), target]);
-        }
-        run(
-            "mount",
-            &["-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run/user"],
-        );
-        // The layout is the default one, whatever this machine's /etc says.
-        if Path::new("/etc/k3s-local-agent").exists() {
-            run(
-                "mount",
-                &[
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    "mode=0755",
-                    "tmpfs",
-                    "/etc/k3s-local-agent",
-                ],
-            );
-        }
         for uid in [VICTIM, ATTACKER] {
             let run_dir = PathBuf::from(format!("/run/user/{uid}"));
             std::fs::create_dir(&run_dir).expect("mkdir runtime dir");

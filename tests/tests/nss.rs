@@ -20,7 +20,8 @@ use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k3s_local_agent_e2e::{agent_binary, built_artifact, wait_until, AgentProcess};
+use k3s_local_agent_e2e::name_service::{nss_module, private_name_service};
+use k3s_local_agent_e2e::{agent_binary, wait_until, AgentProcess};
 
 /// Set in the re-run of this test inside the private mount namespace.
 const INNER: &str = "K3S_NSS_E2E_INNER";
@@ -58,11 +59,6 @@ fn hold_lock(uid: u32) -> std::fs::File {
     };
     fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).expect("lock");
     file
-}
-
-/// The built module: `K3S_LOCAL_AGENT_NSS`, else beside this test's target dir.
-fn nss_module() -> PathBuf {
-    built_artifact("K3S_LOCAL_AGENT_NSS", "libnss_k3slocal.so", "nss-k3slocal")
 }
 
 fn run(program: &str, args: &[&str]) {
@@ -183,40 +179,7 @@ fn the_nss_module_answers_each_user_from_its_own_names_file() {
 
 fn inside_private_mount_namespace() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let lib_dir = dir.path().join("lib");
-    std::fs::create_dir(&lib_dir).expect("mkdir");
-    // getent runs as other users: they must reach the module.
-    chmod(dir.path(), 0o755);
-    chmod(&lib_dir, 0o755);
-    std::fs::copy(nss_module(), lib_dir.join("libnss_k3slocal.so.2")).expect("copy module");
-
-    let real = std::fs::read_to_string("/etc/nsswitch.conf").unwrap_or_default();
-    let mut nsswitch: String = real
-        .lines()
-        .filter(|line| !line.starts_with("hosts:"))
-        .map(|line| format!("{line}\n"))
-        .collect();
-    nsswitch.push_str("hosts: files k3slocal dns\n");
-    let nsswitch_path = dir.path().join("nsswitch.conf");
-    std::fs::write(&nsswitch_path, nsswitch).expect("write nsswitch.conf");
-    // Hermetic DNS: nothing listens on 127.0.0.1:53, so the dns module fails
-    // at once instead of leaving the machine.
-    let resolv_path = dir.path().join("resolv.conf");
-    std::fs::write(
-        &resolv_path,
-        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
-    )
-    .expect("write resolv.conf");
-    for (file, target) in [
-        (&nsswitch_path, "/etc/nsswitch.conf"),
-        (&resolv_path, "/etc/resolv.conf"),
-    ] {
-        run("mount", &["--bind", &file.display().to_string(), target]);
-    }
-    run(
-        "mount",
-        &["-t", "tmpfs", "-o", "mode=0755", "tmpfs", "/run/user"],
-    );
+    let lib_dir = private_name_service(dir.path()).expect("a private name service");
     let lib = lib_dir.as_path();
 
     // User A's own file answers nothing while no agent of A's holds the
