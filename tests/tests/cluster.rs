@@ -465,7 +465,7 @@ async fn doctor_says_what_it_found_and_what_to_fix() {
 async fn pods_that_share_a_name_get_a_mirror_each_and_every_port_is_mirrored() {
     let emulator = KubeEmulator::start().await.expect("emulator");
     let sandbox = Sandbox::new().expect("sandbox");
-    let agent = start_agent(&sandbox, &emulator, "shared-ns", "21540-21549");
+    let agent = start_agent(&sandbox, &emulator, "shared-ns", "21180-21199");
     wait_until("the cluster to be ready", || {
         cluster_status(&agent).0 == "ready"
     })
