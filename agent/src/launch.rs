@@ -40,8 +40,11 @@ pub enum LaunchError {
         address: SocketAddr,
         source: std::io::Error,
     },
-    #[error("invalid demo control plane URL {0}")]
-    Url(String),
+    #[error("invalid demo control plane URL {url}")]
+    Url {
+        url: String,
+        source: <reqwest::Url as std::str::FromStr>::Err,
+    },
     #[error(transparent)]
     Demo(#[from] DemoError),
     #[error(transparent)]
@@ -59,7 +62,9 @@ pub async fn launch(
     let demo = if with_demo {
         let demo = Demo::bind().await?;
         let url = demo.control_plane_url()?;
-        config.control_plane_url = url.parse().map_err(|_| LaunchError::Url(url))?;
+        config.control_plane_url = url
+            .parse()
+            .map_err(|source| LaunchError::Url { url, source })?;
         config.state_dir = config.state_dir.join("demo");
         config.demo = true;
         Some(demo)

@@ -55,8 +55,11 @@ const FINAL_REPORT_TIMEOUT: Duration = Duration::from_millis(1500);
 /// Why the reporter could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum ReportError {
-    #[error("invalid control plane URL {0}")]
-    Url(String),
+    #[error("invalid control plane URL {base}: {source}")]
+    Url {
+        base: reqwest::Url,
+        source: <reqwest::Url as std::str::FromStr>::Err,
+    },
     #[error("HTTP client: {0}")]
     Client(#[from] reqwest::Error),
 }
@@ -126,9 +129,10 @@ impl Reporter {
             let path = format!("{}/", base.path());
             base.set_path(&path);
         }
-        let endpoint = base
-            .join(STATUS_PATH)
-            .map_err(|err| ReportError::Url(format!("{base}: {err}")))?;
+        let endpoint = base.join(STATUS_PATH).map_err(|source| ReportError::Url {
+            base: base.clone(),
+            source,
+        })?;
         let client = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .connect_timeout(Duration::from_secs(3))

@@ -16,8 +16,10 @@
 //! agent's exit for good.
 
 use std::collections::HashSet;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -44,7 +46,7 @@ const START: &str = "__K3S_LOCAL_AGENT_PATH_START__";
 const END: &str = "__K3S_LOCAL_AGENT_PATH_END__";
 
 /// Why an exec credential plugin gave no credentials.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum PluginError {
     #[error(
         "credential plugin did not answer in {} s: {command} (user {user:?}) was stopped with \
@@ -57,11 +59,22 @@ pub enum PluginError {
         user: String,
         timeout: Duration,
     },
-    #[error("credential plugin {command} (user {user:?}) could not start: {message}")]
+    #[error("credential plugin {command} (user {user:?}) could not start: {source}")]
     Start {
         command: String,
         user: String,
-        message: String,
+        // Shared: the error is cloned to every connection waiting on it.
+        source: Arc<io::Error>,
+    },
+    #[error("credential plugin {command} (user {user:?}) could not start: the kubeconfig names no command")]
+    NoCommand { command: String, user: String },
+    #[error(
+        "credential plugin {command} (user {user:?}) could not start: the cluster's info: {source}"
+    )]
+    ClusterInfo {
+        command: String,
+        user: String,
+        source: Arc<serde_json::Error>,
     },
     #[error("credential plugin {command} (user {user:?}) failed ({status}): {stderr}")]
     Failed {
@@ -277,13 +290,16 @@ impl CredentialProcesses {
         timeout: Duration,
     ) -> Result<PluginCredentials, PluginError> {
         let command_name = exec.command.clone().unwrap_or_default();
-        let start_error = |message: String| PluginError::Start {
+        let start_error = |err: io::Error| PluginError::Start {
             command: command_name.clone(),
             user: user.to_owned(),
-            message,
+            source: Arc::new(err),
         };
         if command_name.is_empty() {
-            return Err(start_error("the kubeconfig names no command".to_owned()));
+            return Err(PluginError::NoCommand {
+                command: command_name,
+                user: user.to_owned(),
+            });
         }
         let mut command = tokio::process::Command::new(&command_name);
         command.args(exec.args.iter().flatten());
@@ -295,8 +311,12 @@ impl CredentialProcesses {
         let mut spec = serde_json::json!({ "interactive": false });
         if exec.provide_cluster_info {
             if let Some(cluster) = &exec.cluster {
-                spec["cluster"] = serde_json::to_value(cluster)
-                    .map_err(|err| start_error(format!("the cluster's info: {err}")))?;
+                spec["cluster"] =
+                    serde_json::to_value(cluster).map_err(|err| PluginError::ClusterInfo {
+                        command: command_name.clone(),
+                        user: user.to_owned(),
+                        source: Arc::new(err),
+                    })?;
             }
         }
         let info = serde_json::json!({
@@ -314,11 +334,11 @@ impl CredentialProcesses {
             .stderr(Stdio::piped());
         let (child, guard) = self.spawn(&mut command).map_err(|err| match err {
             SpawnError::Stopping => PluginError::Stopping,
-            SpawnError::Io(err) => start_error(err.to_string()),
+            SpawnError::Io(err) => start_error(err),
         })?;
         let output = match tokio::time::timeout(timeout, child.wait_with_output()).await {
             Ok(Ok(output)) => output,
-            Ok(Err(err)) => return Err(start_error(err.to_string())),
+            Ok(Err(err)) => return Err(start_error(err)),
             // The guard kills the group as it drops.
             Err(_) => {
                 return Err(PluginError::Timeout {
@@ -645,12 +665,12 @@ mod tests {
             .expect("the run ends with its plugin")
             .expect("task");
         assert!(ended.is_err());
-        assert_eq!(
+        assert!(matches!(
             processes
                 .run_plugin("dev", &exec, Duration::from_secs(600))
                 .await,
             Err(PluginError::Stopping)
-        );
+        ));
     }
 
     #[test]

@@ -18,10 +18,10 @@ use crate::model::{
 /// Why a call to the agent failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("invalid agent URL {url:?}: {message}")]
-    Url { url: String, message: String },
-    #[error("cannot reach the agent at {url}: {message} (is `k3s-local-agent run` running?)")]
-    Unreachable { url: String, message: String },
+    #[error("invalid agent URL {url:?}: {source}")]
+    Url { url: String, source: BoxedError },
+    #[error("cannot reach the agent at {url}: {source} (is `k3s-local-agent run` running?)")]
+    Unreachable { url: String, source: reqwest::Error },
     /// The agent's loopback port is held by another user: whoever it is
     /// would get the token, and with it this user's agent.
     #[error(
@@ -38,8 +38,12 @@ pub enum ClientError {
     #[error("agent answered {status}: {message}")]
     Api { status: StatusCode, message: String },
     #[error("unexpected answer from the agent: {0}")]
-    Decode(String),
+    Decode(#[source] BoxedError),
 }
+
+/// A cause of more than one kind (a URL's parse, the HTTP client's build),
+/// kept whole as the error's source.
+pub type BoxedError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Talks to one agent.
 #[derive(Debug, Clone)]
@@ -52,22 +56,22 @@ pub struct AgentClient {
 impl AgentClient {
     /// A client for the agent at `base_url`, sending `token` when given.
     pub fn new(base_url: &str, token: Option<String>) -> Result<Self, ClientError> {
-        let url_error = |message: String| ClientError::Url {
+        let url_error = |source: BoxedError| ClientError::Url {
             url: base_url.to_owned(),
-            message,
+            source,
         };
-        let base = Url::parse(base_url).map_err(|err| url_error(err.to_string()))?;
+        let base = Url::parse(base_url).map_err(|err| url_error(err.into()))?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(30))
             .build()
-            .map_err(|err| url_error(err.to_string()))?;
+            .map_err(|err| url_error(err.into()))?;
         Ok(Self { http, base, token })
     }
 
     fn url(&self, path: &str) -> Result<Url, ClientError> {
         self.base.join(path).map_err(|err| ClientError::Url {
             url: self.base.to_string(),
-            message: err.to_string(),
+            source: err.into(),
         })
     }
 
@@ -87,15 +91,15 @@ impl AgentClient {
         let response = request
             .send()
             .await
-            .map_err(|err| ClientError::Unreachable {
+            .map_err(|source| ClientError::Unreachable {
                 url: self.base.to_string(),
-                message: err.to_string(),
+                source,
             })?;
         let status = response.status();
         let body = response
             .bytes()
             .await
-            .map_err(|err| ClientError::Decode(err.to_string()))?;
+            .map_err(|err| ClientError::Decode(err.into()))?;
         let value = serde_json::from_slice(&body)
             .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
         Ok((status, value))
@@ -187,7 +191,7 @@ impl AgentClient {
         url.path_segments_mut()
             .map_err(|()| ClientError::Url {
                 url: self.base.to_string(),
-                message: "cannot be a base URL".into(),
+                source: "cannot be a base URL".into(),
             })?
             .pop_if_empty()
             .push(pod_id)
@@ -242,5 +246,5 @@ fn decode<T: DeserializeOwned>(status: StatusCode, value: Value) -> Result<T, Cl
             .map_or_else(|| value.to_string(), str::to_owned);
         return Err(ClientError::Api { status, message });
     }
-    serde_json::from_value(value).map_err(|err| ClientError::Decode(err.to_string()))
+    serde_json::from_value(value).map_err(|err| ClientError::Decode(err.into()))
 }
