@@ -2,32 +2,41 @@
 //! why a session could not start or ended, and the cluster's status as the
 //! agent shows it.
 
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use std::sync::Arc;
+
+use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
 use kube::Client;
 use serde::Serialize;
 
 use crate::config::ClusterSettings;
 
-/// Why a session with the cluster could not start or ended.
+/// Why a session with the cluster could not start or ended. Causes are
+/// shared (`Arc`): the error is cloned into the status the agent shows.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClusterError {
     #[error("no kubeconfig: {0}")]
-    NoKubeconfig(String),
-    #[error("cannot read kubeconfig {path}: {message}")]
-    Kubeconfig { path: String, message: String },
+    NoKubeconfig(#[source] Arc<KubeconfigError>),
+    #[error("cannot read kubeconfig {path}: {source}")]
+    Kubeconfig {
+        path: String,
+        source: Arc<KubeconfigError>,
+    },
     #[error(
         "context {context:?} is not in the kubeconfig; create the Kind cluster with \
          `kind create cluster --name {cluster}`"
     )]
     ContextMissing { context: String, cluster: String },
-    #[error("cannot build a client for context {context:?}: {message}")]
-    Client { context: String, message: String },
+    #[error("cannot build a client for context {context:?}: {source}")]
+    Client {
+        context: String,
+        source: Arc<dyn std::error::Error + Send + Sync>,
+    },
     #[error("cannot create namespace {namespace}: {message}")]
     Namespace { namespace: String, message: String },
     #[error("{0}")]
     Api(String),
     #[error("watch failed: {0}")]
-    Watch(String),
+    Watch(#[source] Arc<kube::runtime::watcher::Error>),
     #[error("watch ended")]
     WatchEnded,
 }
@@ -99,11 +108,11 @@ pub fn read_kubeconfig(settings: &ClusterSettings) -> Result<(Kubeconfig, String
             .map(|kubeconfig| (kubeconfig, path.display().to_string()))
             .map_err(|err| ClusterError::Kubeconfig {
                 path: path.display().to_string(),
-                message: err.to_string(),
+                source: Arc::new(err),
             }),
         None => Kubeconfig::read()
             .map(|kubeconfig| (kubeconfig, "$KUBECONFIG or ~/.kube/config".to_owned()))
-            .map_err(|err| ClusterError::NoKubeconfig(err.to_string())),
+            .map_err(|err| ClusterError::NoKubeconfig(Arc::new(err))),
     }
 }
 
@@ -131,12 +140,12 @@ pub async fn client_for(
         context: Some(settings.context.clone()),
         ..KubeConfigOptions::default()
     };
-    let client_error = |message: String| ClusterError::Client {
+    let client_error = |source: Arc<dyn std::error::Error + Send + Sync>| ClusterError::Client {
         context: settings.context.clone(),
-        message,
+        source,
     };
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &options)
         .await
-        .map_err(|err| client_error(err.to_string()))?;
-    Client::try_from(config).map_err(|err| client_error(err.to_string()))
+        .map_err(|err| client_error(Arc::new(err)))?;
+    Client::try_from(config).map_err(|err| client_error(Arc::new(err)))
 }

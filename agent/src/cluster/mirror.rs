@@ -222,7 +222,7 @@ impl Mirror {
                                 self.store.set_mirror(&id, None);
                             }
                         }
-                        Some(Err(err)) => return Err(ClusterError::Watch(err.to_string())),
+                        Some(Err(err)) => return Err(ClusterError::Watch(Arc::new(err))),
                         None => return Err(ClusterError::WatchEnded),
                     }
                 }
