@@ -16,7 +16,8 @@ pub fn nss_module() -> PathBuf {
     crate::built_artifact("K3S_LOCAL_AGENT_NSS", "libnss_k3slocal.so", "nss-k3slocal")
 }
 
-fn run(program: &str, args: &[&str]) -> Result<()> {
+/// Runs `program` to its successful end.
+pub fn run(program: &str, args: &[&str]) -> Result<()> {
     let status = Command::new(program)
         .args(args)
         .status()
@@ -27,7 +28,8 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn chmod(path: &Path, mode: u32) -> Result<()> {
+/// Sets `path`'s mode.
+pub fn chmod(path: &Path, mode: u32) -> Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .with_context(|| format!("chmod {}", path.display()))
 }
@@ -85,4 +87,28 @@ pub fn private_name_service(dir: &Path) -> Result<PathBuf> {
         )?;
     }
     Ok(lib)
+}
+
+/// Runs the test `test_name` of this test binary again, alone, in a private
+/// mount namespace of its own (private propagation: its mounts are invisible
+/// outside it and vanish with it), with `inner_env` set so that the test
+/// knows it is the inner run; fails unless that run passed its one test.
+pub fn rerun_in_private_mount_namespace(inner_env: &str, test_name: &str) -> Result<()> {
+    crate::require_mount_namespace();
+    let output = Command::new("unshare")
+        .args(["--mount", "--propagation", "private"])
+        .arg(std::env::current_exe()?)
+        .args(["--exact", test_name, "--nocapture", "--test-threads=1"])
+        .env(inner_env, "1")
+        .env("K3S_LOCAL_AGENT_NSS", nss_module())
+        .output()
+        .context("re-run under unshare")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    if !output.status.success() || !stdout.contains("1 passed") {
+        bail!(
+            "the inner run of {test_name} failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
 }

@@ -23,11 +23,13 @@
 //! files are never touched. Needs root (CI runs as root) for the namespace
 //! and `setcap`.
 
-use std::os::unix::fs::{chown, PermissionsExt};
+use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use k3s_local_agent_e2e::name_service::private_name_service;
+use k3s_local_agent_e2e::name_service::{
+    chmod, private_name_service, rerun_in_private_mount_namespace, run,
+};
 use k3s_local_agent_e2e::{agent_binary, built_artifact, http_pod, wait_until, AgentProcess};
 use serde_json::{json, Value};
 
@@ -40,18 +42,6 @@ const ATTACKER: u32 = 4301;
 /// plus 4300 /24s).
 const VICTIM_BLOCK: &str = "127.144.204.";
 const RANGE: &str = "23170-23189";
-
-fn chmod(path: &Path, mode: u32) {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
-}
-
-fn run(program: &str, args: &[&str]) {
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .unwrap_or_else(|err| panic!("running {program}: {err}"));
-    assert!(status.success(), "{program} {args:?} failed: {status}");
-}
 
 /// The system's Python, which every user can run (a per-user install such
 /// as pyenv's, first on root's PATH, is not).
@@ -81,20 +71,7 @@ fn no_local_user_can_take_another_users_pod_names() {
         inside_private_mount_namespace();
         return;
     }
-    k3s_local_agent_e2e::require_mount_namespace();
-    let output = Command::new("unshare")
-        .args(["--mount", "--propagation", "private"])
-        .arg(std::env::current_exe().expect("test executable path"))
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(INNER, "1")
-        .output()
-        .expect("re-run under unshare");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success() && stdout.contains("1 passed"),
-        "inner run failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    rerun_in_private_mount_namespace(INNER, TEST_NAME).unwrap_or_else(|err| panic!("{err}"));
 }
 
 /// What the test's private world holds: the module's folder, the capable
@@ -116,22 +93,23 @@ impl World {
             "k3s-local-agent-bind",
         );
         std::fs::copy(built, &helper).expect("copy helper");
-        chmod(&helper, 0o755);
+        chmod(&helper, 0o755).expect("chmod");
         run(
             "setcap",
             &["cap_net_bind_service=+ep", &helper.display().to_string()],
-        );
+        )
+        .expect("setcap");
 
         for uid in [VICTIM, ATTACKER] {
             let run_dir = PathBuf::from(format!("/run/user/{uid}"));
             std::fs::create_dir(&run_dir).expect("mkdir runtime dir");
             chown(&run_dir, Some(uid), Some(uid)).expect("chown");
-            chmod(&run_dir, 0o700);
+            chmod(&run_dir, 0o700).expect("chmod");
         }
         let state = dir.path().join("victim");
         std::fs::create_dir(&state).expect("mkdir");
         chown(&state, Some(VICTIM), Some(VICTIM)).expect("chown");
-        chmod(&state, 0o700);
+        chmod(&state, 0o700).expect("chmod");
         Self { dir, lib, helper }
     }
 

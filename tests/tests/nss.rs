@@ -20,7 +20,9 @@ use std::os::unix::fs::{chown, lchown, symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use k3s_local_agent_e2e::name_service::{nss_module, private_name_service};
+use k3s_local_agent_e2e::name_service::{
+    private_name_service, rerun_in_private_mount_namespace, run,
+};
 use k3s_local_agent_e2e::{agent_binary, wait_until, AgentProcess};
 
 /// Set in the re-run of this test inside the private mount namespace.
@@ -59,14 +61,6 @@ fn hold_lock(uid: u32) -> std::fs::File {
     };
     fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).expect("lock");
     file
-}
-
-fn run(program: &str, args: &[&str]) {
-    let status = Command::new(program)
-        .args(args)
-        .status()
-        .unwrap_or_else(|err| panic!("running {program}: {err}"));
-    assert!(status.success(), "{program} {args:?} failed: {status}");
 }
 
 /// `getent ARGS` as `uid` (no groups) with the module on the library path:
@@ -142,30 +136,8 @@ fn the_nss_module_answers_each_user_from_its_own_names_file() {
         inside_private_mount_namespace();
         return;
     }
-    k3s_local_agent_e2e::require_mount_namespace();
-    let module = nss_module();
     let real_nsswitch = std::fs::read("/etc/nsswitch.conf").expect("read /etc/nsswitch.conf");
-    let exe = std::env::current_exe().expect("test executable path");
-    // Re-run just this test in a private mount namespace with private
-    // propagation: its mounts are invisible outside it and vanish with it.
-    let output = Command::new("unshare")
-        .args(["--mount", "--propagation", "private"])
-        .arg(&exe)
-        .args(["--exact", TEST_NAME, "--nocapture", "--test-threads=1"])
-        .env(INNER, "1")
-        .env("K3S_LOCAL_AGENT_NSS", &module)
-        .output()
-        .expect("re-run under unshare");
-    assert!(
-        output.status.success(),
-        "inner run failed:\n{}\n{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    assert!(
-        String::from_utf8_lossy(&output.stdout).contains("1 passed"),
-        "the inner run ran the test"
-    );
+    rerun_in_private_mount_namespace(INNER, TEST_NAME).unwrap_or_else(|err| panic!("{err}"));
     assert_eq!(
         std::fs::read("/etc/nsswitch.conf").expect("read /etc/nsswitch.conf"),
         real_nsswitch,
@@ -293,7 +265,7 @@ fn inside_private_mount_namespace() {
         "other-writable"
     );
     std::fs::remove_file(&names).expect("rm");
-    run("mkfifo", &["-m", "0600", &names.display().to_string()]);
+    run("mkfifo", &["-m", "0600", &names.display().to_string()]).expect("mkfifo");
     chown(&names, Some(B), Some(B)).expect("chown");
     assert_eq!(
         address_for(lib, B, "web-staging.local"),
