@@ -3,7 +3,7 @@
 //! files, modes and `Depends`; `desktop-file-validate` passes on its entry;
 //! and the package is installed for real with `dpkg -i` into an overlay of
 //! `/` in a private mount namespace (the machine itself is never touched).
-//! There, as the unprivileged user `nobody`, the packaged agent serves a pod
+//! There, as a normal unprivileged user (uid 1000), the packaged agent serves a pod
 //! whose port is 80, and `curl http://web-staging.local/` reaches it through
 //! the package's NSS module and bind helper, while `/etc/hosts` stays as it
 //! was. Upgrading keeps the user's state; purging gives `/etc/nsswitch.conf`
@@ -144,12 +144,14 @@ exec sleep 3600"#,
         text(&output)
     }
 
-    /// Runs `program` as `nobody` inside the overlay.
-    fn as_nobody(&self, program: &[&str]) -> Output {
+    /// Runs `program` as the normal user (uid 1000, the first account
+    /// Debian makes; it needs no entry in the overlay's passwd for
+    /// `setpriv`) inside the overlay.
+    fn as_user(&self, program: &[&str]) -> Output {
         let mut args = vec![
             "setpriv",
-            "--reuid=65534",
-            "--regid=65534",
+            "--reuid=1000",
+            "--regid=1000",
             "--clear-groups",
             "--reset-env",
         ];
@@ -295,7 +297,7 @@ fn the_package_installs_names_pods_for_a_normal_user_and_purges_cleanly() {
     overlay.ok(&[
         "sh",
         "-c",
-        "install -d -m 700 -o 65534 -g 65534 /run/user/65534 /tmp/nobody",
+        "install -d -m 700 -o 1000 -g 1000 /run/user/1000 /tmp/user",
     ]);
     let pod_addr: SocketAddr = POD_ADDR.parse().expect("address");
     http_pod(pod_addr, "hello from the staging pod");
@@ -303,8 +305,8 @@ fn the_package_installs_names_pods_for_a_normal_user_and_purges_cleanly() {
         overlay
             .command(&[
                 "setpriv",
-                "--reuid=65534",
-                "--regid=65534",
+                "--reuid=1000",
+                "--regid=1000",
                 "--clear-groups",
                 "--reset-env",
                 "/usr/bin/k3s-local-agent",
@@ -315,11 +317,11 @@ fn the_package_installs_names_pods_for_a_normal_user_and_purges_cleanly() {
                 "18800-18840",
                 "--no-cluster",
                 "--state-dir",
-                "/tmp/nobody/state",
+                "/tmp/user/state",
             ])
             .env("RUST_LOG", "info"),
     )
-    .expect("the packaged agent starts as nobody");
+    .expect("the packaged agent starts as the normal user");
     let health = agent.get_json("/health").expect("health");
     assert_eq!(health["names"]["mode"], "nss-module", "{health}");
     let agent_id = agent.agent_id().expect("agent id");
@@ -344,7 +346,7 @@ fn the_package_installs_names_pods_for_a_normal_user_and_purges_cleanly() {
     assert_eq!(redirection["name_port_error"], Value::Null, "{redirection}");
 
     // The headline: no port, no root, no /etc/hosts.
-    let curl = overlay.as_nobody(&[
+    let curl = overlay.as_user(&[
         "curl",
         "-s",
         "--max-time",
@@ -354,17 +356,17 @@ fn the_package_installs_names_pods_for_a_normal_user_and_purges_cleanly() {
     assert_eq!(
         text(&curl),
         "hello from the staging pod",
-        "curl as nobody: {}",
+        "curl as the normal user: {}",
         String::from_utf8_lossy(&curl.stderr)
     );
-    let resolved = overlay.as_nobody(&["getent", "hosts", "web-staging.local"]);
+    let resolved = overlay.as_user(&["getent", "hosts", "web-staging.local"]);
     let address = redirection["address"].as_str().expect("the pod's address");
     assert!(text(&resolved).starts_with(address), "{}", text(&resolved));
-    // Another user (root here) has no such pod: the name is nobody's alone.
+    // Another user (root here) has no such pod: the name is the user's alone.
     let for_root = overlay.run(&["getent", "hosts", "web-staging.local"]);
     assert!(
         !for_root.status.success(),
-        "root resolved nobody's pod: {}",
+        "root resolved the user's pod: {}",
         text(&for_root)
     );
     assert_eq!(
@@ -379,11 +381,11 @@ fn the_package_installs_names_pods_for_a_normal_user_and_purges_cleanly() {
     let nsswitch = overlay.read("/etc/nsswitch.conf");
     assert_eq!(nsswitch.matches("k3slocal").count(), 1, "{nsswitch}");
     agent.terminate().expect("stop the agent");
-    overlay.ok(&["test", "-f", "/tmp/nobody/state/state.db"]);
+    overlay.ok(&["test", "-f", "/tmp/user/state/state.db"]);
 
     // Remove keeps user data; purge undoes every system change.
     overlay.ok(&["dpkg", "--remove", "k3s-local-agent"]);
-    overlay.ok(&["test", "-f", "/tmp/nobody/state/state.db"]);
+    overlay.ok(&["test", "-f", "/tmp/user/state/state.db"]);
     overlay.ok(&["dpkg", "--purge", "k3s-local-agent"]);
     assert_eq!(
         overlay.read("/etc/nsswitch.conf"),
