@@ -84,15 +84,37 @@ pub enum PluginError {
         stderr: String,
     },
     #[error(
-        "credential plugin {command} (user {user:?}) printed no usable ExecCredential: {message}"
+        "credential plugin {command} (user {user:?}) printed no usable ExecCredential: {source}"
     )]
     Output {
         command: String,
         user: String,
-        message: String,
+        source: ExecCredentialError,
     },
     #[error("the agent is stopping: no credential plugin is started")]
     Stopping,
+}
+
+/// Why what an exec plugin printed is no usable `ExecCredential`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ExecCredentialError {
+    #[error("{0}")]
+    // Shared: the error is cloned to every connection waiting on it.
+    Json(Arc<serde_json::Error>),
+    #[error("it has no status")]
+    NoStatus,
+    #[error("expirationTimestamp {at:?}: {source}")]
+    Expiration {
+        at: String,
+        source: chrono::ParseError,
+    },
+    #[error("neither a token nor a client certificate and key")]
+    NothingUsable,
+    #[error("no token this time")]
+    NoToken,
+    #[error("the token cannot be sent: {0}")]
+    // Shared: the error is cloned to every connection waiting on it.
+    Unsendable(Arc<hyper::http::header::InvalidHeaderValue>),
 }
 
 /// What an exec plugin answered (its `ExecCredential`'s status).
@@ -364,10 +386,10 @@ impl CredentialProcesses {
                 stderr: stderr[cut..].to_owned(),
             });
         }
-        parse_credentials(&output.stdout).map_err(|message| PluginError::Output {
+        parse_credentials(&output.stdout).map_err(|source| PluginError::Output {
             command: command_name,
             user: user.to_owned(),
-            message,
+            source,
         })
     }
 }
@@ -382,7 +404,7 @@ enum SpawnError {
 }
 
 /// An `ExecCredential`'s status, as client-go reads it.
-fn parse_credentials(stdout: &[u8]) -> Result<PluginCredentials, String> {
+fn parse_credentials(stdout: &[u8]) -> Result<PluginCredentials, ExecCredentialError> {
     #[derive(serde::Deserialize)]
     struct ExecCredential {
         status: Option<Status>,
@@ -396,17 +418,18 @@ fn parse_credentials(stdout: &[u8]) -> Result<PluginCredentials, String> {
         client_key_data: Option<String>,
     }
     let credential: ExecCredential =
-        serde_json::from_slice(stdout).map_err(|err| err.to_string())?;
-    let status = credential
-        .status
-        .ok_or_else(|| "it has no status".to_owned())?;
+        serde_json::from_slice(stdout).map_err(|err| ExecCredentialError::Json(Arc::new(err)))?;
+    let status = credential.status.ok_or(ExecCredentialError::NoStatus)?;
     let expires = status
         .expiration_timestamp
         .as_deref()
         .map(|at| {
             DateTime::parse_from_rfc3339(at)
                 .map(|at| at.with_timezone(&Utc))
-                .map_err(|err| format!("expirationTimestamp {at:?}: {err}"))
+                .map_err(|source| ExecCredentialError::Expiration {
+                    at: at.to_owned(),
+                    source,
+                })
         })
         .transpose()?;
     let credentials = PluginCredentials {
@@ -418,7 +441,7 @@ fn parse_credentials(stdout: &[u8]) -> Result<PluginCredentials, String> {
     let has_certificate =
         credentials.client_certificate.is_some() && credentials.client_key.is_some();
     if credentials.token.is_none() && !has_certificate {
-        return Err("neither a token nor a client certificate and key".to_owned());
+        return Err(ExecCredentialError::NothingUsable);
     }
     Ok(credentials)
 }
@@ -686,7 +709,8 @@ mod tests {
             Some("2030-01-02T03:04:05+00:00".to_owned())
         );
         let why = parse_credentials(br#"{"status":{}}"#).expect_err("nothing usable");
-        assert!(why.contains("neither a token"), "{why}");
+        assert!(why.to_string().contains("neither a token"), "{why}");
+        assert!(matches!(why, ExecCredentialError::NothingUsable));
     }
 
     #[test]

@@ -26,8 +26,8 @@ use tower::BoxError;
 
 use super::connection::describe;
 use super::credentials::{
-    resolve_plugins, CredentialProcesses, PluginCredentials, PluginError, PluginLookup,
-    PLUGIN_TIMEOUT,
+    resolve_plugins, CredentialProcesses, ExecCredentialError, PluginCredentials, PluginError,
+    PluginLookup, PLUGIN_TIMEOUT,
 };
 use super::port_forward::{self, OpenError, Sessions};
 use crate::config::StagingSettings;
@@ -414,7 +414,7 @@ impl ExecToken {
                     let why = PluginError::Output {
                         command: self.exec.command.clone().unwrap_or_default(),
                         user: self.user.clone(),
-                        message: "no token this time".to_owned(),
+                        source: ExecCredentialError::NoToken,
                     };
                     self.health.set(Problem::Client, why.to_string());
                     state.failed = Some((Instant::now(), why.clone()));
@@ -432,7 +432,7 @@ impl ExecToken {
                 PluginError::Output {
                     command: self.exec.command.clone().unwrap_or_default(),
                     user: self.user.clone(),
-                    message: format!("the token cannot be sent: {err}"),
+                    source: ExecCredentialError::Unsendable(Arc::new(err)),
                 }
             })?;
         value.set_sensitive(true);

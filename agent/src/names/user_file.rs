@@ -38,6 +38,23 @@ pub const LOCK_FILE: &str = "names.lock";
 /// pods with two names of the longest each fit.
 pub const MAX_NSS_FILE_BYTES: usize = 6 * 1024 * 1024;
 
+/// Why the lock that makes the NSS module answer is not held.
+#[derive(Debug, thiserror::Error)]
+enum LockError {
+    #[error("cannot open {path}: {source}; names do not resolve")]
+    Open { path: PathBuf, source: io::Error },
+    #[error(
+        "another agent of this user holds {path}: its names and this agent's share one file; \
+         stop one of them"
+    )]
+    Held { path: PathBuf },
+    #[error("cannot lock {path}: {source}; names do not resolve")]
+    Lock {
+        path: PathBuf,
+        source: nix::errno::Errno,
+    },
+}
+
 /// The names file of one user, in that user's runtime dir.
 #[derive(Debug, Clone)]
 pub struct UserNamesFile {
@@ -118,7 +135,7 @@ impl UserNamesFile {
         // Only now, with the file saying what this run holds (a crashed
         // run's file never resolves again), does the module answer.
         if let Err(why) = self.hold_lock() {
-            problem = Some(why);
+            problem = Some(why.to_string());
         }
         if let Some(problem) = &problem {
             tracing::warn!("{problem}");
@@ -129,18 +146,16 @@ impl UserNamesFile {
 
     /// Takes the lock, once: an open-file-description write lock on
     /// [`LOCK_FILE`], ours and not a link.
-    fn hold_lock(&self) -> Result<(), String> {
+    fn hold_lock(&self) -> Result<(), LockError> {
         use nix::fcntl::{fcntl, FcntlArg};
         let mut held = self.lock.lock();
         if held.is_some() {
             return Ok(());
         }
         let path = self.dir.join(LOCK_FILE);
-        let file = fsio::open_own_file(&path, 0o600).map_err(|err| {
-            format!(
-                "cannot open {}: {err}; names do not resolve",
-                path.display()
-            )
+        let file = fsio::open_own_file(&path, 0o600).map_err(|source| LockError::Open {
+            path: path.clone(),
+            source,
         })?;
         let lock = nix::libc::flock {
             l_type: nix::libc::F_WRLCK as nix::libc::c_short,
@@ -151,15 +166,13 @@ impl UserNamesFile {
             l_pid: 0,
         };
         fcntl(&file, FcntlArg::F_OFD_SETLK(&lock)).map_err(|errno| match errno {
-            nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES => format!(
-                "another agent of this user holds {}: its names and this agent's share one \
-                 file; stop one of them",
-                path.display()
-            ),
-            other => format!(
-                "cannot lock {}: {other}; names do not resolve",
-                path.display()
-            ),
+            nix::errno::Errno::EAGAIN | nix::errno::Errno::EACCES => {
+                LockError::Held { path: path.clone() }
+            }
+            source => LockError::Lock {
+                path: path.clone(),
+                source,
+            },
         })?;
         *held = Some(file);
         Ok(())

@@ -471,6 +471,17 @@ fn keep_alive(shared: &Shared) -> Next {
     }
 }
 
+/// A port-forward server opened a stream: it is not speaking the protocol,
+/// and the session ends.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the port-forward session broke: the API server opened stream {stream}, which a \
+     port-forward server never does"
+)]
+struct ServerOpenedStream {
+    stream: u32,
+}
+
 /// Reads the session's frames and hands each to its connection, until the
 /// session ends; then every connection still on it is cut.
 async fn read_frames<R: AsyncRead + Unpin>(mut socket: R, shared: Arc<Shared>) {
@@ -481,7 +492,7 @@ async fn read_frames<R: AsyncRead + Unpin>(mut socket: R, shared: Arc<Shared>) {
             match decoder.decode(&mut buffer) {
                 Ok(Some(frame)) => {
                     if let Err(why) = deliver(frame, &shared).await {
-                        break 'session why;
+                        break 'session why.to_string();
                     }
                 }
                 Ok(None) => break,
@@ -513,7 +524,7 @@ async fn read_frames<R: AsyncRead + Unpin>(mut socket: R, shared: Arc<Shared>) {
 
 /// Hands one frame to the connection it belongs to; an error (why) when
 /// the server broke the protocol so that the session must end.
-async fn deliver(frame: Frame, shared: &Shared) -> Result<(), String> {
+async fn deliver(frame: Frame, shared: &Shared) -> Result<(), ServerOpenedStream> {
     let route = |stream: u32| shared.streams().routes.get(&stream).cloned();
     match frame {
         Frame::Data {
@@ -574,12 +585,7 @@ async fn deliver(frame: Frame, shared: &Shared) -> Result<(), String> {
         Frame::GoAway { .. } => shared.retire(),
         // A port-forward server never opens a stream: one that does is not
         // speaking the protocol, and refusing each would queue without end.
-        Frame::SynStream { stream, .. } => {
-            return Err(format!(
-                "the port-forward session broke: the API server opened stream {stream}, \
-                 which a port-forward server never does"
-            ));
-        }
+        Frame::SynStream { stream, .. } => return Err(ServerOpenedStream { stream }),
         _ => {}
     }
     Ok(())
